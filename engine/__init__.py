@@ -1,0 +1,6 @@
+"""Quire's engine: model loading, tokenizers, backends, generation and benchmarks.
+
+The engine never imports `app`, `ingest` or Qt. torch and mlx are imported only
+inside `engine/backends/<name>/`, lazily, so the package imports on a machine that
+has only one of them.
+"""
