@@ -1,0 +1,175 @@
+"""Llama family (Llama 2/3, SmolLM2, Mistral without sliding window): pre-norm
+decoder, RoPE, grouped-query attention, SwiGLU MLP.
+
+This module also holds `DecoderModel`, the shared skeleton the other families
+subclass: each overrides only what its architecture changes (biases, q/k norms,
+extra norms, sliding layers), never the generation loop or the cache.
+
+Reference: Touvron et al. 2023, "Llama 2"; the Llama 3 herd paper for RoPE scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.backends.torch.kv_cache import DenseKVCache
+from engine.backends.torch.layers import Rotary, apply_rope, attend, gated_mlp, rms_norm
+from engine.config import ModelConfig
+from engine.errors import ModelFileError
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # (Hq*D + 2*Hkv*D, hidden): q, k, v projections fused
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor  # (hidden, Hq*D)
+    post_attention_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2*I, hidden): gate and up fused
+    down: torch.Tensor  # (hidden, I)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    pre_feedforward_norm: torch.Tensor | None = None
+    post_feedforward_norm: torch.Tensor | None = None
+
+
+class WeightSource:
+    """Pops named tensors from a loaded state dict, failing with a clear line."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.tensors = tensors
+        self.dtype = dtype
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str) -> torch.Tensor:
+        try:
+            tensor = self.tensors.pop(name)
+        except KeyError:
+            raise ModelFileError(f"model weights lack tensor '{name}'") from None
+        return tensor.to(self.dtype).contiguous()
+
+    def take_optional(self, name: str) -> torch.Tensor | None:
+        return self.take(name) if name in self.tensors else None
+
+
+class DecoderModel:
+    """A decoder-only transformer over a dense KV cache, batch size 1.
+
+    `forward(tokens, cache)` runs T new tokens at positions [cache.length,
+    cache.length + T) and returns fp32 logits, (T, vocab) or (1, vocab).
+    """
+
+    # Gemma stores norm weights as an offset from 1; Llama stores them directly.
+    norm_offset = 0.0
+
+    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.config = config
+        self.dtype = dtype
+        source = WeightSource(tensors, dtype)
+        self.embed = source.take("model.embed_tokens.weight")  # (V, hidden)
+        self.final_norm = self._norm_weight(source.take("model.norm.weight"))
+        if config.tie_word_embeddings or not source.has("lm_head.weight"):
+            self.lm_head = self.embed
+        else:
+            self.lm_head = source.take("lm_head.weight")
+        self.layers = [self._load_layer(source, i) for i in range(config.num_hidden_layers)]
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, dtype)
+        self.q_size = config.num_attention_heads * config.head_dim
+        self.kv_size = config.num_key_value_heads * config.head_dim
+
+    # -- loading -------------------------------------------------------------
+
+    def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() + self.norm_offset).to(self.dtype) if self.norm_offset else weight
+
+    def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        qkv = torch.cat([source.take(attn + f"{n}_proj.weight") for n in "qkv"], dim=0)
+        biases = [source.take_optional(attn + f"{n}_proj.bias") for n in "qkv"]
+        qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        gate_up = torch.cat([source.take(p + "mlp.gate_proj.weight"), source.take(p + "mlp.up_proj.weight")], dim=0)
+        optional = {
+            "q_norm": source.take_optional(attn + "q_norm.weight"),
+            "k_norm": source.take_optional(attn + "k_norm.weight"),
+            "pre_feedforward_norm": source.take_optional(p + "pre_feedforward_layernorm.weight"),
+            "post_feedforward_norm": source.take_optional(p + "post_feedforward_layernorm.weight"),
+        }
+        optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
+        return LayerWeights(
+            input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            out=source.take(attn + "o_proj.weight"),
+            post_attention_norm=self._norm_weight(source.take(p + "post_attention_layernorm.weight")),
+            gate_up=gate_up,
+            down=source.take(p + "mlp.down_proj.weight"),
+            **optional,
+        )
+
+    # -- running -------------------------------------------------------------
+
+    def new_cache(self, capacity: int) -> DenseKVCache:
+        c = self.config
+        return DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)
+
+    def rotary_for(self, layer: int) -> Rotary:
+        return self.rotary
+
+    def window_for(self, layer: int) -> int | None:
+        if self.config.layer_types[layer] == "sliding_attention":
+            return self.config.sliding_window
+        return None
+
+    def project_qkv(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (1, T, hidden) → q (1, Hq, T, D), k and v (1, Hkv, T, D), before RoPE."""
+        c = self.config
+        T = x.shape[1]
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(1, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = k.view(1, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = v.view(1, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def self_attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
+        past = cache.length
+        T = x.shape[1]
+        q, k, v = self.project_qkv(layer, x)
+        cos, sin = self.rotary_for(index).tables(past, T)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.append(index, k, v)
+        out = attend(q, keys, values, past=past, scale=self.config.attention_scale, window=self.window_for(index))
+        out = out.transpose(1, 2).reshape(1, T, self.q_size)  # (1, T, Hq*D)
+        return F.linear(out, layer.out)
+
+    def decoder_layer(self, index: int, layer: LayerWeights, x: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        x = x + self.self_attention(index, layer, rms_norm(x, layer.input_norm, eps), cache)
+        h = rms_norm(x, layer.post_attention_norm, eps)
+        return x + gated_mlp(h, layer.gate_up, layer.down, self.config.hidden_act)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor | list[int], cache: DenseKVCache, *, last_only: bool = True) -> torch.Tensor:
+        ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)  # (1, T)
+        T = ids.shape[1]
+        x = self.embed_tokens(ids)  # (1, T, hidden)
+        for index, layer in enumerate(self.layers):
+            x = self.decoder_layer(index, layer, x, cache)
+        cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+        return F.linear(x[0], self.lm_head).float()  # (T or 1, V)
+
+
+class LlamaModel(DecoderModel):
+    """Llama: the skeleton as it is."""
