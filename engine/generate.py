@@ -1,0 +1,212 @@
+"""The generation loop, shared by every backend.
+
+A backend model only has to offer `new_cache(capacity)` and
+`forward(tokens, cache, last_only=True)` returning logits that numpy can read;
+prefill chunking, progress, sampling (greedy, temperature, top-k, top-p), stop
+tokens, stop strings, cancel and timing all live here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from engine.errors import Cancelled
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+class BackendModel(Protocol):
+    def new_cache(self, capacity: int) -> object: ...
+
+    def forward(self, tokens: Sequence[int], cache: object, *, last_only: bool = True) -> object: ...
+
+
+class TokenDecoder(Protocol):
+    def feed(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Token:
+    """One generated token and the text it completed (may be empty mid-character)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    finish_reason: str = ""  # "stop", "length", "cancelled"
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.generated_tokens - 1  # the first token comes out of prefill
+        return steps / self.decode_seconds if self.decode_seconds and steps > 0 else 0.0
+
+
+def prefill(
+    model: BackendModel,
+    tokens: Sequence[int],
+    cache: object,
+    *,
+    chunk_size: int = 512,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Run the prompt through the model in chunks; returns the last token's logits (V,)."""
+    if not tokens:
+        raise ValueError("cannot prefill an empty prompt")
+    logits = None
+    total = len(tokens)
+    for start in range(0, total, chunk_size):
+        if cancel is not None and cancel():
+            raise Cancelled("prefill cancelled")
+        logits = model.forward(tokens[start : start + chunk_size], cache)
+        if on_progress is not None:
+            on_progress(min(start + chunk_size, total), total)
+    return np.asarray(logits)[-1]
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature <= 0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        candidates = np.arange(scaled.shape[0])
+        if p.top_k and p.top_k < scaled.shape[0]:
+            candidates = np.argpartition(scaled, -p.top_k)[-p.top_k :]
+        order = candidates[np.argsort(scaled[candidates])[::-1]]
+        probs = np.exp(scaled[order] - scaled[order[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(len(order), p=probs)])
+
+
+class StopStringFilter:
+    """Streams text but holds back any tail that could be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.stopped = True
+                out, self.pending = self.pending[:at], ""
+                return out
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def generate(
+    model: BackendModel,
+    prompt_tokens: Sequence[int],
+    decoder: TokenDecoder,
+    params: SamplingParams,
+    *,
+    cache: object | None = None,
+    chunk_size: int = 512,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[Token]:
+    """Yield tokens as they are generated. Fills `stats` (if given) as it goes.
+
+    Cancel is checked between prefill chunks and before every decode step; a
+    cancelled generation ends quietly with finish_reason "cancelled".
+    """
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_tokens)
+    if cache is None:
+        cache = model.new_cache(len(prompt_tokens) + params.max_new_tokens)
+    sampler = Sampler(params)
+    stop_filter = StopStringFilter(params.stop_strings)
+    stop_ids = set(params.stop_token_ids)
+    started = time.perf_counter()
+    try:
+        logits = prefill(model, prompt_tokens, cache, chunk_size=chunk_size, on_progress=on_progress, cancel=cancel)
+    except Cancelled:
+        stats.finish_reason = "cancelled"
+        return
+    stats.prefill_seconds = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    stats.finish_reason = "length"
+    for step in range(params.max_new_tokens):
+        if cancel is not None and cancel():
+            stats.finish_reason = "cancelled"
+            break
+        token = sampler(logits)
+        if step == 0:
+            stats.time_to_first_token = time.perf_counter() - started
+            decode_started = time.perf_counter()
+        if token in stop_ids:
+            stats.finish_reason = "stop"
+            break
+        stats.generated_tokens += 1
+        stats.token_ids.append(token)
+        text = stop_filter.push(decoder.feed(token))
+        if text or not stop_filter.stopped:
+            yield Token(token, text)
+        if stop_filter.stopped:
+            stats.finish_reason = "stop"
+            break
+        if step + 1 < params.max_new_tokens:
+            logits = np.asarray(model.forward([token], cache))[-1]
+    stats.decode_seconds = time.perf_counter() - decode_started
+    if stats.finish_reason != "stop":
+        tail = stop_filter.push(decoder.flush()) + stop_filter.flush()
+        if tail:
+            yield Token(-1, tail)
