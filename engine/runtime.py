@@ -1,0 +1,115 @@
+"""The engine's front door for dense generation: open a model by name or path,
+pick a backend, and stream an answer to a prompt or a chat.
+
+    model = load_model("smollm2-135m-instruct")
+    for token in model.chat([{"role": "user", "content": "Hi"}], SamplingParams()):
+        print(token.text, end="")
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import ModelConfig
+from engine.generate import (
+    CancelCheck,
+    GenerationStats,
+    ProgressCallback,
+    SamplingParams,
+    Token,
+    generate,
+)
+from engine.model_store import ModelFolder, open_model
+from engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch",)
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """'auto' → the best backend importable here. MLX joins in its own issue."""
+    if name == "auto":
+        return "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend '{name}' (choose from: auto, {', '.join(BACKENDS)})")
+    return name
+
+
+@dataclass
+class LoadedModel:
+    folder: ModelFolder
+    config: ModelConfig
+    tokenizer: Tokenizer
+    backend: str
+    model: object  # the backend's model: new_cache(), forward()
+    load_seconds: float
+
+    def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        # Templates that write the BOS token themselves must not get a second one.
+        ids = self.tokenizer.encode(text)
+        bos = self.tokenizer.bos_id
+        if self.tokenizer.add_bos_default and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=self.tokenizer.add_bos_default)
+
+    def stream(
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        *,
+        on_progress: ProgressCallback | None = None,
+        cancel: CancelCheck | None = None,
+        stats: GenerationStats | None = None,
+        chunk_size: int = 512,
+    ) -> Iterator[Token]:
+        stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
+        params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids})
+        yield from generate(
+            self.model,
+            prompt_tokens,
+            StreamDecoder(self.tokenizer),
+            params,
+            chunk_size=chunk_size,
+            on_progress=on_progress,
+            cancel=cancel,
+            stats=stats,
+        )
+
+    def chat(self, messages: list[dict], params: SamplingParams, **kwargs) -> Iterator[Token]:
+        return self.stream(self.encode_chat(messages), params, **kwargs)
+
+    def complete(self, text: str, params: SamplingParams, **kwargs) -> Iterator[Token]:
+        return self.stream(self.encode_prompt(text), params, **kwargs)
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    backend: str = "auto",
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> LoadedModel:
+    """Open an installed model name, a .gguf file (converted once) or an HF folder."""
+    started = time.perf_counter()
+    folder = open_model(spec)
+    tokenizer = load_tokenizer(folder.path)
+    backend = resolve_backend(backend)
+    module = importlib.import_module(f"engine.backends.{backend}")
+    model = module.load(folder.config, folder.weight_files, dtype=dtype, threads=threads)
+    seconds = time.perf_counter() - started
+    log.info("model %s ready in %.2f s", folder.name, seconds)
+    return LoadedModel(folder, folder.config, tokenizer, backend, model, seconds)
+
+# The model `quire generate` and the app use when none is chosen. Chosen by the
+# measurements of `quire bench runtime` (docs/BENCHMARKS.md): see the README.
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
