@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.backends.torch.kv_cache import DenseKVCache
-from engine.backends.torch.layers import Rotary, apply_rope, attend, gated_mlp, rms_norm
+from engine.backends.torch.layers import (
+    Rotary,
+    apply_rope,
+    attend,
+    gated_mlp,
+    interleave_rotary_rows,
+    rms_norm,
+)
 from engine.config import ModelConfig
 from engine.errors import ModelFileError
 
@@ -90,9 +97,14 @@ class DecoderModel:
     def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        qkv = torch.cat([source.take(attn + f"{n}_proj.weight") for n in "qkv"], dim=0)
+        D = self.config.head_dim
+        q, k, v = (source.take(attn + f"{n}_proj.weight") for n in "qkv")
+        # Queries and keys move to the interleaved RoPE layout once, here (see layers).
+        qkv = torch.cat([interleave_rotary_rows(q, D), interleave_rotary_rows(k, D), v], dim=0)
         biases = [source.take_optional(attn + f"{n}_proj.bias") for n in "qkv"]
-        qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        qkv_bias = None
+        if all(b is not None for b in biases):
+            qkv_bias = torch.cat([interleave_rotary_rows(biases[0], D), interleave_rotary_rows(biases[1], D), biases[2]])
         gate_up = torch.cat([source.take(p + "mlp.gate_proj.weight"), source.take(p + "mlp.up_proj.weight")], dim=0)
         optional = {
             "q_norm": source.take_optional(attn + "q_norm.weight"),
@@ -100,6 +112,9 @@ class DecoderModel:
             "pre_feedforward_norm": source.take_optional(p + "pre_feedforward_layernorm.weight"),
             "post_feedforward_norm": source.take_optional(p + "post_feedforward_layernorm.weight"),
         }
+        for name in ("q_norm", "k_norm"):
+            if optional[name] is not None:
+                optional[name] = interleave_rotary_rows(optional[name], D)
         optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
         return LayerWeights(
             input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
@@ -130,23 +145,25 @@ class DecoderModel:
         return None
 
     def project_qkv(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (1, T, hidden) → q (1, Hq, T, D), k and v (1, Hkv, T, D), before RoPE."""
+        """x (1, T, hidden) → q (1, T, Hq, D), k and v (1, T, Hkv, D), before RoPE;
+        q and k in the interleaved pair layout."""
         c = self.config
         T = x.shape[1]
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(1, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = k.view(1, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = v.view(1, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q = q.view(1, T, c.num_attention_heads, c.head_dim)
+        k = k.view(1, T, c.num_key_value_heads, c.head_dim)
+        v = v.view(1, T, c.num_key_value_heads, c.head_dim)
         return q, k, v
 
     def self_attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
         past = cache.length
         T = x.shape[1]
         q, k, v = self.project_qkv(layer, x)
-        cos, sin = self.rotary_for(index).tables(past, T)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.append(index, k, v)
+        rotations = self.rotary_for(index).rotations(past, T)
+        q = apply_rope(q, rotations).transpose(1, 2)  # (1, Hq, T, D)
+        k = apply_rope(k, rotations).transpose(1, 2)  # (1, Hkv, T, D)
+        keys, values = cache.append(index, k, v.transpose(1, 2))
         out = attend(q, keys, values, past=past, scale=self.config.attention_scale, window=self.window_for(index))
         out = out.transpose(1, 2).reshape(1, T, self.q_size)  # (1, T, Hq*D)
         return F.linear(out, layer.out)
