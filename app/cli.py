@@ -69,8 +69,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from engine import install
 
     if args.action == "install":
-        def progress(message: str) -> None:
-            print(message, file=sys.stderr)
+        last: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            percent = int(100 * done / total) if total else 100
+            if last.get(stage) != percent // 10:  # one line per 10%
+                last[stage] = percent // 10
+                print(f"  {stage}: {percent}%", file=sys.stderr)
 
         install.install_defaults(progress=progress)
         return 0

@@ -85,6 +85,9 @@ _NORM_PLUS_ONE_FAMILIES = {"gemma3"}
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GEMMA3_GLOBAL_EVERY = 6
 
+# Rows dequantised per call for large quantised tensors (bounds temporary memory).
+_DEQUANT_ROWS = 8192
+
 
 @dataclass
 class _TensorPlan:
@@ -109,6 +112,11 @@ class GGUFContents:
     def tensor_names(self) -> list[str]:
         """HF names of the tensors `iter_tensors` yields, in file order."""
         return [item.hf_name for item in self._plan]
+
+    @property
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF name, HF shape) of every tensor, known without dequantising anything."""
+        return [(item.hf_name, _tensor_shape(item.gguf)) for item in self._plan]
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF shape), one tensor dequantised at a time."""
@@ -188,8 +196,9 @@ def _open_reader(path: Path) -> GGUFReader:
     except (ValueError, IndexError, OverflowError, UnicodeDecodeError, OSError) as err:
         # GGUFReader indexes the memory map without bounds checks, so a short file shows
         # up as a numpy reshape/index error somewhere in the header or tensor table.
+        log.debug("GGUFReader failed on %s: %r", path, err)
         raise ModelFileError(
-            f"{path.name}: GGUF file is truncated or corrupt ({size} bytes; {_one_line(err)})"
+            f"{path.name}: GGUF file is truncated or corrupt ({size} bytes; its header or tensor table cannot be read)"
         ) from None
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:
@@ -327,12 +336,21 @@ def _tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
 
 
 def _dequantize(tensor: ReaderTensor) -> np.ndarray:
-    values = dequantize(tensor.data, tensor.tensor_type)
     shape = _tensor_shape(tensor)
+    raw = tensor.data
     if tensor.tensor_type == GGMLQuantizationType.F32:
         # A view of the read-only memory map; copy so callers may modify it.
-        values = np.array(values, dtype=np.float32)
-    return values.reshape(shape).astype(np.float32, copy=False)
+        return np.array(raw, dtype=np.float32).reshape(shape)
+    if raw.ndim == 2 and raw.shape[0] > _DEQUANT_ROWS:
+        # gguf-py's block dequantisers make several full-size temporaries; going by row
+        # chunks keeps the peak near the fp32 result (a 262k-row embedding is 670 MB).
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(raw.shape[0], -1)
+        for start in range(0, raw.shape[0], _DEQUANT_ROWS):
+            stop = start + _DEQUANT_ROWS
+            flat[start:stop] = dequantize(raw[start:stop], tensor.tensor_type)
+        return out
+    return dequantize(raw, tensor.tensor_type).reshape(shape).astype(np.float32, copy=False)
 
 
 def _rope_scaling(meta: _Metadata, arch: str) -> dict | None:
@@ -354,6 +372,18 @@ def _rope_scaling(meta: _Metadata, arch: str) -> dict | None:
         if value is not None:
             scaling[hf_key] = value
     return scaling
+
+
+def _gemma3_layer_types(meta: _Metadata, arch: str, layers: int, path: Path) -> list[str]:
+    """Sliding/full pattern: `attention.sliding_window_pattern` when the file has it
+    (an int period, or one bool per layer with True = sliding), else every 6th is full."""
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise ModelFileError(f"{path.name}: sliding_window_pattern lists {len(pattern)} layers, not {layers}")
+        return ["sliding_attention" if bool(swa) else "full_attention" for swa in pattern]
+    period = pattern if isinstance(pattern, int) and pattern > 0 else _GEMMA3_GLOBAL_EVERY
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
 
 
 def _build_config(
@@ -390,11 +420,11 @@ def _build_config(
     sliding_window: int | None = None
     rope_local: float | None = None
     if gemma:
-        layer_types = [
-            "full_attention" if (i + 1) % _GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention" for i in range(layers)
-        ]
+        layer_types = _gemma3_layer_types(meta, arch, layers, path)
         sliding_window = meta.get_int(f"{arch}.attention.sliding_window", 512)
-        rope_local = _GEMMA3_LOCAL_ROPE_BASE
+        # Newer converters record the local base; older files (like the default
+        # gemma-3-270m) rely on llama.cpp's built-in 10000.
+        rope_local = meta.get_float(f"{arch}.rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE)
     elif meta.has(f"{arch}.attention.sliding_window"):
         log.info("%s: ignoring %s.attention.sliding_window for family %s", path.name, arch, family)
 

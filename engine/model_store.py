@@ -1,0 +1,365 @@
+"""The converted-model store: GGUF files dequantised once into safetensors folders, and
+Hugging Face model folders used as they are.
+
+A converted folder (under `engine.paths.models_dir()`) holds:
+- `model.safetensors` — fp32 tensors with Hugging Face transformers names;
+- `quire_config.json` — `ModelConfig.to_dict()`;
+- `gguf_tokenizer.json` — every `tokenizer.*` GGUF metadata key, plus
+  `general.architecture`, as plain JSON values;
+- `chat_template.jinja` — the GGUF's `tokenizer.chat_template`, when it has one (the
+  same file name transformers uses, so both kinds of folder read it the same way);
+- `source.json` — the GGUF it came from (path, size, mtime, sha256). It is written last,
+  so a folder without it is an interrupted conversion and is converted again.
+
+Every file is written to a temporary name in the same folder, fsynced and renamed, so a
+crash never leaves a half-written file under the final name. The safetensors format
+(https://github.com/huggingface/safetensors) starts with a little-endian u64 header
+length and a JSON header of dtype/shape/offsets, which is all `parameter_count` reads.
+The converter writes that header itself, from the GGUF's tensor shapes, and then each
+tensor as it is dequantised, so converting never holds more than one fp32 tensor (the
+result reads back with `safetensors.safe_open` like any other file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.errors import Cancelled, ModelFileError, ModelNotInstalledError
+from engine.gguf_loader import read_gguf
+from engine.paths import models_dir
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "quire_config.json"
+TOKENIZER_FILE = "gguf_tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SOURCE_FILE = "source.json"
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+_HASH_CHUNK = 8 << 20
+
+
+@dataclass
+class ModelFolder:
+    """A model ready for a backend to load: config, safetensors files, tokenizer."""
+
+    path: Path
+    config: ModelConfig
+    weight_files: list[Path]
+    # gguf_tokenizer.json for a converted GGUF, tokenizer.json for an HF folder.
+    tokenizer_source: Path | None
+    chat_template: str | None
+    name: str
+    _parameters: int | None = field(default=None, repr=False, compare=False)
+
+    def parameter_count(self) -> int:
+        """Total number of weights, read from the safetensors headers (no tensor data)."""
+        if self._parameters is None:
+            self._parameters = sum(_safetensors_numel(path) for path in self.weight_files)
+        return self._parameters
+
+
+def sha256_file(path: Path, cancel: CancelFn | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            if cancel is not None and cancel():
+                raise Cancelled("hashing cancelled")
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(
+    gguf_path: str | Path,
+    dest_dir: str | Path,
+    progress: ProgressFn | None = None,
+    *,
+    cancel: CancelFn | None = None,
+    sha256: str | None = None,
+) -> ModelFolder:
+    """Dequantise a GGUF into a converted folder at `dest_dir` and return it.
+
+    `progress(done, total)` is called once per tensor. `cancel()` is checked between
+    tensors and raises Cancelled. `sha256`, when the caller already verified the file,
+    saves hashing it again.
+    """
+    gguf_path = Path(gguf_path).resolve()
+    dest = Path(dest_dir)
+    contents = read_gguf(gguf_path)
+    dest.mkdir(parents=True, exist_ok=True)
+    # Invalidate first: an interrupted reconversion must not look complete.
+    (dest / SOURCE_FILE).unlink(missing_ok=True)
+
+    shapes = contents.tensor_shapes
+    total = len(shapes)
+    if progress is not None:
+        progress(0, total)
+
+    def write_weights(tmp: Path) -> None:
+        with tmp.open("wb") as out:
+            _write_safetensors_header(out, shapes)
+            for done, ((name, values), (expected_name, shape)) in enumerate(
+                zip(contents.iter_tensors(), shapes), start=1
+            ):
+                if cancel is not None and cancel():
+                    raise Cancelled("conversion cancelled")
+                assert name == expected_name and values.shape == shape, (name, values.shape, shape)
+                out.write(memoryview(np.ascontiguousarray(values, dtype="<f4")).cast("B"))
+                if progress is not None:
+                    progress(done, total)
+
+    _write_atomic(dest / WEIGHTS_FILE, write_weights)
+
+    _write_json(dest / CONFIG_FILE, contents.config.to_dict())
+    _write_json(dest / TOKENIZER_FILE, contents.tokenizer_meta)
+    template = contents.tokenizer_meta.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        _write_atomic(dest / CHAT_TEMPLATE_FILE, lambda tmp: tmp.write_text(template, encoding="utf-8"))
+    else:
+        (dest / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+
+    stat = gguf_path.stat()
+    source = {
+        "path": str(gguf_path),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "sha256": sha256 or sha256_file(gguf_path, cancel),
+    }
+    _write_json(dest / SOURCE_FILE, source)
+    log.info("converted %s into %s (%d tensors)", gguf_path.name, dest, total)
+    return _open_converted(dest)
+
+
+def open_model(spec: str | Path) -> ModelFolder:
+    """Find a model by installed name, GGUF file path, or model folder path.
+
+    A GGUF file is converted once into `models_dir()/<file stem>/` and reused while its
+    size and mtime match what `source.json` recorded.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return _open_folder(path)
+        if path.suffix.lower() == ".gguf":
+            return _open_gguf(path)
+        raise ModelFileError(f"not a model: {path} (expected a .gguf file or a model folder)")
+    if isinstance(spec, str) and _looks_like_name(spec):
+        installed = models_dir() / spec
+        if installed.is_dir():
+            return _open_folder(installed)
+        names = ", ".join(sorted(p.name for p in _model_folders())) or "none"
+        raise ModelNotInstalledError(f"model '{spec}' is not installed (installed: {names})")
+    raise ModelFileError(f"model file not found: {path}")
+
+
+def is_converted(folder: Path, sha256: str | None = None) -> bool:
+    """True when `folder` holds a complete conversion (of the GGUF with this sha256)."""
+    source = _read_source(folder)
+    if source is None or not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
+        return False
+    return sha256 is None or source.get("sha256") == sha256
+
+
+def model_folders() -> list[Path]:
+    """Folders under models_dir() that hold a usable model (converted or HF)."""
+    return _model_folders()
+
+
+def _looks_like_name(spec: str) -> bool:
+    return bool(spec) and "/" not in spec and os.sep not in spec and not spec.lower().endswith(".gguf")
+
+
+def _model_folders() -> list[Path]:
+    root = models_dir()
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and (is_converted(p) or (p / "config.json").is_file())
+    )
+
+
+def _open_gguf(gguf_path: Path) -> ModelFolder:
+    dest = models_dir() / gguf_path.stem
+    source = _read_source(dest)
+    stat = gguf_path.stat()
+    if (
+        source is not None
+        and is_converted(dest)
+        and source.get("size") == stat.st_size
+        and source.get("mtime") == stat.st_mtime
+    ):
+        return _open_converted(dest)
+    log.info("converting %s into %s", gguf_path, dest)
+    return convert_gguf(gguf_path, dest)
+
+
+def _open_folder(folder: Path) -> ModelFolder:
+    if (folder / CONFIG_FILE).is_file():
+        if not is_converted(folder):
+            raise ModelFileError(f"{folder}: conversion is incomplete (no {SOURCE_FILE}); convert the GGUF again")
+        return _open_converted(folder)
+    if (folder / "config.json").is_file():
+        return _open_hf(folder)
+    raise ModelFileError(f"{folder}: not a model folder (no {CONFIG_FILE} or config.json)")
+
+
+def _open_converted(folder: Path) -> ModelFolder:
+    config = ModelConfig.from_dict(_read_json(folder / CONFIG_FILE))
+    template_path = folder / CHAT_TEMPLATE_FILE
+    return ModelFolder(
+        path=folder,
+        config=config,
+        weight_files=[folder / WEIGHTS_FILE],
+        tokenizer_source=folder / TOKENIZER_FILE,
+        chat_template=template_path.read_text(encoding="utf-8") if template_path.is_file() else None,
+        name=folder.name,
+    )
+
+
+def _open_hf(folder: Path) -> ModelFolder:
+    config = ModelConfig.from_hf_dict(_read_json(folder / "config.json"))
+    if not config.name:
+        config.name = folder.name
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        weights = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelFileError(f"{folder}: no .safetensors weights in the model folder")
+    for weight in weights:
+        if not weight.is_file():
+            raise ModelFileError(f"{folder}: weight file listed in the index is missing: {weight.name}")
+    tokenizer = folder / "tokenizer.json"
+    return ModelFolder(
+        path=folder,
+        config=config,
+        weight_files=weights,
+        tokenizer_source=tokenizer if tokenizer.is_file() else None,
+        chat_template=_hf_chat_template(folder),
+        name=folder.name,
+    )
+
+
+def _hf_chat_template(folder: Path) -> str | None:
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if not tokenizer_config.is_file():
+        return None
+    template = _read_json(tokenizer_config).get("chat_template")
+    if isinstance(template, list):
+        # Older tokenizers store named templates; "default" is the chat one.
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) else None
+
+
+def _read_source(folder: Path) -> dict | None:
+    path = folder / SOURCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return _read_json(path)
+    except ModelFileError:
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelFileError(f"cannot read {path}: {' '.join(str(err).split())}") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: expected a JSON object")
+    return value
+
+
+def _write_json(path: Path, value: dict) -> None:
+    # ensure_ascii keeps surrogate-escaped (non-UTF-8) tokens representable.
+    text = json.dumps(value, ensure_ascii=True, indent=1)
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write via `write(tmp)` to a temp file beside `path`, fsync, then rename over it."""
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as synced:
+            os.fsync(synced.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on Windows, where it is skipped.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_safetensors_header(out: BinaryIO, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Write the safetensors prefix for fp32 tensors that follow back to back in order.
+
+    Layout: u64 little-endian N | N bytes of JSON (space-padded so data starts 8-byte
+    aligned) | tensor bytes. Each JSON entry gives dtype, shape and [begin, end) offsets
+    relative to the start of the data. Writing the header first lets tensors be
+    dequantised and written one at a time instead of collected in memory.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes:
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-(8 + len(encoded)) % 8)
+    out.write(struct.pack("<Q", len(encoded)))
+    out.write(encoded)
+
+
+def _safetensors_numel(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_len))
+    except (OSError, struct.error, ValueError) as err:
+        raise ModelFileError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        total += count
+    return total
