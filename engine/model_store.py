@@ -136,7 +136,7 @@ def convert_gguf(
 
     stat = gguf_path.stat()
     source = {
-        "path": str(gguf_path),
+        "path": str(gguf_path.resolve()),
         "size": stat.st_size,
         "mtime": stat.st_mtime,
         "sha256": sha256 or sha256_file(gguf_path, cancel),
@@ -193,9 +193,20 @@ def _model_folders() -> list[Path]:
 
 
 def _open_gguf(gguf_path: Path) -> ModelFolder:
+    stat = gguf_path.stat()
+    # An installed default model was converted from this very file under its own
+    # name: reuse that conversion rather than making a second copy.
+    for folder in _model_folders():
+        known = _read_source(folder)
+        if (
+            known is not None
+            and known.get("path") == str(gguf_path.resolve())
+            and known.get("size") == stat.st_size
+            and known.get("mtime") == stat.st_mtime
+        ):
+            return _open_converted(folder)
     dest = models_dir() / gguf_path.stem
     source = _read_source(dest)
-    stat = gguf_path.stat()
     if (
         source is not None
         and is_converted(dest)
