@@ -105,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             lengths=args.lengths,
             include_reference=not args.no_reference,
             include_quality=not args.no_quality,
+            dtypes=args.dtype or None,
         )
     else:
         _print_error(f"unknown benchmark '{args.what}'")
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                     help="auto: the faster of the two on this machine (measured)")
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="list installed models, or install the defaults")
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
+    bench.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
+                       help="dtypes to measure (repeatable; default: bfloat16 then float32)")
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
     bench.add_argument("--out", help="also write the JSON here")
     bench.set_defaults(func=cmd_bench)

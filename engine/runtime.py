@@ -96,7 +96,7 @@ def load_model(
     spec: str | Path,
     *,
     backend: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     threads: int | None = None,
 ) -> LoadedModel:
     """Open an installed model name, a .gguf file (converted once) or an HF folder."""

@@ -85,7 +85,7 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(folder, safe_serialization=True)
     config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
-    ours = load(config, sorted(folder.glob("*.safetensors")))
+    ours = load(config, sorted(folder.glob("*.safetensors")), dtype="float32")
     return request.param, reference, ours
 
 

@@ -46,11 +46,12 @@ def _weight_bytes(model) -> tuple[int, int]:
     total = 0
     for layer in model.layers:
         for value in vars(layer).values():
-            if value is not None and hasattr(value, "numel"):
+            if hasattr(value, "nbytes") and callable(value.nbytes):
+                total += value.nbytes()
+            elif value is not None and hasattr(value, "numel"):
                 total += value.numel() * value.element_size()
     total += model.final_norm.numel() * model.final_norm.element_size()
-    head = model.lm_head.numel() * model.lm_head.element_size()
-    return total, head
+    return total, model.lm_head.nbytes()
 
 
 def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) -> dict:
@@ -140,7 +141,7 @@ def _quality(lm, passkey_lengths: list[int], stats_cls, params_cls) -> dict:
     return quality
 
 
-def worker_reference(model_name: str, lengths: list[int]) -> dict:
+def worker_reference(model_name: str, lengths: list[int], dtype: str) -> dict:
     from engine.backends.torch import measure
     from engine.model_store import open_model
     from engine.tokenizer import load_tokenizer
@@ -154,7 +155,7 @@ def worker_reference(model_name: str, lengths: list[int]) -> dict:
     lengths = [n for n in lengths if n + DECODE_TOKENS + 1 <= window]
     prompts = _prompts(load_tokenizer(folder.path), lengths)
     prompts = {n: ids for n, ids in prompts.items() if n in lengths or n == DECODE_AFTER}
-    result = measure.transformers_run(gguf_path, prompts, DECODE_TOKENS, DECODE_AFTER)
+    result = measure.transformers_run(gguf_path, prompts, DECODE_TOKENS, DECODE_AFTER, dtype)
     result["prefill"] = {k: v for k, v in result["prefill"].items() if int(k) in lengths}
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
@@ -168,7 +169,8 @@ def worker_machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": _cpu_count(),
         "torch_threads": measure.threads(),
-        "matmul_fp32_gflops": measure.matmul_peak_gflops(),
+        "matmul_fp32_gflops": measure.matmul_peak_gflops(dtype="float32"),
+        "matmul_bf16_gflops": measure.matmul_peak_gflops(dtype="bfloat16"),
         "memory_read_gbs": measure.memory_bandwidth_gbs(),
     }
 
@@ -192,48 +194,70 @@ def run(
     lengths: list[int] | None = None,
     include_reference: bool = True,
     include_quality: bool = True,
-    dtype: str = "float32",
+    dtypes: list[str] | None = None,
 ) -> dict:
+    """Measure every model in every dtype, Quire and transformers alike.
+
+    The first dtype is Quire's default ("auto" resolves to the faster of fp32 and
+    bf16 on this machine); the quality probe runs only in that one.
+    """
     from engine.install import DEFAULT_MODELS
 
     lengths = lengths or [512, 2048, 8192]
     models = models or [spec.name for spec in DEFAULT_MODELS]
+    dtypes = dtypes or ["bfloat16", "float32"]
     machine = _spawn(["--worker", "machine"])
-    report: dict = {"benchmark": "runtime", "machine": machine, "lengths": lengths, "models": {}}
+    report: dict = {"benchmark": "runtime", "machine": machine, "lengths": lengths, "dtypes": dtypes, "models": {}}
     for name in models:
-        entry: dict = {"quire": _spawn(["--worker", "ours", "--model", name, "--dtype", dtype,
-                                        "--lengths", *map(str, lengths)] + ([] if include_quality else ["--no-quality"]))}
-        if include_reference:
-            entry["transformers"] = _spawn(["--worker", "reference", "--model", name, "--lengths", *map(str, lengths)])
+        entry: dict = {"quire": {}, "transformers": {}}
+        for i, dtype in enumerate(dtypes):
+            quality = include_quality and i == 0
+            entry["quire"][dtype] = _spawn(
+                ["--worker", "ours", "--model", name, "--dtype", dtype, "--lengths", *map(str, lengths)]
+                + ([] if quality else ["--no-quality"])
+            )
+            if include_reference:
+                entry["transformers"][dtype] = _spawn(
+                    ["--worker", "reference", "--model", name, "--dtype", dtype, "--lengths", *map(str, lengths)]
+                )
         _derive(entry, machine)
         report["models"][name] = entry
     return report
 
 
 def _derive(entry: dict, machine: dict) -> None:
-    """Ratios to transformers and fractions of the machine's physical limits."""
-    ours, ref = entry.get("quire", {}), entry.get("transformers", {})
-    if "error" in ours:
-        return
-    derived: dict = {"prefill_ratio": {}, "prefill_fraction_of_matmul_peak": {}}
-    peak = machine.get("matmul_fp32_gflops")
-    for length, m in ours["prefill"].items():
-        n = int(length)
-        if ref.get("prefill", {}).get(length):
-            derived["prefill_ratio"][length] = m["tokens_per_second"] / ref["prefill"][length]["tokens_per_second"]
-        flops = ours["flops_per_token_linear"] * n + ours["attention_flops_coefficient"] * n * n
-        if peak:
-            derived["prefill_fraction_of_matmul_peak"][length] = flops / m["seconds"] / 1e9 / peak
-    if ref.get("decode"):
-        derived["decode_ratio"] = ours["decode"]["tokens_per_second"] / ref["decode"]["tokens_per_second"]
-        derived["decode_same_tokens_as_transformers"] = ours["decode"]["token_ids"] == ref["decode"]["token_ids"]
-    bandwidth = machine.get("memory_read_gbs")
-    if bandwidth:
-        bound = bandwidth * 1e9 / ours["decode"]["bytes_per_token"]
-        derived["decode_bandwidth_bound_tokens_per_second"] = bound
-        derived["decode_fraction_of_bandwidth_bound"] = ours["decode"]["tokens_per_second"] / bound
-    if ref.get("load_seconds"):
-        derived["load_ratio"] = ref["load_seconds"] / ours["load_seconds"]
+    """Ratios to transformers (same dtype, and transformers' fastest dtype) and
+    fractions of the machine's physical limits."""
+    derived: dict = {}
+    refs = {d: r for d, r in entry["transformers"].items() if "error" not in r}
+    for dtype, ours in entry["quire"].items():
+        if "error" in ours:
+            continue
+        d: dict = {"prefill_vs_same_dtype": {}, "prefill_vs_best": {}, "prefill_fraction_of_matmul_peak": {}}
+        peak = machine.get(f"matmul_{'bf16' if dtype == 'bfloat16' else 'fp32'}_gflops")
+        for length, m in ours["prefill"].items():
+            n = int(length)
+            same = refs.get(dtype, {}).get("prefill", {}).get(length)
+            if same:
+                d["prefill_vs_same_dtype"][length] = m["tokens_per_second"] / same["tokens_per_second"]
+            best = max((r["prefill"][length]["tokens_per_second"] for r in refs.values() if length in r["prefill"]), default=0)
+            if best:
+                d["prefill_vs_best"][length] = m["tokens_per_second"] / best
+            flops = ours["flops_per_token_linear"] * n + ours["attention_flops_coefficient"] * n * n
+            if peak:
+                d["prefill_fraction_of_matmul_peak"][length] = flops / m["seconds"] / 1e9 / peak
+        if dtype in refs:
+            d["decode_vs_same_dtype"] = ours["decode"]["tokens_per_second"] / refs[dtype]["decode"]["tokens_per_second"]
+            d["decode_same_tokens_as_transformers"] = ours["decode"]["token_ids"] == refs[dtype]["decode"]["token_ids"]
+            d["load_vs_same_dtype"] = refs[dtype]["load_seconds"] / ours["load_seconds"]
+        if refs:
+            d["decode_vs_best"] = ours["decode"]["tokens_per_second"] / max(r["decode"]["tokens_per_second"] for r in refs.values())
+        bandwidth = machine.get("memory_read_gbs")
+        if bandwidth:
+            bound = bandwidth * 1e9 / ours["decode"]["bytes_per_token"]
+            d["decode_bandwidth_bound_tokens_per_second"] = bound
+            d["decode_fraction_of_bandwidth_bound"] = ours["decode"]["tokens_per_second"] / bound
+        derived[dtype] = d
     entry["derived"] = derived
 
 
@@ -242,7 +266,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "reference", "machine"], required=True)
     parser.add_argument("--model")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-quality", action="store_true")
     args = parser.parse_args()
     if args.worker == "machine":
@@ -250,7 +274,7 @@ def main() -> None:
     elif args.worker == "ours":
         result = worker_ours(args.model, args.lengths, not args.no_quality, args.dtype)
     else:
-        result = worker_reference(args.model, args.lengths)
+        result = worker_reference(args.model, args.lengths, args.dtype)
     print(json.dumps(result))
 
 

@@ -129,15 +129,45 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     H, D = q.shape[1], q.shape[3]
     Hkv = k.shape[1]
-    grouped = q.view(Hkv, H // Hkv, D)  # (Hkv, G, D)
-    scores = torch.matmul(grouped, k[0].transpose(1, 2)).float() * scale  # (Hkv, G, S)
-    weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(weights, v[0]).view(1, H, 1, D)
+    # Multiply with the cached keys and values in their stored (S, D) layout: a
+    # transposed view of the cache made bf16 matmuls copy the whole cache each step.
+    grouped = q.view(Hkv, H // Hkv, D).transpose(1, 2)  # (Hkv, D, G)
+    scores = torch.bmm(k[0], grouped).float() * scale  # (Hkv, S, G)
+    weights = torch.softmax(scores, dim=1).to(v.dtype).transpose(1, 2)  # (Hkv, G, S)
+    return torch.bmm(weights, v[0]).reshape(1, H, 1, D)
 
 
-def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activation: str) -> torch.Tensor:
+class Dense:
+    """y = x Wᵀ + b, with W kept in the layout its dtype multiplies fastest here.
+
+    Measured on a 2-core AVX-512 CPU at one token (decode is a matrix-vector
+    product): fp32 ran 1.8x faster as x @ Wᵀ with Wᵀ stored contiguous than through
+    F.linear on W; bf16 was as fast or faster through F.linear. Prefill (hundreds
+    of rows) is about the same either way.
+    """
+
+    __slots__ = ("weight", "bias", "transposed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        # weight: (out, in) as stored in checkpoints.
+        self.transposed = weight.dtype == torch.float32
+        self.weight = weight.t().contiguous() if self.transposed else weight.contiguous()
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        total = self.weight.numel() * self.weight.element_size()
+        return total + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+def gated_mlp(x: torch.Tensor, gate_up: Dense, down: Dense, activation: str) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with gate and up fused into one (2I, hidden) matmul."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    gate, up = gate_up(x).chunk(2, dim=-1)
     if activation == "silu":
         gate = F.silu(gate)
     elif activation in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -146,4 +176,4 @@ def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, activa
         gate = F.gelu(gate)
     else:
         raise ValueError(f"unsupported activation '{activation}'")
-    return F.linear(gate * up, down)
+    return down(gate * up)

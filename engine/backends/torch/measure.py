@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 8) -> float:
-    """Best fp32 GFLOP/s of one square matmul over all the threads torch uses."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 8, dtype: str = "float32") -> float:
+    """Best GFLOP/s of one square matmul over all the threads torch uses."""
+    a = torch.randn(size, size).to(getattr(torch, dtype))
+    b = torch.randn(size, size).to(getattr(torch, dtype))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -35,8 +35,10 @@ def memory_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
     return buffer.numel() * 4 / best / 1e9
 
 
-def transformers_run(gguf_path: Path, prompts: dict[int, list[int]], decode_tokens: int, decode_after: int) -> dict:
-    """Load the GGUF with transformers (fp32, its default attention) and time prefill
+def transformers_run(
+    gguf_path: Path, prompts: dict[int, list[int]], decode_tokens: int, decode_after: int, dtype: str = "float32"
+) -> dict:
+    """Load the GGUF with transformers (in `dtype`, its default attention) and time prefill
     of each prompt and greedy decode after `decode_after` tokens.
 
     Prefill asks for the last position's logits only (`logits_to_keep=1`), which is
@@ -47,7 +49,7 @@ def transformers_run(gguf_path: Path, prompts: dict[int, list[int]], decode_toke
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=getattr(torch, dtype)
     )
     model.eval()
     load_seconds = time.perf_counter() - started

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.backends.torch.kv_cache import DenseKVCache
 from engine.backends.torch.layers import (
+    Dense,
     Rotary,
     apply_rope,
     attend,
@@ -31,12 +32,11 @@ from engine.errors import ModelFileError
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # (Hq*D + 2*Hkv*D, hidden): q, k, v projections fused
-    qkv_bias: torch.Tensor | None
-    out: torch.Tensor  # (hidden, Hq*D)
+    qkv: Dense  # hidden → Hq*D + 2*Hkv*D: q, k, v projections fused
+    out: Dense  # Hq*D → hidden
     post_attention_norm: torch.Tensor
-    gate_up: torch.Tensor  # (2*I, hidden): gate and up fused
-    down: torch.Tensor  # (hidden, I)
+    gate_up: Dense  # hidden → 2*I: gate and up fused
+    down: Dense  # I → hidden
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     pre_feedforward_norm: torch.Tensor | None = None
@@ -81,9 +81,9 @@ class DecoderModel:
         self.embed = source.take("model.embed_tokens.weight")  # (V, hidden)
         self.final_norm = self._norm_weight(source.take("model.norm.weight"))
         if config.tie_word_embeddings or not source.has("lm_head.weight"):
-            self.lm_head = self.embed
+            self.lm_head = Dense(self.embed)
         else:
-            self.lm_head = source.take("lm_head.weight")
+            self.lm_head = Dense(source.take("lm_head.weight"))
         self.layers = [self._load_layer(source, i) for i in range(config.num_hidden_layers)]
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, dtype)
         self.q_size = config.num_attention_heads * config.head_dim
@@ -118,12 +118,11 @@ class DecoderModel:
         optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
         return LayerWeights(
             input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
-            qkv=qkv,
-            qkv_bias=qkv_bias,
-            out=source.take(attn + "o_proj.weight"),
+            qkv=Dense(qkv, qkv_bias),
+            out=Dense(source.take(attn + "o_proj.weight")),
             post_attention_norm=self._norm_weight(source.take(p + "post_attention_layernorm.weight")),
-            gate_up=gate_up,
-            down=source.take(p + "mlp.down_proj.weight"),
+            gate_up=Dense(gate_up),
+            down=Dense(source.take(p + "mlp.down_proj.weight")),
             **optional,
         )
 
@@ -149,7 +148,7 @@ class DecoderModel:
         q and k in the interleaved pair layout."""
         c = self.config
         T = x.shape[1]
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(1, T, c.num_attention_heads, c.head_dim)
         k = k.view(1, T, c.num_key_value_heads, c.head_dim)
@@ -166,7 +165,7 @@ class DecoderModel:
         keys, values = cache.append(index, k, v.transpose(1, 2))
         out = attend(q, keys, values, past=past, scale=self.config.attention_scale, window=self.window_for(index))
         out = out.transpose(1, 2).reshape(1, T, self.q_size)  # (1, T, Hq*D)
-        return F.linear(out, layer.out)
+        return layer.out(out)
 
     def decoder_layer(self, index: int, layer: LayerWeights, x: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
         eps = self.config.rms_norm_eps
@@ -185,7 +184,7 @@ class DecoderModel:
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return F.linear(x[0], self.lm_head).float()  # (T or 1, V)
+        return self.lm_head(x[0]).float()  # (T or 1, V)
 
 
 class LlamaModel(DecoderModel):

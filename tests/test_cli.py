@@ -1,0 +1,51 @@
+"""The `quire` CLI: bad model files give one clear line on stderr and exit 1, never a
+traceback; `quire models` lists what the data directory holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, env_home=None) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ)
+    if env_home is not None:
+        env["QUIRE_HOME"] = str(env_home)
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "empty"),
+        (b"NOPE" + b"\0" * 64, "magic"),
+        (b"GGUF\x03\x00\x00\x00" + b"\x01", "truncated"),
+    ],
+)
+def test_bad_model_file_is_one_line(tmp_path, content, expected):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    done = run_cli("generate", "hello", "--model", str(bad), env_home=tmp_path / "home")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("quire: error:")
+    assert expected in lines[0].lower()
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_model_name_lists_installed(tmp_path):
+    done = run_cli("generate", "hello", "--model", "no-such-model", env_home=tmp_path)
+    assert done.returncode == 1
+    assert "not installed" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_models_on_an_empty_data_directory(tmp_path):
+    done = run_cli("models", env_home=tmp_path)
+    assert done.returncode == 0
+    assert "no models installed" in done.stdout
