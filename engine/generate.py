@@ -77,7 +77,7 @@ def prefill(
     tokens: Sequence[int],
     cache: object,
     *,
-    chunk_size: int = 512,
+    chunk_size: int = 4096,
     on_progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> np.ndarray:
@@ -158,7 +158,7 @@ def generate(
     params: SamplingParams,
     *,
     cache: object | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 4096,
     on_progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     stats: GenerationStats | None = None,

@@ -86,6 +86,7 @@ def pair(request, tmp_path_factory):
     reference.save_pretrained(folder, safe_serialization=True)
     config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
     ours = load(config, sorted(folder.glob("*.safetensors")), dtype="float32")
+    ours.folder = folder
     return request.param, reference, ours
 
 
@@ -131,3 +132,19 @@ def test_greedy_generation_matches(pair):
         got.append(token)
         logits = ours.forward([token], cache)
     assert got == expected, family
+
+
+def test_bfloat16_tracks_float32(pair):
+    """The bf16 path (the default where bf16 matmuls are faster) stays close to fp32."""
+    family, reference, ours = pair
+    folder = ours.folder
+    config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    half = load(config, sorted(folder.glob("*.safetensors")), dtype="bfloat16")
+    ids = torch.randint(0, 211, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = reference_logits(reference, ids)
+    got = half.forward(ids, half.new_cache(64), last_only=False)
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 bits of mantissa: logits of O(1) move by a few hundredths, not more.
+    assert (got - expected).abs().max().item() < 0.15, family
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9, (family, agreement)

@@ -33,6 +33,12 @@ def _peak_rss_mb() -> float:
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
 
+def _fit(lengths: list[int], window: int) -> list[int]:
+    """Lengths that fit the model's window; 8K on an 8K-window model becomes
+    window − 64 so that the prompt and a few generated tokens still fit."""
+    return sorted({min(n, window - 64) for n in lengths})
+
+
 def _prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
     """Real-looking token ids of exact lengths: the reading passage repeated."""
     ids = tokenizer.encode(probes.PASSAGE * 4)
@@ -60,7 +66,7 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) 
 
     lm = load_model(model_name, dtype=dtype)
     window = lm.config.max_position_embeddings
-    lengths = [n for n in lengths if n + DECODE_TOKENS + 1 <= window]
+    lengths = _fit(lengths, window)
     prompts = _prompts(lm.tokenizer, lengths)
     model = lm.model
     result: dict = {
@@ -101,7 +107,7 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) 
     c = lm.config
     result["attention_flops_coefficient"] = 2 * c.num_attention_heads * c.head_dim * len(c.global_layers)
     if quality:
-        result["quality"] = _quality(lm, [n for n in (2048, 8192) if n + 16 <= window], GenerationStats, SamplingParams)
+        result["quality"] = _quality(lm, _fit([2048, 8192], window), GenerationStats, SamplingParams)
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
@@ -152,7 +158,7 @@ def worker_reference(model_name: str, lengths: list[int], dtype: str) -> dict:
 
     gguf_path = Path(source["path"])
     window = folder.config.max_position_embeddings
-    lengths = [n for n in lengths if n + DECODE_TOKENS + 1 <= window]
+    lengths = _fit(lengths, window)
     prompts = _prompts(load_tokenizer(folder.path), lengths)
     prompts = {n: ids for n, ids in prompts.items() if n in lengths or n == DECODE_AFTER}
     result = measure.transformers_run(gguf_path, prompts, DECODE_TOKENS, DECODE_AFTER, dtype)
