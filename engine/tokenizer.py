@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -341,8 +342,10 @@ class HFTokenizer(_TokenizerBase):
         self.add_bos_default = add_bos_default
         self.chat_template = chat_template
         self._added = {token_id: added.content for token_id, added in backend.get_added_tokens_decoder().items()}
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-        self._byte_level = "ByteLevel" in json.dumps(decoder)
+        # Only the decoder's own state: serialising the whole tokenizer (a 262K-piece
+        # vocabulary for Gemma) to look at it cost most of a second.
+        decoder = backend.decoder
+        self._byte_level = decoder is not None and b"ByteLevel" in decoder.__getstate__()
         self._bytes_cache: dict[int, bytes] = {}
         self.bos_token = self._text_of(bos_id)
         self.eos_token = self._text_of(eos_ids[0] if eos_ids else None)
@@ -507,8 +510,13 @@ def _end_ids(meta: TokenizerMeta, tokens: Sequence[str], types: Sequence[int]) -
     return ids
 
 
-def load_tokenizer_from_meta(meta: TokenizerMeta) -> Tokenizer:
-    """Build the tokenizer a GGUF's `tokenizer.*` metadata describes."""
+def load_tokenizer_from_meta(meta: TokenizerMeta, *, cache: Path | None = None) -> Tokenizer:
+    """Build the tokenizer a GGUF's `tokenizer.*` metadata describes.
+
+    Rebuilding a SentencePiece-style vocabulary (merges recovered from token order)
+    takes seconds; with `cache`, the built `tokenizers` JSON is kept there and reused
+    while it is newer than the metadata it came from.
+    """
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model not in ("gpt2", "llama"):
@@ -537,8 +545,27 @@ def load_tokenizer_from_meta(meta: TokenizerMeta) -> Tokenizer:
             tokens, merges, types, split_regex=split, bos_id=bos_id, eos_ids=eos_ids,
             add_bos_default=add_bos, chat_template=chat_template,
         )
-    backend = _build_sentencepiece(meta, tokens, types)
+    backend = _cached_sentencepiece(meta, tokens, types, cache)
     return HFTokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos_default=add_bos, chat_template=chat_template)
+
+
+def _cached_sentencepiece(meta: TokenizerMeta, tokens: list[str], types: list[int], cache: Path | None) -> object:
+    from tokenizers import Tokenizer as Backend
+
+    if cache is not None and cache.exists():
+        try:
+            return Backend.from_file(str(cache))
+        except Exception as error:  # a damaged cache is rebuilt, never trusted
+            logger.warning("Rebuilding tokenizer cache %s: %s", cache, error)
+    backend = _build_sentencepiece(meta, tokens, types)
+    if cache is not None:
+        partial = cache.with_name(cache.name + ".partial")
+        try:
+            backend.save(str(partial))
+            os.replace(partial, cache)
+        except OSError as error:  # a read-only model folder still works, just slower
+            logger.info("Cannot cache tokenizer in %s: %s", cache.parent, error)
+    return backend
 
 
 def load_tokenizer_from_gguf(path: str | Path) -> Tokenizer:
@@ -601,7 +628,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         template_file = folder / "chat_template.jinja"
         if not meta.get("tokenizer.chat_template") and template_file.exists():
             meta["tokenizer.chat_template"] = template_file.read_text(encoding="utf-8")
-        return load_tokenizer_from_meta(meta)
+        cache = folder / "tokenizer.built.json"
+        if cache.exists() and cache.stat().st_mtime < meta_path.stat().st_mtime:
+            cache.unlink(missing_ok=True)
+        return load_tokenizer_from_meta(meta, cache=cache)
     if (folder / "tokenizer.json").exists():
         return _load_hf_folder(folder)
     raise TokenizerError(f"No tokenizer in {folder}: expected gguf_tokenizer.json or tokenizer.json.")
