@@ -97,6 +97,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "report":
+        from engine.bench.report import runtime_markdown
+
+        if not args.input:
+            _print_error("bench report needs the JSON file: quire bench report FILE")
+            return 2
+        print(runtime_markdown(json.loads(Path(args.input).read_text())), end="")
+        return 0
     if args.what == "runtime":
         from engine.bench import runtime as bench_runtime
 
@@ -151,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime"])
+    bench.add_argument("what", choices=["runtime", "report"])
+    bench.add_argument("input", nargs="?", help="for report: a JSON file written by `quire bench runtime`")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")

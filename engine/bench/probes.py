@@ -8,6 +8,7 @@ Attention"): a five-digit key hidden in repeated filler, asked for at the end.
 from __future__ import annotations
 
 import random
+import re
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -53,8 +54,18 @@ def reading_completion(question: str) -> str:
 
 
 def answer_is_correct(answer: str, accepted: tuple[str, ...]) -> bool:
+    """True when a whole word of the answer is an accepted one ("19" must not match
+    "1961"; "thursday" matches "Thursdays")."""
     lowered = answer.lower()
-    return any(word in lowered for word in accepted)
+    return any(re.search(rf"\b{re.escape(word)}(s)?\b", lowered) for word in accepted)
+
+
+def rescore(question: str, answer: str) -> bool:
+    """Score a stored answer with today's rules (reports re-score old JSON)."""
+    for known, accepted in QUESTIONS:
+        if known == question:
+            return answer_is_correct(answer, accepted)
+    raise KeyError(question)
 
 
 def passkey_prompt(count_tokens, target_tokens: int, depth: float, seed: int) -> tuple[str, str]:
