@@ -22,3 +22,12 @@ class CorruptDocumentError(IngestError):
 
 class Cancelled(IngestError):
     """Ingestion stopped because its cancel flag was set."""
+
+
+class LibraryError(IngestError):
+    """The library cannot do what was asked: library.db unusable (damaged, written by a
+    newer Quire), an empty search, a collection name already taken."""
+
+
+class DocumentNotFoundError(LibraryError):
+    """No document with the given id is in the library."""
