@@ -148,3 +148,25 @@ def test_bfloat16_tracks_float32(pair):
     assert (got - expected).abs().max().item() < 0.15, family
     agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     assert agreement >= 0.9, (family, agreement)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepared_weights_reload_identically_and_survive_damage(tmp_path, dtype):
+    torch.manual_seed(4)
+    reference = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen2"))
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    config = ModelConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    weights = sorted(tmp_path.glob("*.safetensors"))
+    ids = list(range(10, 30))
+    first = load(config, weights, dtype=dtype)
+    prepared = tmp_path / "quire-prepared" / f"v1-{dtype}.safetensors"
+    assert prepared.is_file()
+    assert sorted(tmp_path.glob("*.safetensors")) == weights  # not mistaken for weights
+    second = load(config, weights, dtype=dtype)
+    a = first.forward(ids, first.new_cache(32), last_only=False)
+    b = second.forward(ids, second.new_cache(32), last_only=False)
+    assert torch.equal(a, b)
+    prepared.write_bytes(prepared.read_bytes()[:1000])  # truncated: must be rebuilt, not used
+    third = load(config, weights, dtype=dtype)
+    assert torch.equal(third.forward(ids, third.new_cache(32), last_only=False), a)
+    assert prepared.stat().st_size > 1000

@@ -112,12 +112,39 @@ def attend(
         return decode_attention(q, k, v, scale)
     if past == 0 and (window is None or T <= window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    if window is not None and S > window:
+        return _windowed_attention(q, k, v, past=past, scale=scale, window=window)
     query_pos = torch.arange(past, past + T).unsqueeze(1)  # (T, 1)
     key_pos = torch.arange(S).unsqueeze(0)  # (1, S)
     allowed = key_pos <= query_pos
     if window is not None:
         allowed &= query_pos - key_pos < window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+
+
+def _windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, past: int, scale: float, window: int
+) -> torch.Tensor:
+    """Sliding-window attention in query blocks of `window` rows, each over only the
+    keys its rows can see (at most 2·window − 1), instead of one masked T × S pass:
+    at 8K tokens and a 512 window that is ~8x less work."""
+    T = q.shape[2]
+    out = torch.empty_like(q)
+    for start in range(0, T, window):
+        end = min(start + window, T)
+        first_key = max(0, past + start - window + 1)
+        query_pos = torch.arange(past + start, past + end).unsqueeze(1)  # (t, 1)
+        key_pos = torch.arange(first_key, past + end).unsqueeze(0)  # (1, s)
+        allowed = (key_pos <= query_pos) & (query_pos - key_pos < window)
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            q[:, :, start:end],
+            k[:, :, first_key : past + end],
+            v[:, :, first_key : past + end],
+            attn_mask=allowed,
+            scale=scale,
+            enable_gqa=True,
+        )
+    return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -153,6 +180,15 @@ class Dense:
         self.transposed = weight.dtype == torch.float32
         self.weight = weight.t().contiguous() if self.transposed else weight.contiguous()
         self.bias = bias
+
+    @classmethod
+    def laid_out(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Dense:
+        """Wrap a weight already in this dtype's layout (from a prepared-weights file)."""
+        dense = cls.__new__(cls)
+        dense.transposed = weight.dtype == torch.float32
+        dense.weight = weight
+        dense.bias = bias
+        return dense
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.transposed:

@@ -19,18 +19,17 @@ import torch
 from engine.backends.torch.kv_cache import DenseKVCache
 from engine.backends.torch.layers import Rotary, gated_mlp, rms_norm
 from engine.backends.torch.models.llama import DecoderModel, LayerWeights
-from engine.config import ModelConfig
 
 
 class Gemma3Model(DecoderModel):
     norm_offset = 1.0
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-        super().__init__(config, tensors, dtype)
-        local_theta = config.rope_local_theta or 10000.0
-        self.local_rotary = Rotary(config.head_dim, local_theta, None, dtype)
+    def _setup(self) -> None:
+        super()._setup()
+        c = self.config
+        self.local_rotary = Rotary(c.head_dim, c.rope_local_theta or 10000.0, None, self.dtype)
         # transformers multiplies by the scale cast to the weights' dtype; do the same.
-        self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=dtype)
+        self.embed_scale = torch.tensor(c.hidden_size**0.5, dtype=self.dtype)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return super().embed_tokens(ids) * self.embed_scale

@@ -10,6 +10,7 @@ Reference: Touvron et al. 2023, "Llama 2"; the Llama 3 herd paper for RoPE scali
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,10 @@ class LayerWeights:
     k_norm: torch.Tensor | None = None
     pre_feedforward_norm: torch.Tensor | None = None
     post_feedforward_norm: torch.Tensor | None = None
+
+
+DENSE_FIELDS = ("qkv", "out", "gate_up", "down")
+REQUIRED_NORMS = ("input_norm", "post_attention_norm")
 
 
 class WeightSource:
@@ -85,9 +90,56 @@ class DecoderModel:
         else:
             self.lm_head = Dense(source.take("lm_head.weight"))
         self.layers = [self._load_layer(source, i) for i in range(config.num_hidden_layers)]
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling, dtype)
-        self.q_size = config.num_attention_heads * config.head_dim
-        self.kv_size = config.num_key_value_heads * config.head_dim
+        self._setup()
+
+    def _setup(self) -> None:
+        """Everything derived from the config rather than loaded (both load paths)."""
+        c = self.config
+        self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling, self.dtype)
+        self.q_size = c.num_attention_heads * c.head_dim
+        self.kv_size = c.num_key_value_heads * c.head_dim
+
+    # -- prepared weights: the loaded form, saved so the next load is a plain read --
+
+    def prepared_tensors(self) -> dict[str, torch.Tensor]:
+        """Every weight in its final dtype and layout, under flat names."""
+        out = {"embed": self.embed, "final_norm": self.final_norm}
+        if self.lm_head.weight is not self.embed:
+            out["lm_head.weight"] = self.lm_head.weight
+        for i, layer in enumerate(self.layers):
+            for f in dataclasses.fields(layer):
+                value = getattr(layer, f.name)
+                if isinstance(value, Dense):
+                    out[f"layers.{i}.{f.name}.weight"] = value.weight
+                    if value.bias is not None:
+                        out[f"layers.{i}.{f.name}.bias"] = value.bias
+                elif value is not None:
+                    out[f"layers.{i}.{f.name}"] = value
+        return out
+
+    @classmethod
+    def from_prepared(cls, config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> DecoderModel:
+        """Rebuild from `prepared_tensors()` output; KeyError if a tensor is missing."""
+        model = cls.__new__(cls)
+        model.config, model.dtype = config, dtype
+        model.embed = tensors["embed"]
+        model.final_norm = tensors["final_norm"]
+        head = tensors.get("lm_head.weight")
+        model.lm_head = Dense.laid_out(head) if head is not None else Dense(model.embed)
+        model.layers = []
+        for i in range(config.num_hidden_layers):
+            values: dict[str, object] = {}
+            for f in dataclasses.fields(LayerWeights):
+                key = f"layers.{i}.{f.name}"
+                if f.name in DENSE_FIELDS:
+                    values[f.name] = Dense.laid_out(tensors[key + ".weight"], tensors.get(key + ".bias"))
+                elif f.name in REQUIRED_NORMS:
+                    values[f.name] = tensors[key]
+                else:
+                    values[f.name] = tensors.get(key)
+            model.layers.append(LayerWeights(**values))
+        model._setup()
+        return model
 
     # -- loading -------------------------------------------------------------
 
