@@ -24,7 +24,14 @@ CancelCheck = Callable[[], bool]
 class BackendModel(Protocol):
     def new_cache(self, capacity: int) -> object: ...
 
-    def forward(self, tokens: Sequence[int], cache: object, *, last_only: bool = True) -> object: ...
+    def forward(
+        self,
+        tokens: Sequence[int],
+        cache: object,
+        *,
+        last_only: bool = True,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> object: ...
 
 
 class TokenDecoder(Protocol):
@@ -77,11 +84,17 @@ def prefill(
     tokens: Sequence[int],
     cache: object,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int = 8192,
     on_progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> np.ndarray:
-    """Run the prompt through the model in chunks; returns the last token's logits (V,)."""
+    """Run the prompt through the model in chunks; returns the last token's logits (V,).
+
+    Chunks are large because a chunk that follows another needs a masked attention
+    pass, which the fused kernel runs slower than a causal one (8K prompts: 4K
+    chunks measured 15–25% slower than one pass). Progress and cancel still come
+    after every layer, so a long chunk stays responsive.
+    """
     if not tokens:
         raise ValueError("cannot prefill an empty prompt")
     logits = None
@@ -89,9 +102,17 @@ def prefill(
     for start in range(0, total, chunk_size):
         if cancel is not None and cancel():
             raise Cancelled("prefill cancelled")
-        logits = model.forward(tokens[start : start + chunk_size], cache)
+        chunk = tokens[start : start + chunk_size]
+
+        def on_layer(done: int, layers: int, start: int = start, size: int = len(chunk)) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("prefill cancelled")
+            if on_progress is not None and done < layers:
+                on_progress(start + size * done // layers, total)
+
+        logits = model.forward(chunk, cache, on_layer=on_layer)
         if on_progress is not None:
-            on_progress(min(start + chunk_size, total), total)
+            on_progress(start + len(chunk), total)
     return np.asarray(logits)[-1]
 
 
@@ -158,7 +179,7 @@ def generate(
     params: SamplingParams,
     *,
     cache: object | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 8192,
     on_progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     stats: GenerationStats | None = None,

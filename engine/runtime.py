@@ -70,7 +70,7 @@ class LoadedModel:
         on_progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
         stats: GenerationStats | None = None,
-        chunk_size: int = 4096,
+        chunk_size: int = 8192,
     ) -> Iterator[Token]:
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids})

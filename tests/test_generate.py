@@ -29,8 +29,11 @@ class ScriptedModel:
     def new_cache(self, capacity: int) -> dict:
         return {"length": 0, "capacity": capacity}
 
-    def forward(self, tokens, cache, *, last_only=True):
+    def forward(self, tokens, cache, *, last_only=True, on_layer=None):
         self.calls.append(len(tokens))
+        for done in range(1, 3):  # a two-layer model, as far as progress can tell
+            if on_layer is not None:
+                on_layer(done, 2)
         cache["length"] += len(tokens)
         assert cache["length"] <= cache["capacity"]
         index = max(cache["length"] - self.prompt_len, 0)
@@ -88,7 +91,7 @@ def test_prefill_is_chunked_with_progress():
     seen = []
     prefill(model, list(range(10)), model.new_cache(10), chunk_size=4, on_progress=lambda d, t: seen.append((d, t)))
     assert model.calls == [4, 4, 2]
-    assert seen == [(4, 10), (8, 10), (10, 10)]
+    assert seen == [(2, 10), (4, 10), (6, 10), (8, 10), (9, 10), (10, 10)]
 
 
 def test_cancel_during_prefill_and_decode():
@@ -99,7 +102,7 @@ def test_cancel_during_prefill_and_decode():
 
     def cancel_after_three():
         flag["n"] += 1
-        return flag["n"] > 3 + 1  # one check in prefill, then three decode steps
+        return flag["n"] > 3 + 3  # three checks in prefill (chunk, two layers), then three decode steps
 
     text, stats, _ = run([1, 2, 3, 1, 2], SamplingParams(max_new_tokens=10), cancel=cancel_after_three)
     assert text == "abc"

@@ -170,3 +170,25 @@ def test_prepared_weights_reload_identically_and_survive_damage(tmp_path, dtype)
     third = load(config, weights, dtype=dtype)
     assert torch.equal(third.forward(ids, third.new_cache(32), last_only=False), a)
     assert prepared.stat().st_size > 1000
+
+
+def test_cancel_inside_a_chunk_leaves_the_cache_consistent(pair):
+    from engine.errors import Cancelled
+    from engine.generate import prefill
+
+    family, _, ours = pair
+    ids = torch.randint(0, 211, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    fresh = prefill(ours, ids, ours.new_cache(64))
+    cache = ours.new_cache(64)
+    prefill(ours, ids[:10], cache)
+    checks = {"n": 0}
+
+    def cancel_mid_chunk() -> bool:
+        checks["n"] += 1
+        return checks["n"] > 2  # the chunk check, one layer, then stop inside the chunk
+
+    with pytest.raises(Cancelled):
+        prefill(ours, ids[10:], cache, cancel=cancel_mid_chunk)
+    assert cache.length == 10
+    resumed = prefill(ours, ids[10:], cache)
+    assert abs(resumed - fresh).max() < 1e-4, family

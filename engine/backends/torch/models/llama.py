@@ -11,6 +11,7 @@ Reference: Touvron et al. 2023, "Llama 2"; the Llama 3 herd paper for RoPE scali
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,12 +227,24 @@ class DecoderModel:
         return x + gated_mlp(h, layer.gate_up, layer.down, self.config.hidden_act)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor | list[int], cache: DenseKVCache, *, last_only: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor | list[int],
+        cache: DenseKVCache,
+        *,
+        last_only: bool = True,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """`on_layer(done, total)` runs after each layer: progress inside a long chunk,
+        and a place to cancel (raising there is safe: the cache only counts the new
+        tokens once every layer has stored them)."""
         ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)  # (1, T)
         T = ids.shape[1]
         x = self.embed_tokens(ids)  # (1, T, hidden)
         for index, layer in enumerate(self.layers):
             x = self.decoder_layer(index, layer, x, cache)
+            if on_layer is not None:
+                on_layer(index + 1, len(self.layers))
         cache.advance(T)
         if last_only:
             x = x[:, -1:]

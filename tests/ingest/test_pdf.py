@@ -1,0 +1,179 @@
+"""The PDF reader on generated PDFs: text, labels, outline, metadata, running
+headers, OCR detection, encryption and damaged files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingest.document import PAGE_SEPARATOR, Document
+from ingest.errors import CorruptDocumentError, EncryptedDocumentError, UnsupportedFormatError
+from ingest.readers import read_document
+from tests.ingest.builders import RUNNING_HEADER, encrypt_pdf, write_pdf
+from tests.ingest.conftest import BOOK_PAGES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def assert_offsets_consistent(document: Document) -> None:
+    text = document.text
+    for page in document.pages:
+        assert text[page.start : page.end] == page.text
+    assert document.report.characters == len(text)
+    assert document.report.chars_per_page == [len(page.text) for page in document.pages]
+
+
+def test_pages_labels_outline_metadata(book_pdf: Path) -> None:
+    document = read_document(book_pdf)
+    assert document.format == "pdf"
+    assert len(document.pages) == 6
+    assert [page.label for page in document.pages] == ["i", "ii", "1", "2", "3", "4"]
+    assert document.pages[0].text == "Preface\nWhy this book was written."
+    assert document.pages[3].text == "The sea was calm that morning and the boats went out early.\nNobody expected the storm."
+    # Hyphen joined before a lower-case letter; a compound seen in-line keeps its hyphen.
+    assert document.pages[2].text == (
+        "Chapter One\nThe first chapter begins with a hyphenated word and a well-known phrase, well-known twice."
+    )
+    assert [(entry.title, entry.page_index, entry.level) for entry in document.outline] == [
+        ("Preface", 0, 0),
+        ("Chapter One", 2, 0),
+        ("At sea", 3, 1),
+        ("Chapter Two", 4, 0),
+    ]
+    titles = ["Preface", "Preface", "Chapter One", "At sea", "Chapter Two", "Chapter Two"]
+    assert [page.title for page in document.pages] == titles
+    assert document.title == "The Test Book"
+    assert document.author == "Ada Lovelace"
+    assert document.date and document.date[:2] == "20"
+    assert_offsets_consistent(document)
+    assert document.report.pages == 6
+    assert document.report.needs_ocr == []
+    assert document.report.encrypted is False
+
+
+def test_running_header_and_page_numbers_are_dropped(book_pdf: Path) -> None:
+    document = read_document(book_pdf)
+    for number, page in enumerate(document.pages, start=1):
+        assert RUNNING_HEADER not in page.text
+        assert not page.text.endswith(str(number))
+
+
+def test_raw_offsets_point_into_the_page_text(book_pdf: Path) -> None:
+    from pypdf import PdfReader
+
+    document = read_document(book_pdf)
+    raw = PdfReader(book_pdf).pages[2].extract_text()
+    page = document.pages[2]
+    assert page.raw_offsets is not None and len(page.raw_offsets) == len(page.text)
+    for position, char in enumerate(page.text):
+        assert raw[page.raw_offsets[position]] == char
+    # The joined word maps back across the removed hyphen and line break.
+    where = page.text.index("hyphenated")
+    assert raw[page.raw_offsets[where + 6] - 2 : page.raw_offsets[where + 6]] == "-\n"
+
+
+def test_pages_without_text_need_ocr(tmp_path: Path) -> None:
+    pages = [["Real text on the first page."], [], ["More real text on page three."], []]
+    path = write_pdf(tmp_path / "scan.pdf", pages, header=None, footer_numbers=False, scanned=[1, 3])
+    document = read_document(path)
+    assert document.report.needs_ocr == [1, 3]
+    assert [page.text for page in document.pages] == ["Real text on the first page.", "", "More real text on page three.", ""]
+    assert_offsets_consistent(document)
+
+
+def test_sparse_pages_are_reported(tmp_path: Path) -> None:
+    prose = [f"Line {n} of a page that holds a good deal of ordinary prose text." for n in range(12)]
+    pages = [prose, prose, ["Fig. 3"], prose, prose]
+    document = read_document(write_pdf(tmp_path / "sparse.pdf", pages, header=None, footer_numbers=False))
+    assert document.report.sparse_pages == [2]
+
+
+def test_encrypted_pdf(book_pdf: Path, tmp_path: Path) -> None:
+    locked = encrypt_pdf(book_pdf, tmp_path / "locked.pdf", "s3cret")
+    document = read_document(locked, password="s3cret")
+    assert document.report.encrypted is True
+    assert document.pages[0].text == "Preface\nWhy this book was written."
+    assert [page.label for page in document.pages][:3] == ["i", "ii", "1"]
+    with pytest.raises(EncryptedDocumentError, match=r"^locked\.pdf is password-protected: give its password to open it$"):
+        read_document(locked)
+    with pytest.raises(EncryptedDocumentError, match=r"^wrong password for locked\.pdf$"):
+        read_document(locked, password="guess")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_truncated_pdf_is_corrupt(book_pdf: Path, tmp_path: Path, keep: float) -> None:
+    data = book_pdf.read_bytes()
+    truncated = tmp_path / "truncated.pdf"
+    truncated.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorruptDocumentError) as caught:
+        read_document(truncated)
+    message = str(caught.value)
+    assert message.startswith("truncated.pdf ")
+    assert "\n" not in message
+
+
+def test_zero_byte_file_is_corrupt(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pdf"
+    empty.write_bytes(b"")
+    with pytest.raises(CorruptDocumentError, match=r"^empty\.pdf is empty \(0 bytes\)$"):
+        read_document(empty)
+
+
+def test_png_named_pdf_is_unsupported(tmp_path: Path) -> None:
+    from PIL import Image
+
+    fake = tmp_path / "photo.pdf"
+    Image.new("RGB", (4, 4)).save(fake, format="PNG")
+    with pytest.raises(UnsupportedFormatError, match=r"^photo\.pdf is a PNG image, not a document Quire reads$"):
+        read_document(fake)
+
+
+def test_pdf_with_a_text_extension_is_read_as_pdf(book_pdf: Path, tmp_path: Path) -> None:
+    disguised = tmp_path / "notes.txt"
+    disguised.write_bytes(book_pdf.read_bytes())
+    assert read_document(disguised).format == "pdf"
+
+
+def test_non_ascii_path(book_pdf: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "Bibliothèque – 書庫"
+    folder.mkdir()
+    target = folder / "Édition française ü.pdf"
+    target.write_bytes(book_pdf.read_bytes())
+    document = read_document(target)
+    assert document.path == str(target)
+    assert document.pages[2].label == "1"
+
+
+def test_pypdf_warnings_go_to_the_report_not_stderr(book_pdf: Path, tmp_path: Path) -> None:
+    # A wrong startxref offset: pypdf repairs it and warns through logging.
+    data = book_pdf.read_bytes()
+    position = data.rindex(b"startxref")
+    damaged = tmp_path / "offset.pdf"
+    damaged.write_bytes(data[:position] + b"startxref\n12\n%%EOF\n")
+    document = read_document(damaged)
+    assert document.pages[0].text == "Preface\nWhy this book was written."
+    assert any(warning.startswith("pypdf: ") for warning in document.report.warnings)
+    # In a fresh interpreter with no logging configured nothing reaches stderr.
+    script = "import sys; from ingest.readers import read_document; print(len(read_document(sys.argv[1]).pages))"
+    result = subprocess.run([sys.executable, "-c", script, str(damaged)], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "6"
+    assert result.stderr == ""
+
+
+def test_separator_between_pages(book_pdf: Path) -> None:
+    document = read_document(book_pdf)
+    assert document.text.count(PAGE_SEPARATOR) >= len(BOOK_PAGES) - 1
+    assert document.page_at(document.pages[4].start + 3) is document.pages[4]
+
+
+def test_bench_ingest_reports_both_runs(book_pdf: Path) -> None:
+    from ingest.bench import bench_ingest
+
+    result = bench_ingest(book_pdf)
+    assert result["format"] == "pdf" and result["pages"] == 6
+    assert isinstance(result["ratio_to_bare"], float) and result["ratio_to_bare"] > 0
+    assert isinstance(result["peak_rss_mib"], float) and 10 < result["peak_rss_mib"] < 1024
+    assert isinstance(result["bare_peak_rss_mib"], float) and result["bare_peak_rss_mib"] > 10
