@@ -8,6 +8,7 @@ generation loop checks before every step.
 
 from __future__ import annotations
 
+import html
 import sys
 import threading
 
@@ -138,7 +139,8 @@ class MainWindow(QMainWindow):
         question = self.question.toPlainText().strip()
         if not question or not self.send.isEnabled():
             return
-        self.answer.append(f"<p><b>You:</b> {question}</p><p><b>Quire:</b> ")
+        self.answer.append(f"<p><b>You:</b> {html.escape(question)}</p><p><b>Quire:</b> ")
+        self.question.clear()
         self.send.setEnabled(False)
         self.stop.setEnabled(True)
         self.ask_requested.emit(question)
