@@ -106,7 +106,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 2
         print(runtime_markdown(json.loads(Path(args.input).read_text())), end="")
         return 0
-    if args.what == "runtime":
+    if args.what == "ingest":
+        from ingest.bench import bench_ingest
+
+        if not args.input:
+            _print_error("bench ingest needs a document: quire bench ingest FILE")
+            return 2
+        result = bench_ingest(args.input)
+    elif args.what == "runtime":
         from engine.bench import runtime as bench_runtime
 
         result = bench_runtime.run(
@@ -160,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "report"])
-    bench.add_argument("input", nargs="?", help="for report: a JSON file written by `quire bench runtime`")
+    bench.add_argument("what", choices=["runtime", "ingest", "report"])
+    bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
