@@ -83,6 +83,9 @@ def detect_format(path: str | Path) -> str:
     if suffix in (".txt", ".text", ""):
         stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
         return "html" if stripped.startswith((b"<!doctype html", b"<html")) else "txt"
+    if suffix in (".pdf", ".epub", ".docx"):
+        # The name promises a format the bytes do not hold (a renamed or damaged file).
+        raise CorruptDocumentError(f"{path.name} is not a {suffix[1:].upper()} file: its content is not in that format")
     readable = ", ".join(sorted(SUPPORTED_EXTENSIONS))
     raise UnsupportedFormatError(f"{path.name}: unsupported file type {suffix!r} (Quire reads {readable})")
 
