@@ -8,6 +8,7 @@ pick a backend, and stream an answer to a prompt or a chat.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -73,7 +74,7 @@ class LoadedModel:
         chunk_size: int = 8192,
     ) -> Iterator[Token]:
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": stop_ids})
+        params = dataclasses.replace(params, stop_token_ids=stop_ids)
         yield from generate(
             self.model,
             prompt_tokens,

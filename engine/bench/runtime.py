@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from engine.bench import probes
 
@@ -154,8 +156,6 @@ def worker_reference(model_name: str, lengths: list[int], dtype: str) -> dict:
 
     folder = open_model(model_name)
     source = json.loads((folder.path / "source.json").read_text())
-    from pathlib import Path
-
     gguf_path = Path(source["path"])
     window = folder.config.max_position_embeddings
     lengths = _fit(lengths, window)
@@ -173,18 +173,13 @@ def worker_machine() -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": _cpu_count(),
+        "cpu_count": os.cpu_count() or 1,
         "torch_threads": measure.threads(),
         "matmul_fp32_gflops": measure.matmul_peak_gflops(dtype="float32"),
         "matmul_bf16_gflops": measure.matmul_peak_gflops(dtype="bfloat16"),
         "memory_read_gbs": measure.memory_bandwidth_gbs(),
     }
 
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 def _spawn(args: list[str]) -> dict:

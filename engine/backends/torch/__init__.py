@@ -34,8 +34,6 @@ def fastest_dtype() -> str:
     """
     global _measured_dtype
     if _measured_dtype is None:
-        import time
-
         a32, b32 = torch.randn(512, 1024), torch.randn(1024, 1024)
         a16, b16 = a32.bfloat16(), b32.bfloat16()
         best = {"float32": float("inf"), "bfloat16": float("inf")}

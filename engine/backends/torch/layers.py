@@ -63,7 +63,7 @@ def interleave_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
 class Rotary:
     """Complex rotations e^{i·pos·θ_j} for positions, grown on demand; one per RoPE base."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None, dtype: torch.dtype) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         self.table = torch.empty(0, dtype=torch.complex64)
 

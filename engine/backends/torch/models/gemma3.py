@@ -27,7 +27,7 @@ class Gemma3Model(DecoderModel):
     def _setup(self) -> None:
         super()._setup()
         c = self.config
-        self.local_rotary = Rotary(c.head_dim, c.rope_local_theta or 10000.0, None, self.dtype)
+        self.local_rotary = Rotary(c.head_dim, c.rope_local_theta or 10000.0, None)
         # transformers multiplies by the scale cast to the weights' dtype; do the same.
         self.embed_scale = torch.tensor(c.hidden_size**0.5, dtype=self.dtype)
 

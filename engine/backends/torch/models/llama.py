@@ -96,7 +96,7 @@ class DecoderModel:
     def _setup(self) -> None:
         """Everything derived from the config rather than loaded (both load paths)."""
         c = self.config
-        self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling, self.dtype)
+        self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
         self.q_size = c.num_attention_heads * c.head_dim
         self.kv_size = c.num_key_value_heads * c.head_dim
 
