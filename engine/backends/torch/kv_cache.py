@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from engine.backends.torch.layers import Rotary, apply_rope, attend
+
 
 class DenseKVCache:
     """Keys (after RoPE) and values of every token seen so far.
@@ -30,6 +32,26 @@ class DenseKVCache:
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attend_layer(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        rotary: Rotary,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Rotate the new q, k (1, T, H, D) to positions [length, length + T), store
+        k and v, and attend causally over everything stored. Returns (1, Hq, T, D)."""
+        past, T = self.length, q.shape[1]
+        rotations = rotary.rotations(past, T)
+        q = apply_rope(q, rotations).transpose(1, 2)  # (1, Hq, T, D)
+        k = apply_rope(k, rotations).transpose(1, 2)  # (1, Hkv, T, D)
+        keys, values = self.append(layer, k, v.transpose(1, 2))
+        return attend(q, keys, values, past=past, scale=scale, window=window)
 
     def advance(self, tokens: int) -> None:
         """Called once per forward pass, after every layer has appended."""

@@ -79,6 +79,13 @@ class Rotary:
             self._grow(start + length)
         return self.table[start : start + length].unsqueeze(1)
 
+    def rotations_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T, 1, D/2) complex rotations for arbitrary positions (T,), e.g. a prompt
+        whose question starts after a gap left for corpus memory."""
+        if positions.numel() and int(positions.max()) + 1 > self.table.shape[0]:
+            self._grow(int(positions.max()) + 1)
+        return self.table[positions].unsqueeze(1)
+
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate x (1, T, H, D), interleaved pair layout, by rotations (T, 1, D/2).

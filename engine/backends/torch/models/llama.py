@@ -21,8 +21,6 @@ from engine.backends.torch.kv_cache import DenseKVCache
 from engine.backends.torch.layers import (
     Dense,
     Rotary,
-    apply_rope,
-    attend,
     gated_mlp,
     interleave_rotary_rows,
     rms_norm,
@@ -209,14 +207,19 @@ class DecoderModel:
         return q, k, v
 
     def self_attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
-        past = cache.length
         T = x.shape[1]
         q, k, v = self.project_qkv(layer, x)
-        rotations = self.rotary_for(index).rotations(past, T)
-        q = apply_rope(q, rotations).transpose(1, 2)  # (1, Hq, T, D)
-        k = apply_rope(k, rotations).transpose(1, 2)  # (1, Hkv, T, D)
-        keys, values = cache.append(index, k, v.transpose(1, 2))
-        out = attend(q, keys, values, past=past, scale=self.config.attention_scale, window=self.window_for(index))
+        # The cache owns positions and attention: a dense cache rotates and attends
+        # over everything it holds; the corpus cache adds selected memory blocks.
+        out = cache.attend_layer(
+            index,
+            q,
+            k,
+            v,
+            rotary=self.rotary_for(index),
+            scale=self.config.attention_scale,
+            window=self.window_for(index),
+        )  # (1, Hq, T, D)
         out = out.transpose(1, 2).reshape(1, T, self.q_size)  # (1, T, Hq*D)
         return layer.out(out)
 

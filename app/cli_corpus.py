@@ -1,0 +1,142 @@
+"""`quire` corpus commands: build the corpus cache for library documents and ask
+questions over it. Each is a few lines over `engine.corpus.engine.Engine`, wired to
+the library here (the engine never imports ingest).
+
+    quire cache build [--doc ID...] [--precision int8|int4|fp16]   progress on stderr
+    quire cache status                                             what is cached, bytes
+    quire cache clear                                              drop segments of removed documents
+    quire ask "question" [--doc ID...]                             streams the answer, then evidence
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+from engine.corpus.build import BuildProgress, CorpusDocument
+from engine.corpus.settings import CacheSettings, SparseSettings
+from ingest.document import PAGE_SEPARATOR
+from ingest.library import DocumentRecord, Library
+
+
+def corpus_document(library: Library, record: DocumentRecord) -> CorpusDocument:
+    """A library document as the engine's plain type: full text and page starts."""
+    pages = library.pages(record.id)
+    text = PAGE_SEPARATOR.join(page.text for page in pages)
+    starts = [(page.start, page.label or str(page.index + 1)) for page in pages]
+    return CorpusDocument(record.id, text, starts, record.display_title)
+
+
+def scope_documents(library: Library, ids: list[int] | None) -> list[CorpusDocument]:
+    records = [library.get(i) for i in ids] if ids else library.documents(status="ready")
+    return [corpus_document(library, r) for r in records if r.status == "ready"]
+
+
+def open_engine(args: argparse.Namespace):
+    from engine.corpus.engine import Engine
+    from engine.runtime import DEFAULT_MODEL, load_model
+
+    model = load_model(args.model or DEFAULT_MODEL)
+    cache = CacheSettings(precision=getattr(args, "precision", None) or "int8")
+    return Engine(model, cache_settings=cache, sparse=SparseSettings())
+
+
+def _print_build_progress(progress: BuildProgress) -> None:
+    eta = f", about {progress.eta_seconds:.0f} s left" if progress.eta_seconds is not None else ""
+    fraction = progress.tokens_done / progress.tokens_total if progress.tokens_total else 1.0
+    print(
+        f"\r[{progress.documents_done}/{progress.documents_total} documents, "
+        f"{progress.tokens_done:,}/{progress.tokens_total:,} tokens {fraction:4.0%}{eta}]   ",
+        end="", file=sys.stderr, flush=True,
+    )
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    with Library() as library:
+        documents = scope_documents(library, args.doc)
+    engine = open_engine(args)
+    if args.action == "build":
+        if not documents:
+            print("quire: nothing to cache: add documents first (quire add PATH)", file=sys.stderr)
+            return 1
+        summary = engine.build(documents, on_progress=_print_build_progress)
+        print(file=sys.stderr)
+        print(
+            f"cached {summary.documents} document(s): {summary.segments_built} segment(s) built, "
+            f"{summary.segments_reused} reused, {summary.bytes_written / 2**20:.1f} MiB written in {summary.seconds:.1f} s"
+        )
+    elif args.action == "status":
+        for document in documents:
+            state = "cached" if engine.is_cached(document) else "not cached"
+            print(f"{document.doc_id:>5}  {state:<10}  {document.title}")
+        print(f"cache: {engine.cache_bytes() / 2**20:.1f} MiB in {engine.root}")
+    else:  # clear
+        with Library() as library:
+            keep = scope_documents(library, None)
+        freed = engine.forget(keep)
+        print(f"freed {freed / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from engine.corpus.engine import AskStats, Evidence
+    from engine.generate import SamplingParams, Token
+
+    with Library() as library:
+        documents = scope_documents(library, args.doc)
+    if not documents:
+        print("quire: nothing to ask over: add documents first (quire add PATH)", file=sys.stderr)
+        return 1
+    engine = open_engine(args)
+    if not all(engine.is_cached(d) for d in documents):
+        print("building the cache for documents not cached yet…", file=sys.stderr)
+        engine.build(documents, on_progress=_print_build_progress)
+        print(file=sys.stderr)
+    evidence: list[Evidence] = []
+    stats = None
+    started = time.perf_counter()
+    for event in engine.ask(args.question, documents, SamplingParams(max_new_tokens=args.max_tokens)):
+        if isinstance(event, Token):
+            print(event.text, end="", flush=True)
+        elif isinstance(event, Evidence):
+            evidence.append(event)
+        elif isinstance(event, AskStats):
+            stats = event
+    print()
+    if args.json:
+        print(json.dumps({"evidence": [asdict(e) for e in evidence], "stats": asdict(stats) if stats else None}, indent=2))
+        return 0
+    print("\nEvidence:")
+    for e in evidence:
+        page = f"p. {e.page_label}" if e.page_label else "—"
+        quote = " ".join(e.text.split())
+        print(f"  {e.weight:5.1%}  {e.title} {page}  chars {e.char_start}–{e.char_end}: “{quote[:160]}”")
+    if stats is not None:
+        print(
+            f"\n[{stats.memory_tokens:,} tokens in scope, {stats.mean_blocks_selected:.0f} blocks per head, "
+            f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "
+            f"total {time.perf_counter() - started:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    cache = subparsers.add_parser("cache", help="build or inspect the corpus cache")
+    cache.add_argument("action", choices=["build", "status", "clear"])
+    cache.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
+    cache.add_argument("--precision", choices=["int8", "int4", "fp16"], help="cache precision (default int8)")
+    cache.add_argument("--model", help="installed model name, .gguf file or model folder")
+    cache.set_defaults(func=cmd_cache)
+
+    ask = subparsers.add_parser("ask", help="ask a question over the library, with evidence")
+    ask.add_argument("question")
+    ask.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
+    ask.add_argument("--model", help="installed model name, .gguf file or model folder")
+    ask.add_argument("--precision", choices=["int8", "int4", "fp16"])
+    ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--json", action="store_true", help="evidence and statistics as JSON")
+    ask.set_defaults(func=cmd_ask)

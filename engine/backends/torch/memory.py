@@ -1,0 +1,310 @@
+"""Corpus memory for the torch backend: capturing segment keys and values at build
+time, and block-sparse attention over the cached corpus at question time.
+
+Build: a segment is prefilled after the shared prefix (the attention sinks), and
+each global-attention layer's keys are captured *before* RoPE (interleaved pair
+layout, see layers.interleave_rotary_rows), so that a question can place them at
+any position.
+
+Ask: `MemoryAttentionCache` stands in for the dense KV cache. The prompt's real
+tokens are the prefix (positions 0..P-1) and the question (positions from
+`question_start` on); between them sits a virtual memory region. At each global
+layer, the first pass that holds question tokens selects blocks per KV head:
+  1. bound pass: an upper bound of q·k per block from per-channel key min/max
+     (Quest, Tang et al. 2024), for every block in scope;
+  2. exact pass over a shortlist: token-level scores, softmax mass per block;
+  3. dynamic budget: the smallest set of blocks reaching `mass` of the estimated
+     attention, clamped to [min_blocks, max_blocks];
+then gathers those blocks, rotates them to their positions and attends over
+sinks + memory + question. Scoring uses the fixed-distance rotation of InfLLM
+(Xiao et al. 2024): every memory key at one distance before the question.
+Positions for attention follow `SparseSettings.positions`: "fixed" (InfLLM: every
+memory token at one position), "block" (every block at one distance, its tokens in
+their own order) or "ordered" (the selected blocks in corpus order, packed just
+before the question).
+Decoding reuses the selection. The attention mass each memory block receives from
+the last prompt token on is accumulated as evidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from engine.backends.torch.kv_cache import DenseKVCache
+from engine.backends.torch.layers import Rotary, apply_rope, attend
+from engine.backends.torch.models.llama import DecoderModel
+from engine.corpus.settings import SparseSettings
+
+
+# --- build ---------------------------------------------------------------------
+
+
+def global_layers(model: DecoderModel) -> list[int]:
+    """Layers that attend over the whole context; only these keep long-range memory
+    (Gemma 3's sliding layers see 512 tokens by design and store nothing)."""
+    return [i for i in range(model.config.num_hidden_layers) if model.window_for(i) is None]
+
+
+class CaptureCache(DenseKVCache):
+    """A dense cache that also keeps the pre-RoPE keys and the values of the tokens
+    from `capture_from` on, for the layers in `layers`."""
+
+    def __init__(self, model: DecoderModel, capacity: int, layers: Sequence[int]) -> None:
+        c = model.config
+        super().__init__(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
+        self.layers = set(layers)
+        self.capture_from = 0  # index within the next forward pass's tokens
+        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        if layer in self.layers:
+            start = self.capture_from
+            # (1, T, H, D) → (H, T', D): the segment's own tokens, before rotation.
+            self.captured[layer] = (k[0, start:].transpose(0, 1).float(), v[0, start:].transpose(0, 1).float())
+        return super().attend_layer(layer, q, k, v, **kwargs)
+
+
+class SegmentPrefiller:
+    """Prefills segments one after another behind a shared prefix computed once."""
+
+    def __init__(self, model: DecoderModel, prefix: Sequence[int], max_tokens: int) -> None:
+        self.model = model
+        self.layers = global_layers(model)
+        self.prefix_len = len(prefix)
+        self.cache = CaptureCache(model, len(prefix) + max_tokens, self.layers)
+        if prefix:
+            self.cache.layers = set()
+            model.forward(list(prefix), self.cache)
+            self.cache.layers = set(self.layers)
+
+    def run(
+        self,
+        context: Sequence[int],
+        segment: Sequence[int],
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Keys (pre-RoPE) and values of `segment`, prefilled after the prefix and
+        the read-only `context`: float32 arrays (L, Hkv, T, D), L = len(self.layers)."""
+        self.cache.truncate(self.prefix_len)
+        self.cache.capture_from = len(context)
+        self.cache.captured = {}
+        self.model.forward([*context, *segment], self.cache, on_layer=on_layer)
+        keys = torch.stack([self.cache.captured[i][0] for i in self.layers])  # (L, H, T, D)
+        values = torch.stack([self.cache.captured[i][1] for i in self.layers])
+        self.cache.captured = {}
+        return keys.numpy(), values.numpy()
+
+
+# --- ask -----------------------------------------------------------------------
+
+
+class MemoryScope(Protocol):
+    """The blocks a question may read (engine/corpus/scope.py)."""
+
+    n_blocks: int
+    total_tokens: int
+    block_size: int
+
+    def has_layer(self, layer: int) -> bool: ...
+
+    def bounds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel key min and max of every block: (n_blocks, Hkv, D) each."""
+        ...
+
+    def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys (N, D), values (N, D) float32 and each token's block id (N,) for the
+        given global block ids, block by block in the order given."""
+        ...
+
+
+@dataclass
+class SelectionStats:
+    blocks_selected: list[int] = field(default_factory=list)  # per (layer, head)
+    blocks_scored_exactly: int = 0
+    blocks_bounded: int = 0
+    bytes_gathered: int = 0
+    selected: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer → per head block ids
+
+
+class MemoryAttentionCache:
+    """Real tokens in a dense cache, plus per-layer selected memory (see module doc)."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        scope: MemoryScope,
+        settings: SparseSettings,
+        *,
+        prefix_len: int,
+        capacity: int,
+    ) -> None:
+        c = model.config
+        self.model = model
+        self.scope = scope
+        self.settings = settings
+        self.prefix_len = prefix_len
+        self.kv_heads, self.head_dim = c.num_key_value_heads, c.head_dim
+        self.group = c.num_attention_heads // c.num_key_value_heads
+        self.memory_layers = {i for i in global_layers(model) if scope.has_layer(i)}
+        self.max_tokens = min(settings.max_blocks * scope.block_size, scope.total_tokens)
+        if settings.positions == "ordered":
+            self.question_start = prefix_len + self.max_tokens
+        else:
+            self.question_start = prefix_len + settings.memory_distance
+        self.real = DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
+        # layer → keys (1, Hkv, M, D) rotated, values (1, Hkv, M, D), valid (Hkv, M), block ids (Hkv, M)
+        self.memory: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
+        self.evidence_from = capacity  # query index from which attention counts as evidence
+        self.stats = SelectionStats()
+
+    @property
+    def length(self) -> int:
+        return self.real.length
+
+    def advance(self, tokens: int) -> None:
+        self.real.advance(tokens)
+
+    def truncate(self, length: int) -> None:
+        self.real.truncate(length)
+
+    def positions(self, start: int, count: int) -> torch.Tensor:
+        index = torch.arange(start, start + count)
+        return torch.where(index < self.prefix_len, index, index - self.prefix_len + self.question_start)
+
+    def attend_layer(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        rotary: Rotary,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        past, T = self.real.length, q.shape[1]
+        positions = self.positions(past, T)
+        rotations = rotary.rotations_at(positions)
+        q_rot = apply_rope(q, rotations).transpose(1, 2)  # (1, Hq, T, D)
+        k_rot = apply_rope(k, rotations).transpose(1, 2)  # (1, Hkv, T, D)
+        keys, values = self.real.append(layer, k_rot, v.transpose(1, 2))
+        if layer not in self.memory_layers or past + T <= self.prefix_len:
+            return attend(q_rot, keys, values, past=past, scale=scale, window=window)
+        if layer not in self.memory:
+            self._select(layer, q, positions, rotary, scale)
+        return self._attend_with_memory(layer, q_rot, keys, values, past, scale)
+
+    # -- selection ---------------------------------------------------------------
+
+    def _selection_queries(self, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> torch.Tensor:
+        """The last question queries, rotated as if every memory key sat
+        `memory_distance` before the question: (Hkv, G·n, D) fp32, scaled."""
+        n = min(self.settings.selection_queries, q.shape[1])
+        anchor = self.question_start - self.settings.memory_distance
+        relative = positions[-n:] - anchor
+        chosen = apply_rope(q[:, -n:].float(), rotary.rotations_at(relative))[0]  # (n, Hq, D)
+        grouped = chosen.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
+        return grouped.reshape(self.kv_heads, self.group * n, self.head_dim) * scale
+
+    def _select(self, layer: int, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> None:
+        s = self.settings
+        queries = self._selection_queries(q, positions, rotary, scale)  # (Hkv, J, D)
+        n_blocks = self.scope.n_blocks
+        shortlist = min(n_blocks, s.shortlist_factor * s.max_blocks)
+        if shortlist < n_blocks:
+            low, high = (torch.from_numpy(np.asarray(a)).float() for a in self.scope.bounds(layer))  # (NB, Hkv, D)
+            # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
+            upper = torch.einsum("bhd,hjd->hbj", high, queries.clamp(min=0))
+            upper += torch.einsum("bhd,hjd->hbj", low, queries.clamp(max=0))
+            candidates = upper.amax(dim=2).topk(shortlist, dim=1).indices.sort(dim=1).values  # (Hkv, shortlist)
+            self.stats.blocks_bounded += n_blocks * self.kv_heads
+        else:
+            candidates = torch.arange(n_blocks).expand(self.kv_heads, n_blocks)
+        per_head = []
+        for head in range(self.kv_heads):
+            blocks = candidates[head].numpy()
+            keys, values, owner = self.scope.gather(layer, head, blocks)
+            self.stats.blocks_scored_exactly += len(blocks)
+            self.stats.bytes_gathered += keys.nbytes + values.nbytes
+            keys_t, values_t = torch.from_numpy(keys), torch.from_numpy(values)
+            owner_t = torch.from_numpy(owner)
+            chosen = self._budget(queries[head], keys_t, owner_t, blocks)
+            keep = torch.isin(owner_t, torch.from_numpy(chosen))
+            per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
+            self.stats.blocks_selected.append(len(chosen))
+        self.stats.selected[layer] = [np.unique(o.numpy()) for _, _, o in per_head]
+        self.memory[layer] = self._place(per_head, rotary)
+
+    def _budget(self, queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, blocks: np.ndarray) -> np.ndarray:
+        """Global block ids to attend: the smallest set reaching the mass target."""
+        s = self.settings
+        if len(blocks) <= s.min_blocks or (s.mass >= 1.0 and len(blocks) <= s.max_blocks):
+            return blocks
+        scores = queries @ keys.T  # (J, N)
+        weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+        _, local = torch.unique_consecutive(owner, return_inverse=True)
+        per_block = torch.zeros(queries.shape[0], len(blocks)).index_add_(1, local, weights)  # (J, B)
+        mass = (per_block / per_block.sum(dim=1, keepdim=True)).mean(dim=0)  # (B,)
+        order = torch.argsort(mass, descending=True)
+        reached = int(torch.searchsorted(torch.cumsum(mass[order], 0), torch.tensor(s.mass * 0.99999))) + 1
+        count = max(s.min_blocks, min(s.max_blocks, reached))
+        return np.sort(blocks[order[:count].numpy()])
+
+    def _place(self, per_head: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rotary: Rotary):
+        """Rotate each head's selected keys to their positions and pad heads to one length."""
+        M = max(1, max(len(k) for k, _, _ in per_head))
+        D, dtype = self.head_dim, self.model.dtype
+        keys = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
+        values = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
+        valid = torch.zeros(self.kv_heads, M, dtype=torch.bool)
+        owners = torch.zeros(self.kv_heads, M, dtype=torch.long)
+        for head, (k, v, owner) in enumerate(per_head):
+            n = len(k)
+            if n == 0:
+                continue
+            if self.settings.positions == "ordered":
+                positions = torch.arange(self.question_start - n, self.question_start)
+            elif self.settings.positions == "block":
+                # Each block at the same distance, its tokens in their own order.
+                within = torch.arange(n) - torch.searchsorted(owner, owner, side="left")
+                positions = self.question_start - self.settings.memory_distance - self.scope.block_size + within
+            else:
+                positions = torch.full((n,), self.question_start - self.settings.memory_distance)
+            rotated = apply_rope(k.view(1, n, 1, D), rotary.rotations_at(positions))  # (1, n, 1, D)
+            keys[0, head, :n] = rotated[0, :, 0].to(dtype)
+            values[0, head, :n] = v.to(dtype)
+            valid[head, :n] = True
+            owners[head, :n] = owner
+        return keys, values, valid, owners
+
+    # -- attention ---------------------------------------------------------------
+
+    def _attend_with_memory(
+        self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int, scale: float
+    ) -> torch.Tensor:
+        """q (1, Hq, T, D) over real keys (1, Hkv, S, D) and this layer's memory."""
+        memory_keys, memory_values, valid, owners = self.memory[layer]
+        T, S, M = q.shape[2], keys.shape[2], memory_keys.shape[2]
+        Hkv, G, D = self.kv_heads, self.group, self.head_dim
+        grouped = q[0].float().reshape(Hkv, G * T, D)  # rows: head-in-group major, token minor
+        all_keys = torch.cat([keys[0], memory_keys[0]], dim=1).float()  # (Hkv, S+M, D)
+        all_values = torch.cat([values[0], memory_values[0]], dim=1).float()
+        scores = torch.bmm(grouped, all_keys.transpose(1, 2)) * scale  # (Hkv, G·T, S+M)
+        query_index = torch.arange(past, past + T).repeat(G)  # (G·T,)
+        real_ok = torch.arange(S).unsqueeze(0) <= query_index.unsqueeze(1)  # (G·T, S)
+        memory_ok = valid.unsqueeze(1) & (query_index >= self.prefix_len).view(1, -1, 1)  # (Hkv, G·T, M)
+        allowed = torch.cat([real_ok.expand(Hkv, -1, -1), memory_ok], dim=2)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.bmm(weights, all_values)  # (Hkv, G·T, D)
+        counted = query_index >= self.evidence_from
+        if bool(counted.any()):
+            mass = weights[:, counted, S:].sum(dim=1).double()  # (Hkv, M)
+            self.evidence.index_add_(0, owners[valid], mass[valid])
+        return out.view(1, Hkv * G, T, D).to(q.dtype)

@@ -1,0 +1,1 @@
+"""The corpus attention cache: KV-cache segments of documents, stored on disk."""

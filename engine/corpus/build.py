@@ -1,0 +1,285 @@
+"""Building the corpus cache: documents → tokens → segments → stored keys and values.
+
+A document's tokens are cut into segments of `segment_tokens`. Each segment is
+prefilled on its own after the shared prompt prefix (the attention sinks the
+question will have too), optionally after the tail of the previous segment as
+read-only context, and its keys (before RoPE) and values are written to the
+segment store. A segment's address is a hash of everything that determines its
+content (model fingerprint, prefix, context and segment tokens, block size,
+precision), so the same text is cached once however many documents hold it.
+
+A document manifest (JSON + token→character offsets) is written last, atomically:
+a build killed at any point leaves whole segments that the next build reuses, and
+no manifest that points at a missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.corpus.settings import CacheSettings
+from engine.corpus.store import SegmentStore
+from engine.errors import Cancelled
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class CorpusDocument:
+    """A document as the engine sees it: plain text with page starts (from ingest)."""
+
+    doc_id: int | str  # the caller's id, echoed back in evidence
+    text: str
+    pages: list[tuple[int, str]] = field(default_factory=list)  # (start character, label)
+    title: str = ""
+
+    @property
+    def content_key(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class SegmentRef:
+    key: str
+    start: int  # first token of the segment within the document
+    tokens: int
+
+
+@dataclass
+class Manifest:
+    """What the cache holds for one document's text under one model and settings."""
+
+    content_key: str
+    tokens: int
+    segments: list[SegmentRef]
+    offsets: np.ndarray  # (tokens + 1,) int64: character where each token starts; last = len(text)
+
+    def char_span(self, first_token: int, end_token: int) -> tuple[int, int]:
+        return int(self.offsets[first_token]), int(self.offsets[end_token])
+
+
+def token_offsets(token_bytes: Callable[[int], bytes], ids: Sequence[int], text: str) -> np.ndarray:
+    """(T + 1,) character offsets of each token's start in `text`, exact when the
+    tokens' bytes spell the text (byte-level BPE), proportional otherwise."""
+    raw = text.encode("utf-8")
+    lengths = np.fromiter((len(token_bytes(i)) for i in ids), dtype=np.int64, count=len(ids))
+    byte_starts = np.concatenate([[0], np.cumsum(lengths)])
+    if byte_starts[-1] == len(raw):
+        data = np.frombuffer(raw, dtype=np.uint8)
+        # A character starts at every byte that is not a UTF-8 continuation (10xxxxxx).
+        chars_before = np.concatenate([[0], np.cumsum((data & 0xC0) != 0x80)])
+        return chars_before[byte_starts].astype(np.int64)
+    # Tokenizers that rewrite text (SentencePiece spaces): spread offsets evenly.
+    scale = len(text) / max(1, int(byte_starts[-1]))
+    return np.minimum(np.round(byte_starts * scale), len(text)).astype(np.int64)
+
+
+def segment_bounds(total: int, segment_tokens: int) -> list[tuple[int, int]]:
+    return [(start, min(start + segment_tokens, total)) for start in range(0, total, segment_tokens)]
+
+
+def segment_key(fingerprint: str, settings: CacheSettings, prefix: Sequence[int], context: Sequence[int], segment: Sequence[int]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": fingerprint, "block": settings.block_size, "precision": settings.precision}).encode())
+    for part in (prefix, context, segment):
+        h.update(b"|")
+        h.update(np.asarray(part, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class BuildProgress:
+    documents_done: int
+    documents_total: int
+    tokens_done: int
+    tokens_total: int
+    segments_built: int
+    segments_reused: int
+    seconds: float
+
+    @property
+    def eta_seconds(self) -> float | None:
+        if not self.tokens_done or self.tokens_done >= self.tokens_total:
+            return None
+        return self.seconds / self.tokens_done * (self.tokens_total - self.tokens_done)
+
+
+@dataclass
+class BuildSummary:
+    documents: int = 0
+    tokens: int = 0
+    segments_built: int = 0
+    segments_reused: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+
+class ManifestStore:
+    """documents/<content key>.json + .offsets.npy beside the segment store."""
+
+    def __init__(self, root: Path) -> None:
+        self.folder = root / "documents"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, content_key: str) -> tuple[Path, Path]:
+        return self.folder / f"{content_key}.json", self.folder / f"{content_key}.offsets.npy"
+
+    def load(self, content_key: str) -> Manifest | None:
+        meta_path, offsets_path = self._paths(content_key)
+        try:
+            meta = json.loads(meta_path.read_text())
+            offsets = np.load(offsets_path)
+        except (OSError, ValueError):
+            return None
+        if meta.get("version") != MANIFEST_VERSION or len(offsets) != meta["tokens"] + 1:
+            return None
+        return Manifest(content_key, meta["tokens"], [SegmentRef(**s) for s in meta["segments"]], offsets)
+
+    def save(self, manifest: Manifest) -> None:
+        meta_path, offsets_path = self._paths(manifest.content_key)
+        # Offsets first: a manifest JSON only ever points at a complete offsets file.
+        _write_atomic(offsets_path, lambda f: np.save(f, manifest.offsets))
+        meta = {
+            "version": MANIFEST_VERSION,
+            "tokens": manifest.tokens,
+            "segments": [asdict(s) for s in manifest.segments],
+        }
+        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+
+    def remove(self, content_key: str) -> None:
+        for path in self._paths(content_key):
+            path.unlink(missing_ok=True)
+
+    def all(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.json"))
+
+
+def _write_atomic(path: Path, write: Callable[[object], object]) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as out:
+        write(out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+
+
+class CorpusBuilder:
+    """Builds and reuses segments for documents under one model and cache settings.
+
+    `prefill` is the backend's segment prefiller: run(context, segment, on_layer)
+    → (keys, values) float32 (L, Hkv, T, D), with `layers` the model layers stored.
+    """
+
+    def __init__(
+        self,
+        store: SegmentStore,
+        manifests: ManifestStore,
+        *,
+        fingerprint: str,
+        settings: CacheSettings,
+        prefix: Sequence[int],
+        encode: Callable[[str], list[int]],
+        token_bytes: Callable[[int], bytes],
+        make_prefiller: Callable[[], object],
+    ) -> None:
+        self.store = store
+        self.manifests = manifests
+        self.fingerprint = fingerprint
+        self.settings = settings
+        self.prefix = list(prefix)
+        self.encode = encode
+        self.token_bytes = token_bytes
+        self._make_prefiller = make_prefiller
+        self._prefiller: object | None = None
+
+    def manifest_for(self, document: CorpusDocument) -> Manifest | None:
+        """The document's manifest if every segment it names is present and sound."""
+        manifest = self.manifests.load(document.content_key)
+        if manifest is None or not all(self.store.has(s.key) for s in manifest.segments):
+            return None
+        return manifest
+
+    def build(
+        self,
+        documents: Iterable[CorpusDocument],
+        *,
+        on_progress: Callable[[BuildProgress], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> BuildSummary:
+        documents = list(documents)
+        summary = BuildSummary(documents=len(documents))
+        started = time.perf_counter()
+        pending: list[tuple[CorpusDocument, list[int]]] = []
+        for document in documents:
+            if self.manifest_for(document) is not None:
+                continue
+            pending.append((document, self.encode(document.text)))
+        total = sum(len(ids) for _, ids in pending)
+        done = 0
+
+        def report(index: int) -> None:
+            if on_progress is not None:
+                on_progress(BuildProgress(
+                    len(documents) - len(pending) + index, len(documents), done, total,
+                    summary.segments_built, summary.segments_reused, time.perf_counter() - started,
+                ))
+
+        report(0)
+        for index, (document, ids) in enumerate(pending):
+            refs = []
+            for start, end in segment_bounds(len(ids), self.settings.segment_tokens):
+                if cancel is not None and cancel():
+                    raise Cancelled("cache build cancelled")
+                context = ids[max(0, start - self.settings.context_tokens) : start]
+                segment = ids[start:end]
+                key = segment_key(self.fingerprint, self.settings, self.prefix, context, segment)
+                if self.store.has(key):
+                    summary.segments_reused += 1
+                else:
+                    summary.bytes_written += self._build_segment(key, context, segment, cancel, summary)
+                    summary.segments_built += 1
+                refs.append(SegmentRef(key, start, end - start))
+                done += end - start
+                report(index)
+            offsets = token_offsets(self.token_bytes, ids, document.text)
+            self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
+            summary.tokens += len(ids)
+            report(index + 1)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _build_segment(
+        self, key: str, context: list[int], segment: list[int], cancel: Callable[[], bool] | None, summary: BuildSummary
+    ) -> int:
+        if self._prefiller is None:
+            self._prefiller = self._make_prefiller()
+        prefiller = self._prefiller
+
+        def on_layer(done: int, total: int) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("cache build cancelled")
+
+        started = time.perf_counter()
+        keys, values = prefiller.run(context, segment, on_layer)  # type: ignore[attr-defined]
+        summary.prefill_seconds += time.perf_counter() - started
+        return self.store.write(
+            key,
+            keys,
+            values,
+            layers=prefiller.layers,  # type: ignore[attr-defined]
+            precision=self.settings.precision,
+            block_size=self.settings.block_size,
+            meta={"tokens": len(segment), "context": len(context)},
+        )

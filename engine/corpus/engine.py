@@ -1,0 +1,322 @@
+"""`Engine`: build the corpus cache for documents and answer questions over it with
+block-sparse attention, streaming Token, Evidence and Stats events.
+
+    engine = Engine(load_model("qwen2.5-coder-0.5b-instruct"))
+    engine.build(documents)
+    for event in engine.ask("Who wrote it?", documents):
+        ...
+
+The prompt is the model's chat template with the user turn split in two: the part
+before the user's text is the shared prefix (attention sinks, prefilled before
+every segment at build time), then the virtual memory region, then the question
+and the assistant header as real tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore
+from engine.corpus.scope import CorpusScope, ScopeEntry
+from engine.corpus.settings import CacheSettings, SparseSettings
+from engine.corpus.store import SegmentStore
+from engine.errors import CorruptCacheError
+from engine.generate import GenerationStats, SamplingParams, Token, generate
+from engine.paths import data_dir
+from engine.runtime import LoadedModel
+from engine.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+# Bump when what a segment holds changes for the same model (capture point, key
+# layout): older caches then live in another folder and are never read.
+MEMORY_LAYOUT = 1
+MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
+
+
+@dataclass
+class Evidence:
+    """A passage the answer drew on, with its share of the attention to memory."""
+
+    doc_id: int | str
+    title: str
+    page_label: str | None
+    page_index: int | None
+    char_start: int
+    char_end: int
+    text: str
+    weight: float
+
+
+@dataclass
+class AskStats:
+    prompt_tokens: int = 0
+    memory_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    scope_seconds: float = 0.0
+    blocks_in_scope: int = 0
+    mean_blocks_selected: float = 0.0
+    blocks_scored_exactly: int = 0
+    bytes_gathered: int = 0
+    index_bytes: int = 0
+    finish_reason: str = ""
+    settings: dict = field(default_factory=dict)
+
+
+def model_fingerprint(model: LoadedModel) -> str:
+    """Everything that changes the keys and values a model computes for a text."""
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
+    for path in model.folder.weight_files:
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    h.update(f"{model.backend}:{getattr(model.model, 'dtype', '')}:{MEMORY_LAYOUT}".encode())
+    return h.hexdigest()[:20]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        cache_root: Path | None = None,
+        cache_settings: CacheSettings | None = None,
+        sparse: SparseSettings | None = None,
+    ) -> None:
+        self.model = model
+        self.cache_settings = cache_settings or CacheSettings()
+        self.sparse = sparse or SparseSettings()
+        self.fingerprint = model_fingerprint(model)
+        self.root = (cache_root or data_dir() / "cache") / self.fingerprint
+        self.store = SegmentStore(self.root)
+        self.manifests = ManifestStore(self.root)
+        self.memory = importlib.import_module(f"engine.backends.{model.backend}.memory")
+        self.prefix_ids, self._after_memory = self._split_prompt()
+        self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
+        self.builder = CorpusBuilder(
+            self.store,
+            self.manifests,
+            fingerprint=self.fingerprint,
+            settings=self.cache_settings,
+            prefix=self.prefix_ids,
+            encode=lambda text: model.tokenizer.encode(text),
+            token_bytes=model.tokenizer.token_bytes,
+            make_prefiller=lambda: self.memory.SegmentPrefiller(
+                model.model, self.prefix_ids, self.cache_settings.context_tokens + self.cache_settings.segment_tokens
+            ),
+        )
+
+    # -- prompt ------------------------------------------------------------------
+
+    def _split_prompt(self) -> tuple[list[int], str]:
+        messages = [{"role": "user", "content": MEMORY_MARKER + "\n\n{question}"}]
+        text = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        before, marker, after = text.partition(MEMORY_MARKER)
+        if not marker:
+            raise ValueError("the chat template dropped the user's text")
+        tokenizer = self.model.tokenizer
+        prefix = tokenizer.encode(before)
+        if tokenizer.add_bos_default and tokenizer.bos_id is not None and (not prefix or prefix[0] != tokenizer.bos_id):
+            prefix = [tokenizer.bos_id, *prefix]
+        return prefix, after
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.model.tokenizer.encode(self._after_memory.replace("{question}", question.strip()))
+
+    def dense_prompt(self, question: str, documents: Iterable[CorpusDocument]) -> list[int]:
+        """The plain prompt with the documents' full text in place of memory (baseline)."""
+        ids = list(self.prefix_ids)
+        for document in documents:
+            ids += self.model.tokenizer.encode(document.text)
+        return ids + self.question_ids(question)
+
+    # -- cache -------------------------------------------------------------------
+
+    def build(
+        self,
+        documents: Iterable[CorpusDocument],
+        *,
+        on_progress: Callable[[BuildProgress], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> BuildSummary:
+        return self.builder.build(documents, on_progress=on_progress, cancel=cancel)
+
+    def is_cached(self, document: CorpusDocument) -> bool:
+        return self.builder.manifest_for(document) is not None
+
+    def forget(self, keep: Iterable[CorpusDocument]) -> int:
+        """Drop manifests and segments of every document not in `keep`; bytes freed."""
+        keep_keys = {d.content_key for d in keep}
+        for key in self.manifests.all():
+            if key not in keep_keys:
+                self.manifests.remove(key)
+        live: set[str] = set()
+        for key in keep_keys:
+            manifest = self.manifests.load(key)
+            if manifest is not None:
+                live.update(s.key for s in manifest.segments)
+        self._close_scope()
+        return self.store.collect_garbage(live)
+
+    def cache_bytes(self) -> int:
+        return self.store.total_bytes()
+
+    def open_scope(self, documents: list[CorpusDocument]) -> CorpusScope:
+        """The scope for these documents (kept open while the same list is asked)."""
+        names = tuple(d.content_key for d in documents)
+        if self._scope is not None and self._scope[0] == names:
+            return self._scope[1]
+        self._close_scope()
+        entries = []
+        missing = []
+        for document in documents:
+            manifest = self.builder.manifest_for(document)
+            if manifest is None:
+                missing.append(document)
+            else:
+                entries.append(ScopeEntry(document, manifest))
+        if missing:
+            raise CorruptCacheError(
+                f"{len(missing)} document(s) are not cached yet (first: {missing[0].title or missing[0].doc_id}); build the cache"
+            )
+        scope = CorpusScope(self.store, entries, self.cache_settings.block_size)
+        self._scope = (names, scope)
+        return scope
+
+    def _close_scope(self) -> None:
+        if self._scope is not None:
+            self._scope[1].close()
+            self._scope = None
+
+    # -- ask ---------------------------------------------------------------------
+
+    def ask(
+        self,
+        question: str,
+        documents: list[CorpusDocument],
+        params: SamplingParams | None = None,
+        *,
+        sparse: SparseSettings | None = None,
+        cancel: Callable[[], bool] | None = None,
+        evidence_limit: int = 8,
+    ) -> Iterator[Token | Evidence | AskStats]:
+        """Stream the answer's tokens, then its evidence passages, then statistics.
+
+        A damaged segment found while reading is removed and its documents rebuilt,
+        and the question is asked again (once)."""
+        try:
+            yield from self._ask(question, documents, params, sparse, cancel, evidence_limit)
+        except CorruptCacheError as error:
+            log.warning("%s: rebuilding", error)
+            self._close_scope()
+            for document in documents:
+                if not self._segments_sound(document):
+                    self.manifests.remove(document.content_key)
+            self.build(documents, cancel=cancel)
+            yield from self._ask(question, documents, params, sparse, cancel, evidence_limit)
+
+    def _segments_sound(self, document: CorpusDocument) -> bool:
+        manifest = self.manifests.load(document.content_key)
+        if manifest is None:
+            return False
+        sound = True
+        for ref in manifest.segments:
+            if not self.store.has(ref.key):
+                sound = False
+                continue
+            segment = self.store.open(ref.key)
+            ok = segment.verify()
+            segment.close()
+            if not ok:
+                self.store.remove(ref.key)
+                sound = False
+        return sound
+
+    def _ask(self, question, documents, params, sparse, cancel, evidence_limit):
+        params = params or SamplingParams()
+        settings = sparse or self.sparse
+        tokenizer = self.model.tokenizer
+        started = time.perf_counter()
+        scope = self.open_scope(documents)
+        scope_seconds = time.perf_counter() - started
+        prompt = self.prefix_ids + self.question_ids(question)
+        cache = self.memory.MemoryAttentionCache(
+            self.model.model,
+            scope,
+            settings,
+            prefix_len=len(self.prefix_ids),
+            capacity=len(prompt) + params.max_new_tokens + 1,
+        )
+        cache.evidence_from = len(prompt) - 1
+        stop_ids = tuple(params.stop_token_ids) or tuple(tokenizer.eos_ids)
+        params = SamplingParams(**{**asdict(params), "stop_token_ids": stop_ids})
+        generation = GenerationStats()
+        yield from generate(self.model.model, prompt, StreamDecoder(tokenizer), params, cache=cache, cancel=cancel, stats=generation)
+        yield from self._evidence(scope, cache.evidence.numpy(), evidence_limit)
+        selected = cache.stats.blocks_selected
+        yield AskStats(
+            prompt_tokens=len(prompt),
+            memory_tokens=scope.total_tokens,
+            generated_tokens=generation.generated_tokens,
+            time_to_first_token=generation.time_to_first_token + scope_seconds,
+            decode_tokens_per_second=generation.decode_tokens_per_second,
+            scope_seconds=scope_seconds,
+            blocks_in_scope=scope.n_blocks,
+            mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
+            blocks_scored_exactly=cache.stats.blocks_scored_exactly,
+            bytes_gathered=cache.stats.bytes_gathered,
+            index_bytes=scope.index_bytes(),
+            finish_reason=generation.finish_reason,
+            settings=asdict(settings),
+        )
+
+    def _evidence(self, scope: CorpusScope, mass: np.ndarray, limit: int) -> Iterator[Evidence]:
+        """Merge adjacent blocks of one document into passages, strongest first."""
+        total = float(mass.sum())
+        if total <= 0:
+            return
+        passages: list[list] = []  # [entry, first token, end token, weight]
+        # The strongest blocks only: every selected block gets some attention, and
+        # merging all of them would make page-long passages.
+        strongest = np.argsort(mass)[::-1][: 3 * limit]
+        for block in np.sort(strongest[mass[strongest] > 0]):
+            entry, first, end = scope.block_passage(int(block))
+            last = passages[-1] if passages else None
+            if last is not None and last[0] == entry and last[2] == first:
+                last[2] = end
+                last[3] += mass[block]
+            else:
+                passages.append([entry, first, end, float(mass[block])])
+        passages.sort(key=lambda p: -p[3])
+        for entry_index, first, end, weight in passages[:limit]:
+            entry = scope.entries[entry_index]
+            start_char, end_char = entry.manifest.char_span(first, end)
+            page_index, label = _page_at(entry.document.pages, start_char)
+            yield Evidence(
+                doc_id=entry.document.doc_id,
+                title=entry.document.title,
+                page_label=label,
+                page_index=page_index,
+                char_start=start_char,
+                char_end=end_char,
+                text=entry.document.text[start_char:end_char],
+                weight=weight / total,
+            )
+
+
+def _page_at(pages: list[tuple[int, str]], char: int) -> tuple[int | None, str | None]:
+    if not pages:
+        return None, None
+    index = max(0, bisect.bisect_right([start for start, _ in pages], char) - 1)
+    return index, pages[index][1]

@@ -1,0 +1,113 @@
+"""The memory one question may read: the blocks of the documents in its scope.
+
+Blocks are numbered globally in scope order (document by document, segment by
+segment). The block index (per-channel key min/max per block and KV head) is
+concatenated per layer on first use and kept in RAM while the scope is open; keys
+and values stay in the memory-mapped segment files and are read block by block.
+A segment's payload checksum is verified the first time a question reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.corpus.build import CorpusDocument, Manifest
+from engine.corpus.store import Segment, SegmentStore
+from engine.errors import CorruptCacheError
+
+
+@dataclass
+class ScopeEntry:
+    document: CorpusDocument
+    manifest: Manifest
+
+
+class CorpusScope:
+    def __init__(self, store: SegmentStore, entries: list[ScopeEntry], block_size: int) -> None:
+        if not entries or not any(e.manifest.tokens for e in entries):
+            raise ValueError("the scope holds no cached text")
+        self.store = store
+        self.entries = entries
+        self.block_size = block_size
+        handles: dict[str, Segment] = {}
+        self.segments: list[Segment] = []  # one per segment occurrence in scope order
+        seg_of_block, local_block, doc_of_block, first_token = [], [], [], []
+        for entry_index, entry in enumerate(entries):
+            for ref in entry.manifest.segments:
+                if ref.key not in handles:
+                    handles[ref.key] = store.open(ref.key)
+                segment = handles[ref.key]
+                if segment.block_size != block_size:
+                    raise CorruptCacheError(f"segment {ref.key[:12]} has block size {segment.block_size}, expected {block_size}")
+                n = segment.n_blocks
+                seg_of_block.append(np.full(n, len(self.segments)))
+                local_block.append(np.arange(n))
+                doc_of_block.append(np.full(n, entry_index))
+                first_token.append(ref.start + np.arange(n) * block_size)
+                self.segments.append(segment)
+        self._handles = handles
+        self.seg_of_block = np.concatenate(seg_of_block)
+        self.local_block = np.concatenate(local_block)
+        self.doc_of_block = np.concatenate(doc_of_block)
+        self.block_first_token = np.concatenate(first_token)
+        ends = [min(s + block_size, entries[d].manifest.tokens) for s, d in zip(self.block_first_token, self.doc_of_block)]
+        self.block_end_token = np.asarray(ends, dtype=np.int64)
+        self.n_blocks = len(self.seg_of_block)
+        self.seg_first_block = np.concatenate([[0], np.cumsum([s.n_blocks for s in self.segments])[:-1]]).astype(np.int64)
+        self.total_tokens = sum(e.manifest.tokens for e in entries)
+        self.layers = set(self.segments[0].layers)
+        self._bounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._verified: set[str] = set()
+
+    def has_layer(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def bounds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n_blocks, Hkv, D) float16 key minimum and maximum of every block."""
+        if layer not in self._bounds:
+            lows, highs = [], []
+            for segment in self.segments:
+                low, high = segment.key_bounds(segment.layer_slot(layer))
+                lows.append(low)
+                highs.append(high)
+            self._bounds[layer] = (np.concatenate(lows), np.concatenate(highs))
+        return self._bounds[layer]
+
+    def index_bytes(self) -> int:
+        return sum(low.nbytes + high.nbytes for low, high in self._bounds.values())
+
+    def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys, values, owners = [], [], []
+        blocks = np.asarray(blocks, dtype=np.int64)
+        if len(blocks) == 0:
+            D = self.segments[0].head_dim
+            return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int64)
+        segs = self.seg_of_block[blocks]
+        # Runs of consecutive blocks from one segment are read in one call.
+        cuts = np.flatnonzero(np.diff(segs)) + 1
+        for run in np.split(np.arange(len(blocks)), cuts):
+            segment = self.segments[segs[run[0]]]
+            self._verify(segment)
+            k, v, tokens = segment.gather(segment.layer_slot(layer), head, self.local_block[blocks[run]])
+            keys.append(k)
+            values.append(v)
+            owners.append(self.seg_first_block[segs[run[0]]] + tokens // self.block_size)
+        return np.concatenate(keys), np.concatenate(values), np.concatenate(owners)
+
+    def _verify(self, segment: Segment) -> None:
+        if segment.key in self._verified:
+            return
+        if not segment.verify():
+            raise CorruptCacheError(f"cache segment {segment.key[:12]} is damaged")
+        self._verified.add(segment.key)
+
+    def block_passage(self, block: int) -> tuple[int, int, int]:
+        """(entry index, first token, end token) of a global block."""
+        return int(self.doc_of_block[block]), int(self.block_first_token[block]), int(self.block_end_token[block])
+
+    def close(self) -> None:
+        for segment in self._handles.values():
+            segment.close()
+        self._bounds.clear()

@@ -1,0 +1,64 @@
+"""Settings of the corpus cache (how segments are built and stored) and of sparse
+attention (how a question picks memory blocks), as plain dataclasses that both
+backends read. Defaults are the measured choices recorded in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+POSITION_SCHEMES = ("fixed", "block", "ordered")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """How documents become cached segments. Changing any of these changes the
+    segments' content, so each is part of a segment's content address."""
+
+    segment_tokens: int = 1024  # tokens prefilled together after the shared prefix
+    context_tokens: int = 0  # tail of the previous segment prefilled as read-only context
+    block_size: int = 32  # tokens per block, the unit of selection
+    precision: str = "int8"  # "int8", "int4" or "fp16"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("int8", "int4", "fp16"):
+            raise ValueError(f"unknown cache precision '{self.precision}' (int8, int4, fp16)")
+        if self.segment_tokens < self.block_size or self.segment_tokens % self.block_size:
+            raise ValueError("segment_tokens must be a positive multiple of block_size")
+        if self.context_tokens < 0:
+            raise ValueError("context_tokens must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class SparseSettings:
+    """How one question chooses and places memory blocks, per layer and KV head.
+
+    The budget is dynamic: the smallest set of blocks whose estimated share of the
+    question's attention over memory reaches `mass`, clamped to
+    [min_blocks, max_blocks]. Candidates come from a bound pass over every block of
+    the scope (per-channel key min/max, as in Quest) followed by an exact pass over
+    a shortlist of `shortlist_factor × max_blocks` blocks.
+    """
+
+    mass: float = 0.9
+    min_blocks: int = 8
+    max_blocks: int = 64
+    shortlist_factor: int = 4
+    selection_queries: int = 8  # the prompt's last N queries score the blocks
+    # "fixed": InfLLM's one distance for every token; "block": one distance per block,
+    # tokens in order inside it; "ordered": blocks in corpus order, packed.
+    positions: str = "ordered"
+    memory_distance: int = 64  # fixed scheme: how far before the question memory sits
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"unknown position scheme '{self.positions}' ({', '.join(POSITION_SCHEMES)})")
+        if not 0.0 < self.mass <= 1.0:
+            raise ValueError("mass must be in (0, 1]")
+        if not 1 <= self.min_blocks <= self.max_blocks:
+            raise ValueError("need 1 ≤ min_blocks ≤ max_blocks")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SparseSettings:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})

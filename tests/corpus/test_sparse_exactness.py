@@ -1,0 +1,125 @@
+"""Exactness guard: with the whole corpus in one segment that fits the window, a
+budget that covers every block and ordered positions, sparse attention over the
+stored cache must give the logits of the plain dense prompt (prefix + text +
+question) — computed independently by transformers on the same weights.
+
+Gemma 3 is left out on purpose: its sliding layers keep no long-range memory by
+design, so they cannot see the text the way the dense prompt's sliding window does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from engine.backends.torch import load  # noqa: E402
+from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.corpus.build import CorpusDocument, Manifest, SegmentRef  # noqa: E402
+from engine.corpus.scope import CorpusScope, ScopeEntry  # noqa: E402
+from engine.corpus.settings import SparseSettings  # noqa: E402
+from engine.corpus.store import SegmentStore  # noqa: E402
+from tests.test_torch_models import tiny_config  # noqa: E402
+
+FAMILIES = ["llama", "llama3-scaled", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param), attn_implementation="eager")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    reference.eval()
+    folder = tmp_path_factory.mktemp(request.param)
+    reference.save_pretrained(folder, safe_serialization=True)
+    config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
+    return reference, load(config, sorted(folder.glob("*.safetensors")), dtype="float32")
+
+
+def cached_scope(model, tmp_path, prefix, texts, *, precision="fp16", block_size=16):
+    """Prefill each token list as its own segment after `prefix` and open them as a scope."""
+    store = SegmentStore(tmp_path)
+    prefiller = SegmentPrefiller(model, prefix, max(len(t) for t in texts))
+    entries = []
+    for index, tokens in enumerate(texts):
+        keys, values = prefiller.run([], tokens)
+        key = f"{index:02d}" + "0" * 62
+        store.write(key, keys, values, layers=prefiller.layers, precision=precision, block_size=block_size)
+        manifest = Manifest(key, len(tokens), [SegmentRef(key, 0, len(tokens))], np.arange(len(tokens) + 1))
+        entries.append(ScopeEntry(CorpusDocument(index, "x" * len(tokens)), manifest))
+    return CorpusScope(store, entries, block_size)
+
+
+def ids(n, seed):
+    return torch.randint(0, 211, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_sparse_equals_dense_when_the_budget_covers_the_corpus(pair, tmp_path):
+    reference, model = pair
+    prefix, text, question = ids(5, 1), ids(90, 2), ids(7, 3)  # 90 tokens: a partial last block
+    scope = cached_scope(model, tmp_path, prefix, [text])
+    settings = SparseSettings(mass=1.0, min_blocks=1, max_blocks=64, positions="ordered")
+    cache = MemoryAttentionCache(model, scope, settings, prefix_len=len(prefix), capacity=64)
+    sparse = model.forward(prefix + question, cache, last_only=False)[len(prefix) :]
+    with torch.no_grad():
+        dense = reference(torch.tensor([prefix + text + question])).logits[0, -len(question) :].float()
+    assert cache.stats.blocks_selected == [scope.n_blocks] * len(cache.stats.blocks_selected)
+    # fp16 storage of fp32 keys and values is the only difference.
+    assert torch.allclose(sparse, dense, atol=2e-3), float((sparse - dense).abs().max())
+    # Decoding over the same selection keeps matching.
+    follow = ids(3, 4)
+    for step, token in enumerate(follow):
+        got = model.forward([token], cache)[-1]
+        with torch.no_grad():
+            want = reference(torch.tensor([prefix + text + question + follow[: step + 1]])).logits[0, -1].float()
+        assert torch.allclose(got, want, atol=2e-3), (step, float((got - want).abs().max()))
+
+
+def test_quantised_cache_stays_close_and_a_small_budget_differs(pair, tmp_path):
+    """int8 keeps the logits near dense; a budget of 1 block must change them (the
+    selection is really restricting attention)."""
+    reference, model = pair
+    prefix, text, question = ids(5, 5), ids(96, 6), ids(6, 7)
+    with torch.no_grad():
+        dense = reference(torch.tensor([prefix + text + question])).logits[0, -1].float()
+    results = {}
+    for name, precision, settings in (
+        ("int8", "int8", SparseSettings(mass=1.0, min_blocks=1, max_blocks=64, positions="ordered")),
+        ("one", "fp16", SparseSettings(mass=0.01, min_blocks=1, max_blocks=1, shortlist_factor=1, positions="ordered")),
+    ):
+        scope = cached_scope(model, tmp_path / name, prefix, [text], precision=precision)
+        cache = MemoryAttentionCache(model, scope, settings, prefix_len=len(prefix), capacity=32)
+        results[name] = model.forward(prefix + question, cache)[-1]
+        scope.close()
+    assert float((results["int8"] - dense).abs().max()) < 0.05
+    assert float((results["one"] - dense).abs().max()) > 0.05
+
+
+def test_evidence_accumulates_on_the_selected_blocks_only(pair, tmp_path):
+    _, model = pair
+    prefix, question = ids(4, 8), ids(5, 9)
+    scope = cached_scope(model, tmp_path, prefix, [ids(64, 10), ids(64, 11)])
+    settings = SparseSettings(mass=0.01, min_blocks=2, max_blocks=2, positions="fixed")
+    cache = MemoryAttentionCache(model, scope, settings, prefix_len=len(prefix), capacity=32)
+    cache.evidence_from = len(prefix) + len(question) - 1
+    model.forward(prefix + question, cache)
+    model.forward([3], cache)
+    selected = set()
+    for per_head in cache.stats.selected.values():
+        for blocks in per_head:
+            assert len(blocks) == 2
+            selected.update(blocks.tolist())
+    touched = set(np.flatnonzero(cache.evidence.numpy() > 0).tolist())
+    assert touched and touched <= selected
+    # Two query rows counted (last prompt token, one decode step), each row's
+    # weights sum to at most 1 per query head and layer.
+    layers = len(cache.stats.selected)
+    heads = model.config.num_attention_heads
+    assert float(cache.evidence.sum()) <= 2 * layers * heads + 1e-6
