@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -34,6 +35,8 @@ def fastest_dtype() -> str:
     """
     global _measured_dtype
     if _measured_dtype is None:
+        _measured_dtype = _remembered_dtype()
+    if _measured_dtype is None:
         a32, b32 = torch.randn(512, 1024), torch.randn(1024, 1024)
         a16, b16 = a32.bfloat16(), b32.bfloat16()
         best = {"float32": float("inf"), "bfloat16": float("inf")}
@@ -46,7 +49,39 @@ def fastest_dtype() -> str:
                 best[name] = min(best[name], time.perf_counter() - started)
         _measured_dtype = "bfloat16" if best["bfloat16"] * 1.3 < best["float32"] else "float32"
         log.info("fastest dtype on this CPU: %s", _measured_dtype)
+        _remember_dtype(_measured_dtype)
     return _measured_dtype
+
+
+def _dtype_record() -> tuple[Path, str]:
+    """Where the measured choice is kept, and the machine it holds for: a choice
+    that changed from one process to the next (a busy neighbour can sway the timing)
+    would change the model's fingerprint and miss the corpus cache."""
+    import platform
+
+    from engine.paths import data_dir
+
+    machine = f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|torch {torch.__version__}"
+    return data_dir() / "torch-dtype.json", machine
+
+
+def _remembered_dtype() -> str | None:
+    path, machine = _dtype_record()
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("machine") == machine and record.get("dtype") in DTYPES:
+        return record["dtype"]
+    return None
+
+
+def _remember_dtype(dtype: str) -> None:
+    path, machine = _dtype_record()
+    try:
+        path.write_text(json.dumps({"machine": machine, "dtype": dtype}))
+    except OSError as error:
+        log.info("cannot remember the dtype choice: %s", error)
 
 
 def load(

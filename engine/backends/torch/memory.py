@@ -41,6 +41,9 @@ from engine.backends.torch.models.llama import DecoderModel
 from engine.corpus.settings import SparseSettings
 
 
+# The first tokens of every segment, whose attention is not counted as evidence.
+SEGMENT_SINK_TOKENS = 4
+
 # --- build ---------------------------------------------------------------------
 
 
@@ -109,6 +112,7 @@ class MemoryScope(Protocol):
     n_blocks: int
     total_tokens: int
     block_size: int
+    local_block: np.ndarray  # (n_blocks,) each block's index within its segment
 
     def has_layer(self, layer: int) -> bool: ...
 
@@ -157,8 +161,8 @@ class MemoryAttentionCache:
         else:
             self.question_start = prefix_len + settings.memory_distance
         self.real = DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
-        # layer → keys (1, Hkv, M, D) rotated, values (1, Hkv, M, D), valid (Hkv, M), block ids (Hkv, M)
-        self.memory: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # layer → keys (1, Hkv, M, D) rotated, values (1, Hkv, M, D), cited, valid (Hkv, M), block ids (Hkv, M)
+        self.memory: dict[int, tuple[torch.Tensor, ...]] = {}
         self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
@@ -266,6 +270,7 @@ class MemoryAttentionCache:
         keys = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
         values = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
         valid = torch.zeros(self.kv_heads, M, dtype=torch.bool)
+        cited = torch.zeros(self.kv_heads, M, dtype=torch.bool)
         owners = torch.zeros(self.kv_heads, M, dtype=torch.long)
         for head, (k, v, owner) in enumerate(per_head):
             n = len(k)
@@ -284,7 +289,12 @@ class MemoryAttentionCache:
             values[0, head, :n] = v.to(dtype)
             valid[head, :n] = True
             owners[head, :n] = owner
-        return keys, values, valid, owners
+            # A segment's first tokens draw attention the way sinks do, whatever
+            # they say: attend to them, but do not count them as evidence.
+            within = torch.arange(n) - torch.searchsorted(owner, owner, side="left")
+            starts = torch.from_numpy(self.scope.local_block[owner.numpy()] == 0)
+            cited[head, :n] = ~(starts & (within < SEGMENT_SINK_TOKENS))
+        return keys, values, valid & cited, valid, owners
 
     # -- attention ---------------------------------------------------------------
 
@@ -292,7 +302,7 @@ class MemoryAttentionCache:
         self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, past: int, scale: float
     ) -> torch.Tensor:
         """q (1, Hq, T, D) over real keys (1, Hkv, S, D) and this layer's memory."""
-        memory_keys, memory_values, valid, owners = self.memory[layer]
+        memory_keys, memory_values, cited, valid, owners = self.memory[layer]
         T, S, M = q.shape[2], keys.shape[2], memory_keys.shape[2]
         Hkv, G, D = self.kv_heads, self.group, self.head_dim
         grouped = q[0].float().reshape(Hkv, G * T, D)  # rows: head-in-group major, token minor
@@ -309,5 +319,5 @@ class MemoryAttentionCache:
         counted = query_index >= self.evidence_from
         if bool(counted.any()):
             mass = weights[:, counted, S:].sum(dim=1).double()  # (Hkv, M)
-            self.evidence.index_add_(0, owners[valid], mass[valid])
+            self.evidence.index_add_(0, owners[cited], mass[cited])
         return out.view(1, Hkv * G, T, D).to(q.dtype)
