@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.errors import Cancelled, ModelFileError, ModelNotInstalledError
 from engine.gguf_loader import read_gguf
-from engine.paths import models_dir
+from engine.paths import models_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +123,13 @@ def convert_gguf(
                 if progress is not None:
                     progress(done, total)
 
-    _write_atomic(dest / WEIGHTS_FILE, write_weights)
+    write_atomic(dest / WEIGHTS_FILE, write_weights)
 
     _write_json(dest / CONFIG_FILE, contents.config.to_dict())
     _write_json(dest / TOKENIZER_FILE, contents.tokenizer_meta)
     template = contents.tokenizer_meta.get("tokenizer.chat_template")
     if isinstance(template, str):
-        _write_atomic(dest / CHAT_TEMPLATE_FILE, lambda tmp: tmp.write_text(template, encoding="utf-8"))
+        write_atomic(dest / CHAT_TEMPLATE_FILE, lambda tmp: tmp.write_text(template, encoding="utf-8"))
     else:
         (dest / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
 
@@ -305,37 +304,7 @@ def _read_json(path: Path) -> dict:
 def _write_json(path: Path, value: dict) -> None:
     # ensure_ascii keeps surrogate-escaped (non-UTF-8) tokens representable.
     text = json.dumps(value, ensure_ascii=True, indent=1)
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via `write(tmp)` to a temp file beside `path`, fsync, then rename over it."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as synced:
-            os.fsync(synced.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on Windows, where it is skipped.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _write_safetensors_header(out: BinaryIO, shapes: list[tuple[str, tuple[int, ...]]]) -> None:

@@ -71,10 +71,10 @@ def tiny_config(family: str):
 FAMILIES = ["llama", "llama3-scaled", "qwen2", "qwen3", "gemma3"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
+def tiny_model_pair(family: str, folder):
+    """A random transformers model of `family` and Quire's fp32 load of the same weights."""
     torch.manual_seed(0)
-    hf_config = tiny_config(request.param)
+    hf_config = tiny_config(family)
     reference = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
     # Random init leaves norms at 1 and biases at 0: perturb every tensor so a
     # wrong norm offset, a missing bias or a swapped projection shows up.
@@ -82,11 +82,16 @@ def pair(request, tmp_path_factory):
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     reference.eval()
-    folder = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(folder, safe_serialization=True)
     config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
     ours = load(config, sorted(folder.glob("*.safetensors")), dtype="float32")
     ours.folder = folder
+    return reference, ours
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    reference, ours = tiny_model_pair(request.param, tmp_path_factory.mktemp(request.param))
     return request.param, reference, ours
 
 

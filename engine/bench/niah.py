@@ -136,6 +136,7 @@ def run_niah(
     kinds: list[str],
     baselines: list[str],
     dense_limit: int = 8192,
+    dense_needles: int | None = None,
     bm25_chunks: int = 5,
     max_new_tokens: int = 40,
     seed: int = 0,
@@ -167,9 +168,11 @@ def run_niah(
         })
         for kind in kinds:
             for depth in depths:
-                for _ in range(needles):
+                for needle in range(needles):
                     case = make_case(kind, length, depth, rng)
-                    record = _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks)
+                    # The dense baseline costs a full prefill per case: optionally fewer needles.
+                    methods = [b for b in baselines if b != "dense" or dense_needles is None or needle < dense_needles]
+                    record = _run_case(engine, documents, sizes, case, params, methods, dense_limit, bm25_chunks)
                     result["cases"].append(record)
                     if on_case is not None:
                         on_case(record)

@@ -16,9 +16,9 @@ no manifest that points at a missing one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +29,7 @@ import numpy as np
 from engine.corpus.settings import CacheSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled
+from engine.paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,15 @@ class ManifestStore:
     def save(self, manifest: Manifest) -> None:
         meta_path, offsets_path = self._paths(manifest.content_key)
         # Offsets first: a manifest JSON only ever points at a complete offsets file.
-        _write_atomic(offsets_path, lambda f: np.save(f, manifest.offsets))
+        buffer = io.BytesIO()
+        np.save(buffer, manifest.offsets)
+        write_atomic(offsets_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
         meta = {
             "version": MANIFEST_VERSION,
             "tokens": manifest.tokens,
             "segments": [asdict(s) for s in manifest.segments],
         }
-        _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+        write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
 
     def remove(self, content_key: str) -> None:
         for path in self._paths(content_key):
@@ -165,14 +168,13 @@ class ManifestStore:
     def all(self) -> list[str]:
         return sorted(p.stem for p in self.folder.glob("*.json"))
 
-
-def _write_atomic(path: Path, write: Callable[[object], object]) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as out:
-        write(out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    def remove_partials(self) -> None:
+        """Temp files of writes a kill interrupted, and offsets without a manifest."""
+        for path in self.folder.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+        for path in self.folder.glob("*.offsets.npy"):
+            if not path.with_name(path.name.removesuffix(".offsets.npy") + ".json").exists():
+                path.unlink(missing_ok=True)
 
 
 class CorpusBuilder:

@@ -158,6 +158,7 @@ class Engine:
     def forget(self, keep: Iterable[CorpusDocument]) -> int:
         """Drop manifests and segments of every document not in `keep`; bytes freed."""
         keep_keys = {d.content_key for d in keep}
+        self.manifests.remove_partials()
         for key in self.manifests.all():
             if key not in keep_keys:
                 self.manifests.remove(key)

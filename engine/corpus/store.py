@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import CorruptCacheError
+from engine.paths import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -269,15 +270,6 @@ def _validate(
         if not np.isfinite(array).all() or np.abs(array).max() > _F16_LIMIT:
             raise ValueError(f"{name} must be finite and within float16 range (±{_F16_LIMIT:g})")
     return keys, values
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can fsync a folder; the rename is still atomic
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class Segment:
@@ -502,7 +494,7 @@ class SegmentStore:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return written
 
     def remove(self, key: str) -> None:

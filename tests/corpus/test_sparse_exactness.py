@@ -9,38 +9,25 @@ design, so they cannot see the text the way the dense prompt's sliding window do
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from engine.backends.torch import load  # noqa: E402
 from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
 from engine.corpus.build import CorpusDocument, Manifest, SegmentRef  # noqa: E402
 from engine.corpus.scope import CorpusScope, ScopeEntry  # noqa: E402
 from engine.corpus.settings import SparseSettings  # noqa: E402
 from engine.corpus.store import SegmentStore  # noqa: E402
-from tests.test_torch_models import tiny_config  # noqa: E402
+from tests.test_torch_models import tiny_model_pair  # noqa: E402
 
 FAMILIES = ["llama", "llama3-scaled", "qwen2", "qwen3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
-    torch.manual_seed(0)
-    reference = transformers.AutoModelForCausalLM.from_config(tiny_config(request.param), attn_implementation="eager")
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    reference.eval()
-    folder = tmp_path_factory.mktemp(request.param)
-    reference.save_pretrained(folder, safe_serialization=True)
-    config = ModelConfig.from_hf_dict(json.loads((folder / "config.json").read_text()))
-    return reference, load(config, sorted(folder.glob("*.safetensors")), dtype="float32")
+    return tiny_model_pair(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def cached_scope(model, tmp_path, prefix, texts, *, precision="fp16", block_size=16):
