@@ -49,10 +49,15 @@ class SparseSettings:
     # tokens in order inside it; "ordered": blocks in corpus order, packed.
     positions: str = "ordered"
     memory_distance: int = 64  # fixed scheme: how far before the question memory sits
+    # What `mass` is a share of: "memory" (the attention the question gives to memory)
+    # or "total" (all its attention, sinks and question included).
+    budget_share: str = "memory"
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:
             raise ValueError(f"unknown position scheme '{self.positions}' ({', '.join(POSITION_SCHEMES)})")
+        if self.budget_share not in ("memory", "total"):
+            raise ValueError(f"unknown budget share '{self.budget_share}' (memory, total)")
         if not 0.0 < self.mass <= 1.0:
             raise ValueError("mass must be in (0, 1]")
         if not 1 <= self.min_blocks <= self.max_blocks:

@@ -230,6 +230,7 @@ class MemoryAttentionCache:
             self.stats.blocks_bounded += n_blocks * self.kv_heads
         else:
             candidates = torch.arange(n_blocks).expand(self.kv_heads, n_blocks)
+        real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head].numpy()
@@ -238,14 +239,30 @@ class MemoryAttentionCache:
             self.stats.bytes_gathered += keys.nbytes + values.nbytes
             keys_t, values_t = torch.from_numpy(keys), torch.from_numpy(values)
             owner_t = torch.from_numpy(owner)
-            chosen = self._budget(queries[head], keys_t, owner_t, blocks)
+            chosen = self._budget(queries[head], keys_t, owner_t, blocks, None if real_lse is None else real_lse[head])
             keep = torch.isin(owner_t, torch.from_numpy(chosen))
             per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
             self.stats.blocks_selected.append(len(chosen))
         self.stats.selected[layer] = [np.unique(o.numpy()) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
 
-    def _budget(self, queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, blocks: np.ndarray) -> np.ndarray:
+    def _real_logmass(self, layer: int, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> torch.Tensor:
+        """log Σ exp(q·k) of the selection queries over the real tokens they see
+        (sinks and the question so far), at their true positions: (Hkv, G·n)."""
+        n = min(self.settings.selection_queries, q.shape[1])
+        rotated = apply_rope(q[:, -n:].float(), rotary.rotations_at(positions[-n:]))[0]  # (n, Hq, D)
+        grouped = rotated.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
+        grouped = grouped.reshape(self.kv_heads, self.group * n, self.head_dim) * scale
+        end = self.real.length + q.shape[1]
+        keys = self.real.keys[layer][0, :, :end].float()  # (Hkv, S, D)
+        scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, G·n, S)
+        query_index = torch.arange(end - n, end).repeat(self.group)
+        allowed = torch.arange(end).unsqueeze(0) <= query_index.unsqueeze(1)
+        return torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    def _budget(
+        self, queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, blocks: np.ndarray, real_lse: torch.Tensor | None
+    ) -> np.ndarray:
         """Global block ids to attend: the smallest set reaching the mass target."""
         s = self.settings
         if len(blocks) <= s.min_blocks or (s.mass >= 1.0 and len(blocks) <= s.max_blocks):
@@ -256,10 +273,21 @@ class MemoryAttentionCache:
         # a needle is one strong match; softmax mass favours blocks of many mild ones.
         best = torch.full((len(blocks),), float("-inf")).scatter_reduce_(0, local, scores.amax(dim=0), "amax")
         order = torch.argsort(best, descending=True)
-        weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+        top = scores.amax(dim=1, keepdim=True)  # (J, 1)
+        if real_lse is not None:
+            top = torch.maximum(top, real_lse.unsqueeze(1))
+        weights = torch.exp(scores - top)
         per_block = torch.zeros(queries.shape[0], len(blocks)).index_add_(1, local, weights)  # (J, B)
-        mass = (per_block / per_block.sum(dim=1, keepdim=True)).mean(dim=0)  # (B,)
-        reached = int(torch.searchsorted(torch.cumsum(mass[order], 0), torch.tensor(s.mass * 0.99999))) + 1
+        if real_lse is None:
+            # Share of the attention that goes to memory.
+            shares = per_block / per_block.sum(dim=1, keepdim=True)
+            reached = int(torch.searchsorted(torch.cumsum(shares.mean(dim=0)[order], 0), torch.tensor(s.mass * 0.99999))) + 1
+        else:
+            # Share of all attention (sinks and question included): stop once what
+            # is left out weighs at most 1 − mass of it.
+            shares = per_block / (per_block.sum(dim=1, keepdim=True) + torch.exp(real_lse - top[:, 0]).unsqueeze(1))
+            left_out = (shares.sum(dim=1, keepdim=True) - torch.cumsum(shares[:, order], dim=1)).mean(dim=0)  # (B,)
+            reached = int(torch.searchsorted(-left_out, torch.tensor(-(1 - s.mass)))) + 1
         count = max(s.min_blocks, min(s.max_blocks, reached))
         return np.sort(blocks[order[:count].numpy()])
 
