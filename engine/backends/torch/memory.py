@@ -106,6 +106,19 @@ class SegmentPrefiller:
 # --- ask -----------------------------------------------------------------------
 
 
+def with_successors(blocks: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` blocks of ranked `order` (indices into sorted `blocks`),
+    each followed by the block after it when that is a candidate too: a fact that
+    runs across a block edge (a number split over two blocks) is read whole."""
+    following = np.full(len(blocks), -1)
+    consecutive = np.flatnonzero(blocks[1:] == blocks[:-1] + 1)
+    following[consecutive] = consecutive + 1
+    sequence = np.stack([order, following[order]], axis=1).reshape(-1)
+    sequence = sequence[sequence >= 0]
+    _, first = np.unique(sequence, return_index=True)
+    return blocks[sequence[np.sort(first)][:count]]
+
+
 class MemoryScope(Protocol):
     """The blocks a question may read (engine/corpus/scope.py)."""
 
@@ -226,10 +239,13 @@ class MemoryAttentionCache:
             # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
             upper = torch.einsum("bhd,hjd->hbj", high, queries.clamp(min=0))
             upper += torch.einsum("bhd,hjd->hbj", low, queries.clamp(max=0))
-            candidates = upper.amax(dim=2).topk(shortlist, dim=1).indices.sort(dim=1).values  # (Hkv, shortlist)
+            top = upper.amax(dim=2).topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
+            # Each candidate brings its successor: text runs across block edges.
+            paired = torch.cat([top, (top + 1).clamp(max=n_blocks - 1)], dim=1)
+            candidates = [torch.unique(paired[h]) for h in range(self.kv_heads)]
             self.stats.blocks_bounded += n_blocks * self.kv_heads
         else:
-            candidates = torch.arange(n_blocks).expand(self.kv_heads, n_blocks)
+            candidates = [torch.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         per_head = []
         for head in range(self.kv_heads):
@@ -289,7 +305,7 @@ class MemoryAttentionCache:
             left_out = (shares.sum(dim=1, keepdim=True) - torch.cumsum(shares[:, order], dim=1)).mean(dim=0)  # (B,)
             reached = int(torch.searchsorted(-left_out, torch.tensor(-(1 - s.mass)))) + 1
         count = max(s.min_blocks, min(s.max_blocks, reached))
-        return np.sort(blocks[order[:count].numpy()])
+        return np.sort(with_successors(blocks, order.numpy(), count))
 
     def _place(self, per_head: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rotary: Rotary):
         """Rotate each head's selected keys to their positions and pad heads to one length."""
