@@ -55,6 +55,8 @@ def _print_build_progress(progress: BuildProgress) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "clear":
+        return cmd_cache_clear(args)
     with Library() as library:
         documents = scope_documents(library, args.doc)
     engine = open_engine(args)
@@ -73,11 +75,21 @@ def cmd_cache(args: argparse.Namespace) -> int:
             state = "cached" if engine.is_cached(document) else "not cached"
             print(f"{document.doc_id:>5}  {state:<10}  {document.title}")
         print(f"cache: {engine.cache_bytes() / 2**20:.1f} MiB in {engine.root}")
-    else:  # clear
-        with Library() as library:
-            keep = scope_documents(library, None)
-        freed = engine.forget(keep)
-        print(f"freed {freed / 2**20:.1f} MiB")
+    return 0
+
+
+def library_content_keys(library: Library) -> set[str]:
+    """Content keys of every document still in the library (what caches may keep)."""
+    return {corpus_document(library, r).content_key for r in library.documents() if r.status == "ready"}
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from engine.corpus.engine import prune_caches
+
+    with Library() as library:
+        keep = library_content_keys(library)
+    freed = prune_caches(keep)
+    print(f"freed {freed / 2**20:.1f} MiB")
     return 0
 
 

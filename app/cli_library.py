@@ -145,9 +145,15 @@ def _pages_list(indexes: list[int]) -> str:
 
 @_reports_errors
 def cmd_remove(args: argparse.Namespace) -> int:
+    from app.cli_corpus import library_content_keys
+    from engine.corpus.engine import prune_caches
+
     with Library() as library:
         record = library.remove(args.id)
-    print(f"removed #{record.id} {record.display_title}")
+        keep = library_content_keys(library)
+    freed = prune_caches(keep)
+    cached = f", {freed / 2**20:.1f} MiB of cache freed" if freed else ""
+    print(f"removed #{record.id} {record.display_title}{cached}")
     return 0
 
 

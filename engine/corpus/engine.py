@@ -323,3 +323,23 @@ def _page_at(pages: list[tuple[int, str]], char: int) -> tuple[int | None, str |
         return None, None
     index = max(0, bisect.bisect_right([start for start, _ in pages], char) - 1)
     return index, pages[index][1]
+
+
+def prune_caches(keep_content_keys: set[str], cache_root: Path | None = None) -> int:
+    """Drop, in every model's cache folder, the manifests of texts not in
+    `keep_content_keys` and the segments no remaining manifest uses; bytes freed.
+    Needs no model: removing a document frees its disk without loading one."""
+    root = cache_root or data_dir() / "cache"
+    freed = 0
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+        manifests = ManifestStore(folder)
+        manifests.remove_partials()
+        live: set[str] = set()
+        for key in manifests.all():
+            manifest = manifests.load(key) if key in keep_content_keys else None
+            if manifest is None:
+                manifests.remove(key)
+            else:
+                live.update(s.key for s in manifest.segments)
+        freed += SegmentStore(folder).collect_garbage(live)
+    return freed

@@ -113,3 +113,12 @@ def test_cache_build_status_and_ask_with_evidence(home, island_file, capsys):
     assert any(
         m.group(2) == fact_label and int(m.group(3)) < fact_end and int(m.group(4)) > fact_start for m in references[:3]
     ), evidence
+
+    # Removing the document frees its cache without loading a model.
+    size = sum(p.stat().st_size for p in (home / "cache").rglob("*.qkv"))
+    code, out, _ = quire(capsys, "remove", str(record.id))
+    assert code == 0
+    freed = float(re.search(r"([\d.]+) MiB of cache freed", out).group(1))
+    assert abs(freed - size / 2**20) < 0.1, (freed, size)
+    assert not list((home / "cache").rglob("*.qkv"))
+    assert not list((home / "cache").rglob("*.json"))
