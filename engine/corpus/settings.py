@@ -52,6 +52,7 @@ class SparseSettings:
     # What `mass` is a share of: "memory" (the attention the question gives to memory)
     # or "total" (all its attention, sinks and question included).
     budget_share: str = "memory"
+    refresh_every: int = 0  # decode steps between fresh selections; 0 keeps the question's
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:

@@ -110,3 +110,28 @@ def test_evidence_accumulates_on_the_selected_blocks_only(pair, tmp_path):
     layers = len(cache.stats.selected)
     heads = model.config.num_attention_heads
     assert float(cache.evidence.sum()) <= 2 * layers * heads + 1e-6
+
+
+def test_refreshing_the_selection_while_decoding(pair, tmp_path):
+    """A refresh every step re-selects from the newest token: with a budget that
+    covers the corpus it must stay exact; with a one-block budget it must pick
+    again (more selections recorded) and still decode."""
+    reference, model = pair
+    prefix, text, question, follow = ids(5, 12), ids(64, 13), ids(6, 14), ids(3, 15)
+    scope = cached_scope(model, tmp_path, prefix, [text])
+    covering = SparseSettings(mass=1.0, min_blocks=1, max_blocks=64, positions="ordered", refresh_every=1)
+    cache = MemoryAttentionCache(model, scope, covering, prefix_len=len(prefix), capacity=32)
+    model.forward(prefix + question, cache)
+    for step, token in enumerate(follow):
+        got = model.forward([token], cache)[-1]
+        with torch.no_grad():
+            want = reference(torch.tensor([prefix + text + question + follow[: step + 1]])).logits[0, -1].float()
+        assert torch.allclose(got, want, atol=2e-3), step
+    narrow = SparseSettings(mass=0.01, min_blocks=1, max_blocks=1, shortlist_factor=1, refresh_every=1)
+    cache = MemoryAttentionCache(model, scope, narrow, prefix_len=len(prefix), capacity=32)
+    model.forward(prefix + question, cache)
+    first = len(cache.stats.blocks_selected)
+    for token in follow:
+        assert torch.isfinite(model.forward([token], cache)).all()
+    # The first decode step reuses the question's selection; later ones refresh.
+    assert len(cache.stats.blocks_selected) == first * len(follow)

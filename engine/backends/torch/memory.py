@@ -22,7 +22,8 @@ Positions for attention follow `SparseSettings.positions`: "fixed" (InfLLM: ever
 memory token at one position), "block" (every block at one distance, its tokens in
 their own order) or "ordered" (the selected blocks in corpus order, packed just
 before the question).
-Decoding reuses the selection. The attention mass each memory block receives from
+Decoding reuses the selection, or refreshes it every `refresh_every` steps from
+the newest token's queries. The attention mass each memory block receives from
 the last prompt token on is accumulated as evidence.
 """
 
@@ -179,6 +180,7 @@ class MemoryAttentionCache:
         self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
+        self.decode_steps = 0
 
     @property
     def length(self) -> int:
@@ -186,6 +188,8 @@ class MemoryAttentionCache:
 
     def advance(self, tokens: int) -> None:
         self.real.advance(tokens)
+        if tokens == 1:
+            self.decode_steps += 1
 
     def truncate(self, length: int) -> None:
         self.real.truncate(length)
@@ -213,7 +217,8 @@ class MemoryAttentionCache:
         keys, values = self.real.append(layer, k_rot, v.transpose(1, 2))
         if layer not in self.memory_layers or past + T <= self.prefix_len:
             return attend(q_rot, keys, values, past=past, scale=scale, window=window)
-        if layer not in self.memory:
+        refresh = self.settings.refresh_every
+        if layer not in self.memory or (T == 1 and refresh and self.decode_steps and self.decode_steps % refresh == 0):
             self._select(layer, q, positions, rotary, scale)
         return self._attend_with_memory(layer, q_rot, keys, values, past, scale)
 
