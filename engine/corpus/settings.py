@@ -43,8 +43,8 @@ class SparseSettings:
     mass: float = 0.9
     min_blocks: int = 8
     max_blocks: int = 64
-    shortlist_factor: int = 4
-    selection_queries: int = 8  # the prompt's last N queries score the blocks
+    shortlist_factor: int = 8
+    selection_queries: int = 32  # the prompt's last N queries (the question) score the blocks
     # "fixed": InfLLM's one distance for every token; "block": one distance per block,
     # tokens in order inside it; "ordered": blocks in corpus order, packed.
     positions: str = "ordered"
