@@ -44,6 +44,7 @@ class SparseSettings:
     min_blocks: int = 8
     max_blocks: int = 64
     shortlist_factor: int = 8
+    neighbours: int = 2  # blocks after each chosen block that come with it
     selection_queries: int = 32  # the prompt's last N queries (the question) score the blocks
     # "fixed": InfLLM's one distance for every token; "block": one distance per block,
     # tokens in order inside it; "ordered": blocks in corpus order, packed.

@@ -107,14 +107,18 @@ class SegmentPrefiller:
 # --- ask -----------------------------------------------------------------------
 
 
-def with_successors(blocks: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+def with_successors(blocks: np.ndarray, order: np.ndarray, count: int, neighbours: int = 1) -> np.ndarray:
     """The first `count` blocks of ranked `order` (indices into sorted `blocks`),
-    each followed by the block after it when that is a candidate too: a fact that
-    runs across a block edge (a number split over two blocks) is read whole."""
+    each followed by up to `neighbours` blocks after it that are candidates too: a
+    fact whose key matches one block often ends in the next ones (a sentence
+    naming the key, then a number split over a block edge)."""
     following = np.full(len(blocks), -1)
     consecutive = np.flatnonzero(blocks[1:] == blocks[:-1] + 1)
     following[consecutive] = consecutive + 1
-    sequence = np.stack([order, following[order]], axis=1).reshape(-1)
+    steps = [order]
+    for _ in range(neighbours):
+        steps.append(np.where(steps[-1] >= 0, following[np.maximum(steps[-1], 0)], -1))
+    sequence = np.stack(steps, axis=1).reshape(-1)
     sequence = sequence[sequence >= 0]
     _, first = np.unique(sequence, return_index=True)
     return blocks[sequence[np.sort(first)][:count]]
@@ -245,8 +249,8 @@ class MemoryAttentionCache:
             upper = torch.einsum("bhd,hjd->hbj", high, queries.clamp(min=0))
             upper += torch.einsum("bhd,hjd->hbj", low, queries.clamp(max=0))
             top = upper.amax(dim=2).topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
-            # Each candidate brings its successor: text runs across block edges.
-            paired = torch.cat([top, (top + 1).clamp(max=n_blocks - 1)], dim=1)
+            # Each candidate brings the blocks after it: text runs across block edges.
+            paired = torch.cat([top] + [(top + i).clamp(max=n_blocks - 1) for i in range(1, s.neighbours + 1)], dim=1)
             candidates = [torch.unique(paired[h]) for h in range(self.kv_heads)]
             self.stats.blocks_bounded += n_blocks * self.kv_heads
         else:
@@ -310,7 +314,7 @@ class MemoryAttentionCache:
             left_out = (shares.sum(dim=1, keepdim=True) - torch.cumsum(shares[:, order], dim=1)).mean(dim=0)  # (B,)
             reached = int(torch.searchsorted(-left_out, torch.tensor(-(1 - s.mass)))) + 1
         count = max(s.min_blocks, min(s.max_blocks, reached))
-        return np.sort(with_successors(blocks, order.numpy(), count))
+        return np.sort(with_successors(blocks, order.numpy(), count, s.neighbours))
 
     def _place(self, per_head: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rotary: Rotary):
         """Rotate each head's selected keys to their positions and pad heads to one length."""
