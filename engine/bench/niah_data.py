@@ -377,7 +377,7 @@ def render_heatmap(grid: dict[tuple[int, float], float], path: Path, *, title: s
             box = heatmap_cell_box(row, column)
             score = grid.get((n, depth))
             draw.rectangle(box, fill=_MISSING if score is None else score_colour(score), outline=(255, 255, 255))
-            label = "–" if score is None else f"{score * 100:.0f}%"
+            label = "n/a" if score is None else f"{score * 100:.0f}%"
             _text_centred(draw, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), label, cell_font)
         _text_centred(draw, (GRID_ORIGIN[0] - 30, GRID_ORIGIN[1] + (row + 0.5) * CELL_SIZE[1]), format_depth(depth), label_font)
     for column, n in enumerate(lengths):
