@@ -128,14 +128,19 @@ class BuildSummary:
 
 
 class ManifestStore:
-    """documents/<content key>.json + .offsets.npy beside the segment store."""
+    """documents/<content key>.<settings tag>.json + .offsets.npy beside the segment
+    store. The tag names the cache settings (segment length, context, block size,
+    precision): the same text cached in int8 and in int4 has two manifests, and a
+    question asked with one precision never reads the other's segments."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tag: str = "") -> None:
         self.folder = root / "documents"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.tag = tag
 
     def _paths(self, content_key: str) -> tuple[Path, Path]:
-        return self.folder / f"{content_key}.json", self.folder / f"{content_key}.offsets.npy"
+        stem = f"{content_key}.{self.tag}" if self.tag else content_key
+        return self.folder / f"{stem}.json", self.folder / f"{stem}.offsets.npy"
 
     def load(self, content_key: str) -> Manifest | None:
         meta_path, offsets_path = self._paths(content_key)
@@ -162,11 +167,23 @@ class ManifestStore:
         write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
 
     def remove(self, content_key: str) -> None:
-        for path in self._paths(content_key):
+        """Every manifest of this text, whatever its settings."""
+        for path in self.folder.glob(f"{content_key}.*"):
             path.unlink(missing_ok=True)
 
     def all(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.json"))
+        """Content keys with a manifest under any settings."""
+        return sorted({p.name.split(".")[0] for p in self.folder.glob("*.json")})
+
+    def segment_keys(self, content_key: str) -> set[str]:
+        """Segments that any manifest of this text uses."""
+        keys: set[str] = set()
+        for path in self.folder.glob(f"{content_key}.*json"):
+            try:
+                keys.update(s["key"] for s in json.loads(path.read_text())["segments"])
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+        return keys
 
     def remove_partials(self) -> None:
         """Temp files of writes a kill interrupted, and offsets without a manifest."""
@@ -175,6 +192,10 @@ class ManifestStore:
         for path in self.folder.glob("*.offsets.npy"):
             if not path.with_name(path.name.removesuffix(".offsets.npy") + ".json").exists():
                 path.unlink(missing_ok=True)
+
+
+def settings_tag(settings: CacheSettings) -> str:
+    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
 
 
 class CorpusBuilder:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore
+from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag
 from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
@@ -100,7 +100,7 @@ class Engine:
         self.fingerprint = model_fingerprint(model)
         self.root = (cache_root or data_dir() / "cache") / self.fingerprint
         self.store = SegmentStore(self.root)
-        self.manifests = ManifestStore(self.root)
+        self.manifests = ManifestStore(self.root, settings_tag(self.cache_settings))
         self.memory = importlib.import_module(f"engine.backends.{model.backend}.memory")
         self.prefix_ids, self._after_memory = self._split_prompt()
         self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
@@ -164,9 +164,7 @@ class Engine:
                 self.manifests.remove(key)
         live: set[str] = set()
         for key in keep_keys:
-            manifest = self.manifests.load(key)
-            if manifest is not None:
-                live.update(s.key for s in manifest.segments)
+            live |= self.manifests.segment_keys(key)
         self._close_scope()
         return self.store.collect_garbage(live)
 
@@ -336,10 +334,9 @@ def prune_caches(keep_content_keys: set[str], cache_root: Path | None = None) ->
         manifests.remove_partials()
         live: set[str] = set()
         for key in manifests.all():
-            manifest = manifests.load(key) if key in keep_content_keys else None
-            if manifest is None:
-                manifests.remove(key)
+            if key in keep_content_keys:
+                live |= manifests.segment_keys(key)
             else:
-                live.update(s.key for s in manifest.segments)
+                manifests.remove(key)
         freed += SegmentStore(folder).collect_garbage(live)
     return freed

@@ -389,3 +389,22 @@ def test_each_precision_builds_and_answers(model, tmp_path, precision):
     answer, _, evidence, stats = ask(engine, [document])
     assert evidence and stats.memory_tokens == len(model.tokenizer.encode(document.text))
     assert "Elspeth" in answer, f"{precision}: {answer!r}"
+
+
+def test_each_precision_reads_only_its_own_segments(model, tmp_path):
+    """The same text cached in int8 and then asked in int4 under one cache folder:
+    the int4 engine must build int4 segments, not reuse the int8 manifest."""
+    document = island_document()
+    int8 = Engine(model, cache_root=tmp_path)
+    int8.build([document])
+    int4 = Engine(model, cache_root=tmp_path, cache_settings=CacheSettings(precision="int4"))
+    assert not int4.is_cached(document)
+    summary = int4.build([document])
+    assert summary.segments_built == len(int8.manifests.load(document.content_key).segments)
+    for engine, precision in ((int8, "int8"), (int4, "int4")):
+        for ref in engine.manifests.load(document.content_key).segments:
+            with SegmentStore(engine.root).open(ref.key) as segment:
+                assert segment.precision == precision
+    # Forgetting the text drops both manifests and every segment.
+    assert int8.forget(keep=[]) > 0
+    assert segment_files(tmp_path) == [] and int4.manifests.all() == []
