@@ -72,7 +72,10 @@ class LoadedModel:
         cancel: CancelCheck | None = None,
         stats: GenerationStats | None = None,
         chunk_size: int = 8192,
+        cache: object | None = None,
     ) -> Iterator[Token]:
+        """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache (the
+        corpus engine passes its memory-attention cache)."""
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
         params = dataclasses.replace(params, stop_token_ids=stop_ids)
         yield from generate(
@@ -80,6 +83,7 @@ class LoadedModel:
             prompt_tokens,
             StreamDecoder(self.tokenizer),
             params,
+            cache=cache,
             chunk_size=chunk_size,
             on_progress=on_progress,
             cancel=cancel,

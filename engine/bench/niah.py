@@ -30,9 +30,9 @@ from engine.bench.niah_data import (
     BM25Retriever,
     Case,
     chunk_text,
+    insert_sentence,
     make_case,
     needle_depths,
-    rag_prompt_text,
     render_grid_table,
     render_heatmap,
     score_answer,
@@ -40,8 +40,7 @@ from engine.bench.niah_data import (
 )
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import AskStats, Engine, Evidence
-from engine.corpus.settings import SparseSettings
-from engine.generate import SamplingParams, Token
+from engine.generate import GenerationStats, SamplingParams, Token
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,7 @@ def place_needles(documents: list[CorpusDocument], case: Case, sizes: list[int])
     # Insert from the end of each document backwards so earlier offsets stay valid.
     for order in sorted(range(len(placed)), key=lambda i: (placed[i][0], placed[i][1]), reverse=True):
         index, at, sentence = placed[order]
-        text = texts[index]
-        piece = (" " if at and not text[at - 1].isspace() else "") + sentence + (" " if at < len(text) and not text[at].isspace() else "")
-        texts[index] = text[:at] + piece + text[at:]
+        texts[index] = insert_sentence(texts[index], at, sentence)
     for order, (index, _, sentence) in enumerate(placed):
         start = texts[index].find(sentence)
         spans[order] = (index, start, start + len(sentence))
@@ -295,8 +292,6 @@ def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path |
     # Dense reference: decode speed after a 2K-token prompt of the same text.
     documents = haystack_documents(essays, 2048, count)
     ids = engine.dense_prompt(SCALE_QUESTIONS[0], documents)
-    from engine.generate import GenerationStats
-
     dense = GenerationStats()
     for _ in model.stream(ids, params, stats=dense):
         pass

@@ -205,11 +205,16 @@ def insert_needles(haystack: str, case: Case) -> str:
     text = haystack
     # From the end backwards, so positions earlier in the text stay valid.
     for index in sorted(range(len(positions)), key=lambda i: (positions[i], i), reverse=True):
-        at = positions[index]
-        before = "" if at == 0 or text[at - 1].isspace() else " "
-        after = "" if at == len(text) or text[at].isspace() else " "
-        text = text[:at] + before + case.needles[index].sentence + after + text[at:]
+        text = insert_sentence(text, positions[index], case.needles[index].sentence)
     return text
+
+
+def insert_sentence(text: str, at: int, sentence: str) -> str:
+    """`text` with `sentence` put in at character `at`, a space on each side unless
+    the neighbouring character is already whitespace (or there is none)."""
+    before = "" if at == 0 or text[at - 1].isspace() else " "
+    after = "" if at == len(text) or text[at].isspace() else " "
+    return text[:at] + before + sentence + after + text[at:]
 
 
 def needle_spans(text: str, case: Case) -> list[tuple[int, int]]:

@@ -31,10 +31,9 @@ from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import CorruptCacheError
-from engine.generate import GenerationStats, SamplingParams, Token, generate
+from engine.generate import GenerationStats, SamplingParams, Token
 from engine.paths import data_dir
 from engine.runtime import LoadedModel
-from engine.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +156,8 @@ class Engine:
 
     def forget(self, keep: Iterable[CorpusDocument]) -> int:
         """Drop manifests and segments of every document not in `keep`; bytes freed."""
-        keep_keys = {d.content_key for d in keep}
-        self.manifests.remove_partials()
-        for key in self.manifests.all():
-            if key not in keep_keys:
-                self.manifests.remove(key)
-        live: set[str] = set()
-        for key in keep_keys:
-            live |= self.manifests.segment_keys(key)
         self._close_scope()
-        return self.store.collect_garbage(live)
+        return _prune_folder(self.root, {d.content_key for d in keep})
 
     def cache_bytes(self) -> int:
         return self.store.total_bytes()
@@ -245,7 +236,6 @@ class Engine:
     def _ask(self, question, documents, params, sparse, cancel, evidence_limit):
         params = params or SamplingParams()
         settings = sparse or self.sparse
-        tokenizer = self.model.tokenizer
         started = time.perf_counter()
         scope = self.open_scope(documents)
         scope_seconds = time.perf_counter() - started
@@ -258,10 +248,8 @@ class Engine:
             capacity=len(prompt) + params.max_new_tokens + 1,
         )
         cache.evidence_from = len(prompt) - 1
-        stop_ids = tuple(params.stop_token_ids) or tuple(tokenizer.eos_ids)
-        params = SamplingParams(**{**asdict(params), "stop_token_ids": stop_ids})
         generation = GenerationStats()
-        yield from generate(self.model.model, prompt, StreamDecoder(tokenizer), params, cache=cache, cancel=cancel, stats=generation)
+        yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
         yield from self._evidence(scope, cache.evidence.numpy(), evidence_limit)
         selected = cache.stats.blocks_selected
         yield AskStats(
@@ -328,15 +316,18 @@ def prune_caches(keep_content_keys: set[str], cache_root: Path | None = None) ->
     `keep_content_keys` and the segments no remaining manifest uses; bytes freed.
     Needs no model: removing a document frees its disk without loading one."""
     root = cache_root or data_dir() / "cache"
-    freed = 0
-    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
-        manifests = ManifestStore(folder)
-        manifests.remove_partials()
-        live: set[str] = set()
-        for key in manifests.all():
-            if key in keep_content_keys:
-                live |= manifests.segment_keys(key)
-            else:
-                manifests.remove(key)
-        freed += SegmentStore(folder).collect_garbage(live)
-    return freed
+    return sum(_prune_folder(folder, keep_content_keys) for folder in sorted(root.glob("*")) if folder.is_dir())
+
+
+def _prune_folder(folder: Path, keep_content_keys: set[str]) -> int:
+    """One model's cache folder: manifests of other texts (under any settings) and
+    the segments nothing kept uses go; bytes freed."""
+    manifests = ManifestStore(folder)
+    manifests.remove_partials()
+    live: set[str] = set()
+    for key in manifests.all():
+        if key in keep_content_keys:
+            live |= manifests.segment_keys(key)
+        else:
+            manifests.remove(key)
+    return SegmentStore(folder).collect_garbage(live)

@@ -45,7 +45,6 @@ own length. `payload_crc` covers every array after key_max, in file order.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -53,7 +52,6 @@ import mmap
 import os
 import re
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import CorruptCacheError
-from engine.paths import fsync_dir
+from engine.paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -478,24 +476,17 @@ class SegmentStore:
         data_start = _align(_PREFIX.size + len(header_bytes))
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        temp = Path(name)
-        try:
-            with os.fdopen(handle, "wb") as out:
+
+        def write(temp: Path) -> None:
+            with temp.open("wb") as out:
                 out.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes)
                 for array_name, array in arrays.items():
                     out.write(bytes(data_start + table[array_name]["offset"] - out.tell()))
                     out.write(array.data)
                 out.write(_TRAILER.pack(TRAILER_MAGIC, zlib.crc32(header_bytes)))
-                written = out.tell()
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
-        return written
+
+        write_atomic(path, write)
+        return path.stat().st_size
 
     def remove(self, key: str) -> None:
         self.path_for(key).unlink(missing_ok=True)

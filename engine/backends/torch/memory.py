@@ -233,9 +233,13 @@ class MemoryAttentionCache:
         `memory_distance` before the question: (Hkv, G·n, D) fp32, scaled."""
         n = min(self.settings.selection_queries, q.shape[1])
         anchor = self.question_start - self.settings.memory_distance
-        relative = positions[-n:] - anchor
-        chosen = apply_rope(q[:, -n:].float(), rotary.rotations_at(relative))[0]  # (n, Hq, D)
-        grouped = chosen.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
+        return self._grouped(q[:, -n:], rotary.rotations_at(positions[-n:] - anchor), scale)
+
+    def _grouped(self, q: torch.Tensor, rotations: torch.Tensor, scale: float) -> torch.Tensor:
+        """Queries (1, n, Hq, D) rotated and gathered per KV head: (Hkv, G·n, D) fp32, scaled."""
+        n = q.shape[1]
+        rotated = apply_rope(q.float(), rotations)[0]  # (n, Hq, D)
+        grouped = rotated.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
         return grouped.reshape(self.kv_heads, self.group * n, self.head_dim) * scale
 
     def _select(self, layer: int, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> None:
@@ -275,9 +279,7 @@ class MemoryAttentionCache:
         """log Σ exp(q·k) of the selection queries over the real tokens they see
         (sinks and the question so far), at their true positions: (Hkv, G·n)."""
         n = min(self.settings.selection_queries, q.shape[1])
-        rotated = apply_rope(q[:, -n:].float(), rotary.rotations_at(positions[-n:]))[0]  # (n, Hq, D)
-        grouped = rotated.view(n, self.kv_heads, self.group, self.head_dim).permute(1, 2, 0, 3)
-        grouped = grouped.reshape(self.kv_heads, self.group * n, self.head_dim) * scale
+        grouped = self._grouped(q[:, -n:], rotary.rotations_at(positions[-n:]), scale)
         end = self.real.length + q.shape[1]
         keys = self.real.keys[layer][0, :, :end].float()  # (Hkv, S, D)
         scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, G·n, S)
