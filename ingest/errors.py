@@ -31,3 +31,11 @@ class LibraryError(IngestError):
 
 class DocumentNotFoundError(LibraryError):
     """No document with the given id is in the library."""
+
+
+class ConversationNotFound(LibraryError):
+    """No conversation with the given id is in the library (deleted, or never was)."""
+
+
+class MessageNotFound(LibraryError):
+    """No message with the given id is in the library."""

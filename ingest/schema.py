@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import PurePath
 
 import sqlite_utils
 
@@ -143,8 +144,29 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     ])
 
 
+def m002_evidence_citation(db: sqlite_utils.Database) -> None:
+    # A citation names its book and page itself, so it still reads "Moby-Dick, p. 12"
+    # after the book is removed and document_id has become NULL.
+    _run(db, [
+        "ALTER TABLE evidence ADD COLUMN title TEXT",
+        "ALTER TABLE evidence ADD COLUMN page_label TEXT",
+    ])
+    # Evidence written before this migration takes the names its documents have now;
+    # rows whose document is already gone have nothing left to name them by.
+    rows = list(db.query(
+        "SELECT e.id, d.title, d.path, p.label FROM evidence e "
+        "JOIN documents d ON d.id = e.document_id "
+        "LEFT JOIN pages p ON p.document_id = e.document_id AND p.page_index = e.page_index"
+    ))
+    for row in rows:
+        db.execute(
+            "UPDATE evidence SET title = ?, page_label = ? WHERE id = ?",
+            [row["title"] or PurePath(row["path"]).name, row["label"], row["id"]],
+        )
+
+
 # Append only. See the module docstring.
-MIGRATIONS: list[Migration] = [m001_initial]
+MIGRATIONS: list[Migration] = [m001_initial, m002_evidence_citation]
 
 
 def applied_migrations(db: sqlite_utils.Database) -> list[str]:

@@ -45,7 +45,7 @@ def test_default_location_wal_and_foreign_keys(library, tmp_path):
     tables = set(library.db.table_names())
     assert {"documents", "pages", "pages_fts", "collections", "collection_documents",
             "conversations", "messages", "evidence", "migrations"} <= tables
-    assert library.applied_migrations == ["m001_initial"]
+    assert library.applied_migrations == [m.__name__ for m in MIGRATIONS]
 
 
 def test_second_open_applies_nothing_and_appended_migration_runs_once(tmp_path):
@@ -69,7 +69,7 @@ def test_second_open_applies_nothing_and_appended_migration_runs_once(tmp_path):
         assert third.get(1).title is None and third.search("kept")[0].document_id == 1
     with Library(path, migrations=migrations) as fourth:
         assert fourth.applied_migrations == []
-        assert applied_migrations(fourth.db) == ["m001_initial", "m999_document_notes"]
+        assert applied_migrations(fourth.db) == [*(m.__name__ for m in MIGRATIONS), "m999_document_notes"]
     assert calls == ["ran"]
 
     # Older code opening a library a newer Quire migrated must refuse, not write.
@@ -89,7 +89,7 @@ def test_failing_migration_leaves_the_schema_as_it_was(tmp_path):
         Library(path, migrations=[*MIGRATIONS, m002_broken])
     with Library(path) as reopened:
         assert "half_done" not in reopened.db.table_names()
-        assert applied_migrations(reopened.db) == ["m001_initial"]
+        assert applied_migrations(reopened.db) == [m.__name__ for m in MIGRATIONS]
 
 
 def test_not_a_database_is_a_library_error(tmp_path):
