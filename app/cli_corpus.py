@@ -18,16 +18,8 @@ from dataclasses import asdict
 
 from engine.corpus.build import BuildProgress, CorpusDocument
 from engine.corpus.settings import CacheSettings, SparseSettings
-from ingest.document import PAGE_SEPARATOR
-from ingest.library import DocumentRecord, Library
-
-
-def corpus_document(library: Library, record: DocumentRecord) -> CorpusDocument:
-    """A library document as the engine's plain type: full text and page starts."""
-    pages = library.pages(record.id)
-    text = PAGE_SEPARATOR.join(page.text for page in pages)
-    starts = [(page.start, page.label or str(page.index + 1)) for page in pages]
-    return CorpusDocument(record.id, text, starts, record.display_title)
+from app.service import corpus_document
+from ingest.library import Library
 
 
 def scope_documents(library: Library, ids: list[int] | None) -> list[CorpusDocument]:

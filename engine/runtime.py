@@ -42,6 +42,12 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
+def device_available(device: str, backend: str = "torch") -> bool:
+    """Whether the backend can run on `device` here (imports the backend lazily)."""
+    module = importlib.import_module(f"engine.backends.{resolve_backend(backend)}")
+    return bool(module.device_available(device))
+
+
 @dataclass
 class LoadedModel:
     folder: ModelFolder

@@ -74,6 +74,7 @@ class IngestProgress:
     eta_seconds: float | None  # None until there is a rate to extrapolate
     message: str  # "reading NAME", "NAME: page 3 of 40" or "NAME: <outcome>"
     file_done: bool = False  # False: `file` is starting; True: its outcome is in `message`
+    file_fraction: float = 0.0  # pages of `file` read so far, 0..1
 
 
 @dataclass
@@ -278,7 +279,9 @@ class IngestJob:
         except OSError:
             return 0
 
-    def _report(self, path: Path, index: int, bytes_done: float, message: str, file_done: bool) -> None:
+    def _report(
+        self, path: Path, index: int, bytes_done: float, message: str, file_done: bool, file_fraction: float = 0.0
+    ) -> None:
         if self.progress is None:
             return
         # By bytes, not files: one 900-page PDF outweighs ten short stories.
@@ -288,6 +291,7 @@ class IngestJob:
         self.progress(IngestProgress(
             file=path, index=index, total=self._total_files, pages_done=self._pages_done,
             fraction=min(1.0, fraction), eta_seconds=eta, message=message, file_done=file_done,
+            file_fraction=1.0 if file_done else file_fraction,
         ))
 
     def _page_reporter(self, path: Path, index: int, bytes_done: int, size: int) -> PageProgress:
@@ -297,7 +301,7 @@ class IngestJob:
             if self.cancelled:
                 raise Cancelled(f"cancelled while reading {path.name}")
             within = done / pages if pages else 0.0
-            self._report(path, index, bytes_done + size * within, f"{path.name}: page {done} of {pages}", False)
+            self._report(path, index, bytes_done + size * within, f"{path.name}: page {done} of {pages}", False, within)
 
         return on_page
 

@@ -1,178 +1,779 @@
-"""A minimal Quire window until the desktop-app issue lands: ask the default model a
-question and watch the answer stream in.
+"""Quire's main window: the library (left), the conversation (centre), the evidence
+and the source viewer (right), a status bar with the model, the corpus and the last
+answer's speed.
 
-Engine work runs on one worker thread (the GUI thread never touches the engine);
-tokens come back to the window as queued signals; Stop sets the cancel flag the
-generation loop checks before every step.
+The window owns no slow work. Model loading, cache builds and answers go to the
+`EngineWorker` thread; reading files and removing documents to the `IngestWorker`
+thread; both report through queued signals. Reads of library.db for the lists go
+through `LibraryStore`. Any failure arrives as one line in a banner and the status
+bar; the window stays usable.
 """
 
 from __future__ import annotations
 
-import html
+import logging
 import sys
-import threading
+from dataclasses import replace
+from pathlib import Path
 
-from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
-from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtCore import QByteArray, QEvent, QObject, QSettings, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
-    QHBoxLayout,
+    QDockWidget,
+    QFileDialog,
+    QInputDialog,
     QLabel,
     QMainWindow,
-    QPlainTextEdit,
-    QPushButton,
-    QTextBrowser,
-    QVBoxLayout,
-    QWidget,
+    QMessageBox,
+    QProgressBar,
+    QTabWidget,
+    QToolButton,
 )
 
+from app.gui.conversation import ConversationPanel
+from app.gui.evidence import EvidencePanel
+from app.gui.library_panel import ConversationsPanel, LibraryPanel
+from app.gui.store import LibraryStore, Scope
+from app.gui.theme import apply_theme
+from app.gui.viewer import SourceViewer
+from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, default_token_counter
+from app.settings import AppSettings, load_settings, save_settings
+from engine.corpus.build import BuildProgress
+from ingest.conversations import Citation
+from ingest.jobs import IngestProgress, IngestSummary
+from ingest.paths import library_path as default_library_path
 
-class EngineWorker(QObject):
-    """Owns the model; lives on its own QThread; every slot runs there."""
+log = logging.getLogger(__name__)
 
-    loaded = Signal(str)
+EXPORT_FILTERS = "Markdown (*.md);;HTML (*.html);;PDF (*.pdf);;JSON (*.json)"
+
+
+def local_files(mime) -> list[str]:
+    if not mime.hasUrls():
+        return []
+    return [url.toLocalFile() for url in mime.urls() if url.isLocalFile()]
+
+
+class _DropCatcher(QObject):
+    """Lets files be dropped on any part of the window, text boxes included."""
+
+    def __init__(self, window: MainWindow) -> None:
+        super().__init__(window)
+        self.window = window
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
+        if event.type() in (QEvent.Type.DragEnter, QEvent.Type.DragMove, QEvent.Type.Drop):
+            widget = watched if hasattr(watched, "window") else None
+            if widget is None or widget.window() is not self.window:
+                return False
+            paths = local_files(event.mimeData())
+            if not paths:
+                return False
+            if event.type() == QEvent.Type.Drop:
+                self.window.add_paths(paths)
+            event.acceptProposedAction()
+            return True
+        return False
+
+
+class _Inbox(QObject):
+    """Where the workers' signals land in the GUI thread.
+
+    Each worker signal is connected to the same-named signal here: a plain QObject
+    made in the GUI thread, so Qt queues the call across threads. (Measured with
+    PySide6 6.12: connecting worker signals straight to the main window's methods,
+    even with QueuedConnection, ran them in the worker thread.)"""
+
+    loading = Signal(str)
+    ready = Signal(object)
+    cache_progress = Signal(object)
+    cache_finished = Signal(str)
+    cache_states = Signal(object)
+    cache_bytes = Signal(int)
     token = Signal(str)
-    finished = Signal(str)
-    failed = Signal(str)
-
-    def __init__(self, model_spec: str | None) -> None:
-        super().__init__()
-        self.model_spec = model_spec
-        self.model = None
-        self.cancel = threading.Event()
-
-    @Slot()
-    def load(self) -> None:
-        from engine.errors import QuireEngineError
-        from engine.runtime import DEFAULT_MODEL, load_model
-
-        try:
-            self.model = load_model(self.model_spec or DEFAULT_MODEL)
-        except QuireEngineError as error:
-            self.failed.emit(str(error))
-            return
-        except Exception as error:  # the window must survive any engine failure
-            self.failed.emit(f"the model could not be loaded: {error}")
-            return
-        self.loaded.emit(self.model.folder.name)
-
-    @Slot(str)
-    def ask(self, question: str) -> None:
-        from engine.generate import GenerationStats, SamplingParams
-
-        if self.model is None:
-            self.failed.emit("no model is loaded")
-            return
-        self.cancel.clear()
-        stats = GenerationStats()
-        try:
-            for piece in self.model.chat(
-                [{"role": "user", "content": question}],
-                SamplingParams(max_new_tokens=512),
-                cancel=self.cancel.is_set,
-                stats=stats,
-            ):
-                self.token.emit(piece.text)
-        except Exception as error:
-            self.failed.emit(f"generation failed: {error}")
-            return
-        self.finished.emit(
-            f"{stats.generated_tokens} tokens, first after {stats.time_to_first_token:.2f} s, "
-            f"{stats.decode_tokens_per_second:.1f} tok/s ({stats.finish_reason})"
-        )
+    evidence = Signal(list)
+    answer_finished = Signal(object)
+    failed = Signal(str, str)
+    engine_busy = Signal(str)
+    ingest_progress = Signal(object)
+    ingest_finished = Signal(object)
+    ingest_removed = Signal(list, int)
+    ingest_failed = Signal(str)
+    ingest_busy = Signal(str)
 
 
 class MainWindow(QMainWindow):
-    ask_requested = Signal(str)
+    configure_requested = Signal(object)
+    build_requested = Signal(object)
+    ask_requested = Signal(object)
+    states_requested = Signal()
+    ingest_requested = Signal(list)
+    remove_requested = Signal(list, str)
 
-    def __init__(self, model_spec: str | None = None) -> None:
+    def __init__(
+        self,
+        model_spec: str | None = None,
+        *,
+        settings: AppSettings | None = None,
+        settings_file: Path | None = None,
+        library_path: Path | None = None,
+        engine_factory: EngineFactory | None = None,
+        qsettings: QSettings | None = None,
+    ) -> None:
         super().__init__()
+        self.settings_file = settings_file
+        self.settings = settings or load_settings(settings_file)
+        if model_spec:
+            self.settings = replace(self.settings, model=model_spec)
+        self.library_path = library_path or default_library_path()
+        self.qsettings = qsettings or QSettings("Quire", "Quire")
+        self.store = LibraryStore(self.library_path)
+        self.conversation_id: int | None = None
+        self.answering = False
+        self.engine_ready = False
+        self.engine_info: dict = {}
+        self.cache_states: dict[int, bool] = {}
+        self.last_error = ""
         self.setWindowTitle("Quire")
-        self.resize(900, 640)
-        self.answer = QTextBrowser()
-        self.answer.setPlaceholderText("Answers appear here.")
-        self.question = QPlainTextEdit()
-        self.question.setPlaceholderText("Ask a question… (Ctrl+Enter to send)")
-        self.question.setMaximumHeight(110)
-        self.send = QPushButton("Ask")
-        self.stop = QPushButton("Stop")
-        self.stop.setEnabled(False)
-        self.send.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addStretch(1)
-        buttons.addWidget(self.stop)
-        buttons.addWidget(self.send)
-        layout = QVBoxLayout()
-        title = QLabel("<b>Quire</b> — ask the model; the library and evidence panels arrive with the app issue.")
-        title.setTextFormat(Qt.RichText)
-        layout.addWidget(title)
-        layout.addWidget(self.answer, 1)
-        layout.addWidget(self.question)
-        layout.addLayout(buttons)
-        central = QWidget()
-        central.setLayout(layout)
-        self.setCentralWidget(central)
-        self.statusBar().showMessage("Loading model…")
+        self.resize(1280, 800)
+        self.setAcceptDrops(True)
 
-        self.thread = QThread(self)
-        self.worker = EngineWorker(model_spec)
-        self.worker.moveToThread(self.thread)
-        self.thread.started.connect(self.worker.load)
-        self.ask_requested.connect(self.worker.ask)
-        self.worker.loaded.connect(self.on_loaded)
-        self.worker.token.connect(self.on_token)
-        self.worker.finished.connect(self.on_finished)
-        self.worker.failed.connect(self.on_failed)
-        self.send.clicked.connect(self.on_send)
-        self.stop.clicked.connect(lambda: self.worker.cancel.set())
-        QShortcut(QKeySequence("Ctrl+Return"), self, activated=self.on_send)
-        QShortcut(QKeySequence("Escape"), self, activated=lambda: self.worker.cancel.set())
-        self.thread.start()
+        self._build_panels()
+        self._build_status_bar()
+        self._build_actions()
+        self._start_workers(engine_factory)
+        self._restore_layout()
+        QApplication.instance().installEventFilter(self._drop_catcher)
+        self.refresh_library()
+        self.refresh_conversations()
+        self.new_conversation()
+        self.configure_requested.emit(self.settings)
 
-    @Slot(str)
-    def on_loaded(self, name: str) -> None:
-        self.statusBar().showMessage(f"Model: {name}")
-        self.send.setEnabled(True)
+    # -- construction ------------------------------------------------------------
 
-    @Slot()
-    def on_send(self) -> None:
-        question = self.question.toPlainText().strip()
-        if not question or not self.send.isEnabled():
+    def _build_panels(self) -> None:
+        self.conversation = ConversationPanel()
+        self.setCentralWidget(self.conversation)
+        self.library = LibraryPanel()
+        self.conversations = ConversationsPanel()
+        self.evidence = EvidencePanel()
+        self.viewer = SourceViewer()
+        tabs = QTabWidget()
+        tabs.addTab(self.library, "Library")
+        tabs.addTab(self.conversations, "Conversations")
+        self.left_tabs = tabs
+        self.library_dock = self._dock("Library", tabs, Qt.DockWidgetArea.LeftDockWidgetArea, "libraryDock")
+        self.evidence_dock = self._dock("Evidence", self.evidence, Qt.DockWidgetArea.RightDockWidgetArea, "evidenceDock")
+        self.viewer_dock = self._dock("Source", self.viewer, Qt.DockWidgetArea.RightDockWidgetArea, "viewerDock")
+        self.splitDockWidget(self.evidence_dock, self.viewer_dock, Qt.Orientation.Vertical)
+        self.resizeDocks([self.library_dock, self.evidence_dock], [420, 430], Qt.Orientation.Horizontal)
+        self.banner = QLabel()
+        self.banner.setWordWrap(True)
+        self.banner.setStyleSheet("QLabel { background: #fdecea; color: #8a1c12; padding: 6px; border-radius: 4px; }")
+        self.banner.hide()
+        self.conversation.layout().insertWidget(0, self.banner)
+        self._drop_catcher = _DropCatcher(self)
+
+        self.conversation.ask_clicked.connect(self.ask)
+        self.conversation.stop_clicked.connect(self.stop)
+        self.conversation.regenerate_clicked.connect(self.regenerate)
+        self.conversation.citation_clicked.connect(self._citation_link)
+        self.conversation.scope_changed.connect(self._scope_changed)
+        self.library.add_files.connect(self.choose_files)
+        self.library.add_folder.connect(self.choose_folder)
+        self.library.build_cache.connect(self.build_cache)
+        self.library.remove_documents.connect(self.remove_documents)
+        self.library.new_collection.connect(self.new_collection)
+        self.library.add_to_collection.connect(self._add_to_collection)
+        self.library.ask_about.connect(self.ask_about)
+        self.library.table.selectionModel().selectionChanged.connect(lambda *_: self.refresh_scopes())
+        self.conversations.chosen.connect(self.open_conversation)
+        self.conversations.search_changed.connect(lambda text: self.refresh_conversations(text))
+        self.conversations.rename_requested.connect(self.rename_conversation)
+        self.conversations.delete_requested.connect(self.delete_conversation)
+        self.conversations.new_requested.connect(self.new_conversation)
+        self.evidence.open_citation.connect(self.open_citation)
+
+    def _dock(self, title: str, widget, area: Qt.DockWidgetArea, name: str) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)
+        dock.setWidget(widget)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _build_status_bar(self) -> None:
+        bar = self.statusBar()
+        self.model_label = QLabel("Model: loading…")
+        self.corpus_label = QLabel()
+        self.cache_label = QLabel()
+        self.speed_label = QLabel()
+        self.task_progress = QProgressBar()
+        self.task_progress.setMaximumWidth(180)
+        self.task_progress.setRange(0, 1000)
+        self.task_progress.hide()
+        self.task_cancel = QToolButton()
+        self.task_cancel.setText("Cancel")
+        self.task_cancel.setToolTip("Cancel the running task (Esc)")
+        self.task_cancel.clicked.connect(self.cancel_work)
+        self.task_cancel.hide()
+        for widget in (self.task_progress, self.task_cancel, self.model_label, self.corpus_label, self.cache_label, self.speed_label):
+            bar.addPermanentWidget(widget)
+
+    def _action(self, menu, text: str, slot, shortcut=None, tip: str = "") -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        if tip:
+            action.setStatusTip(tip)
+        action.triggered.connect(slot)
+        menu.addAction(action)
+        return action
+
+    def _build_actions(self) -> None:
+        menus = self.menuBar()
+        file = menus.addMenu("&File")
+        self._action(file, "Add &Files…", self.choose_files, QKeySequence.StandardKey.Open)
+        self._action(file, "Add F&older…", self.choose_folder, "Ctrl+Shift+O")
+        file.addSeparator()
+        self.export_action = self._action(file, "&Export Conversation…", self.export_conversation, "Ctrl+E")
+        file.addSeparator()
+        self._action(file, "&Settings…", self.open_settings, QKeySequence.StandardKey.Preferences if sys.platform == "darwin" else "Ctrl+,")
+        self._action(file, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        talk = menus.addMenu("&Conversation")
+        self._action(talk, "&New Conversation", self.new_conversation, QKeySequence.StandardKey.New)
+        self._action(talk, "&Ask", lambda: self.conversation._on_submit(), "Ctrl+Return")
+        self.stop_action = self._action(talk, "&Stop", self.stop, "Ctrl+.")
+        self._action(talk, "&Regenerate", self.regenerate, "Ctrl+R")
+        self._action(talk, "Re&name…", lambda: self.rename_conversation(self.conversation_id), "F2")
+        self._action(talk, "&Delete", lambda: self.delete_conversation(self.conversation_id), "Ctrl+Shift+Backspace")
+        self._action(talk, "Focus &Question", lambda: self.conversation.question.setFocus(), "Ctrl+L")
+        library = menus.addMenu("&Library")
+        self._action(library, "&Build Cache", self.build_cache, "Ctrl+B")
+        self._action(library, "&Remove Selected", lambda: self.remove_documents(self.library.selected_ids()), QKeySequence.StandardKey.Delete)
+        self._action(library, "New &Collection from Selection…", lambda: self.new_collection(self.library.selected_ids()))
+        self._action(library, "&Cancel Running Task", self.cancel_work, "Escape")
+        view = menus.addMenu("&View")
+        self._action(view, "Show &Library", lambda: self._show(self.library_dock, self.left_tabs, 0), "Ctrl+1")
+        self._action(view, "Show C&onversations", lambda: self._show(self.library_dock, self.left_tabs, 1), "Ctrl+2")
+        self._action(view, "Show &Evidence", lambda: self._show(self.evidence_dock), "Ctrl+3")
+        self._action(view, "Show &Source", lambda: self._show(self.viewer_dock), "Ctrl+4")
+        view.addSeparator()
+        for dock in (self.library_dock, self.evidence_dock, self.viewer_dock):
+            view.addAction(dock.toggleViewAction())
+        help_menu = menus.addMenu("&Help")
+        self._action(help_menu, "&Keyboard Shortcuts", self.show_shortcuts, QKeySequence.StandardKey.HelpContents)
+        self._action(help_menu, "&About Quire", self.show_about)
+
+    def _show(self, dock: QDockWidget, tabs: QTabWidget | None = None, tab: int = 0) -> None:
+        dock.show()
+        dock.raise_()
+        if tabs is not None:
+            tabs.setCurrentIndex(tab)
+            tabs.currentWidget().setFocus()
+
+    def _start_workers(self, engine_factory: EngineFactory | None) -> None:
+        if engine_factory is None:
+            from app.service import LocalEngine
+
+            engine_factory = LocalEngine
+        self.engine_thread = QThread(self)
+        self.engine_thread.setObjectName("quire-engine")
+        self.engine_worker = EngineWorker(self.library_path, engine_factory)
+        self.engine_worker.moveToThread(self.engine_thread)
+        self.ingest_thread = QThread(self)
+        self.ingest_thread.setObjectName("quire-ingest")
+        self.ingest_worker = IngestWorker(self.library_path, default_token_counter(self.settings))
+        self.ingest_worker.moveToThread(self.ingest_thread)
+        self._inbox = _Inbox(self)
+
+        engine, ingest, inbox = self.engine_worker, self.ingest_worker, self._inbox
+        self.configure_requested.connect(engine.configure)
+        self.build_requested.connect(engine.build)
+        self.ask_requested.connect(engine.ask)
+        self.states_requested.connect(engine.refresh_cache_states)
+        self.ingest_requested.connect(ingest.ingest)
+        self.remove_requested.connect(ingest.remove)
+        for name in ("loading", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
+                     "token", "evidence", "answer_finished", "failed"):
+            getattr(engine, name).connect(getattr(inbox, name))
+        engine.busy.connect(inbox.engine_busy)
+        for name in ("progress", "finished", "removed", "failed", "busy"):
+            getattr(ingest, name).connect(getattr(inbox, f"ingest_{name}"))
+        inbox.loading.connect(self._engine_loading)
+        inbox.ready.connect(self._engine_ready)
+        inbox.cache_progress.connect(self._cache_progress)
+        inbox.cache_finished.connect(self._cache_finished)
+        inbox.cache_states.connect(self._cache_states)
+        inbox.cache_bytes.connect(self._cache_bytes)
+        inbox.token.connect(self.conversation.append_token)
+        inbox.evidence.connect(self._live_evidence)
+        inbox.answer_finished.connect(self._answer_finished)
+        inbox.failed.connect(self._engine_failed)
+        inbox.engine_busy.connect(lambda text: self._busy("engine", text))
+        inbox.ingest_progress.connect(self._ingest_progress)
+        inbox.ingest_finished.connect(self._ingest_finished)
+        inbox.ingest_removed.connect(self._removed)
+        inbox.ingest_failed.connect(self.show_error)
+        inbox.ingest_busy.connect(lambda text: self._busy("ingest", text))
+        self._busy_tasks: dict[str, str] = {}
+        self.engine_thread.start()
+        self.ingest_thread.start()
+
+    # -- layout and theme --------------------------------------------------------
+
+    def _restore_layout(self) -> None:
+        geometry = self.qsettings.value("window/geometry")
+        state = self.qsettings.value("window/state")
+        if isinstance(geometry, QByteArray):
+            self.restoreGeometry(geometry)
+        if isinstance(state, QByteArray):
+            self.restoreState(state)
+
+    def _save_layout(self) -> None:
+        self.qsettings.setValue("window/geometry", self.saveGeometry())
+        self.qsettings.setValue("window/state", self.saveState())
+        self.qsettings.sync()
+
+    # -- library -----------------------------------------------------------------
+
+    def refresh_library(self) -> None:
+        records = self.store.documents()
+        self.library.set_documents(records)
+        self.library.model.set_cache_states(self.cache_states)
+        self.library.set_collections(self.store.collections())
+        ready = [r for r in records if r.status == "ready"]
+        tokens = sum(r.tokens or 0 for r in ready)
+        self.corpus_label.setText(f"Corpus: {len(ready)} document(s), {tokens:,} tokens")
+        self.refresh_scopes()
+
+    def refresh_scopes(self) -> None:
+        scopes = [Scope()]
+        for collection in self.store.collections():
+            scopes.append(Scope("collection", collection.id, (), f"Collection: {collection.name}"))
+        selected = tuple(self.library.selected_ids())
+        if selected:
+            scopes.append(Scope("documents", None, selected, f"Selected documents ({len(selected)})"))
+        self.conversation.set_scopes(scopes)
+
+    def choose_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(
+            self, "Add to the library", "", "Documents (*.pdf *.epub *.txt *.md *.markdown *.html *.htm *.docx);;All files (*)"
+        )
+        if paths:
+            self.add_paths(paths)
+
+    def choose_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Add a folder to the library")
+        if path:
+            self.add_paths([path])
+
+    def add_paths(self, paths: list[str]) -> None:
+        self.library.show_notice(f"Adding {len(paths)} item(s)…")
+        self._show(self.library_dock, self.left_tabs, 0)
+        self.ingest_requested.emit(list(paths))
+
+    @Slot(object)
+    def _ingest_progress(self, progress: IngestProgress) -> None:
+        path = str(Path(progress.file).resolve())
+        if self.library.model.row_of_path(path) is None:
+            self.refresh_library()  # the file got its row when reading began
+        self.library.model.set_reading(path, None if progress.file_done else progress.file_fraction)
+        self._show_progress(progress.fraction, progress.message)
+
+    @Slot(object)
+    def _ingest_finished(self, summary: IngestSummary) -> None:
+        self.library.model.clear_reading()
+        self.refresh_library()
+        notes = [summary.describe()]
+        if summary.duplicates:
+            names = ", ".join(Path(o.path).name for o in summary.duplicates[:3])
+            notes.append(f"Already in the library, not added again: {names}{'…' if len(summary.duplicates) > 3 else ''}")
+        if summary.failed:
+            notes.append("Could not be read: " + "; ".join(f"{Path(o.path).name} ({o.message})" for o in summary.failed[:3]))
+        self.library.show_notice("\n".join(notes))
+        self.statusBar().showMessage(summary.describe(), 8000)
+        new_ids = [o.document_id for o in summary.added + summary.updated if o.document_id is not None]
+        if new_ids and self.settings.auto_cache and self.engine_ready:
+            self.build_requested.emit(new_ids)
+
+    def remove_documents(self, ids: list[int]) -> None:
+        if not ids:
             return
-        self.answer.append(f"<p><b>You:</b> {html.escape(question)}</p><p><b>Quire:</b> ")
-        self.question.clear()
-        self.send.setEnabled(False)
-        self.stop.setEnabled(True)
-        self.ask_requested.emit(question)
+        titles = [self.store.document(i) for i in ids]
+        names = ", ".join(r.display_title for r in titles[:3] if r is not None)
+        answer = QMessageBox.question(
+            self, "Remove from library", f"Remove {len(ids)} document(s) ({names}) and free their cache?\nThe files on disk are not touched."
+        )
+        if answer == QMessageBox.StandardButton.Yes:
+            self.remove_requested.emit(ids, str(self.settings.cache_root()))
+
+    @Slot(list, int)
+    def _removed(self, ids: list[int], freed: int) -> None:
+        self.refresh_library()
+        self.library.show_notice(f"Removed {len(ids)} document(s); {freed / 2**20:.1f} MiB of cache freed.")
+        self.states_requested.emit()
+
+    def new_collection(self, ids: list[int]) -> None:
+        name, ok = QInputDialog.getText(self, "New collection", "Name:")
+        if ok and name.strip():
+            try:
+                collection_id = self.store.create_collection(name.strip())
+                if ids:
+                    self.store.add_to_collection(collection_id, ids)
+            except Exception as error:  # noqa: BLE001 — e.g. the name exists
+                self.show_error(f"the collection could not be created: {error}")
+            self.refresh_library()
+
+    def _add_to_collection(self, collection_id: int, ids: list[int]) -> None:
+        self.store.add_to_collection(collection_id, ids)
+        self.refresh_library()
+
+    def ask_about(self, ids: list[int]) -> None:
+        self.refresh_scopes()
+        index = self.conversation.scope.findText(f"Selected documents ({len(ids)})")
+        if index >= 0:
+            self.conversation.scope.setCurrentIndex(index)
+        self.conversation.question.setFocus()
+
+    # -- cache -------------------------------------------------------------------
+
+    def build_cache(self) -> None:
+        if not self.engine_ready:
+            self.show_error("the model is not loaded yet")
+            return
+        self.build_requested.emit(None)
+
+    @Slot(object)
+    def _cache_progress(self, progress: BuildProgress) -> None:
+        if isinstance(progress.document_id, int):
+            self.library.model.set_caching(progress.document_id, progress.document_fraction)
+        fraction = progress.tokens_done / progress.tokens_total if progress.tokens_total else 1.0
+        eta = f", about {progress.eta_seconds:.0f} s left" if progress.eta_seconds is not None else ""
+        self._show_progress(fraction, f"Caching: {progress.tokens_done:,} of {progress.tokens_total:,} tokens{eta}")
 
     @Slot(str)
-    def on_token(self, text: str) -> None:
-        self.answer.moveCursor(self.answer.textCursor().MoveOperation.End)
-        self.answer.insertPlainText(text)
+    def _cache_finished(self, summary: str) -> None:
+        self.library.model.set_caching(None, None)
+        self.statusBar().showMessage(summary or "Cache build cancelled; it resumes where it stopped.", 8000)
+
+    @Slot(object)
+    def _cache_states(self, states: dict) -> None:
+        self.cache_states = dict(states)
+        self.library.model.set_cache_states(self.cache_states)
+
+    # -- engine ------------------------------------------------------------------
 
     @Slot(str)
-    def on_finished(self, summary: str) -> None:
-        self.send.setEnabled(True)
-        self.stop.setEnabled(False)
-        self.statusBar().showMessage(summary)
+    def _engine_loading(self, name: str) -> None:
+        self.model_label.setText(f"Model: loading {name}…")
+
+    @Slot(int)
+    def _cache_bytes(self, size: int) -> None:
+        self.cache_label.setText(f"Cache: {size / 2**20:,.1f} MiB")
+
+    @Slot(object)
+    def _engine_ready(self, info: dict) -> None:
+        self.engine_ready = True
+        self.engine_info = info
+        self.model_label.setText(f"Model: {info.get('model')} · {str(info.get('device', '')).upper()}")
+        self.hide_error()
+        self._update_buttons()
+        if self.settings.auto_cache and self.store.documents():
+            self.build_requested.emit(None)
+
+    @Slot(str, str)
+    def _engine_failed(self, task: str, message: str) -> None:
+        if task == "load":
+            self.engine_ready = False
+            self.model_label.setText("Model: not loaded")
+        self.show_error(message)
+        self._update_buttons()
+
+    def _busy(self, owner: str, text: str) -> None:
+        if text:
+            self._busy_tasks[owner] = text
+        else:
+            self._busy_tasks.pop(owner, None)
+        if self._busy_tasks:
+            self.statusBar().showMessage(" · ".join(self._busy_tasks.values()))
+            self.task_cancel.show()
+        else:
+            self.statusBar().clearMessage()
+            self.task_progress.hide()
+            self.task_cancel.hide()
+
+    def _show_progress(self, fraction: float, message: str) -> None:
+        self.task_progress.show()
+        self.task_cancel.show()
+        self.task_progress.setValue(int(1000 * max(0.0, min(1.0, fraction))))
+        self.task_progress.setFormat(f"{fraction:.0%}")
+        self.statusBar().showMessage(message)
+
+    def cancel_work(self) -> None:
+        """Esc: stop the answer if one is streaming, else cancel builds and reading."""
+        if self.answering:
+            self.stop()
+            return
+        self.engine_worker.cancel()
+        self.ingest_worker.cancel()
+
+    # -- conversations -----------------------------------------------------------
+
+    def refresh_conversations(self, query: str | None = None) -> None:
+        query = self.conversations.search.text() if query is None else query
+        self.conversations.model.set_conversations(self.store.conversation_list(query))
+        self.conversations.select(self.conversation_id)
+
+    def new_conversation(self) -> None:
+        if self.answering:
+            return
+        self.conversation_id = None
+        self.conversation.show_conversation("New conversation", [])
+        self.evidence.set_citations([], {})
+        self.conversations.select(None)
+        self._update_buttons()
+        self.conversation.question.setFocus()
+
+    def open_conversation(self, conversation_id: int) -> None:
+        if self.answering or conversation_id is None:
+            return
+        try:
+            conversation = self.store.conversations.get(conversation_id)
+        except Exception as error:  # noqa: BLE001 — deleted meanwhile
+            self.show_error(str(error))
+            self.refresh_conversations()
+            return
+        self.conversation_id = conversation_id
+        messages = self.store.messages(conversation_id)
+        self.conversation.show_conversation(conversation.title, messages)
+        self.conversation.set_scopes([], Scope.from_dict(conversation.scope))
+        self.refresh_scopes()
+        answers = [m for m in messages if m.role == "assistant"]
+        self._show_evidence(answers[-1].citations if answers else [])
+        self._update_buttons()
+
+    def rename_conversation(self, conversation_id: int | None) -> None:
+        if conversation_id is None:
+            return
+        current = self.store.conversations.get(conversation_id).title
+        title, ok = QInputDialog.getText(self, "Rename conversation", "Title:", text=current)
+        if ok and title.strip():
+            self.store.conversations.rename(conversation_id, title.strip())
+            if conversation_id == self.conversation_id:
+                self.conversation.title.setText(title.strip())
+            self.refresh_conversations()
+
+    def delete_conversation(self, conversation_id: int | None) -> None:
+        if conversation_id is None or self.answering:
+            return
+        title = self.store.conversations.get(conversation_id).title
+        if QMessageBox.question(self, "Delete conversation", f"Delete “{title}” and its answers?") != QMessageBox.StandardButton.Yes:
+            return
+        self.store.conversations.delete(conversation_id)
+        if conversation_id == self.conversation_id:
+            self.new_conversation()
+        self.refresh_conversations()
+
+    # -- asking ------------------------------------------------------------------
+
+    def ask(self, question: str) -> None:
+        if self.answering or not self.engine_ready:
+            return
+        scope = self.conversation.current_scope()
+        if self.conversation_id is None:
+            title = " ".join(question.split())
+            title = title if len(title) <= 60 else title[:57] + "…"
+            self.conversation_id = self.store.new_conversation(title, scope).id
+        else:
+            self.store.conversations.set_scope(self.conversation_id, scope.to_dict())
+        self.store.conversations.add_message(self.conversation_id, "user", question)
+        self.conversation.question.clear()
+        self._send(question, scope)
+
+    def regenerate(self) -> None:
+        if self.answering or self.conversation_id is None or not self.engine_ready:
+            return
+        messages = self.store.messages(self.conversation_id)
+        if messages and messages[-1].role == "assistant":
+            self.store.conversations.delete_message(messages[-1].id)
+            messages = messages[:-1]
+        questions = [m for m in messages if m.role == "user"]
+        if questions:
+            self._send(questions[-1].content, self.conversation.current_scope())
+
+    def _send(self, question: str, scope: Scope) -> None:
+        assert self.conversation_id is not None
+        conversation = self.store.conversations.get(self.conversation_id)
+        self.conversation.show_conversation(conversation.title, self.store.messages(self.conversation_id))
+        self.conversation.begin_answer()
+        self.evidence.set_citations([], {})
+        self.answering = True
+        self._update_buttons()
+        self.hide_error()
+        self.refresh_conversations()
+        self.ask_requested.emit(
+            AskRequest(self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens)
+        )
+
+    def stop(self) -> None:
+        if self.answering:
+            self.engine_worker.cancel()
+
+    @Slot(list)
+    def _live_evidence(self, citations: list[Citation]) -> None:
+        self.conversation.set_live_citations(citations)
+        self._show_evidence(citations)
+
+    @Slot(object)
+    def _answer_finished(self, info: dict) -> None:
+        self.answering = False
+        stats = info.get("stats") or {}
+        if stats.get("time_to_first_token"):
+            self.speed_label.setText(
+                f"Last answer: first token {stats['time_to_first_token']:.2f} s, {stats.get('decode_tokens_per_second', 0):.1f} tok/s"
+            )
+        if info.get("conversation_id") == self.conversation_id:
+            self.open_conversation(self.conversation_id)
+        self.refresh_conversations()
+        self._update_buttons()
+
+    def _show_evidence(self, citations: list[Citation]) -> None:
+        lengths = {}
+        for citation in citations:
+            if citation.document_id is not None and citation.document_id not in lengths:
+                record = self.store.document(citation.document_id)
+                if record is not None:
+                    lengths[citation.document_id] = record.characters
+        self.evidence.set_citations(citations, lengths)
+
+    def _citation_link(self, key: str, number: int) -> None:
+        citations = self.conversation.citations_for(key)
+        if 0 <= number < len(citations):
+            self._show_evidence(citations)
+            self.open_citation(citations[number])
+
+    def open_citation(self, citation: Citation) -> None:
+        passage = self.store.passage(citation)
+        if passage is None:
+            self.show_error(f"“{citation.title}” is no longer in the library; the quote is kept in the answer")
+            return
+        self.viewer.open_passage(passage)
+        self._show(self.viewer_dock)
+
+    def _scope_changed(self) -> None:
+        if self.conversation_id is not None and not self.answering:
+            self.store.conversations.set_scope(self.conversation_id, self.conversation.current_scope().to_dict())
+
+    def _update_buttons(self) -> None:
+        has_question = False
+        if self.conversation_id is not None:
+            has_question = any(m.role == "user" for m in self.conversation.messages)
+        self.conversation.set_state(answering=self.answering, can_ask=self.engine_ready, can_regenerate=has_question)
+        self.export_action.setEnabled(self.conversation_id is not None)
+
+    # -- export, settings, help --------------------------------------------------
+
+    def export_conversation(self) -> None:
+        if self.conversation_id is None:
+            return
+        from app.export import export, transcript_from
+
+        title = self.store.conversations.get(self.conversation_id).title
+        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "conversation"
+        path, chosen = QFileDialog.getSaveFileName(self, "Export conversation", f"{safe}.md", EXPORT_FILTERS)
+        if not path:
+            return
+        if not Path(path).suffix:
+            path += "." + chosen.split("*.")[-1].rstrip(")")
+        try:
+            transcript = transcript_from(
+                self.store.conversations,
+                self.conversation_id,
+                model=self.engine_info.get("model"),
+                settings=self.engine_info,
+                corpus_hash=self._last_corpus_hash(),
+            )
+            export(transcript, Path(path))
+        except Exception as error:  # noqa: BLE001 — a full disk or a read-only folder
+            self.show_error(f"the export failed: {error}")
+            return
+        self.statusBar().showMessage(f"Exported to {path}", 8000)
+
+    def _last_corpus_hash(self) -> str | None:
+        for message in reversed(self.store.messages(self.conversation_id)) if self.conversation_id else []:
+            if message.stats and message.stats.get("corpus_hash"):
+                return message.stats["corpus_hash"]
+        return None
+
+    def open_settings(self) -> None:
+        from app.gui.settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.settings, self)
+        if dialog.exec() != SettingsDialog.DialogCode.Accepted:
+            return
+        self.apply_settings(dialog.chosen())
+
+    def apply_settings(self, chosen: AppSettings) -> None:
+        engine_changed = any(
+            getattr(chosen, name) != getattr(self.settings, name)
+            for name in ("model", "device", "cache_dir", "precision", "max_blocks", "attention_mass")
+        )
+        self.settings = chosen
+        try:
+            save_settings(chosen, self.settings_file)
+        except OSError as error:
+            self.show_error(f"the settings could not be saved: {error}")
+        apply_theme(QApplication.instance(), chosen.theme)
+        if engine_changed:
+            self.engine_ready = False
+            self._update_buttons()
+            self.configure_requested.emit(chosen)
+
+    def show_shortcuts(self) -> None:
+        rows = []
+        for action in self.findChildren(QAction):
+            if action.shortcut().toString():
+                rows.append(f"<tr><td>{action.text().replace('&', '')}</td><td><b>{action.shortcut().toString(QKeySequence.SequenceFormat.NativeText)}</b></td></tr>")
+        QMessageBox.information(self, "Keyboard shortcuts", "<table>" + "".join(rows) + "<tr><td>Ask (in the question box)</td><td><b>Enter</b></td></tr></table>")
+
+    def show_about(self) -> None:
+        QMessageBox.about(self, "About Quire", "<b>Quire</b><br>Read a whole library with a language model, on your own machine.")
+
+    # -- errors ------------------------------------------------------------------
 
     @Slot(str)
-    def on_failed(self, message: str) -> None:
-        self.send.setEnabled(self.worker.model is not None)
-        self.stop.setEnabled(False)
-        self.statusBar().showMessage(f"Error: {message}")
+    def show_error(self, message: str) -> None:
+        self.last_error = message
+        self.banner.setText(f"⚠ {message}")
+        self.banner.show()
+        self.statusBar().showMessage(f"Error: {message}", 15000)
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
-        self.worker.cancel.set()
-        self.thread.quit()
-        self.thread.wait(5000)
+    def hide_error(self) -> None:
+        self.banner.hide()
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self._save_layout()
+        QApplication.instance().removeEventFilter(self._drop_catcher)
+        self.engine_worker.cancel()
+        self.ingest_worker.cancel()
+        for thread in (self.engine_thread, self.ingest_thread):
+            thread.quit()
+            thread.wait(30000)
+        self.store.close()
         super().closeEvent(event)
 
 
 def run_app(argv: list[str], model_spec: str | None = None) -> int:
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("Quire")
-    window = MainWindow(model_spec)
+    app.setOrganizationName("Quire")
+    settings = load_settings()
+    apply_theme(app, settings.theme)
+    app.styleHints().colorSchemeChanged.connect(lambda _: apply_theme(app, load_settings().theme))
+    window = MainWindow(model_spec, settings=settings)
     window.show()
     return app.exec()
 

@@ -108,6 +108,8 @@ class BuildProgress:
     segments_built: int
     segments_reused: int
     seconds: float
+    document_id: int | str | None = None  # the document being built (None before the first)
+    document_fraction: float = 0.0  # share of that document's tokens cached so far
 
     @property
     def eta_seconds(self) -> float | None:
@@ -254,11 +256,13 @@ class CorpusBuilder:
         total = sum(len(ids) for _, ids in pending)
         done = 0
 
-        def report(index: int) -> None:
+        def report(index: int, document: CorpusDocument | None = None, document_done: int = 0, document_total: int = 0) -> None:
             if on_progress is not None:
                 on_progress(BuildProgress(
                     len(documents) - len(pending) + index, len(documents), done, total,
                     summary.segments_built, summary.segments_reused, time.perf_counter() - started,
+                    document.doc_id if document is not None else None,
+                    document_done / document_total if document_total else 1.0,
                 ))
 
         report(0)
@@ -277,11 +281,11 @@ class CorpusBuilder:
                     summary.segments_built += 1
                 refs.append(SegmentRef(key, start, end - start))
                 done += end - start
-                report(index)
+                report(index, document, end, len(ids))
             offsets = token_offsets(self.token_bytes, ids, document.text)
             self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
             summary.tokens += len(ids)
-            report(index + 1)
+            report(index + 1, document, len(ids), len(ids))
         summary.seconds = time.perf_counter() - started
         return summary
 

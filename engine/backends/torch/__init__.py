@@ -84,6 +84,15 @@ def _remember_dtype(dtype: str) -> None:
         log.info("cannot remember the dtype choice: %s", error)
 
 
+def device_available(device: str) -> bool:
+    """Whether torch can use `device` ("cpu", "cuda", "mps") on this machine."""
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        return torch.backends.mps.is_available()
+    return device == "cpu"
+
+
 def load(
     config: ModelConfig,
     weight_files: list[Path],

@@ -1,0 +1,332 @@
+"""The two owners of slow work, each on its own QThread, so the window never waits.
+
+`EngineWorker` owns the model: it loads it, builds the corpus cache and answers
+questions, one task at a time in the order asked (Qt queues the calls; Anki's
+`taskman` is the model). `IngestWorker` owns reading files into the library, which
+needs no model and so runs beside the engine. Results come back as queued signals;
+`cancel()` may be called from the GUI thread and is checked between chunks of work.
+Each worker opens its own SQLite connection in its own thread (a connection must
+stay in the thread that made it).
+
+Every failure, including an out-of-memory or a bug in the engine, is caught at the
+task boundary and reported as one line; the worker stays alive for the next task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+from app.service import AnswerEngine, corpus_document
+from app.settings import AppSettings
+from engine.corpus.build import BuildProgress, CorpusDocument
+from engine.corpus.engine import AskStats, Evidence
+from engine.errors import Cancelled as EngineCancelled
+from engine.generate import Token
+from ingest.conversations import Citation, Conversations
+from ingest.jobs import IngestJob, IngestProgress, IngestSummary
+from ingest.library import Library
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[AppSettings], AnswerEngine]
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line a person can act on, never a traceback."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return "out of memory: choose a smaller model, a lower cache precision or fewer documents"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:400]
+
+
+@dataclass
+class AskRequest:
+    conversation_id: int
+    question: str
+    document_ids: list[int] | None  # None: every ready document
+    max_tokens: int
+
+
+class EngineWorker(QObject):
+    loading = Signal(str)  # model being loaded
+    ready = Signal(object)  # settings summary of the loaded engine
+    cache_progress = Signal(object)  # BuildProgress
+    cache_finished = Signal(str)  # a one-line summary ("" when cancelled)
+    cache_states = Signal(object)  # {document id: cached?}
+    cache_bytes = Signal(int)
+    answer_started = Signal(int)  # conversation id
+    token = Signal(str)
+    evidence = Signal(list)  # list[Citation]
+    answer_finished = Signal(object)  # conversation_id, message_id, stats, cancelled
+    failed = Signal(str, str)  # task ("load", "cache", "ask"), message
+    busy = Signal(str)  # what is running, "" when idle
+
+    def __init__(self, library_path: Path, factory: EngineFactory) -> None:
+        super().__init__()
+        self.library_path = library_path
+        self.factory = factory
+        self.engine: AnswerEngine | None = None
+        self.settings: AppSettings | None = None
+        self._cancel = threading.Event()
+        self._library: Library | None = None
+
+    # Called from the GUI thread: only sets a flag the running task checks.
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _db(self) -> Library:
+        if self._library is None:
+            self._library = Library(self.library_path)
+        return self._library
+
+    @Slot()
+    def shutdown(self) -> None:
+        if self._library is not None:
+            self._library.close()
+            self._library = None
+        self.engine = None
+
+    # -- tasks -------------------------------------------------------------------
+
+    @Slot(object)
+    def configure(self, settings: AppSettings) -> None:
+        """Load (or reload) the engine for these settings."""
+        self._cancel.clear()
+        self.engine = None
+        self.settings = settings
+        self.busy.emit(f"Loading {settings.model_spec()}…")
+        self.loading.emit(settings.model_spec())
+        try:
+            self.engine = self.factory(settings)
+        except BaseException as error:  # noqa: BLE001 — any failure leaves the window alive
+            log.error("engine load failed: %s", traceback.format_exc())
+            self.failed.emit("load", f"the model could not be loaded: {describe_failure(error)}")
+            self.busy.emit("")
+            return
+        self.ready.emit(self.engine.settings_summary())
+        self.busy.emit("")
+        self.refresh_cache_states()
+
+    @Slot()
+    def refresh_cache_states(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            documents = self._documents(None)
+            self.cache_states.emit({d.doc_id: self.engine.is_cached(d) for d in documents})
+            self.cache_bytes.emit(self.engine.cache_bytes())
+        except BaseException as error:  # noqa: BLE001
+            self.failed.emit("cache", describe_failure(error))
+
+    @Slot(object)
+    def build(self, document_ids: list[int] | None) -> None:
+        """Cache the given (or all ready) documents that are not cached yet."""
+        if self.engine is None:
+            return
+        self._cancel.clear()
+        try:
+            documents = self._documents(document_ids)
+            self._build(documents)
+        except EngineCancelled:
+            self.cache_finished.emit("")
+        except BaseException as error:  # noqa: BLE001
+            log.error("cache build failed: %s", traceback.format_exc())
+            self.failed.emit("cache", f"the cache could not be built: {describe_failure(error)}")
+        finally:
+            self.busy.emit("")
+            self.refresh_cache_states()
+
+    def _build(self, documents: list[CorpusDocument]) -> None:
+        assert self.engine is not None
+        pending = [d for d in documents if not self.engine.is_cached(d)]
+        if not pending:
+            return
+        self.busy.emit(f"Caching {len(pending)} document(s)…")
+        summary = self.engine.build(pending, self.cache_progress.emit, self._cancelled)
+        self.cache_finished.emit(
+            f"Cached {summary.documents} document(s): {summary.tokens:,} tokens in {summary.seconds:.0f} s"
+        )
+
+    @Slot(object)
+    def ask(self, request: AskRequest) -> None:
+        if self.engine is None:
+            self.failed.emit("ask", "no model is loaded (see Settings)")
+            return
+        self._cancel.clear()
+        self.answer_started.emit(request.conversation_id)
+        self.busy.emit("Answering…")
+        pieces: list[str] = []
+        citations: list[Citation] = []
+        stats: AskStats | None = None
+        started = time.perf_counter()
+        error_message = ""
+        cancelled = False
+        documents: list[CorpusDocument] = []
+        try:
+            documents = self._documents(request.document_ids)
+            self._build(documents)
+            for event in self.engine.ask(request.question, documents, request.max_tokens, self._cancelled):
+                if isinstance(event, Token):
+                    pieces.append(event.text)
+                    self.token.emit(event.text)
+                elif isinstance(event, Evidence):
+                    citations.append(_citation(event))
+                elif isinstance(event, AskStats):
+                    stats = event
+            cancelled = self._cancelled() or (stats is not None and stats.finish_reason == "cancelled")
+        except EngineCancelled:
+            cancelled = True
+        except BaseException as error:  # noqa: BLE001
+            log.error("answer failed: %s", traceback.format_exc())
+            error_message = describe_failure(error)
+        if citations:
+            self.evidence.emit(citations)
+        summary = asdict(stats) if stats is not None else {}
+        summary.update(
+            total_seconds=time.perf_counter() - started,
+            cancelled=cancelled,
+            error=error_message or None,
+            documents=[d.doc_id for d in documents],
+            corpus_hash=corpus_hash(documents),
+            engine=self.engine.settings_summary(),
+        )
+        message_id = None
+        text = "".join(pieces)
+        if text or citations:
+            try:
+                message = Conversations(self._db()).add_message(
+                    request.conversation_id, "assistant", text, model=self.engine.model_name, stats=summary, citations=citations
+                )
+                message_id = message.id
+            except BaseException as error:  # noqa: BLE001
+                error_message = error_message or f"the answer could not be saved: {describe_failure(error)}"
+        if error_message:
+            self.failed.emit("ask", f"the answer failed: {error_message}")
+        self.answer_finished.emit(
+            {"conversation_id": request.conversation_id, "message_id": message_id, "stats": summary, "cancelled": cancelled}
+        )
+        self.busy.emit("")
+
+    def _documents(self, document_ids: list[int] | None) -> list[CorpusDocument]:
+        library = self._db()
+        if document_ids is None:
+            records = library.documents(status="ready")
+        else:
+            records = [r for r in (library.get(i) for i in document_ids) if r.status == "ready"]
+        return [corpus_document(library, r) for r in records]
+
+
+def corpus_hash(documents: list[CorpusDocument]) -> str | None:
+    """Identifies the exact texts an answer was drawn from (order-independent)."""
+    import hashlib
+
+    if not documents:
+        return None
+    keys = sorted(d.content_key for d in documents)
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def _citation(evidence: Evidence) -> Citation:
+    return Citation(
+        document_id=evidence.doc_id if isinstance(evidence.doc_id, int) else None,
+        title=evidence.title,
+        page_index=evidence.page_index,
+        page_label=evidence.page_label,
+        start=evidence.char_start,
+        end=evidence.char_end,
+        weight=evidence.weight,
+        quote=evidence.text,
+    )
+
+
+class IngestWorker(QObject):
+    progress = Signal(object)  # IngestProgress
+    finished = Signal(object)  # IngestSummary
+    removed = Signal(list, int)  # document ids, cache bytes freed
+    failed = Signal(str)
+    busy = Signal(str)
+
+    def __init__(self, library_path: Path, token_counter: Callable[[], Callable[[str], int] | None]) -> None:
+        super().__init__()
+        self.library_path = library_path
+        self.token_counter = token_counter
+        self._job: IngestJob | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        job = self._job
+        if job is not None:
+            job.cancel()
+
+    @Slot(list)
+    def ingest(self, paths: list[str]) -> None:
+        self._cancel.clear()
+        self.busy.emit(f"Adding {len(paths)} item(s)…")
+        try:
+            with Library(self.library_path) as library:
+                self._job = IngestJob(
+                    library, [Path(p) for p in paths], tokenize=self.token_counter(),
+                    progress=self.progress.emit, cancel=self._cancel.is_set,
+                )
+                summary: IngestSummary = self._job.run()
+            self.finished.emit(summary)
+        except BaseException as error:  # noqa: BLE001
+            log.error("ingest failed: %s", traceback.format_exc())
+            self.failed.emit(f"adding documents failed: {describe_failure(error)}")
+        finally:
+            self._job = None
+            self.busy.emit("")
+
+
+    @Slot(list, str)
+    def remove(self, document_ids: list[int], cache_root: str) -> None:
+        """Remove documents and free their cache in every model's folder (no model needed)."""
+        from engine.corpus.engine import prune_caches
+
+        self.busy.emit(f"Removing {len(document_ids)} document(s)…")
+        try:
+            with Library(self.library_path) as library:
+                for document_id in document_ids:
+                    library.remove(document_id)
+                keep = {corpus_document(library, r).content_key for r in library.documents(status="ready")}
+            freed = prune_caches(keep, Path(cache_root))
+            self.removed.emit(document_ids, freed)
+        except BaseException as error:  # noqa: BLE001
+            self.failed.emit(f"removing documents failed: {describe_failure(error)}")
+        finally:
+            self.busy.emit("")
+
+
+def default_token_counter(settings: AppSettings) -> Callable[[], Callable[[str], int] | None]:
+    """Token counts with the chosen model's tokenizer (loaded once, in the ingest thread)."""
+    counter: list[Callable[[str], int] | None] = []
+
+    def get() -> Callable[[str], int] | None:
+        if not counter:
+            try:
+                from engine.model_store import open_model
+                from engine.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(open_model(settings.model_spec()).path)
+                counter.append(lambda text: len(tokenizer.encode(text)))
+            except Exception as error:  # noqa: BLE001 — counts are optional
+                log.warning("no token counts: %s", error)
+                counter.append(None)
+        return counter[0]
+
+    return get
+
+
+__all__ = ["AskRequest", "EngineWorker", "IngestWorker", "BuildProgress", "IngestProgress", "corpus_hash"]

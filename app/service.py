@@ -1,0 +1,127 @@
+"""What the app asks of an engine, and the local one that does it.
+
+The GUI's engine worker talks to an `AnswerEngine`: load once, build the corpus
+cache for documents, answer a question over them (tokens, evidence, statistics),
+or answer with no documents at all when the library is empty. `LocalEngine` wires
+the app's settings to `engine.corpus.engine.Engine`; tests substitute a scripted
+engine with the same methods. No Qt here: the worker owns the threading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from app.settings import AppSettings
+from engine.corpus.build import BuildProgress, BuildSummary, CorpusDocument
+from engine.corpus.engine import AskStats, Evidence
+from engine.generate import GenerationStats, SamplingParams, Token
+from ingest.document import PAGE_SEPARATOR
+from ingest.library import DocumentRecord, Library
+
+AskEvent = Token | Evidence | AskStats
+
+
+class AnswerEngine(Protocol):
+    model_name: str
+    device: str
+
+    def is_cached(self, document: CorpusDocument) -> bool: ...
+
+    def build(
+        self,
+        documents: list[CorpusDocument],
+        on_progress: Callable[[BuildProgress], None] | None,
+        cancel: Callable[[], bool] | None,
+    ) -> BuildSummary: ...
+
+    def ask(
+        self, question: str, documents: list[CorpusDocument], max_tokens: int, cancel: Callable[[], bool] | None
+    ) -> Iterator[AskEvent]: ...
+
+    def cache_bytes(self) -> int: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def settings_summary(self) -> dict: ...
+
+
+def corpus_document(library: Library, record: DocumentRecord) -> CorpusDocument:
+    """A library document as the engine's plain type: full text and page starts."""
+    pages = library.pages(record.id)
+    text = PAGE_SEPARATOR.join(page.text for page in pages)
+    starts = [(page.start, page.label or str(page.index + 1)) for page in pages]
+    return CorpusDocument(record.id, text, starts, record.display_title)
+
+
+def resolve_device(device: str) -> str:
+    """The device a setting means on this machine; a clear error where it is absent."""
+    import platform
+
+    from engine.runtime import device_available
+
+    if device == "mlx":
+        raise ValueError("the MLX backend is not available in this build yet; choose Automatic or CPU")
+    if device in ("cuda", "mps"):
+        if not device_available(device):
+            raise ValueError(f"{device.upper()} is not available on this machine ({platform.machine()}); choose Automatic or CPU")
+        raise ValueError(f"{device.upper()} is present, but this build runs the engine on the CPU; choose Automatic or CPU")
+    return "cpu"
+
+
+class LocalEngine:
+    """The model and its corpus engine, loaded from the app's settings."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        from engine.corpus.engine import Engine
+        from engine.runtime import load_model
+
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.model = load_model(settings.model_spec())
+        self.model_name = self.model.folder.name
+        self.engine = Engine(
+            self.model,
+            cache_root=settings.cache_root(),
+            cache_settings=settings.cache_settings(),
+            sparse=settings.sparse_settings(),
+        )
+
+    def is_cached(self, document: CorpusDocument) -> bool:
+        return self.engine.is_cached(document)
+
+    def build(self, documents, on_progress, cancel) -> BuildSummary:
+        return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
+
+    def ask(self, question, documents, max_tokens, cancel) -> Iterator[AskEvent]:
+        params = SamplingParams(max_new_tokens=max_tokens)
+        if documents:
+            yield from self.engine.ask(question, documents, params, cancel=cancel)
+            return
+        # An empty library or scope: the model alone, said plainly in the stats.
+        stats = GenerationStats()
+        yield from self.model.chat([{"role": "user", "content": question}], params, cancel=cancel, stats=stats)
+        yield AskStats(
+            prompt_tokens=stats.prompt_tokens,
+            generated_tokens=stats.generated_tokens,
+            time_to_first_token=stats.time_to_first_token,
+            decode_tokens_per_second=stats.decode_tokens_per_second,
+            finish_reason=stats.finish_reason,
+        )
+
+    def cache_bytes(self) -> int:
+        return self.engine.cache_bytes()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenizer.encode(text))
+
+    def settings_summary(self) -> dict:
+        return {
+            "model": self.model_name,
+            "device": self.device,
+            "backend": self.model.backend,
+            "precision": self.settings.precision,
+            "max_blocks": self.settings.max_blocks,
+            "attention_mass": self.settings.attention_mass,
+            "max_answer_tokens": self.settings.max_answer_tokens,
+        }

@@ -1,0 +1,69 @@
+"""A scripted engine for GUI tests where the model is not the point: it streams a
+fixed answer (optionally slowly, or failing part-way), cites the first passage of
+each document in scope, and "caches" documents instantly, with real progress
+events. Same methods as app.service.AnswerEngine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from engine.corpus.build import BuildProgress, BuildSummary
+from engine.corpus.engine import AskStats, Evidence
+from engine.generate import Token
+
+
+class ScriptedEngine:
+    device = "cpu"
+
+    def __init__(self, settings=None, *, pieces=("The ", "answer ", "is ", "**42**."), delay: float = 0.0,
+                 fail_after: int | None = None, error: BaseException | None = None) -> None:
+        self.model_name = "scripted-model"
+        self.pieces = list(pieces)
+        self.delay = delay
+        self.fail_after = fail_after
+        self.error = error or RuntimeError("the scripted engine broke")
+        self.cached: set[str] = set()
+        self.asked: list[tuple[str, list]] = []
+        self.started = threading.Event()
+
+    def is_cached(self, document) -> bool:
+        return document.content_key in self.cached
+
+    def build(self, documents, on_progress, cancel) -> BuildSummary:
+        total = sum(len(d.text) for d in documents)
+        done = 0
+        for index, document in enumerate(documents):
+            if on_progress:
+                on_progress(BuildProgress(index, len(documents), done, total, index, 0, 0.0, document.doc_id, 0.5))
+            done += len(document.text)
+            self.cached.add(document.content_key)
+        return BuildSummary(documents=len(documents), tokens=done)
+
+    def ask(self, question, documents, max_tokens, cancel):
+        self.asked.append((question, [d.doc_id for d in documents]))
+        self.started.set()
+        for number, piece in enumerate(self.pieces):
+            if self.fail_after is not None and number == self.fail_after:
+                raise self.error
+            if cancel and cancel():
+                yield AskStats(generated_tokens=number, finish_reason="cancelled")
+                return
+            if self.delay:
+                time.sleep(self.delay)
+            yield Token(number, piece)
+        for document in documents:
+            end = min(len(document.text), 60)
+            page_label = document.pages[0][1] if document.pages else None
+            yield Evidence(document.doc_id, document.title, page_label, 0, 0, end, document.text[:end], 1.0 / len(documents))
+        yield AskStats(prompt_tokens=12, memory_tokens=sum(len(d.text) for d in documents), generated_tokens=len(self.pieces),
+                       time_to_first_token=0.25, decode_tokens_per_second=20.0, finish_reason="stop")
+
+    def cache_bytes(self) -> int:
+        return 1024 * len(self.cached)
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def settings_summary(self) -> dict:
+        return {"model": self.model_name, "device": self.device, "backend": "scripted"}

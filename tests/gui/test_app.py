@@ -1,0 +1,361 @@
+"""The desktop app with a scripted engine (tests/gui/fakes.py): item models checked
+by qtmodeltester, drag and drop into the library with duplicates reported, asking
+with streamed tokens, evidence and the source viewer, Stop, Regenerate, engine
+failures that leave the window alive, conversations persisted across windows,
+export read back, settings, and the window layout remembered."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl  # noqa: E402
+from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
+from PySide6.QtWidgets import QApplication, QFileDialog, QMessageBox  # noqa: E402
+
+from app.gui.main import MainWindow  # noqa: E402
+from app.gui.models import ConversationListModel, EvidenceModel, LibraryModel  # noqa: E402
+from app.settings import AppSettings, load_settings  # noqa: E402
+from ingest.conversations import Citation, Conversations  # noqa: E402
+from ingest.library import Library  # noqa: E402
+from tests.gui.fakes import ScriptedEngine  # noqa: E402
+
+SHIPS = (
+    "Chapter One. The harbour of Valdmere kept a ledger of every ship that came in. "
+    "The brig Osprey arrived on the ninth of March carrying forty barrels of tar. "
+)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def make_window(qtbot, home: Path, engine: ScriptedEngine | None = None, **settings) -> MainWindow:
+    engine = engine or ScriptedEngine()
+    window = MainWindow(
+        settings=AppSettings(**settings),
+        settings_file=home / "settings.json",
+        library_path=home / "library.db",
+        engine_factory=lambda _settings: engine,
+        qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+    )
+    window.engine = engine
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
+    return window
+
+
+def close(window: MainWindow) -> None:
+    window.close()
+
+
+def drop_files(window: MainWindow, widget, paths: list[Path]) -> None:
+    """What a person's drag does: enter (Qt delivers a drop only after it), then drop."""
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    buttons, modifiers = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.DropAction.CopyAction, mime, buttons, modifiers)
+    QApplication.sendEvent(widget, enter)
+    assert enter.isAccepted()
+    drop = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, buttons, modifiers)
+    QApplication.sendEvent(widget, drop)
+    assert drop.isAccepted()
+
+
+def write_book(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def ready_titles(window: MainWindow) -> list[str]:
+    return [row.record.display_title for row in window.library.model.rows if row.record.status == "ready"]
+
+
+# -- item models -------------------------------------------------------------------
+
+
+def test_item_models_pass_the_model_tester(qtmodeltester, home):
+    library = Library(home / "library.db")
+    for name in ("a.txt", "b.txt"):
+        path = write_book(home, name, SHIPS + name)
+        document_id = library.begin_document(path=path, content_hash=name, format="txt", file_size=1, file_mtime=0.0)
+        if name == "b.txt":
+            library.mark_failed(document_id, "could not be read")
+    model = LibraryModel()
+    model.set_documents(library.documents())
+    model.set_reading(library.documents()[0].path, 0.5)
+    qtmodeltester.check(model)
+    assert model.index(0, LibraryModel.STATUS).data() == "reading 50%"
+    assert model.index(1, LibraryModel.STATUS).data().startswith("failed: could not be read")
+
+    conversations = Conversations(library)
+    conversations.create("First")
+    conversations.create("Second")
+    conversation_model = ConversationListModel()
+    conversation_model.set_conversations(conversations.list())
+    qtmodeltester.check(conversation_model)
+    assert {conversation_model.index(r, 0).data() for r in range(2)} == {"First", "Second"}
+
+    evidence = EvidenceModel()
+    evidence.set_citations([
+        Citation(1, "Book", 0, "3", 0, 10, 0.2, "light"),
+        Citation(1, "Book", 1, "4", 20, 30, 0.7, "heavy"),
+    ])
+    qtmodeltester.check(evidence)
+    assert evidence.index(0, 0).data() == "70%"  # heaviest first
+    assert evidence.index(0, 2).data() == "4"
+    library.close()
+
+
+# -- library -----------------------------------------------------------------------
+
+
+def test_dropping_files_anywhere_adds_them_and_reports_duplicates(qtbot, home):
+    window = make_window(qtbot, home)
+    first = write_book(home, "ledger.txt", SHIPS)
+    second = write_book(home, "second.md", "# Second\n\nA different book about lighthouses.")
+    # Dropped on the question box, a text field that would otherwise take the text.
+    drop_files(window, window.conversation.question.viewport(), [first, second])
+    qtbot.waitUntil(lambda: len(ready_titles(window)) == 2, timeout=15000)
+    assert window.conversation.question.toPlainText() == ""
+    # Auto-cache: the engine worker cached both once the files were read.
+    qtbot.waitUntil(lambda: all(row.cached for row in window.library.model.rows), timeout=10000)
+    assert window.library.model.index(0, LibraryModel.CACHE).data() == "cached"
+
+    copy = write_book(home, "copy-of-ledger.txt", SHIPS)
+    drop_files(window, window.library.table.viewport(), [copy])
+    qtbot.waitUntil(lambda: "Already in the library" in window.library.notice.text(), timeout=15000)
+    assert "copy-of-ledger.txt" in window.library.notice.text()
+    assert len(window.library.model.rows) == 2
+    close(window)
+
+
+def test_a_file_that_cannot_be_read_shows_its_reason(qtbot, home):
+    window = make_window(qtbot, home)
+    broken = home / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4 this is not really a pdf")
+    window.add_paths([str(broken)])
+    qtbot.waitUntil(lambda: "Could not be read" in window.library.notice.text(), timeout=15000)
+    row = window.library.model.rows[0]
+    assert row.record.status == "failed"
+    status = window.library.model.index(0, LibraryModel.STATUS).data()
+    assert status.startswith("failed: ") and len(status) > len("failed: ")
+    close(window)
+
+
+# -- asking ------------------------------------------------------------------------
+
+
+def add_and_wait(qtbot, window: MainWindow, paths: list[Path]) -> None:
+    window.add_paths([str(p) for p in paths])
+    qtbot.waitUntil(lambda: len(ready_titles(window)) == len(paths), timeout=15000)
+
+
+def ask_and_wait(qtbot, window: MainWindow, question: str) -> None:
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.conversation.question.setPlainText(question)
+        qtbot.keyClick(window.conversation.question, Qt.Key.Key_Return)
+
+
+def test_ask_streams_saves_and_opens_evidence(qtbot, home):
+    window = make_window(qtbot, home)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    ask_and_wait(qtbot, window, "Which ship carried tar?")
+    view = window.conversation.view.toPlainText()
+    assert "Which ship carried tar?" in view
+    assert "The answer is 42." in view  # the Markdown bold is rendered, not shown as asterisks
+    assert "**" not in view
+    assert "[1] ledger" in view
+    # Saved: one conversation titled by the question, with the answer and its citation.
+    conversations = window.store.conversation_list()
+    assert [c.title for c in conversations] == ["Which ship carried tar?"]
+    messages = window.store.messages(conversations[0].id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[1].citations[0].quote == SHIPS[:60]
+    assert messages[1].stats["corpus_hash"]
+    # Evidence panel and the viewer at the passage.
+    assert window.evidence.model.rowCount() == 1
+    assert window.evidence.strip.books and window.evidence.strip.books[0].marks[0][:2] == (0, 60)
+    window.evidence._open_row(0)
+    assert window.viewer.mode() == "text"
+    assert window.viewer.highlighted_text() == SHIPS[:60]
+    assert "first token 0.25 s" in window.speed_label.text()
+    close(window)
+
+
+def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(qtbot, home):
+    engine = ScriptedEngine(pieces=[f"word{i} " for i in range(200)], delay=0.02)
+    window = make_window(qtbot, home, engine)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000) as finished:
+        window.ask("Tell me everything.")
+        qtbot.waitUntil(lambda: "word3" in window.conversation.live_answer, timeout=10000)
+        assert window.conversation.stop.isEnabled() and not window.conversation.ask.isEnabled()
+        qtbot.keyClick(window, Qt.Key.Key_Escape)
+    assert finished.args[0]["cancelled"] is True
+    messages = window.store.messages(window.conversation_id)
+    assert messages[-1].role == "assistant"
+    assert "word3" in messages[-1].content and "word199" not in messages[-1].content
+    assert "(stopped)" in window.conversation.view.toPlainText()
+
+    engine.pieces, engine.delay = ["A fresh answer."], 0.0
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.conversation.regenerate.click()
+    messages = window.store.messages(window.conversation_id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[-1].content == "A fresh answer."
+    assert engine.asked[-1][0] == "Tell me everything."
+    close(window)
+
+
+def test_engine_failures_leave_the_window_alive(qtbot, home):
+    engine = ScriptedEngine(pieces=["partial ", "text ", "never"], fail_after=2, error=MemoryError())
+    window = make_window(qtbot, home, engine)
+    ask_and_wait(qtbot, window, "Will this break?")
+    assert window.banner.isVisible()
+    assert "out of memory" in window.banner.text()
+    assert "Traceback" not in window.banner.text()
+    assert window.conversation.ask.isEnabled()  # ready for the next question
+    saved = window.store.messages(window.conversation_id)[-1]
+    assert saved.content == "partial text " and saved.stats["error"]
+    close(window)
+
+
+def test_a_model_that_cannot_load_is_reported(qtbot, home):
+    def factory(_settings):
+        raise FileNotFoundError("no-such-model.gguf: file not found")
+
+    window = MainWindow(
+        settings=AppSettings(), settings_file=home / "s.json", library_path=home / "library.db",
+        engine_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+    )
+    qtbot.addWidget(window)
+    window.show()
+    qtbot.waitUntil(lambda: window.banner.isVisible(), timeout=10000)
+    assert "no-such-model.gguf" in window.banner.text()
+    assert window.model_label.text() == "Model: not loaded"
+    assert not window.conversation.ask.isEnabled()
+    close(window)
+
+
+def test_scope_limits_the_documents_asked(qtbot, home):
+    window = make_window(qtbot, home)
+    add_and_wait(qtbot, window, [write_book(home, "a.txt", SHIPS), write_book(home, "b.txt", "Lighthouses of the coast.")])
+    target = next(r.record.id for r in window.library.model.rows if r.record.path.endswith("b.txt"))
+    collection = window.store.create_collection("Coast")
+    window.store.add_to_collection(collection, [target])
+    window.refresh_library()
+    index = window.conversation.scope.findText("Collection: Coast")
+    assert index > 0
+    window.conversation.scope.setCurrentIndex(index)
+    ask_and_wait(qtbot, window, "Where are the lighthouses?")
+    assert window.engine.asked[-1][1] == [target]
+    close(window)
+
+
+# -- persistence, export, settings, layout ----------------------------------------
+
+
+def test_conversations_persist_and_can_be_searched_renamed_deleted(qtbot, home, monkeypatch):
+    window = make_window(qtbot, home)
+    ask_and_wait(qtbot, window, "First question about harbours")
+    window.new_conversation()
+    ask_and_wait(qtbot, window, "Second question about lanterns")
+    close(window)
+
+    window = make_window(qtbot, home)
+    titles = [window.conversations.model.index(r, 0).data() for r in range(window.conversations.model.rowCount())]
+    assert titles == ["Second question about lanterns", "First question about harbours"]
+    window.conversations.search.setText("HARBOUR")
+    assert window.conversations.model.rowCount() == 1
+    first = window.conversations.model.conversations[0].id
+    window.open_conversation(first)
+    assert "First question about harbours" in window.conversation.view.toPlainText()
+    monkeypatch.setattr("app.gui.main.QInputDialog.getText", lambda *a, **k: ("Harbours", True))
+    window.rename_conversation(first)
+    assert window.store.conversations.get(first).title == "Harbours"
+    assert window.conversation.title.text() == "Harbours"
+    monkeypatch.setattr("app.gui.main.QMessageBox.question", lambda *a, **k: QMessageBox.StandardButton.Yes)
+    window.delete_conversation(first)
+    window.conversations.search.setText("")
+    assert [c.title for c in window.conversations.model.conversations] == ["Second question about lanterns"]
+    assert window.conversation_id is None
+    close(window)
+
+
+@pytest.mark.parametrize("suffix", [".md", ".html", ".json", ".pdf"])
+def test_export_from_the_window(qtbot, home, monkeypatch, suffix):
+    window = make_window(qtbot, home)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    ask_and_wait(qtbot, window, "Which ship carried tar?")
+    target = home / f"transcript{suffix}"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    window.export_conversation()
+    assert target.exists(), window.last_error
+    if suffix == ".json":
+        data = json.loads(target.read_text(encoding="utf-8"))
+        assert data["model"] == "scripted-model"
+        assert data["messages"][1]["citations"][0]["quote"] == SHIPS[:60]
+        assert data["corpus_hash"] == window.store.messages(window.conversation_id)[-1].stats["corpus_hash"]
+    elif suffix == ".pdf":
+        from pypdf import PdfReader
+
+        text = " ".join(" ".join(page.extract_text().split()) for page in PdfReader(target).pages)
+        assert "Which ship carried tar?" in text and "42" in text
+    else:
+        text = target.read_text(encoding="utf-8")
+        assert "Which ship carried tar?" in text and "Valdmere" in text
+    close(window)
+
+
+def test_settings_are_saved_and_reload_the_engine(qtbot, home):
+    made = []
+
+    def factory(settings):
+        made.append(settings)
+        return ScriptedEngine(settings)
+
+    window = MainWindow(
+        settings=AppSettings(), settings_file=home / "settings.json", library_path=home / "library.db",
+        engine_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+    )
+    qtbot.addWidget(window)
+    qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
+    from app.gui.settings_dialog import SettingsDialog
+
+    dialog = SettingsDialog(window.settings, window, models=["smollm2-135m-instruct"])
+    dialog.model.setCurrentIndex(dialog.model.findData("smollm2-135m-instruct"))
+    dialog.precision.setCurrentIndex(dialog.precision.findData("int4"))
+    dialog.max_tokens.setValue(200)
+    window.apply_settings(dialog.chosen())
+    qtbot.waitUntil(lambda: len(made) == 2 and window.engine_ready, timeout=10000)
+    assert made[-1].model == "smollm2-135m-instruct" and made[-1].precision == "int4"
+    saved = load_settings(home / "settings.json")
+    assert (saved.model, saved.precision, saved.max_answer_tokens) == ("smollm2-135m-instruct", "int4", 200)
+    dialog._restore_defaults()
+    assert dialog.chosen().model == "" and dialog.chosen().precision == "int8"
+    close(window)
+
+
+def test_window_layout_is_remembered(qtbot, home):
+    window = make_window(qtbot, home)
+    # The offscreen screen is 800x800 and restoring clamps to the screen, so the
+    # height (which fits) is the part of the geometry checked.
+    window.resize(1111, 677)
+    qtbot.waitUntil(lambda: window.height() == 677)
+    window.evidence_dock.hide()
+    close(window)
+    window = make_window(qtbot, home)
+    qtbot.waitExposed(window)
+    assert window.height() == 677
+    assert not window.evidence_dock.isVisible()
+    close(window)
