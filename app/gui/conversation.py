@@ -12,7 +12,8 @@ from __future__ import annotations
 import html
 
 from markdown_it import MarkdownIt
-from PySide6.QtCore import Qt, QTimer, QUrl, Signal, Slot
+from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal, Slot
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -41,8 +42,9 @@ def citation_links(message_key: str, citations: list[Citation]) -> str:
     links = []
     for number, citation in enumerate(citations, 1):
         page = f", p. {html.escape(citation.page_label)}" if citation.page_label else ""
+        title = citation.title if len(citation.title) <= 32 else citation.title[:30] + "…"
         links.append(
-            f'<a href="cite:{message_key}:{number - 1}">[{number}] {html.escape(citation.title)}{page}</a>'
+            f'<a href="cite:{message_key}:{number - 1}">[{number}] {html.escape(title)}{page}</a>'
             f' <span style="color:gray">{citation.weight:.0%}</span>'
         )
     return '<p style="margin-top:4px"><small>Sources: ' + " · ".join(links) + "</small></p>"
@@ -144,6 +146,12 @@ class ConversationPanel(QWidget):
             _, key, number = text.split(":")
             self.citation_clicked.emit(key, int(number))
 
+    def changeEvent(self, event) -> None:  # noqa: N802
+        # A theme switch re-renders the answers with the new link colour.
+        if event.type() == QEvent.Type.PaletteChange:
+            self.render()
+        super().changeEvent(event)
+
     # -- content -----------------------------------------------------------------
 
     def show_conversation(self, title: str, messages: list[Message]) -> None:
@@ -190,6 +198,9 @@ class ConversationPanel(QWidget):
                 parts.append(self._answer_html(message.content, str(message.id), message.citations, message.stats))
         if self.live:
             parts.append(self._answer_html(self.live_answer + " ▍", "live", self.live_citations, None))
+        # Links follow the palette (the HTML default blue is unreadable on dark).
+        link = self.palette().color(QPalette.ColorRole.Link).name()
+        self.view.document().setDefaultStyleSheet(f"a {{ color: {link}; text-decoration: none; }}")
         self.view.setHtml("".join(parts))
         bar.setValue(bar.maximum() if at_end else keep)
 

@@ -99,6 +99,10 @@ class EvidencePanel(QWidget):
         self.table.verticalHeader().hide()
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # Long titles must not push the passage out of sight: the title column is
+        # sized by hand (and elided), the passage takes the rest.
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Interactive)
+        header.resizeSection(1, 150)
         header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         self.table.activated.connect(lambda index: self._open_row(index.row()))
         self.table.doubleClicked.connect(lambda index: self._open_row(index.row()))
@@ -108,7 +112,7 @@ class EvidencePanel(QWidget):
         layout.addWidget(self.strip)
         layout.addWidget(self.table, 1)
 
-    def set_citations(self, citations: list[Citation], lengths: dict[int, int]) -> None:
+    def set_citations(self, citations: list[Citation], lengths: dict[int, int], *, answered: bool = True) -> None:
         """Show these passages; `lengths` gives each document's length in characters."""
         self.model.set_citations(citations)
         books: dict[object, StripBook] = {}
@@ -120,8 +124,10 @@ class EvidencePanel(QWidget):
         self.strip.set_books(list(books.values()))
         if citations:
             self.summary.setText(f"{len(citations)} passage(s) from {len(books)} document(s). Double-click or press Enter to open one.")
-        else:
+        elif answered:
             self.summary.setText("This answer has no evidence (no documents were in scope).")
+        else:
+            self.summary.setText("Ask a question: the passages the answer drew on appear here.")
 
     def _open_row(self, row: int) -> None:
         if 0 <= row < len(self.model.citations):

@@ -530,7 +530,7 @@ class MainWindow(QMainWindow):
             return
         self.conversation_id = None
         self.conversation.show_conversation("New conversation", [])
-        self.evidence.set_citations([], {})
+        self.evidence.set_citations([], {}, answered=False)
         self.conversations.select(None)
         self._update_buttons()
         self.conversation.question.setFocus()
@@ -550,7 +550,10 @@ class MainWindow(QMainWindow):
         self.conversation.set_scopes([], Scope.from_dict(conversation.scope))
         self.refresh_scopes()
         answers = [m for m in messages if m.role == "assistant"]
-        self._show_evidence(answers[-1].citations if answers else [])
+        if answers:
+            self._show_evidence(answers[-1].citations)
+        else:
+            self.evidence.set_citations([], {}, answered=False)
         self._update_buttons()
 
     def rename_conversation(self, conversation_id: int | None) -> None:
@@ -607,7 +610,7 @@ class MainWindow(QMainWindow):
         conversation = self.store.conversations.get(self.conversation_id)
         self.conversation.show_conversation(conversation.title, self.store.messages(self.conversation_id))
         self.conversation.begin_answer()
-        self.evidence.set_citations([], {})
+        self.evidence.set_citations([], {}, answered=False)
         self.answering = True
         self._update_buttons()
         self.hide_error()
