@@ -100,9 +100,15 @@ class LibraryPanel(QWidget):
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._context_menu)
         self.table.doubleClicked.connect(lambda index: self.open_document.emit(index.data(ID_ROLE)))
+        # Fixed widths, not ResizeToContents: that mode measures every row again on
+        # each progress update, which stalled the window during ingest.
         header = self.table.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setSectionResizeMode(LibraryModel.TITLE, QHeaderView.ResizeMode.Stretch)
+        metrics = self.fontMetrics()
+        for column, sample in ((LibraryModel.STATUS, "reading 100%"), (LibraryModel.PAGES, "99,999"),
+                               (LibraryModel.TOKENS, "9,999,999"), (LibraryModel.CACHE, "caching 100%")):
+            header.resizeSection(column, metrics.horizontalAdvance(sample) + 18)
         self.empty = QLabel("Drop books and PDFs anywhere on this window,\nor use Add… (PDF, EPUB, TXT, MD, HTML, DOCX).")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty.setEnabled(False)
@@ -127,6 +133,8 @@ class LibraryPanel(QWidget):
         self.empty.setVisible(not records)
 
     def set_collections(self, collections: list[Collection]) -> None:
+        if collections == self.collections and self.collection.count():
+            return
         self.collections = collections
         current = self.collection.currentData()
         self.collection.blockSignals(True)
