@@ -63,10 +63,19 @@ class LibraryModel(QAbstractTableModel):
         for record in records:
             previous = old.get(record.id)
             rows.append(DocumentRow(record, *(previous.reading, previous.caching, previous.cached) if previous else ()))
-        if [r.record.id for r in rows] == [r.record.id for r in self.rows]:
-            self.rows = rows
-            if rows:
-                self.dataChanged.emit(self.index(0, 0), self.index(len(rows) - 1, len(self.COLUMNS) - 1))
+        old_ids = [r.record.id for r in self.rows]
+        new_ids = [r.record.id for r in rows]
+        if new_ids[: len(old_ids)] == old_ids:
+            # The usual case while files are added: the same rows, maybe new ones at
+            # the end. Inserting (not resetting) spares the view a full relayout.
+            count = len(old_ids)
+            self.rows[:count] = rows[:count]
+            if count:
+                self.dataChanged.emit(self.index(0, 0), self.index(count - 1, len(self.COLUMNS) - 1))
+            if len(rows) > count:
+                self.beginInsertRows(QModelIndex(), count, len(rows) - 1)
+                self.rows.extend(rows[count:])
+                self.endInsertRows()
             return
         self.beginResetModel()
         self.rows = rows

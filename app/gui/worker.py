@@ -272,9 +272,17 @@ class IngestWorker(QObject):
 
     @Slot()
     def warm(self) -> None:
-        """Load the token counter now, at start-up: reading the tokenizer's JSON holds
-        the GIL for about a tenth of a second, which during a first ingest showed as
-        a 134 ms stall of the window (quire bench gui)."""
+        """Import the readers and load the token counter now, at start-up. Done on the
+        first ingest instead, the C parts of those imports (pypdf's, cryptography's,
+        lxml's) and the tokenizer's JSON hold the GIL long enough to stall the window
+        by 110-130 ms (quire bench gui); at start-up nothing is waiting."""
+        import importlib
+
+        for module in ("ingest.readers.pdf", "ingest.readers.epub", "ingest.readers.docx", "ingest.readers.html"):
+            try:
+                importlib.import_module(module)
+            except ImportError as error:  # the reader reports it properly when used
+                log.warning("reader not available: %s", error)
         self.token_counter()
 
     @Slot(list)
