@@ -106,9 +106,9 @@ class LibraryPanel(QWidget):
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setSectionResizeMode(LibraryModel.TITLE, QHeaderView.ResizeMode.Stretch)
         metrics = self.fontMetrics()
-        for column, sample in ((LibraryModel.STATUS, "reading 100%"), (LibraryModel.PAGES, "99,999"),
-                               (LibraryModel.TOKENS, "9,999,999"), (LibraryModel.CACHE, "caching 100%")):
-            header.resizeSection(column, metrics.horizontalAdvance(sample) + 18)
+        for column, sample in ((LibraryModel.STATUS, "reading 99%"), (LibraryModel.PAGES, "9,999"),
+                               (LibraryModel.TOKENS, "999,999"), (LibraryModel.CACHE, "caching 99%")):
+            header.resizeSection(column, metrics.horizontalAdvance(sample) + 10)
         self.empty = QLabel("Drop books and PDFs anywhere on this window,\nor use Add… (PDF, EPUB, TXT, MD, HTML, DOCX).")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty.setEnabled(False)

@@ -169,7 +169,7 @@ class MainWindow(QMainWindow):
         self.evidence_dock = self._dock("Evidence", self.evidence, Qt.DockWidgetArea.RightDockWidgetArea, "evidenceDock")
         self.viewer_dock = self._dock("Source", self.viewer, Qt.DockWidgetArea.RightDockWidgetArea, "viewerDock")
         self.splitDockWidget(self.evidence_dock, self.viewer_dock, Qt.Orientation.Vertical)
-        self.resizeDocks([self.library_dock, self.evidence_dock], [420, 430], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.library_dock, self.evidence_dock], [500, 430], Qt.Orientation.Horizontal)
         self.banner = QLabel()
         self.banner.setWordWrap(True)
         self.banner.setStyleSheet("QLabel { background: #fdecea; color: #8a1c12; padding: 6px; border-radius: 4px; }")
