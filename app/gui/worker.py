@@ -37,6 +37,8 @@ from ingest.library import Library
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[AppSettings], AnswerEngine]
+# Runs before the factory, e.g. installing a default model on first run: (settings, progress, cancel).
+Prepare = Callable[[AppSettings, Callable[[str, int, int], None], Callable[[], bool]], object]
 
 
 def describe_failure(error: BaseException) -> str:
@@ -57,6 +59,7 @@ class AskRequest:
 
 class EngineWorker(QObject):
     loading = Signal(str)  # model being loaded
+    installing = Signal(str, int, int)  # first run: stage, done, total of the model install
     ready = Signal(object)  # settings summary of the loaded engine
     cache_progress = Signal(object)  # BuildProgress
     cache_finished = Signal(str)  # a one-line summary ("" when cancelled)
@@ -69,10 +72,11 @@ class EngineWorker(QObject):
     failed = Signal(str, str)  # task ("load", "cache", "ask"), message
     busy = Signal(str)  # what is running, "" when idle
 
-    def __init__(self, library_path: Path, factory: EngineFactory) -> None:
+    def __init__(self, library_path: Path, factory: EngineFactory, prepare: Prepare | None = None) -> None:
         super().__init__()
         self.library_path = library_path
         self.factory = factory
+        self.prepare = prepare
         self.engine: AnswerEngine | None = None
         self.settings: AppSettings | None = None
         self._cancel = threading.Event()
@@ -108,6 +112,8 @@ class EngineWorker(QObject):
         self.busy.emit(f"Loading {settings.model_spec()}…")
         self.loading.emit(settings.model_spec())
         try:
+            if self.prepare is not None:
+                self.prepare(settings, self.installing.emit, self._cancelled)
             self.engine = self.factory(settings)
         except BaseException as error:  # noqa: BLE001 — any failure leaves the window alive
             log.error("engine load failed: %s", traceback.format_exc())

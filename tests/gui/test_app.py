@@ -359,3 +359,26 @@ def test_window_layout_is_remembered(qtbot, home):
     assert window.height() == 677
     assert not window.evidence_dock.isVisible()
     close(window)
+
+
+def test_first_run_model_install_shows_progress_then_closes(qtbot, home):
+    stages = []
+
+    def prepare(settings, progress, cancel):
+        for done in range(0, 5):
+            progress("convert", done, 4)
+            stages.append(done)
+
+    window = MainWindow(
+        settings=AppSettings(), settings_file=home / "s.json", library_path=home / "library.db",
+        engine_factory=lambda _s: ScriptedEngine(), engine_prepare=prepare,
+        qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+    )
+    qtbot.addWidget(window)
+    seen = []
+    window._inbox.installing.connect(lambda stage, done, total: seen.append(window._install_dialog is not None))
+    qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
+    assert stages == [0, 1, 2, 3, 4]
+    assert seen == [True] * 5  # a progress dialog was up for every step
+    assert window._install_dialog is None  # closed once the engine is ready
+    close(window)
