@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.quire-installed
 TORCH  := torch==2.13.0
 
-.PHONY: run test install models bench clean
+.PHONY: run test install models bench package clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: models
 
 bench: models
 	$(PY) -m app.cli bench runtime --out bench-out/runtime.json
+
+# The app bundle for this OS (Linux: dist/quire/ and a tar.gz; macOS: dist/Quire.app);
+# see packaging/README.md. PyInstaller is a build tool only, so it is not a dependency.
+package: models
+	$(PY) -m pip install --disable-pip-version-check -q "pyinstaller==6.22.3"
+	$(PY) packaging/build.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

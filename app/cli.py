@@ -182,9 +182,13 @@ def _bench_corpus(args: argparse.Namespace) -> dict | None:
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
+    if args.selftest:
+        from app.selftest import run_selftest
+
+        return run_selftest()
     from app.gui.main import run_app
 
-    return run_app(sys.argv[:1], args.model)
+    return run_app(sys.argv[:1], args.model, [str(Path(p).resolve()) for p in args.paths])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
+    gui.add_argument("paths", nargs="*", help="documents to add to the library on start (as a desktop 'Open with' passes them)")
+    gui.add_argument("--selftest", action="store_true",
+                     help="offscreen: load the model, add a generated PDF, ask one question, check the evidence; exit 0 if all works")
     gui.set_defaults(func=cmd_gui)
     return parser
 

@@ -816,7 +816,7 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
 
-def run_app(argv: list[str], model_spec: str | None = None) -> int:
+def run_app(argv: list[str], model_spec: str | None = None, paths: list[str] | None = None) -> int:
     app = QApplication.instance() or QApplication(argv)
     app.setApplicationName("Quire")
     app.setOrganizationName("Quire")
@@ -825,6 +825,8 @@ def run_app(argv: list[str], model_spec: str | None = None) -> int:
     app.styleHints().colorSchemeChanged.connect(lambda _: apply_theme(app, load_settings().theme))
     window = MainWindow(model_spec, settings=settings)
     window.show()
+    if paths:
+        window.add_paths(paths)
     return app.exec()
 
 
