@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
+import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,20 +33,30 @@ from engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "mlx")
+
+
+def _apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
 def resolve_backend(name: str = "auto") -> str:
-    """'auto' → the best backend importable here. MLX joins in its own issue."""
+    """'auto' → MLX on Apple Silicon where it is installed, else torch (on whatever
+    device the torch backend runs: today the CPU).
+
+    Only whether MLX is installed is checked (no import): importing a backend is the
+    loader's job, and the app must start where only one of them exists.
+    """
     if name == "auto":
-        return "torch"
+        return "mlx" if _apple_silicon() and importlib.util.find_spec("mlx") is not None else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend '{name}' (choose from: auto, {', '.join(BACKENDS)})")
     return name
 
 
 def device_available(device: str, backend: str = "torch") -> bool:
-    """Whether the backend can run on `device` here (imports the backend lazily)."""
+    """Whether the backend can run on `device` here (imports the backend lazily):
+    torch knows "cpu", "cuda", "mps"; MLX knows "cpu" and "gpu" (Metal)."""
     module = importlib.import_module(f"engine.backends.{resolve_backend(backend)}")
     return bool(module.device_available(device))
 
@@ -110,7 +123,10 @@ def load_model(
     dtype: str = "auto",
     threads: int | None = None,
 ) -> LoadedModel:
-    """Open an installed model name, a .gguf file (converted once) or an HF folder."""
+    """Open an installed model name, a .gguf file (converted once) or an HF folder.
+
+    `backend` is "auto" (see `resolve_backend`), "torch" or "mlx"; both read the same
+    converted safetensors and give the same logits (tests/mlx)."""
     started = time.perf_counter()
     folder = open_model(spec)
     tokenizer = load_tokenizer(folder.path)

@@ -80,7 +80,15 @@ def model_fingerprint(model: LoadedModel) -> str:
     h.update(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
     for path in model.folder.weight_files:
         h.update(f"{path.name}:{path.stat().st_size}".encode())
-    h.update(f"{model.backend}:{getattr(model.model, 'dtype', '')}:{MEMORY_LAYOUT}".encode())
+    # Segments hold the same layout whichever backend computed them (pre-RoPE keys in
+    # the interleaved pair order, float32 into the store), so the backend is not part
+    # of the fingerprint: a cache built by torch is read by MLX and the other way
+    # round. The dtype is: bf16 and fp32 weights give (slightly) different keys, so
+    # the two backends share a cache when they run the same dtype. The text hashed
+    # keeps the form torch caches were addressed by before MLX ("torch:torch.float32:1"),
+    # so caches built then stay valid.
+    dtype = str(getattr(model.model, "dtype", "")).rsplit(".", 1)[-1]
+    h.update(f"torch:torch.{dtype}:{MEMORY_LAYOUT}".encode())
     return h.hexdigest()[:20]
 
 
@@ -250,7 +258,7 @@ class Engine:
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
         yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
-        yield from self._evidence(scope, cache.evidence.numpy(), evidence_limit)
+        yield from self._evidence(scope, np.asarray(cache.evidence), evidence_limit)
         selected = cache.stats.blocks_selected
         yield AskStats(
             prompt_tokens=len(prompt),

@@ -54,6 +54,11 @@ class SparseSettings:
     # or "total" (all its attention, sinks and question included).
     budget_share: str = "memory"
     refresh_every: int = 0  # decode steps between fresh selections; 0 keeps the question's
+    # Cross-layer vote: each head's block scores, standardised over its candidates,
+    # add up across the layers already selected; from the second memory layer on,
+    # the `carry_blocks` blocks with most votes join every head's selection.
+    carry_blocks: int = 0
+    carry_threshold: float = 2.0  # standard deviations above a head's mean before a block earns votes
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:

@@ -182,6 +182,7 @@ class MemoryAttentionCache:
         # layer → keys (1, Hkv, M, D) rotated, values (1, Hkv, M, D), cited, valid (Hkv, M), block ids (Hkv, M)
         self.memory: dict[int, tuple[torch.Tensor, ...]] = {}
         self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
+        self.votes = torch.zeros(scope.n_blocks, dtype=torch.float64)  # cross-layer vote (carry_blocks)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
@@ -260,20 +261,38 @@ class MemoryAttentionCache:
         else:
             candidates = [torch.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
+        carried = self._carried()
+        layer_votes = torch.zeros_like(self.votes)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head].numpy()
+            if len(carried):
+                blocks = np.union1d(blocks, carried)
             keys, values, owner = self.scope.gather(layer, head, blocks)
             self.stats.blocks_scored_exactly += len(blocks)
             self.stats.bytes_gathered += keys.nbytes + values.nbytes
             keys_t, values_t = torch.from_numpy(keys), torch.from_numpy(values)
             owner_t = torch.from_numpy(owner)
-            chosen = self._budget(queries[head], keys_t, owner_t, blocks, None if real_lse is None else real_lse[head])
+            chosen = self._budget(
+                queries[head], keys_t, owner_t, blocks, None if real_lse is None else real_lse[head], carried, layer_votes
+            )
             keep = torch.isin(owner_t, torch.from_numpy(chosen))
             per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
             self.stats.blocks_selected.append(len(chosen))
         self.stats.selected[layer] = [np.unique(o.numpy()) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
+        self.votes += layer_votes
+
+    def _carried(self) -> np.ndarray:
+        """Global ids of the blocks the layers so far agree on (carry_blocks), with
+        their successors, sorted; empty when the vote is off or has no winner yet."""
+        s = self.settings
+        if not s.carry_blocks or not bool((self.votes > 0).any()):
+            return np.zeros(0, dtype=np.int64)
+        count = min(s.carry_blocks, int((self.votes > 0).sum()))
+        top = torch.topk(self.votes, count).indices.numpy()
+        following = [np.minimum(top + i, self.scope.n_blocks - 1) for i in range(s.neighbours + 1)]
+        return np.unique(np.concatenate(following))
 
     def _real_logmass(self, layer: int, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> torch.Tensor:
         """log Σ exp(q·k) of the selection queries over the real tokens they see
@@ -288,9 +307,17 @@ class MemoryAttentionCache:
         return torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
     def _budget(
-        self, queries: torch.Tensor, keys: torch.Tensor, owner: torch.Tensor, blocks: np.ndarray, real_lse: torch.Tensor | None
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        owner: torch.Tensor,
+        blocks: np.ndarray,
+        real_lse: torch.Tensor | None,
+        carried: np.ndarray | None = None,
+        votes: torch.Tensor | None = None,
     ) -> np.ndarray:
-        """Global block ids to attend: the smallest set reaching the mass target."""
+        """Global block ids to attend: the smallest set reaching the mass target,
+        the `carried` blocks first; adds this head's standardised scores to `votes`."""
         s = self.settings
         if len(blocks) <= s.min_blocks or (s.mass >= 1.0 and len(blocks) <= s.max_blocks):
             return blocks
@@ -299,7 +326,14 @@ class MemoryAttentionCache:
         # Rank by the best single match (max over the block's tokens and the queries):
         # a needle is one strong match; softmax mass favours blocks of many mild ones.
         best = torch.full((len(blocks),), float("-inf")).scatter_reduce_(0, local, scores.amax(dim=0), "amax")
+        if votes is not None and s.carry_blocks:
+            standard = (best - best.mean()) / best.std().clamp(min=1e-6)
+            votes.index_add_(0, torch.from_numpy(blocks), (standard - s.carry_threshold).clamp(min=0).double())
         order = torch.argsort(best, descending=True)
+        if carried is not None and len(carried):
+            # The vote's winners go first; the head's own ranking fills the rest.
+            first = torch.from_numpy(np.isin(blocks, carried))
+            order = torch.cat([order[first[order]], order[~first[order]]])
         top = scores.amax(dim=1, keepdim=True)  # (J, 1)
         if real_lse is not None:
             top = torch.maximum(top, real_lse.unsqueeze(1))
