@@ -57,19 +57,28 @@ def corpus_document(library: Library, record: DocumentRecord) -> CorpusDocument:
     return CorpusDocument(record.id, text, starts, record.display_title)
 
 
-def resolve_device(device: str) -> str:
-    """The device a setting means on this machine; a clear error where it is absent."""
+def resolve_device(device: str) -> tuple[str, str]:
+    """(backend, device) for a setting on this machine; a clear error where it is absent.
+
+    "auto" is MLX on Apple Silicon where MLX is installed, else torch on the CPU;
+    "mlx" asks for MLX wherever it is installed (Linux has a CPU build)."""
+    import importlib.util
     import platform
 
-    from engine.runtime import device_available
+    from engine.runtime import device_available, resolve_backend
 
+    if device == "auto":
+        backend = resolve_backend("auto")
+        return backend, "gpu" if backend == "mlx" else "cpu"
     if device == "mlx":
-        raise ValueError("the MLX backend is not available in this build yet; choose Automatic or CPU")
+        if importlib.util.find_spec("mlx") is None:
+            raise ValueError("MLX is not installed on this machine; choose Automatic or CPU")
+        return "mlx", "gpu" if device_available("gpu", "mlx") else "cpu"
     if device in ("cuda", "mps"):
         if not device_available(device):
             raise ValueError(f"{device.upper()} is not available on this machine ({platform.machine()}); choose Automatic or CPU")
-        raise ValueError(f"{device.upper()} is present, but this build runs the engine on the CPU; choose Automatic or CPU")
-    return "cpu"
+        raise ValueError(f"{device.upper()} is present, but this build runs torch on the CPU; choose Automatic or CPU")
+    return "torch", "cpu"
 
 
 def bundled_models_dir() -> Path | None:
@@ -113,8 +122,8 @@ class LocalEngine:
         from engine.runtime import load_model
 
         self.settings = settings
-        self.device = resolve_device(settings.device)
-        self.model = load_model(settings.model_spec())
+        backend, self.device = resolve_device(settings.device)
+        self.model = load_model(settings.model_spec(), backend=backend)
         self.model_name = self.model.folder.name
         self.engine = Engine(
             self.model,
