@@ -3,12 +3,16 @@
 #   make test  — the same set-up, then the whole test suite
 # torch==2.13.0 is installed first and on its own: asking for torch through a range
 # in pyproject would let pip pull a multi-gigabyte CUDA build where the CPU one is meant.
+# On Linux, MLX's CPU build is added for the parity tests of the MLX backend (tests/mlx):
+# its wheels need glibc 2.35 or newer, so where there is none the tests skip instead of
+# the install failing. On Apple Silicon, pyproject installs MLX itself.
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.quire-installed
 TORCH  := torch==2.13.0
+MLX    := mlx[cpu]==0.32.4
 
 .PHONY: run test install models bench package clean
 
@@ -16,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q $(TORCH)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	if [ "$$(uname -s)" = Linux ]; then \
+		$(PY) -m pip install --disable-pip-version-check -q '$(MLX)' \
+		|| echo "note: no $(MLX) wheel for this system; tests/mlx will skip"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine.generate import GenerationStats, SamplingParams
     from engine.runtime import DEFAULT_MODEL, load_model
 
-    model = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype)
+    model = load_model(args.model or DEFAULT_MODEL, dtype=args.dtype, backend=args.backend)
     params = SamplingParams(
         max_new_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -124,6 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             include_reference=not args.no_reference,
             include_quality=not args.no_quality,
             dtypes=args.dtype or None,
+            backends=args.backend,
         )
     elif args.what == "gui":
         from app.gui.bench import run_gui_bench
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                      help="auto: the faster of the two on this machine (measured)")
+    gen.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
+                     help="auto: MLX on Apple Silicon where installed, else torch")
     gen.set_defaults(func=cmd_generate)
 
     models = sub.add_parser("models", help="list installed models, or install the defaults")
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
                        help="dtypes to measure (repeatable; default: bfloat16 then float32)")
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
+    bench.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "mlx"],
+                       help="runtime: backends to measure in one run, e.g. --backend torch mlx (default: auto)")
     bench.add_argument("--out", help="also write the JSON here")
     bench.add_argument("--documents", nargs="+", help="gui: files to add, cache and ask over")
     bench.add_argument("--question", default="What is this library about?", help="gui: the question asked")

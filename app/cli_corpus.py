@@ -31,7 +31,7 @@ def open_engine(args: argparse.Namespace):
     from engine.corpus.engine import Engine
     from engine.runtime import DEFAULT_MODEL, load_model
 
-    model = load_model(args.model or DEFAULT_MODEL)
+    model = load_model(args.model or DEFAULT_MODEL, backend=getattr(args, "backend", None) or "auto")
     cache = CacheSettings(precision=getattr(args, "precision", None) or "int8")
     return Engine(model, cache_settings=cache, sparse=SparseSettings())
 
@@ -140,6 +140,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("question")
     ask.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
     ask.add_argument("--model", help="installed model name, .gguf file or model folder")
+    ask.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
+                     help="auto: MLX on Apple Silicon where installed, else torch (the cache is shared)")
     ask.add_argument("--precision", choices=["int8", "int4", "fp16"])
     ask.add_argument("--max-tokens", type=int, default=256)
     ask.add_argument("--json", action="store_true", help="evidence and statistics as JSON")

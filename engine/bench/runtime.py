@@ -9,7 +9,11 @@ and one implementation. The parent gathers JSON:
   ratios Quire / transformers; prefill as a fraction of the matmul peak and decode as
   a fraction of the bandwidth bound (bytes of weights and KV read per token);
 - quality (Quire only; greedy decoding matches transformers token for token, which
-  the tests check): pass-key retrieval at 2K and 8K and five reading questions.
+  the tests check): pass-key retrieval at 2K and 8K and five reading questions;
+- per backend (`backends`, e.g. torch and MLX in one run): Quire's torch results
+  under "quire" as before, another backend's under "quire-<backend>", and each
+  other backend's speed as a ratio to torch's in the same dtype, with whether its
+  greedy tokens after 2K of context are torch's ("backend_ratios").
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def _prompts(tokenizer, lengths: list[int]) -> dict[int, list[int]]:
 
 def _weight_bytes(model) -> tuple[int, int]:
     """(bytes of non-embedding weights, bytes of the output projection)."""
+    if hasattr(model, "weight_bytes"):  # backends that count their own (MLX)
+        return model.weight_bytes()
     total = 0
     for layer in model.layers:
         for value in vars(layer).values():
@@ -62,17 +68,23 @@ def _weight_bytes(model) -> tuple[int, int]:
     return total, model.lm_head.nbytes()
 
 
-def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) -> dict:
+def _bytes_per_value(model) -> int:
+    embed = model.embed
+    return embed.itemsize if hasattr(embed, "itemsize") else embed.element_size()
+
+
+def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, backend: str = "auto") -> dict:
     from engine.generate import GenerationStats, SamplingParams, prefill
     from engine.runtime import load_model
 
-    lm = load_model(model_name, dtype=dtype)
+    lm = load_model(model_name, dtype=dtype, backend=backend)
     window = lm.config.max_position_embeddings
     lengths = _fit(lengths, window)
     prompts = _prompts(lm.tokenizer, lengths)
     model = lm.model
     result: dict = {
         "load_seconds": lm.load_seconds,
+        "backend": lm.backend,
         "dtype": dtype,
         "family": lm.config.family,
         "window": window,
@@ -103,9 +115,9 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str) 
         "token_ids": generated,
     }
     weights, head = _weight_bytes(model)
-    kv_read = DECODE_AFTER * lm.config.kv_bytes_per_token(bytes_per_value=model.embed.element_size())
+    kv_read = DECODE_AFTER * lm.config.kv_bytes_per_token(bytes_per_value=_bytes_per_value(model))
     result["decode"]["bytes_per_token"] = weights + head + kv_read
-    result["flops_per_token_linear"] = 2 * weights // model.embed.element_size()
+    result["flops_per_token_linear"] = 2 * weights // _bytes_per_value(model)
     c = lm.config
     result["attention_flops_coefficient"] = 2 * c.num_attention_heads * c.head_dim * len(c.global_layers)
     if quality:
@@ -181,6 +193,20 @@ def worker_machine() -> dict:
     }
 
 
+def worker_machine_mlx() -> dict:
+    """MLX's own matmul peak: on Linux it is set by the BLAS the mlx-cpu wheel
+    bundles, unless another one is preloaded (recorded as `ld_preload`)."""
+    from engine.backends.mlx import measure
+
+    return {
+        "mlx_version": measure.version(),
+        "mlx_device": measure.device(),
+        "mlx_matmul_fp32_gflops": measure.matmul_peak_gflops(dtype="float32"),
+        "mlx_matmul_bf16_gflops": measure.matmul_peak_gflops(dtype="bfloat16"),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }
+
+
 
 def _spawn(args: list[str]) -> dict:
     command = [sys.executable, "-m", "engine.bench.runtime", *args]
@@ -196,34 +222,78 @@ def run(
     include_reference: bool = True,
     include_quality: bool = True,
     dtypes: list[str] | None = None,
+    backends: list[str] | None = None,
 ) -> dict:
-    """Measure every model in every dtype, Quire and transformers alike.
+    """Measure every model in every dtype and backend, Quire and transformers alike.
 
     The first dtype is Quire's default ("auto" resolves to the faster of fp32 and
-    bf16 on this machine); the quality probe runs only in that one.
+    bf16 on this machine); the quality probe runs only in that one, on the first
+    backend. `backends` ("auto", "torch", "mlx"; default ["auto"]) run in the order
+    given, each in its own subprocess per model and dtype.
     """
     from engine.install import DEFAULT_MODELS
+    from engine.runtime import resolve_backend
 
     lengths = lengths or [512, 2048, 8192]
     models = models or [spec.name for spec in DEFAULT_MODELS]
     dtypes = dtypes or ["bfloat16", "float32"]
+    backends = list(dict.fromkeys(resolve_backend(b) for b in (backends or ["auto"])))
     machine = _spawn(["--worker", "machine"])
-    report: dict = {"benchmark": "runtime", "machine": machine, "lengths": lengths, "dtypes": dtypes, "models": {}}
+    if "mlx" in backends:
+        machine.update(_spawn(["--worker", "machine-mlx"]))
+    report: dict = {
+        "benchmark": "runtime", "machine": machine, "lengths": lengths, "dtypes": dtypes, "backends": backends, "models": {}
+    }
     for name in models:
-        entry: dict = {"quire": {}, "transformers": {}}
+        entry: dict = {_impl(b): {} for b in backends} | {"transformers": {}}
         for i, dtype in enumerate(dtypes):
-            quality = include_quality and i == 0
-            entry["quire"][dtype] = _spawn(
-                ["--worker", "ours", "--model", name, "--dtype", dtype, "--lengths", *map(str, lengths)]
-                + ([] if quality else ["--no-quality"])
-            )
+            for j, backend in enumerate(backends):
+                quality = include_quality and i == 0 and j == 0
+                entry[_impl(backend)][dtype] = _spawn(
+                    ["--worker", "ours", "--model", name, "--dtype", dtype, "--backend", backend,
+                     "--lengths", *map(str, lengths)]
+                    + ([] if quality else ["--no-quality"])
+                )
             if include_reference:
                 entry["transformers"][dtype] = _spawn(
                     ["--worker", "reference", "--model", name, "--dtype", dtype, "--lengths", *map(str, lengths)]
                 )
-        _derive(entry, machine)
+        if "quire" in entry:
+            _derive(entry, machine)
+        _backend_ratios(entry, backends)
         report["models"][name] = entry
     return report
+
+
+def _impl(backend: str) -> str:
+    """The report key of a backend's results: "quire" for torch (the key reports
+    have always used), "quire-<backend>" for the others."""
+    return "quire" if backend == "torch" else f"quire-{backend}"
+
+
+def _backend_ratios(entry: dict, backends: list[str]) -> None:
+    """Each non-torch backend's prefill and decode speed ÷ torch's, same dtype, and
+    whether its greedy tokens after 2K of context are torch's."""
+    torch_results = entry.get("quire", {})
+    ratios: dict = {}
+    for backend in backends:
+        if backend == "torch":
+            continue
+        for dtype, other in entry[_impl(backend)].items():
+            base = torch_results.get(dtype, {})
+            if "error" in other or not base or "error" in base:
+                continue
+            ratios.setdefault(backend, {})[dtype] = {
+                "prefill_vs_torch": {
+                    n: m["tokens_per_second"] / base["prefill"][n]["tokens_per_second"]
+                    for n, m in other["prefill"].items() if n in base["prefill"]
+                },
+                "decode_vs_torch": other["decode"]["tokens_per_second"] / base["decode"]["tokens_per_second"],
+                "load_vs_torch": other["load_seconds"] / base["load_seconds"],
+                "decode_same_tokens_as_torch": other["decode"]["token_ids"] == base["decode"]["token_ids"],
+            }
+    if ratios:
+        entry["backend_ratios"] = ratios
 
 
 def _derive(entry: dict, machine: dict) -> None:
@@ -264,16 +334,19 @@ def _derive(entry: dict, machine: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", choices=["ours", "reference", "machine"], required=True)
+    parser.add_argument("--worker", choices=["ours", "reference", "machine", "machine-mlx"], required=True)
     parser.add_argument("--model")
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     if args.worker == "machine":
         result = worker_machine()
+    elif args.worker == "machine-mlx":
+        result = worker_machine_mlx()
     elif args.worker == "ours":
-        result = worker_ours(args.model, args.lengths, not args.no_quality, args.dtype)
+        result = worker_ours(args.model, args.lengths, not args.no_quality, args.dtype, args.backend)
     else:
         result = worker_reference(args.model, args.lengths, args.dtype)
     print(json.dumps(result))

@@ -76,16 +76,24 @@ def test_segment_capture_matches_torch(models):
         assert np.abs(keys_m - keys_t).max() < 1e-4 and np.abs(values_m - values_t).max() < 1e-4, family
 
 
+@pytest.fixture(scope="module")
+def torch_scope(models, tmp_path_factory):
+    """Three segments (25 blocks) after a 16-token prefix, written by the torch backend."""
+    _, _, torch_model, _ = models
+    builder = torch_memory.SegmentPrefiller(torch_model, ids(PREFIX, 4), 160)
+    scope = write_scope(builder, tmp_path_factory.mktemp("scope"), [ids(150, 7), ids(97, 8), ids(128, 9)])
+    yield scope
+    scope.close()
+
+
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_sparse_attention_matches_torch(models, tmp_path, name):
+def test_sparse_attention_matches_torch(models, torch_scope, name):
     """One cache on disk, built by torch; both backends ask over it with the same
     settings: same blocks per layer and head, same logits and evidence while
     decoding."""
     family, _, torch_model, mlx_model = models
-    settings = SETTINGS[name]
+    settings, scope = SETTINGS[name], torch_scope
     prefix, question, follow = ids(PREFIX, 4), ids(QUESTION, 5), ids(4, 6)
-    builder = torch_memory.SegmentPrefiller(torch_model, prefix, 160)
-    scope = write_scope(builder, tmp_path, [ids(150, 7), ids(97, 8), ids(128, 9)])
     caches = {}
     logits = {}
     for backend, model, memory in (("torch", torch_model, torch_memory), ("mlx", mlx_model, mlx_memory)):
@@ -144,13 +152,8 @@ def test_sparse_equals_dense_transformers_when_the_budget_covers_the_corpus(mode
     assert np.abs(sparse - dense).max() < 2e-3, family
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch backend bug: Rotary.rotations_at (engine/backends/torch/layers.py) indexes its table with "
-    "the negative relative positions that prefix queries get when the question is shorter than "
-    "selection_queries, and Python indexing wraps them to the table's end; MLX rotates them by the true "
-    "negative angle. Remove this mark once torch is fixed.",
-)
+# Prefix queries get negative positions relative to memory: both backends rotate
+# them by the true negative angle (torch once wrapped them to its table's end).
 def test_selection_queries_reaching_into_the_prefix(models, tmp_path):
     family, _, torch_model, mlx_model = models
     prefix, question = ids(5, 1), ids(9, 5)  # 14 tokens < selection_queries = 32

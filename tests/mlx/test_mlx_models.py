@@ -86,7 +86,9 @@ def test_greedy_decode_gives_the_same_tokens(trio):
             logits = model.forward([tokens[-1]], cache)
         sequences.append(tokens)
     with torch.no_grad():
-        out = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
     assert sequences[0] == sequences[1] == out[0, len(prompt):].tolist(), family
 
 

@@ -90,14 +90,15 @@ def test_mlx_answers_over_the_cache_torch_built(models, tmp_path):
     assert (reused.segments_built, reused.segments_reused, reused.bytes_written) == (0, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.qkv")} == files
 
-    # The question's own queries select (its 18 tokens, not the default 32, which
-    # would reach into the chat prefix: see test_mlx_memory's xfail on the torch
-    # backend's rotation of negative positions).
-    sparse = SparseSettings(selection_queries=len(by_torch.question_ids(QUESTION)))
+    # Default settings: the 32 selection queries reach into the chat prefix (the
+    # question has 18 tokens), whose negative positions both backends rotate alike.
+    sparse = SparseSettings()
     answers = {name: ask(engine, document, sparse) for name, engine in (("torch", by_torch), ("mlx", by_mlx))}
     (text_t, evidence_t, stats_t), (text_m, evidence_m, stats_m) = answers["torch"], answers["mlx"]
     assert text_m == text_t and "Elspeth" in text_m, (text_t, text_m)
-    assert evidence_m and [(e.char_start, e.char_end) for e in evidence_m] == [(e.char_start, e.char_end) for e in evidence_t]
+    assert evidence_m and [(e.char_start, e.char_end) for e in evidence_m] == [
+        (e.char_start, e.char_end) for e in evidence_t
+    ]
     assert np.allclose([e.weight for e in evidence_m], [e.weight for e in evidence_t], atol=1e-4)
     fact = document.text.index(FACT)
     assert evidence_m[0].char_start <= fact < evidence_m[0].char_end  # the top passage holds the fact

@@ -27,9 +27,12 @@ def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch, platform, machine, in
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(runtime.sys, "platform", platform)
     monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
-    monkeypatch.setattr(
-        runtime.importlib.util, "find_spec", lambda name, *a: (object() if installed else None) if name == "mlx" else real_find_spec(name, *a)
-    )
+    def find_spec(name: str, *args):
+        if name == "mlx":
+            return object() if installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", find_spec)
     assert runtime.resolve_backend("auto") == expected
 
 

@@ -4,9 +4,10 @@ Silicon (Metal, unified memory) and, for testing, MLX's CPU build on Linux.
 `load(config, weight_files)` returns a model object with `new_cache(capacity)` and
 `forward(tokens, cache, last_only=True) -> logits`; engine/generate.py drives it,
 and engine/backends/mlx/memory.py gives it the corpus cache, exactly as for torch.
-Weights are the converted safetensors of the model store (GGUF files are
-dequantised once with gguf-py; `mx.load` of a GGUF is never used: it disagreed
-with gguf-py on Q4_K, see docs/DESIGN.md "Models").
+Weights are the converted safetensors of the model store: GGUF files are
+dequantised once with gguf-py, and `mx.load` never reads a GGUF (on Q4_K it
+returned values matching gguf-py for only half of each super-block; DESIGN.md,
+"Models").
 
 Reference: MLX (https://ml-explore.github.io/mlx/), mlx-lm's model layout.
 """
@@ -89,5 +90,6 @@ def load(
         except (OSError, RuntimeError, ValueError) as error:
             raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
     model = family(config, tensors, DTYPES[dtype], transposed=not on_gpu())
-    log.info("loaded %s (%s, MLX %s) in %.2f s", config.name or config.family, dtype, mx.default_device(), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s, MLX %s) in %.2f s", config.name or config.family, dtype, mx.default_device(), seconds)
     return model

@@ -82,6 +82,12 @@ class Rotary:
     def rotations_at(self, positions: torch.Tensor) -> torch.Tensor:
         """(T, 1, D/2) complex rotations for arbitrary positions (T,), e.g. a prompt
         whose question starts after a gap left for corpus memory."""
+        if positions.numel() and int(positions.min()) < 0:
+            # Relative positions below zero (selection queries from the chat prefix,
+            # which sits before memory) rotate by their true negative angle; indexing
+            # the table would wrap them to its far end.
+            angles = torch.outer(positions.float(), self.inv_freq)  # as _grow computes the table
+            return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
         if positions.numel() and int(positions.max()) + 1 > self.table.shape[0]:
             self._grow(int(positions.max()) + 1)
         return self.table[positions].unsqueeze(1)
