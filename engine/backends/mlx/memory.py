@@ -31,8 +31,7 @@ in numpy, with stable sorts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -40,11 +39,8 @@ import numpy as np
 from engine.backends.mlx.kv_cache import DenseKVCache
 from engine.backends.mlx.layers import Rotary, attend
 from engine.backends.mlx.models.llama import DecoderModel
+from engine.corpus.selection import SEGMENT_SINK_TOKENS, MemoryScope, SelectionStats, with_successors
 from engine.corpus.settings import SparseSettings
-
-# The first tokens of every segment, whose attention is not counted as evidence
-# (the torch backend's value: both must cite alike).
-SEGMENT_SINK_TOKENS = 4
 
 # --- build ---------------------------------------------------------------------
 
@@ -112,52 +108,6 @@ class SegmentPrefiller:
 
 
 # --- ask -----------------------------------------------------------------------
-
-
-def with_successors(blocks: np.ndarray, order: np.ndarray, count: int, neighbours: int = 1) -> np.ndarray:
-    """The first `count` blocks of ranked `order` (indices into sorted `blocks`),
-    each followed by up to `neighbours` blocks after it that are candidates too: a
-    fact whose key matches one block often ends in the next ones (a sentence
-    naming the key, then a number split over a block edge)."""
-    following = np.full(len(blocks), -1)
-    consecutive = np.flatnonzero(blocks[1:] == blocks[:-1] + 1)
-    following[consecutive] = consecutive + 1
-    steps = [order]
-    for _ in range(neighbours):
-        steps.append(np.where(steps[-1] >= 0, following[np.maximum(steps[-1], 0)], -1))
-    sequence = np.stack(steps, axis=1).reshape(-1)
-    sequence = sequence[sequence >= 0]
-    _, first = np.unique(sequence, return_index=True)
-    return blocks[sequence[np.sort(first)][:count]]
-
-
-class MemoryScope(Protocol):
-    """The blocks a question may read (engine/corpus/scope.py)."""
-
-    n_blocks: int
-    total_tokens: int
-    block_size: int
-    local_block: np.ndarray  # (n_blocks,) each block's index within its segment
-
-    def has_layer(self, layer: int) -> bool: ...
-
-    def bounds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel key min and max of every block: (n_blocks, Hkv, D) each."""
-        ...
-
-    def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keys (N, D), values (N, D) float32 and each token's block id (N,) for the
-        given global block ids, block by block in the order given."""
-        ...
-
-
-@dataclass
-class SelectionStats:
-    blocks_selected: list[int] = field(default_factory=list)  # per (layer, head)
-    blocks_scored_exactly: int = 0
-    blocks_bounded: int = 0
-    bytes_gathered: int = 0
-    selected: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer → per head block ids
 
 
 @dataclass
