@@ -22,13 +22,14 @@ def runtime_markdown(report: dict) -> str:
         f"{_fmt(machine.get('memory_read_gbs'), 1)} GB/s.",
         "",
     ]
-    lengths = sorted({int(k) for e in report["models"].values() for r in e["quire"].values() if "prefill" in r
+    lengths = sorted({int(k) for e in report["models"].values() for impl in ("quire", "quire-mlx")
+                      for r in e.get(impl, {}).values() if "prefill" in r
                       for k in r["prefill"]})
     header = "| model | impl | dtype | load s | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
     header += " | decode tok/s (after 2K) | peak RSS MB |"
     lines += [header, "|" + "---|" * (6 + len(lengths))]
     for name, entry in report["models"].items():
-        for impl in ("quire", "transformers"):
+        for impl in ("quire", "quire-mlx", "transformers"):
             for dtype, r in entry.get(impl, {}).items():
                 if "error" in r:
                     lines.append(f"| {name} | {impl} | {dtype} | error: {r['error']} |" + " |" * (2 + len(lengths)))
