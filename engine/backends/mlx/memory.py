@@ -206,10 +206,15 @@ class MemoryAttentionCache:
 
     # -- selection ---------------------------------------------------------------
 
+    def _query_count(self, positions) -> int:
+        """How many of the last queries score blocks: up to `selection_queries`, from
+        the question only (the chat prefix before memory says nothing about it)."""
+        return max(1, min(self.settings.selection_queries, int((np.asarray(positions) >= self.question_start).sum())))
+
     def _selection_queries(self, q: mx.array, positions: np.ndarray, rotary: Rotary, scale: float) -> mx.array:
         """The last question queries, rotated as if every memory key sat
         `memory_distance` before the question: (Hkv, G·n, D) fp32, scaled."""
-        n = min(self.settings.selection_queries, q.shape[1])
+        n = self._query_count(positions)
         anchor = self.question_start - self.settings.memory_distance
         return self._grouped(q[:, -n:], positions[-n:] - anchor, rotary, scale)
 
@@ -276,7 +281,7 @@ class MemoryAttentionCache:
     def _real_logmass(self, layer: int, q: mx.array, positions: np.ndarray, rotary: Rotary, scale: float) -> np.ndarray:
         """log Σ exp(q·k) of the selection queries over the real tokens they see
         (sinks and the question so far), at their true positions: (Hkv, G·n)."""
-        n = min(self.settings.selection_queries, q.shape[1])
+        n = self._query_count(positions)
         grouped = self._grouped(q[:, -n:], positions[-n:], rotary, scale)
         end = self.real.length + q.shape[1]
         keys = self.real.keys[layer][0, :, :end].astype(mx.float32)  # (Hkv, S, D)
