@@ -16,7 +16,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QEvent, QObject, QSettings, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtCore import QByteArray, QSettings, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
     QToolButton,
 )
 
+from app.gui.bridge import DropCatcher, Inbox
 from app.gui.conversation import ConversationPanel
 from app.gui.evidence import EvidencePanel
 from app.gui.library_panel import ConversationsPanel, LibraryPanel
@@ -47,61 +48,6 @@ from ingest.paths import library_path as default_library_path
 log = logging.getLogger(__name__)
 
 EXPORT_FILTERS = "Markdown (*.md);;HTML (*.html);;PDF (*.pdf);;JSON (*.json)"
-
-
-def local_files(mime) -> list[str]:
-    if not mime.hasUrls():
-        return []
-    return [url.toLocalFile() for url in mime.urls() if url.isLocalFile()]
-
-
-class _DropCatcher(QObject):
-    """Lets files be dropped on any part of the window, text boxes included."""
-
-    def __init__(self, window: MainWindow) -> None:
-        super().__init__(window)
-        self.window = window
-
-    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802
-        if event.type() in (QEvent.Type.DragEnter, QEvent.Type.DragMove, QEvent.Type.Drop):
-            widget = watched if hasattr(watched, "window") else None
-            if widget is None or widget.window() is not self.window:
-                return False
-            paths = local_files(event.mimeData())
-            if not paths:
-                return False
-            if event.type() == QEvent.Type.Drop:
-                self.window.add_paths(paths)
-            event.acceptProposedAction()
-            return True
-        return False
-
-
-class _Inbox(QObject):
-    """Where the workers' signals land in the GUI thread.
-
-    Each worker signal is connected to the same-named signal here: a plain QObject
-    made in the GUI thread, so Qt queues the call across threads. (Measured with
-    PySide6 6.12: connecting worker signals straight to the main window's methods,
-    even with QueuedConnection, ran them in the worker thread.)"""
-
-    loading = Signal(str)
-    installing = Signal(str, int, int)
-    ready = Signal(object)
-    cache_progress = Signal(object)
-    cache_finished = Signal(str)
-    cache_states = Signal(object)
-    cache_bytes = Signal(int)
-    token = Signal(str)
-    evidence = Signal(list)
-    answer_finished = Signal(object)
-    failed = Signal(str, str)
-    engine_busy = Signal(str)
-    ingest_progress = Signal(object)
-    ingest_finished = Signal(object)
-    ingest_removed = Signal(list, int)
-    ingest_failed = Signal(str)
-    ingest_busy = Signal(str)
 
 
 class MainWindow(QMainWindow):
@@ -178,7 +124,7 @@ class MainWindow(QMainWindow):
         self.banner.setStyleSheet("QLabel { background: #fdecea; color: #8a1c12; padding: 6px; border-radius: 4px; }")
         self.banner.hide()
         self.conversation.layout().insertWidget(0, self.banner)
-        self._drop_catcher = _DropCatcher(self)
+        self._drop_catcher = DropCatcher(self)
 
         self.conversation.ask_clicked.connect(self.ask)
         self.conversation.stop_clicked.connect(self.stop)
@@ -293,7 +239,7 @@ class MainWindow(QMainWindow):
         self.ingest_thread.setObjectName("quire-ingest")
         self.ingest_worker = IngestWorker(self.library_path, default_token_counter(self.settings))
         self.ingest_worker.moveToThread(self.ingest_thread)
-        self._inbox = _Inbox(self)
+        self._inbox = Inbox(self)
 
         engine, ingest, inbox = self.engine_worker, self.ingest_worker, self._inbox
         self.configure_requested.connect(engine.configure)
@@ -357,14 +303,15 @@ class MainWindow(QMainWindow):
         self.corpus_label.setText(f"Corpus: {len(ready)} document(s), {tokens:,} tokens")
         self.refresh_scopes()
 
-    def refresh_scopes(self) -> None:
+    def refresh_scopes(self, current: Scope | None = None) -> None:
+        """Rebuild the scope choices, keeping `current` (else the one shown) selected."""
         scopes = [Scope()]
         for collection in self.store.collections():
             scopes.append(Scope("collection", collection.id, (), f"Collection: {collection.name}"))
         selected = tuple(self.library.selected_ids())
         if selected:
             scopes.append(Scope("documents", None, selected, f"Selected documents ({len(selected)})"))
-        self.conversation.set_scopes(scopes)
+        self.conversation.set_scopes(scopes, current)
 
     def choose_files(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(
@@ -594,8 +541,7 @@ class MainWindow(QMainWindow):
         self.conversation_id = conversation_id
         messages = self.store.messages(conversation_id)
         self.conversation.show_conversation(conversation.title, messages)
-        self.conversation.set_scopes([], Scope.from_dict(conversation.scope))
-        self.refresh_scopes()
+        self.refresh_scopes(Scope.from_dict(conversation.scope))
         answers = [m for m in messages if m.role == "assistant"]
         if answers:
             self._show_evidence(answers[-1].citations)

@@ -105,7 +105,8 @@ def place_needles(documents: list[CorpusDocument], case: Case, sizes: list[int])
     return new, spans
 
 
-def _answer(events) -> tuple[str, list[Evidence], AskStats | None]:
+def collect_answer(events) -> tuple[str, list[Evidence], AskStats | None]:
+    """The answer text, its evidence and its statistics from `Engine.ask` events."""
     text, evidence, stats = "", [], None
     for event in events:
         if isinstance(event, Token):
@@ -188,7 +189,7 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
     started = time.perf_counter()
     built = engine.build(with_needles)
     build_seconds = time.perf_counter() - started
-    answer, evidence, stats = _answer(engine.ask(case.question, with_needles, params))
+    answer, evidence, stats = collect_answer(engine.ask(case.question, with_needles, params))
     record = {
         "kind": case.kind,
         "length": case.length,
@@ -310,7 +311,7 @@ def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path |
         open_seconds = time.perf_counter() - started
         asks = []
         for question in SCALE_QUESTIONS:
-            answer, evidence, stats = _answer(engine.ask(question, documents, params))
+            answer, evidence, stats = collect_answer(engine.ask(question, documents, params))
             asks.append({"ttft": round(stats.time_to_first_token, 3), "decode_tps": round(stats.decode_tokens_per_second, 2),
                          "bytes_gathered": stats.bytes_gathered, "blocks_selected": round(stats.mean_blocks_selected, 1),
                          "index_bytes": stats.index_bytes, "answer": answer})

@@ -1,6 +1,7 @@
 """Backend-free parts of block selection shared by the torch and MLX corpus memory
 (engine/backends/*/memory.py): the scope protocol, the successor rule, the
-selection statistics, and how many tokens at a segment's start are never cited.
+selection statistics, which layers keep memory, and how many tokens at a
+segment's start are never cited.
 Both backends import these, so they select and cite alike by construction.
 """
 
@@ -11,8 +12,24 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.config import ModelConfig
+
 # The first tokens of every segment, whose attention is not counted as evidence.
 SEGMENT_SINK_TOKENS = 4
+
+
+class LayeredModel(Protocol):
+    """What `global_layers` needs of a backend's model."""
+
+    config: ModelConfig
+
+    def window_for(self, layer: int) -> int | None: ...
+
+
+def global_layers(model: LayeredModel) -> list[int]:
+    """Layers that attend over the whole context; only these keep long-range memory
+    (Gemma 3's sliding layers see 512 tokens by design and store nothing)."""
+    return [i for i in range(model.config.num_hidden_layers) if model.window_for(i) is None]
 
 
 def with_successors(blocks: np.ndarray, order: np.ndarray, count: int, neighbours: int = 1) -> np.ndarray:

@@ -259,6 +259,12 @@ def test_scope_limits_the_documents_asked(qtbot, home):
     window.conversation.scope.setCurrentIndex(index)
     ask_and_wait(qtbot, window, "Where are the lighthouses?")
     assert window.engine.asked[-1][1] == [target]
+    # Reopening the conversation brings its scope back.
+    asked_in = window.conversation_id
+    window.new_conversation()
+    window.conversation.scope.setCurrentIndex(0)
+    window.open_conversation(asked_in)
+    assert window.conversation.scope.currentText() == "Collection: Coast"
     close(window)
 
 

@@ -18,9 +18,10 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 from engine.corpus.build import CorpusDocument  # noqa: E402
-from engine.corpus.engine import AskStats, Engine, Evidence  # noqa: E402
+from engine.bench.niah import collect_answer  # noqa: E402
+from engine.corpus.engine import Engine  # noqa: E402
 from engine.corpus.settings import CacheSettings, SparseSettings  # noqa: E402
-from engine.generate import GenerationStats, SamplingParams, Token  # noqa: E402
+from engine.generate import GenerationStats, SamplingParams  # noqa: E402
 from tests.corpus.test_engine import FACT, MODEL, QUESTION, island_document  # noqa: E402
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
@@ -65,15 +66,7 @@ def test_logits_and_greedy_tokens_match_torch(models):
 
 
 def ask(engine: Engine, document: CorpusDocument, sparse: SparseSettings):
-    text, evidence, stats = "", [], None
-    for event in engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=24), sparse=sparse):
-        if isinstance(event, Token):
-            text += event.text
-        elif isinstance(event, Evidence):
-            evidence.append(event)
-        elif isinstance(event, AskStats):
-            stats = event
-    return text, evidence, stats
+    return collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=24), sparse=sparse))
 
 
 def test_mlx_answers_over_the_cache_torch_built(models, tmp_path):

@@ -39,16 +39,10 @@ import numpy as np
 from engine.backends.mlx.kv_cache import DenseKVCache
 from engine.backends.mlx.layers import Rotary, attend
 from engine.backends.mlx.models.llama import DecoderModel
-from engine.corpus.selection import SEGMENT_SINK_TOKENS, MemoryScope, SelectionStats, with_successors
+from engine.corpus.selection import SEGMENT_SINK_TOKENS, MemoryScope, SelectionStats, global_layers, with_successors
 from engine.corpus.settings import SparseSettings
 
 # --- build ---------------------------------------------------------------------
-
-
-def global_layers(model: DecoderModel) -> list[int]:
-    """Layers that attend over the whole context; only these keep long-range memory
-    (Gemma 3's sliding layers see 512 tokens by design and store nothing)."""
-    return [i for i in range(model.config.num_hidden_layers) if model.window_for(i) is None]
 
 
 class CaptureCache(DenseKVCache):
