@@ -16,15 +16,10 @@ import sys
 import time
 from dataclasses import asdict
 
-from engine.corpus.build import BuildProgress, CorpusDocument
+from engine.corpus.build import BuildProgress
 from engine.corpus.settings import CacheSettings, SparseSettings
-from app.service import corpus_document
+from app.service import library_content_keys, scope_documents
 from ingest.library import Library
-
-
-def scope_documents(library: Library, ids: list[int] | None) -> list[CorpusDocument]:
-    records = [library.get(i) for i in ids] if ids else library.documents(status="ready")
-    return [corpus_document(library, r) for r in records if r.status == "ready"]
 
 
 def open_engine(args: argparse.Namespace):
@@ -68,11 +63,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{document.doc_id:>5}  {state:<10}  {document.title}")
         print(f"cache: {engine.cache_bytes() / 2**20:.1f} MiB in {engine.root}")
     return 0
-
-
-def library_content_keys(library: Library) -> set[str]:
-    """Content keys of every document still in the library (what caches may keep)."""
-    return {corpus_document(library, r).content_key for r in library.documents() if r.status == "ready"}
 
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:

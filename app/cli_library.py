@@ -145,7 +145,7 @@ def _pages_list(indexes: list[int]) -> str:
 
 @_reports_errors
 def cmd_remove(args: argparse.Namespace) -> int:
-    from app.cli_corpus import library_content_keys
+    from app.service import library_content_keys
     from engine.corpus.engine import prune_caches
 
     with Library() as library:

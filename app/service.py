@@ -57,6 +57,18 @@ def corpus_document(library: Library, record: DocumentRecord) -> CorpusDocument:
     return CorpusDocument(record.id, text, starts, record.display_title)
 
 
+def scope_documents(library: Library, ids: list[int] | None) -> list[CorpusDocument]:
+    """The ready documents among `ids` (None: every ready document) as CorpusDocuments.
+    An empty list means none: an empty collection asks over nothing, not everything."""
+    records = library.documents(status="ready") if ids is None else [library.get(i) for i in ids]
+    return [corpus_document(library, r) for r in records if r.status == "ready"]
+
+
+def library_content_keys(library: Library) -> set[str]:
+    """Content keys of every document still in the library (what caches may keep)."""
+    return {d.content_key for d in scope_documents(library, None)}
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """(backend, device) for a setting on this machine; a clear error where it is absent.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from app.service import AnswerEngine, corpus_document
+from app.service import AnswerEngine, library_content_keys, scope_documents
 from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, CorpusDocument
 from engine.corpus.engine import AskStats, Evidence
@@ -225,12 +225,7 @@ class EngineWorker(QObject):
         self.busy.emit("")
 
     def _documents(self, document_ids: list[int] | None) -> list[CorpusDocument]:
-        library = self._db()
-        if document_ids is None:
-            records = library.documents(status="ready")
-        else:
-            records = [r for r in (library.get(i) for i in document_ids) if r.status == "ready"]
-        return [corpus_document(library, r) for r in records]
+        return scope_documents(self._db(), document_ids)
 
 
 def corpus_hash(documents: list[CorpusDocument]) -> str | None:
@@ -321,7 +316,7 @@ class IngestWorker(QObject):
             with Library(self.library_path) as library:
                 for document_id in document_ids:
                     library.remove(document_id)
-                keep = {corpus_document(library, r).content_key for r in library.documents(status="ready")}
+                keep = library_content_keys(library)
             freed = prune_caches(keep, Path(cache_root))
             self.removed.emit(document_ids, freed)
         except BaseException as error:  # noqa: BLE001

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from app.cli import main
-from app.cli_corpus import corpus_document
+from app.service import corpus_document
 from ingest.library import Library
 
 pytestmark = pytest.mark.slow
