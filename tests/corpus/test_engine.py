@@ -213,6 +213,27 @@ def test_segments_are_addressed_by_content(model, tmp_path):
     assert len(segment_files(tmp_path)) == 4
 
 
+def test_recurring_text_is_read_once_and_cited_at_its_first_occurrence(model, tmp_path):
+    # The same book twice in a scope: the question reads each distinct segment
+    # once, the copy adds no blocks, and the evidence points into the document
+    # that comes first.
+    document = island_document()
+    twin = CorpusDocument("twin", document.text, document.pages, "Same text, other id")
+    engine = Engine(model, cache_root=tmp_path)
+    engine.build([document, twin])
+    ids = model.tokenizer.encode(document.text)
+    answer, _, evidence, stats = ask(engine, [twin, document])
+    assert "Elspeth" in answer, answer
+    assert stats.blocks_in_scope == math.ceil(len(ids) / 32)
+    assert stats.memory_tokens == len(ids)
+    assert engine.open_scope([twin, document]).duplicate_tokens == len(ids)
+    assert evidence and {e.doc_id for e in evidence} == {"twin"}
+    alone, _, alone_evidence, _ = ask(engine, [twin])
+    assert alone == answer and [(e.char_start, e.char_end) for e in alone_evidence] == [
+        (e.char_start, e.char_end) for e in evidence
+    ]
+
+
 def test_a_damaged_segment_is_found_rebuilt_and_the_question_answered(model, tmp_path, caplog):
     document = island_document(18)
     engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
