@@ -205,6 +205,7 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
             "blocks_selected": round(stats.mean_blocks_selected, 1) if stats else None,
             "blocks_in_scope": stats.blocks_in_scope if stats else None,
             "bytes_gathered": stats.bytes_gathered if stats else None,
+            "tokens_scanned": stats.tokens_scanned if stats else None,
             "memory_tokens": stats.memory_tokens if stats else None,
         },
         "rebuild": {"segments": built.segments_built, "seconds": round(build_seconds, 2)},

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag
+from engine.corpus.retrieval import retrieval_heads
 from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
@@ -68,6 +69,7 @@ class AskStats:
     blocks_in_scope: int = 0
     mean_blocks_selected: float = 0.0
     blocks_scored_exactly: int = 0
+    tokens_scanned: int = 0  # keys scored by the retrieval heads' full scan
     bytes_gathered: int = 0
     index_bytes: int = 0
     finish_reason: str = ""
@@ -111,6 +113,7 @@ class Engine:
         self.memory = importlib.import_module(f"engine.backends.{model.backend}.memory")
         self.prefix_ids, self._after_memory = self._split_prompt()
         self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
+        self._retrieval_heads: list[tuple[int, int]] | None = None
         self.builder = CorpusBuilder(
             self.store,
             self.manifests,
@@ -248,12 +251,16 @@ class Engine:
         scope = self.open_scope(documents)
         scope_seconds = time.perf_counter() - started
         prompt = self.prefix_ids + self.question_ids(question)
+        scan: list[tuple[int, int]] = []
+        if settings.scan_heads and scope.n_blocks > settings.shortlist_factor * settings.max_blocks:
+            scan = self.retrieval_heads()[: settings.scan_heads]
         cache = self.memory.MemoryAttentionCache(
             self.model.model,
             scope,
             settings,
             prefix_len=len(self.prefix_ids),
             capacity=len(prompt) + params.max_new_tokens + 1,
+            scan_heads=scan,
         )
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
@@ -270,11 +277,19 @@ class Engine:
             blocks_in_scope=scope.n_blocks,
             mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
             blocks_scored_exactly=cache.stats.blocks_scored_exactly,
+            tokens_scanned=cache.stats.tokens_scanned,
             bytes_gathered=cache.stats.bytes_gathered,
             index_bytes=scope.index_bytes(),
             finish_reason=generation.finish_reason,
             settings=asdict(settings),
         )
+
+    def retrieval_heads(self) -> list[tuple[int, int]]:
+        """The model's retrieval heads, best first (measured once per model and kept
+        in the cache folder; engine/corpus/retrieval.py)."""
+        if self._retrieval_heads is None:
+            self._retrieval_heads = retrieval_heads(self)
+        return self._retrieval_heads
 
     def _evidence(self, scope: CorpusScope, mass: np.ndarray, limit: int) -> Iterator[Evidence]:
         """Merge adjacent blocks of one document into passages, strongest first."""

@@ -21,6 +21,13 @@ from engine.corpus.store import Segment, SegmentStore
 from engine.errors import CorruptCacheError
 
 
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (uint16), rounded to nearest even; a backend
+    views them as its bfloat16 type without a copy."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 @dataclass
 class ScopeEntry:
     document: CorpusDocument
@@ -64,6 +71,7 @@ class CorpusScope:
         self.total_tokens = int(sum(s.tokens for s in self.segments))  # distinct tokens held in memory
         self.layers = set(self.segments[0].layers)
         self._bounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._head_keys: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[str] = set()
 
     def has_layer(self, layer: int) -> bool:
@@ -81,7 +89,24 @@ class CorpusScope:
         return self._bounds[layer]
 
     def index_bytes(self) -> int:
-        return sum(low.nbytes + high.nbytes for low, high in self._bounds.values())
+        bounds = sum(low.nbytes + high.nbytes for low, high in self._bounds.values())
+        return bounds + sum(keys.nbytes + owner.nbytes for keys, owner in self._head_keys.values())
+
+    def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every key of the scope for one layer and KV head, as bfloat16 bit patterns
+        (N, D) uint16, and each token's block id (N,) int32; kept in RAM while the
+        scope is open, for the full scan of the model's retrieval heads.
+
+        Segments are not checksummed here: the scan only ranks blocks, and a block
+        chosen to be attended is read through `gather`, which verifies its segment."""
+        if (layer, head) not in self._head_keys:
+            keys, owners = [], []
+            for index, segment in enumerate(self.segments):
+                k = segment.head_keys(segment.layer_slot(layer), head)
+                keys.append(bfloat16_bits(k))
+                owners.append((self.seg_first_block[index] + np.arange(len(k)) // self.block_size).astype(np.int32))
+            self._head_keys[(layer, head)] = (np.concatenate(keys), np.concatenate(owners))
+        return self._head_keys[(layer, head)]
 
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys, values, owners = [], [], []
@@ -116,3 +141,4 @@ class CorpusScope:
         for segment in self._handles.values():
             segment.close()
         self._bounds.clear()
+        self._head_keys.clear()

@@ -74,5 +74,6 @@ class SelectionStats:
     blocks_selected: list[int] = field(default_factory=list)  # per (layer, head)
     blocks_scored_exactly: int = 0
     blocks_bounded: int = 0
+    tokens_scanned: int = 0  # keys scored by the full scan of retrieval heads
     bytes_gathered: int = 0
     selected: dict[int, list[np.ndarray]] = field(default_factory=dict)  # layer → per head block ids

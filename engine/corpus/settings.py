@@ -59,6 +59,11 @@ class SparseSettings:
     # the `carry_blocks` blocks with most votes join every head's selection.
     carry_blocks: int = 8  # measured: 128K single-needle recall 44% → 92% (docs/BENCHMARKS.md)
     carry_threshold: float = 2.0  # standard deviations above a head's mean before a block earns votes
+    # Retrieval heads: the model's `scan_heads` query heads that best pick out a stated
+    # fact (measured once per model, engine/corpus/retrieval.py) score every block of
+    # the scope exactly instead of through the bounds, once the scope outgrows the
+    # shortlist; their winners reach every later layer through the vote.
+    scan_heads: int = 8
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:

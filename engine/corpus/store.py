@@ -350,6 +350,14 @@ class Segment:
         values = _decode_values(stored_values, *self._value_params((slot, head, tokens)), self._levels)
         return keys, values, tokens
 
+    def head_keys(self, slot: int, head: int) -> np.ndarray:
+        """Every key of one stored layer and KV head, float32 (T, D); no values."""
+        self._check(slot, head)
+        arrays = self._arrays
+        stored = arrays["keys"][slot, head].reshape(self.n_blocks, self.block_size, -1)
+        low, high = arrays["key_min"][slot, :, head], arrays["key_max"][slot, :, head]  # (n_blocks, D)
+        return _decode_keys(stored, low, high, self._levels).reshape(-1, self.head_dim)[: self.tokens]
+
     def dequantize(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """All keys and values of one stored layer, float32 (H, T, D) each."""
         self._check(slot)

@@ -135,3 +135,33 @@ def test_refreshing_the_selection_while_decoding(pair, tmp_path):
         assert torch.isfinite(model.forward([token], cache)).all()
     # The first decode step reuses the question's selection; later ones refresh.
     assert len(cache.stats.blocks_selected) == first * len(follow)
+
+
+def test_the_retrieval_head_scan_is_the_exact_best_match_of_every_block(pair, tmp_path):
+    """A scanned head's score of each block equals the best q·k over the block's
+    stored keys (numpy, fp32), up to the bfloat16 the scope keeps them in; and a
+    scanned head shortlists by those scores, not by the bounds."""
+    _, model = pair
+    prefix = ids(5, 8)
+    scope = cached_scope(model, tmp_path, prefix, [ids(150, 9), ids(70, 10), ids(128, 11)], precision="int8")
+    settings = SparseSettings(min_blocks=1, max_blocks=2, shortlist_factor=1, carry_blocks=2, carry_threshold=0.5)
+    layer = sorted(MemoryAttentionCache(model, scope, settings, prefix_len=5, capacity=32).memory_layers)[0]
+    seen = {}
+    cache = MemoryAttentionCache(
+        model, scope, settings, prefix_len=5, capacity=32, scan_heads=[(layer, 0)],
+        probe=lambda layer, head, best: seen.__setitem__((layer, head), best),
+    )
+    queries = torch.randn(2, 6, model.config.head_dim)
+    best = cache._scan(layer, 0, queries[0]).numpy()
+    keys, _, owner = scope.gather(layer, 0, np.arange(scope.n_blocks))
+    scores = (queries[0].numpy() @ keys.T).max(axis=0)
+    expected = np.full(scope.n_blocks, -np.inf, dtype=np.float32)
+    np.maximum.at(expected, owner, scores)
+    assert np.isfinite(expected).all() and best.shape == expected.shape
+    np.testing.assert_allclose(best, expected, rtol=2e-2, atol=2e-2 * np.abs(expected).max())
+    assert cache.stats.tokens_scanned == scope.total_tokens == 348
+    # Asked for real: the probe sees the scan of query head 0 at that layer, and the
+    # block it rates best is among the blocks that layer's KV head 0 attends to.
+    model.forward(prefix + ids(9, 12), cache)
+    assert list(seen) == [(layer, 0)]
+    assert int(np.argmax(seen[(layer, 0)])) in set(cache.stats.selected[layer][0].tolist())

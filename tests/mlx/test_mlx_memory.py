@@ -36,6 +36,8 @@ SETTINGS = {
     "total-share": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, budget_share="total", mass=0.5),
     "refresh": SparseSettings(min_blocks=1, max_blocks=3, shortlist_factor=1, mass=0.5, refresh_every=1, positions="fixed"),
     "carry": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, carry_blocks=2, carry_threshold=0.5),
+    # Three retrieval (query) heads score every block exactly (bfloat16 keys held by the scope).
+    "scan": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, carry_blocks=2, carry_threshold=0.5),
 }
 
 
@@ -96,8 +98,14 @@ def test_sparse_attention_matches_torch(models, torch_scope, name):
     prefix, question, follow = ids(PREFIX, 4), ids(QUESTION, 5), ids(4, 6)
     caches = {}
     logits = {}
+    scans: dict[str, dict] = {"torch": {}, "mlx": {}}
+    layers = sorted(torch_memory.MemoryAttentionCache(torch_model, scope, settings, prefix_len=PREFIX, capacity=64).memory_layers)
+    scan_heads = [(layers[0], 1), (layers[0], 2), (layers[-1], 0)] if name == "scan" else []
     for backend, model, memory in (("torch", torch_model, torch_memory), ("mlx", mlx_model, mlx_memory)):
-        cache = memory.MemoryAttentionCache(model, scope, settings, prefix_len=PREFIX, capacity=64)
+        cache = memory.MemoryAttentionCache(
+            model, scope, settings, prefix_len=PREFIX, capacity=64, scan_heads=scan_heads,
+            probe=lambda layer, head, best, into=scans[backend]: into.__setitem__((layer, head), np.array(best)),
+        )
         cache.evidence_from = PREFIX + QUESTION - 1
         rows = [np.asarray(model.forward(prefix + question, cache, last_only=False))]
         rows += [np.asarray(model.forward([token], cache)) for token in follow]
@@ -115,8 +123,15 @@ def test_sparse_attention_matches_torch(models, torch_scope, name):
     assert evidence_t.sum() > 0 and np.abs(m.evidence - evidence_t).max() < 1e-5, (family, name)
     if name == "refresh":
         assert len(m.stats.blocks_selected) > len(m.stats.selected) * mlx_model.config.num_key_value_heads
-    if name == "carry":
+    if name in ("carry", "scan"):
         assert t.votes.numpy().sum() > 0 and np.allclose(m.votes, t.votes.numpy(), atol=1e-5)
+    assert scans["torch"].keys() == scans["mlx"].keys() == set(scan_heads)
+    for head, best in scans["torch"].items():
+        assert best.shape == (scope.n_blocks,) and np.isfinite(best).all()
+        np.testing.assert_allclose(scans["mlx"][head], best, rtol=1e-5, atol=1e-5)
+    if name == "scan":
+        # Calibration mode (a probe) scans each query head on its own.
+        assert t.stats.tokens_scanned == m.stats.tokens_scanned == 3 * scope.total_tokens
 
 
 def test_a_cache_built_by_mlx_reads_the_same_in_torch(models, tmp_path):

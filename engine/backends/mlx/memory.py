@@ -14,7 +14,8 @@ engine/corpus/store.py writes.
 Ask: `MemoryAttentionCache` stands in for the dense KV cache. At each global layer,
 the first pass that holds question tokens selects blocks per KV head:
   1. bound pass: an upper bound of q·k per block from per-channel key min/max
-     (Quest, Tang et al. 2024), for every block in scope;
+     (Quest, Tang et al. 2024), for every block in scope — or, for the model's
+     retrieval heads, an exact scan of every key (as the torch backend);
   2. exact pass over a shortlist: token-level scores, softmax mass per block;
   3. dynamic budget: the smallest set of blocks reaching `mass` of the estimated
      attention, clamped to [min_blocks, max_blocks];
@@ -104,6 +105,10 @@ class SegmentPrefiller:
 # --- ask -----------------------------------------------------------------------
 
 
+# Keys per matmul in the scan of a retrieval head (as the torch backend).
+SCAN_CHUNK = 65_536
+
+
 @dataclass
 class PlacedMemory:
     """One layer's selected memory, rotated to its positions and padded to M per head."""
@@ -132,6 +137,8 @@ class MemoryAttentionCache:
         *,
         prefix_len: int,
         capacity: int,
+        scan_heads: Sequence[tuple[int, int]] = (),
+        probe: Callable[[int, int, np.ndarray], None] | None = None,
     ) -> None:
         c = model.config
         self.model = model
@@ -155,6 +162,10 @@ class MemoryAttentionCache:
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
+        # (layer, query head) pairs whose queries score every block exactly (retrieval
+        # heads, engine/corpus/retrieval.py); `probe` sees each one's scores (calibration).
+        self.scan_heads = {(int(layer), int(head)) for layer, head in scan_heads}
+        self.probe = probe
 
     @property
     def length(self) -> int:
@@ -225,12 +236,34 @@ class MemoryAttentionCache:
         queries = self._selection_queries(q, positions, rotary, scale)  # (Hkv, J, D)
         n_blocks = self.scope.n_blocks
         shortlist = min(n_blocks, s.shortlist_factor * s.max_blocks)
+        layer_votes = np.zeros_like(self.votes)
+        scanned: dict[int, np.ndarray] = {}
+        n = queries.shape[1] // self.group  # rows per query head (head-in-group major)
+        for head in range(self.kv_heads):
+            members = [g for g in range(self.group) if (layer, head * self.group + g) in self.scan_heads]
+            if not members:
+                continue
+            if self.probe is not None:  # calibration: each query head on its own
+                each = [self._scan(layer, head, queries[head, g * n : (g + 1) * n]) for g in members]
+                for g, best in zip(members, each):
+                    self.probe(layer, head * self.group + g, best)
+                best = np.max(np.stack(each), axis=0)
+            else:
+                best = self._scan(layer, head, mx.concatenate([queries[head, g * n : (g + 1) * n] for g in members]))
+            scanned[head] = best
+            if s.carry_blocks:
+                # Standardised over the whole scope, a retrieval head's clear winner
+                # outvotes what the other heads see in their shortlists.
+                standard = (best - best.mean()) / max(float(best.std(ddof=1)), 1e-6)
+                layer_votes += np.maximum(standard - s.carry_threshold, 0).astype(np.float64)
         if shortlist < n_blocks:
             low, high = (mx.array(np.asarray(a, dtype=np.float32)).transpose(1, 0, 2) for a in self.scope.bounds(layer))
             # (Hkv, NB, D). max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
             upper = high @ mx.maximum(queries, 0).transpose(0, 2, 1)  # (Hkv, NB, J)
             upper = upper + low @ mx.minimum(queries, 0).transpose(0, 2, 1)
             bound = np.array(upper.max(axis=2))  # (Hkv, NB)
+            for head, best in scanned.items():
+                bound[head] = best
             keep = max(1, shortlist // 2)
             # The `keep` best blocks per head (as a set: candidates are sorted below).
             top = np.argpartition(-bound, keep - 1, axis=1)[:, :keep]  # (Hkv, keep)
@@ -242,7 +275,6 @@ class MemoryAttentionCache:
             candidates = [np.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
-        layer_votes = np.zeros_like(self.votes)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head]
@@ -252,7 +284,13 @@ class MemoryAttentionCache:
             self.stats.blocks_scored_exactly += len(blocks)
             self.stats.bytes_gathered += keys.nbytes + values.nbytes
             chosen = self._budget(
-                queries[head], keys, owner, blocks, None if real_lse is None else real_lse[head], carried, layer_votes
+                queries[head],
+                keys,
+                owner,
+                blocks,
+                None if real_lse is None else real_lse[head],
+                carried,
+                None if head in scanned else layer_votes,
             )
             keep_tokens = np.isin(owner, chosen)
             per_head.append((keys[keep_tokens], values[keep_tokens], owner[keep_tokens]))
@@ -260,6 +298,22 @@ class MemoryAttentionCache:
         self.stats.selected[layer] = [np.unique(o) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
         self.votes += layer_votes
+
+    def _scan(self, layer: int, head: int, queries: mx.array) -> np.ndarray:
+        """Every block's best single match (max over its tokens and the queries) in
+        fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
+        bits, owner = self.scope.head_keys(layer, head)
+        best = np.full(self.scope.n_blocks, -np.inf, dtype=np.float32)
+        for start in range(0, len(bits), SCAN_CHUNK):
+            keys = mx.array(bits[start : start + SCAN_CHUNK]).view(mx.bfloat16).astype(mx.float32)
+            scores = np.array((queries @ keys.T).max(axis=0))
+            # Tokens come block by block: reduce each run of one block id.
+            ids = owner[start : start + SCAN_CHUNK]
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1])
+            runs = ids[starts]
+            best[runs] = np.maximum(best[runs], np.maximum.reduceat(scores, starts))
+        self.stats.tokens_scanned += len(bits)
+        return best
 
     def _carried(self) -> np.ndarray:
         """Global ids of the blocks the layers so far agree on (carry_blocks), with

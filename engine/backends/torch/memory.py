@@ -11,7 +11,10 @@ tokens are the prefix (positions 0..P-1) and the question (positions from
 `question_start` on); between them sits a virtual memory region. At each global
 layer, the first pass that holds question tokens selects blocks per KV head:
   1. bound pass: an upper bound of q·k per block from per-channel key min/max
-     (Quest, Tang et al. 2024), for every block in scope;
+     (Quest, Tang et al. 2024), for every block in scope; for the KV heads of the
+     model's retrieval heads (engine/corpus/retrieval.py), instead, an exact scan of
+     every key held in RAM with those query heads' queries, whose clear winners also
+     vote for every later layer;
   2. exact pass over a shortlist: token-level scores, softmax mass per block;
   3. dynamic budget: the smallest set of blocks reaching `mass` of the estimated
      attention, clamped to [min_blocks, max_blocks];
@@ -39,6 +42,9 @@ from engine.backends.torch.layers import Rotary, apply_rope, attend
 from engine.backends.torch.models.llama import DecoderModel
 from engine.corpus.selection import SEGMENT_SINK_TOKENS, MemoryScope, SelectionStats, global_layers, with_successors
 from engine.corpus.settings import SparseSettings
+
+# Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
+SCAN_CHUNK = 65_536
 
 # --- build ---------------------------------------------------------------------
 
@@ -107,6 +113,8 @@ class MemoryAttentionCache:
         *,
         prefix_len: int,
         capacity: int,
+        scan_heads: Sequence[tuple[int, int]] = (),
+        probe: Callable[[int, int, np.ndarray], None] | None = None,
     ) -> None:
         c = model.config
         self.model = model
@@ -129,6 +137,10 @@ class MemoryAttentionCache:
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
+        # (layer, query head) pairs whose queries score every block exactly (retrieval
+        # heads, engine/corpus/retrieval.py); `probe` sees each one's scores (calibration).
+        self.scan_heads = {(int(layer), int(head)) for layer, head in scan_heads}
+        self.probe = probe
 
     @property
     def length(self) -> int:
@@ -196,12 +208,35 @@ class MemoryAttentionCache:
         queries = self._selection_queries(q, positions, rotary, scale)  # (Hkv, J, D)
         n_blocks = self.scope.n_blocks
         shortlist = min(n_blocks, s.shortlist_factor * s.max_blocks)
+        layer_votes = torch.zeros_like(self.votes)
+        scanned: dict[int, torch.Tensor] = {}
+        n = queries.shape[1] // self.group  # rows per query head (head-in-group major)
+        for head in range(self.kv_heads):
+            members = [g for g in range(self.group) if (layer, head * self.group + g) in self.scan_heads]
+            if not members:
+                continue
+            if self.probe is not None:  # calibration: each query head on its own
+                each = [self._scan(layer, head, queries[head, g * n : (g + 1) * n]) for g in members]
+                for g, best in zip(members, each):
+                    self.probe(layer, head * self.group + g, best.numpy())
+                best = torch.stack(each).amax(dim=0)
+            else:
+                best = self._scan(layer, head, torch.cat([queries[head, g * n : (g + 1) * n] for g in members]))
+            scanned[head] = best
+            if s.carry_blocks:
+                # Standardised over the whole scope, a retrieval head's clear winner
+                # outvotes what the other heads see in their shortlists.
+                standard = (best - best.mean()) / best.std().clamp(min=1e-6)
+                layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
         if shortlist < n_blocks:
             low, high = (torch.from_numpy(np.asarray(a)).float() for a in self.scope.bounds(layer))  # (NB, Hkv, D)
             # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
             upper = torch.einsum("bhd,hjd->hbj", high, queries.clamp(min=0))
             upper += torch.einsum("bhd,hjd->hbj", low, queries.clamp(max=0))
-            top = upper.amax(dim=2).topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
+            first = upper.amax(dim=2)  # (Hkv, NB)
+            for head, best in scanned.items():
+                first[head] = best
+            top = first.topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
             # Each candidate brings the blocks after it: text runs across block edges.
             paired = torch.cat([top] + [(top + i).clamp(max=n_blocks - 1) for i in range(1, s.neighbours + 1)], dim=1)
             candidates = [torch.unique(paired[h]) for h in range(self.kv_heads)]
@@ -210,7 +245,6 @@ class MemoryAttentionCache:
             candidates = [torch.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
-        layer_votes = torch.zeros_like(self.votes)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head].numpy()
@@ -222,7 +256,13 @@ class MemoryAttentionCache:
             keys_t, values_t = torch.from_numpy(keys), torch.from_numpy(values)
             owner_t = torch.from_numpy(owner)
             chosen = self._budget(
-                queries[head], keys_t, owner_t, blocks, None if real_lse is None else real_lse[head], carried, layer_votes
+                queries[head],
+                keys_t,
+                owner_t,
+                blocks,
+                None if real_lse is None else real_lse[head],
+                carried,
+                None if head in scanned else layer_votes,
             )
             keep = torch.isin(owner_t, torch.from_numpy(chosen))
             per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
@@ -230,6 +270,19 @@ class MemoryAttentionCache:
         self.stats.selected[layer] = [np.unique(o.numpy()) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
         self.votes += layer_votes
+
+    def _scan(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
+        """Every block's best single match (max over its tokens and the queries) in
+        fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
+        bits, owner = self.scope.head_keys(layer, head)
+        keys = torch.from_numpy(bits).view(torch.bfloat16)
+        owner_t = torch.from_numpy(owner).long()
+        best = torch.full((self.scope.n_blocks,), float("-inf"))
+        for start in range(0, len(keys), SCAN_CHUNK):
+            scores = (queries @ keys[start : start + SCAN_CHUNK].float().T).amax(dim=0)
+            best.scatter_reduce_(0, owner_t[start : start + SCAN_CHUNK], scores, "amax")
+        self.stats.tokens_scanned += len(keys)
+        return best
 
     def _carried(self) -> np.ndarray:
         """Global ids of the blocks the layers so far agree on (carry_blocks), with
