@@ -70,7 +70,7 @@ class CorpusScope:
         self.seg_first_block = np.concatenate([[0], np.cumsum([s.n_blocks for s in self.segments])[:-1]]).astype(np.int64)
         self.total_tokens = int(sum(s.tokens for s in self.segments))  # distinct tokens held in memory
         self.layers = set(self.segments[0].layers)
-        self._bounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bounds: dict[int, np.ndarray] = {}  # layer → bound_pairs
         self._head_keys: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[str] = set()
 
@@ -78,18 +78,25 @@ class CorpusScope:
         return layer in self.layers
 
     def bounds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n_blocks, Hkv, D) float16 key minimum and maximum of every block."""
+        """(n_blocks, Hkv, D) float16 key minimum and maximum of every block (views
+        of `bound_pairs`)."""
+        pairs = self.bound_pairs(layer)
+        D = pairs.shape[2] // 2
+        return pairs[:, :, D:].transpose(1, 0, 2), pairs[:, :, :D].transpose(1, 0, 2)
+
+    def bound_pairs(self, layer: int) -> np.ndarray:
+        """(Hkv, n_blocks, 2·D) float16: each block's key maximum, then its minimum,
+        per KV head — the layout of the bound pass, one matmul with [q⁺, q⁻]."""
         if layer not in self._bounds:
-            lows, highs = [], []
+            pairs = []
             for segment in self.segments:
-                low, high = segment.key_bounds(segment.layer_slot(layer))
-                lows.append(low)
-                highs.append(high)
-            self._bounds[layer] = (np.concatenate(lows), np.concatenate(highs))
+                low, high = segment.key_bounds(segment.layer_slot(layer))  # (nb, H, D) each
+                pairs.append(np.concatenate([high, low], axis=2).transpose(1, 0, 2))
+            self._bounds[layer] = np.ascontiguousarray(np.concatenate(pairs, axis=1))
         return self._bounds[layer]
 
     def index_bytes(self) -> int:
-        bounds = sum(low.nbytes + high.nbytes for low, high in self._bounds.values())
+        bounds = sum(pairs.nbytes for pairs in self._bounds.values())
         return bounds + sum(keys.nbytes + owner.nbytes for keys, owner in self._head_keys.values())
 
     def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,14 @@ class MemoryScope(Protocol):
         """Per-channel key min and max of every block: (n_blocks, Hkv, D) each."""
         ...
 
+    def bound_pairs(self, layer: int) -> np.ndarray:
+        """The same as (Hkv, n_blocks, 2·D): each block's maximum, then its minimum."""
+        ...
+
+    def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every key of one KV head as bfloat16 bits (N, D) uint16, and each key's block."""
+        ...
+
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keys (N, D), values (N, D) float32 and each token's block id (N,) for the
         given global block ids, block by block in the order given."""

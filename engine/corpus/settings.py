@@ -64,6 +64,7 @@ class SparseSettings:
     # the scope exactly instead of through the bounds, once the scope outgrows the
     # shortlist; their winners reach every later layer through the vote.
     scan_heads: int = 8
+    scan_carry: int = 8  # blocks the scans' own tally (sum of their standard scores) carries
 
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:

@@ -125,6 +125,8 @@ def test_sparse_attention_matches_torch(models, torch_scope, name):
         assert len(m.stats.blocks_selected) > len(m.stats.selected) * mlx_model.config.num_key_value_heads
     if name in ("carry", "scan"):
         assert t.votes.numpy().sum() > 0 and np.allclose(m.votes, t.votes.numpy(), atol=1e-5)
+        assert np.allclose(m.scan_votes, t.scan_votes.numpy(), atol=1e-5)
+        assert (t.scan_votes.numpy().sum() > 0) == (name == "scan")
     assert scans["torch"].keys() == scans["mlx"].keys() == set(scan_heads)
     for head, best in scans["torch"].items():
         assert best.shape == (scope.n_blocks,) and np.isfinite(best).all()

@@ -159,6 +159,7 @@ class MemoryAttentionCache:
         # with np.asarray whichever backend filled it.
         self.evidence = np.zeros(scope.n_blocks, dtype=np.float64)
         self.votes = np.zeros(scope.n_blocks, dtype=np.float64)  # cross-layer vote (carry_blocks)
+        self.scan_votes = np.zeros(scope.n_blocks, dtype=np.float64)  # the retrieval heads' own tally (scan_carry)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
@@ -251,17 +252,17 @@ class MemoryAttentionCache:
             else:
                 best = self._scan(layer, head, mx.concatenate([queries[head, g * n : (g + 1) * n] for g in members]))
             scanned[head] = best
+            # Standardised over the whole scope, a retrieval head's scores add up in a
+            # tally of their own (as the torch backend).
+            standard = (best - best.mean()) / max(float(best.std(ddof=1)), 1e-6)
+            self.scan_votes += np.maximum(standard, 0).astype(np.float64)
             if s.carry_blocks:
-                # Standardised over the whole scope, a retrieval head's clear winner
-                # outvotes what the other heads see in their shortlists.
-                standard = (best - best.mean()) / max(float(best.std(ddof=1)), 1e-6)
                 layer_votes += np.maximum(standard - s.carry_threshold, 0).astype(np.float64)
         if shortlist < n_blocks:
-            low, high = (mx.array(np.asarray(a, dtype=np.float32)).transpose(1, 0, 2) for a in self.scope.bounds(layer))
-            # (Hkv, NB, D). max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
-            upper = high @ mx.maximum(queries, 0).transpose(0, 2, 1)  # (Hkv, NB, J)
-            upper = upper + low @ mx.minimum(queries, 0).transpose(0, 2, 1)
-            bound = np.array(upper.max(axis=2))  # (Hkv, NB)
+            pairs = mx.array(self.scope.bound_pairs(layer)).astype(mx.float32)  # (Hkv, NB, 2D): [max | min]
+            # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
+            signed = mx.concatenate([mx.maximum(queries, 0), mx.minimum(queries, 0)], axis=2)  # (Hkv, J, 2D)
+            bound = np.array((pairs @ signed.transpose(0, 2, 1)).max(axis=2))  # (Hkv, NB)
             for head, best in scanned.items():
                 bound[head] = best
             keep = max(1, shortlist // 2)
@@ -316,13 +317,18 @@ class MemoryAttentionCache:
         return best
 
     def _carried(self) -> np.ndarray:
-        """Global ids of the blocks the layers so far agree on (carry_blocks), with
-        their successors, sorted; empty when the vote is off or has no winner yet."""
+        """Global ids of the blocks the layers so far agree on (carry_blocks) and of
+        those the retrieval heads' scans rate highest together (scan_carry), with
+        their successors, sorted; empty when neither tally has a winner yet."""
         s = self.settings
-        if not s.carry_blocks or not (self.votes > 0).any():
+        tops = []
+        for tally, wanted in ((self.votes, s.carry_blocks), (self.scan_votes, s.scan_carry)):
+            count = min(wanted, int((tally > 0).sum()))
+            if count:
+                tops.append(np.argsort(-tally, kind="stable")[:count])
+        if not tops:
             return np.zeros(0, dtype=np.int64)
-        count = min(s.carry_blocks, int((self.votes > 0).sum()))
-        top = np.argsort(-self.votes, kind="stable")[:count]
+        top = np.concatenate(tops)
         following = [np.minimum(top + i, self.scope.n_blocks - 1) for i in range(s.neighbours + 1)]
         return np.unique(np.concatenate(following))
 

@@ -134,6 +134,7 @@ class MemoryAttentionCache:
         self.memory: dict[int, tuple[torch.Tensor, ...]] = {}
         self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
         self.votes = torch.zeros(scope.n_blocks, dtype=torch.float64)  # cross-layer vote (carry_blocks)
+        self.scan_votes = torch.zeros(scope.n_blocks, dtype=torch.float64)  # the retrieval heads' own tally (scan_carry)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
@@ -223,17 +224,18 @@ class MemoryAttentionCache:
             else:
                 best = self._scan(layer, head, torch.cat([queries[head, g * n : (g + 1) * n] for g in members]))
             scanned[head] = best
+            # Standardised over the whole scope, a retrieval head's scores add up in a
+            # tally of their own: a block that several scans rate high is carried
+            # (scan_carry) whatever the shortlist heads' vote says.
+            standard = (best - best.mean()) / best.std().clamp(min=1e-6)
+            self.scan_votes += standard.clamp(min=0).double()
             if s.carry_blocks:
-                # Standardised over the whole scope, a retrieval head's clear winner
-                # outvotes what the other heads see in their shortlists.
-                standard = (best - best.mean()) / best.std().clamp(min=1e-6)
                 layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
         if shortlist < n_blocks:
-            low, high = (torch.from_numpy(np.asarray(a)).float() for a in self.scope.bounds(layer))  # (NB, Hkv, D)
+            pairs = torch.from_numpy(self.scope.bound_pairs(layer)).float()  # (Hkv, NB, 2D): [max | min]
             # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
-            upper = torch.einsum("bhd,hjd->hbj", high, queries.clamp(min=0))
-            upper += torch.einsum("bhd,hjd->hbj", low, queries.clamp(max=0))
-            first = upper.amax(dim=2)  # (Hkv, NB)
+            signed = torch.cat([queries.clamp(min=0), queries.clamp(max=0)], dim=2)  # (Hkv, J, 2D)
+            first = torch.bmm(pairs, signed.transpose(1, 2)).amax(dim=2)  # (Hkv, NB)
             for head, best in scanned.items():
                 first[head] = best
             top = first.topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
@@ -285,13 +287,18 @@ class MemoryAttentionCache:
         return best
 
     def _carried(self) -> np.ndarray:
-        """Global ids of the blocks the layers so far agree on (carry_blocks), with
-        their successors, sorted; empty when the vote is off or has no winner yet."""
+        """Global ids of the blocks the layers so far agree on (carry_blocks) and of
+        those the retrieval heads' scans rate highest together (scan_carry), with
+        their successors, sorted; empty when neither tally has a winner yet."""
         s = self.settings
-        if not s.carry_blocks or not bool((self.votes > 0).any()):
+        tops = []
+        for tally, wanted in ((self.votes, s.carry_blocks), (self.scan_votes, s.scan_carry)):
+            count = min(wanted, int((tally > 0).sum()))
+            if count:
+                tops.append(torch.topk(tally, count).indices.numpy())
+        if not tops:
             return np.zeros(0, dtype=np.int64)
-        count = min(s.carry_blocks, int((self.votes > 0).sum()))
-        top = torch.topk(self.votes, count).indices.numpy()
+        top = np.concatenate(tops)
         following = [np.minimum(top + i, self.scope.n_blocks - 1) for i in range(s.neighbours + 1)]
         return np.unique(np.concatenate(following))
 
