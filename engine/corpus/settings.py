@@ -63,7 +63,7 @@ class SparseSettings:
     # fact (measured once per model, engine/corpus/retrieval.py) score every block of
     # the scope exactly instead of through the bounds, once the scope outgrows the
     # shortlist; their winners reach every later layer through the vote.
-    scan_heads: int = 8
+    scan_heads: int = 12
     scan_carry: int = 8  # blocks the scans' own tally (sum of their standard scores) carries
 
     def __post_init__(self) -> None:
