@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag
-from engine.corpus.retrieval import retrieval_heads
+from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
@@ -283,6 +283,17 @@ class Engine:
             finish_reason=generation.finish_reason,
             settings=asdict(settings),
         )
+
+    def will_measure_heads(self, documents: list[CorpusDocument], sparse: SparseSettings | None = None) -> bool:
+        """Whether asking over these (cached) documents first measures the model's
+        retrieval heads (once per model, about a minute on a laptop CPU): the caller
+        can say so before it starts."""
+        settings = sparse or self.sparse
+        if not settings.scan_heads or self._retrieval_heads is not None or retrieval_heads_known(self):
+            return False
+        manifests = [self.builder.manifest_for(d) for d in documents]
+        tokens = sum(m.tokens for m in manifests if m is not None)
+        return tokens > settings.shortlist_factor * settings.max_blocks * self.cache_settings.block_size
 
     def retrieval_heads(self) -> list[tuple[int, int]]:
         """The model's retrieval heads, best first (measured once per model and kept

@@ -118,16 +118,28 @@ def measure_heads(engine, count: int = 8) -> list[tuple[int, int, float]]:
     return sorted(scored, key=lambda item: -item[2])
 
 
-def retrieval_heads(engine) -> list[tuple[int, int]]:
-    """The model's (layer, query head) pairs, best retrieval head first: read from the
-    cache folder, or measured now (once per model; a few seconds to a minute)."""
-    path = Path(engine.root) / FILE_NAME
+def _saved(engine) -> list[tuple[int, int]] | None:
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads((Path(engine.root) / FILE_NAME).read_text())
         if saved.get("version") == CALIBRATION_VERSION:
             return [(int(layer), int(head)) for layer, head, _ in saved["heads"]]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return None
+
+
+def retrieval_heads_known(engine) -> bool:
+    """Whether this model's retrieval heads are already measured and kept."""
+    return _saved(engine) is not None
+
+
+def retrieval_heads(engine) -> list[tuple[int, int]]:
+    """The model's (layer, query head) pairs, best retrieval head first: read from the
+    cache folder, or measured now (once per model; a few seconds to a minute)."""
+    path = Path(engine.root) / FILE_NAME
+    saved = _saved(engine)
+    if saved is not None:
+        return saved
     log.info("measuring the model's retrieval heads (once per model)")
     heads = measure_heads(engine)
     payload = {"version": CALIBRATION_VERSION, "heads": [[l, h, round(z, 3)] for l, h, z in heads]}

@@ -63,3 +63,16 @@ def test_a_scope_beyond_the_shortlist_is_scanned_by_the_retrieval_heads(model, t
     engine._retrieval_heads = None
     stats = [e for e in engine.ask(QUESTION, [document], params) if type(e).__name__ == "AskStats"][0]
     assert stats.tokens_scanned == 0 and engine._retrieval_heads is None
+
+
+def test_the_engine_says_when_a_question_will_measure_the_heads_first(model, tmp_path):  # noqa: F811
+    document = island_document(40)
+    engine = Engine(model, cache_root=tmp_path)
+    engine.build([document])
+    small = SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2)
+    assert not engine.will_measure_heads([document])  # within the default shortlist
+    assert engine.will_measure_heads([document], small)
+    assert not engine.will_measure_heads([document], SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, scan_heads=0))
+    (engine.root / retrieval.FILE_NAME).write_text(json.dumps({"version": retrieval.CALIBRATION_VERSION, "heads": [[1, 0, 5.0]]}))
+    assert not engine.will_measure_heads([document], small)
+    assert engine.retrieval_heads() == [(1, 0)]
