@@ -251,9 +251,7 @@ class Engine:
         scope = self.open_scope(documents)
         scope_seconds = time.perf_counter() - started
         prompt = self.prefix_ids + self.question_ids(question)
-        scan: list[tuple[int, int]] = []
-        if settings.scan_heads and scope.n_blocks > settings.shortlist_factor * settings.max_blocks:
-            scan = self.retrieval_heads()[: settings.scan_heads]
+        scan = self.retrieval_heads()[: settings.scan_heads] if _scans(settings, scope) else []
         cache = self.memory.MemoryAttentionCache(
             self.model.model,
             scope,
@@ -291,9 +289,8 @@ class Engine:
         settings = sparse or self.sparse
         if not settings.scan_heads or self._retrieval_heads is not None or retrieval_heads_known(self):
             return False
-        manifests = [self.builder.manifest_for(d) for d in documents]
-        tokens = sum(m.tokens for m in manifests if m is not None)
-        return tokens > settings.shortlist_factor * settings.max_blocks * self.cache_settings.block_size
+        # The scope the question will read (kept open for it).
+        return _scans(settings, self.open_scope(documents))
 
     def retrieval_heads(self) -> list[tuple[int, int]]:
         """The model's retrieval heads, best first (measured once per model and kept
@@ -336,6 +333,11 @@ class Engine:
                 text=entry.document.text[start_char:end_char],
                 weight=weight / total,
             )
+
+
+def _scans(settings: SparseSettings, scope: CorpusScope) -> bool:
+    """Whether the retrieval heads scan this scope: it outgrows the shortlist."""
+    return bool(settings.scan_heads) and scope.n_blocks > settings.shortlist_factor * settings.max_blocks
 
 
 def _page_at(pages: list[tuple[int, str]], char: int) -> tuple[int | None, str | None]:

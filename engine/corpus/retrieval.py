@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.selection import global_layers
 from engine.corpus.settings import SparseSettings
 from engine.generate import prefill
+from engine.paths import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +143,5 @@ def retrieval_heads(engine) -> list[tuple[int, int]]:
     heads = measure_heads(engine)
     payload = {"version": CALIBRATION_VERSION, "heads": [[l, h, round(z, 3)] for l, h, z in heads]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".retrieval-", suffix=".json")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=1)
-    os.replace(temporary, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))
     return [(layer, head) for layer, head, _ in heads]

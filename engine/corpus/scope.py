@@ -101,7 +101,7 @@ class CorpusScope:
 
     def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
         """Every key of the scope for one layer and KV head, as bfloat16 bit patterns
-        (N, D) uint16, and each token's block id (N,) int32; kept in RAM while the
+        (N, D) uint16, and each token's block id (N,) int64; kept in RAM while the
         scope is open, for the full scan of the model's retrieval heads.
 
         Segments are not checksummed here: the scan only ranks blocks, and a block
@@ -111,7 +111,7 @@ class CorpusScope:
             for index, segment in enumerate(self.segments):
                 k = segment.head_keys(segment.layer_slot(layer), head)
                 keys.append(bfloat16_bits(k))
-                owners.append((self.seg_first_block[index] + np.arange(len(k)) // self.block_size).astype(np.int32))
+                owners.append(self.seg_first_block[index] + np.arange(len(k), dtype=np.int64) // self.block_size)
             self._head_keys[(layer, head)] = (np.concatenate(keys), np.concatenate(owners))
         return self._head_keys[(layer, head)]
 

@@ -259,19 +259,23 @@ class MemoryAttentionCache:
             if s.carry_blocks:
                 layer_votes += np.maximum(standard - s.carry_threshold, 0).astype(np.float64)
         if shortlist < n_blocks:
-            pairs = mx.array(self.scope.bound_pairs(layer)).astype(mx.float32)  # (Hkv, NB, 2D): [max | min]
-            # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
-            signed = mx.concatenate([mx.maximum(queries, 0), mx.minimum(queries, 0)], axis=2)  # (Hkv, J, 2D)
-            bound = np.array((pairs @ signed.transpose(0, 2, 1)).max(axis=2))  # (Hkv, NB)
+            bound = np.empty((self.kv_heads, n_blocks), dtype=np.float32)  # the scans, else the bound
             for head, best in scanned.items():
                 bound[head] = best
+            bounded = [h for h in range(self.kv_heads) if h not in scanned]
+            if bounded:
+                pairs = mx.array(self.scope.bound_pairs(layer)[bounded]).astype(mx.float32)  # (h, NB, 2D): [max | min]
+                # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
+                rows = queries[mx.array(bounded)]
+                signed = mx.concatenate([mx.maximum(rows, 0), mx.minimum(rows, 0)], axis=2)  # (h, J, 2D)
+                bound[bounded] = np.array((pairs @ signed.transpose(0, 2, 1)).max(axis=2))
             keep = max(1, shortlist // 2)
             # The `keep` best blocks per head (as a set: candidates are sorted below).
             top = np.argpartition(-bound, keep - 1, axis=1)[:, :keep]  # (Hkv, keep)
             # Each candidate brings the blocks after it: text runs across block edges.
             paired = np.concatenate([top] + [np.minimum(top + i, n_blocks - 1) for i in range(1, s.neighbours + 1)], axis=1)
             candidates = [np.unique(paired[h]) for h in range(self.kv_heads)]
-            self.stats.blocks_bounded += n_blocks * self.kv_heads
+            self.stats.blocks_bounded += n_blocks * len(bounded)
         else:
             candidates = [np.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None

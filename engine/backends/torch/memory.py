@@ -232,17 +232,20 @@ class MemoryAttentionCache:
             if s.carry_blocks:
                 layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
         if shortlist < n_blocks:
-            pairs = torch.from_numpy(self.scope.bound_pairs(layer)).float()  # (Hkv, NB, 2D): [max | min]
-            # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
-            signed = torch.cat([queries.clamp(min=0), queries.clamp(max=0)], dim=2)  # (Hkv, J, 2D)
-            first = torch.bmm(pairs, signed.transpose(1, 2)).amax(dim=2)  # (Hkv, NB)
+            first = torch.empty(self.kv_heads, n_blocks)  # (Hkv, NB): the scans, else the bound
             for head, best in scanned.items():
                 first[head] = best
+            bounded = [h for h in range(self.kv_heads) if h not in scanned]
+            if bounded:
+                pairs = torch.from_numpy(self.scope.bound_pairs(layer)[bounded]).float()  # (h, NB, 2D): [max | min]
+                # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
+                signed = torch.cat([queries[bounded].clamp(min=0), queries[bounded].clamp(max=0)], dim=2)  # (h, J, 2D)
+                first[bounded] = torch.bmm(pairs, signed.transpose(1, 2)).amax(dim=2)
             top = first.topk(max(1, shortlist // 2), dim=1).indices  # (Hkv, shortlist/2)
             # Each candidate brings the blocks after it: text runs across block edges.
             paired = torch.cat([top] + [(top + i).clamp(max=n_blocks - 1) for i in range(1, s.neighbours + 1)], dim=1)
             candidates = [torch.unique(paired[h]) for h in range(self.kv_heads)]
-            self.stats.blocks_bounded += n_blocks * self.kv_heads
+            self.stats.blocks_bounded += n_blocks * len(bounded)
         else:
             candidates = [torch.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
@@ -278,7 +281,7 @@ class MemoryAttentionCache:
         fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
         bits, owner = self.scope.head_keys(layer, head)
         keys = torch.from_numpy(bits).view(torch.bfloat16)
-        owner_t = torch.from_numpy(owner).long()
+        owner_t = torch.from_numpy(owner)
         best = torch.full((self.scope.n_blocks,), float("-inf"))
         for start in range(0, len(keys), SCAN_CHUNK):
             scores = (queries @ keys[start : start + SCAN_CHUNK].float().T).amax(dim=0)
