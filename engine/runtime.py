@@ -41,8 +41,8 @@ def _apple_silicon() -> bool:
 
 
 def resolve_backend(name: str = "auto") -> str:
-    """'auto' → MLX on Apple Silicon where it is installed, else torch (on whatever
-    device the torch backend runs: today the CPU).
+    """'auto' → MLX on Apple Silicon where it is installed, else torch (on a CUDA GPU
+    where there is one, else the CPU: engine.backends.torch.resolve_device).
 
     Only whether MLX is installed is checked (no import): importing a backend is the
     loader's job, and the app must start where only one of them exists.

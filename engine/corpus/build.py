@@ -19,8 +19,10 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,11 +202,20 @@ def settings_tag(settings: CacheSettings) -> str:
     return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def writer_threads() -> int:
+    """Threads that quantise and write segments while the model prefills the next
+    ones: half the cores, at most 8 (numpy and file writes release the GIL)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 class CorpusBuilder:
     """Builds and reuses segments for documents under one model and cache settings.
 
     `prefill` is the backend's segment prefiller: run(context, segment, on_layer)
     → (keys, values) float32 (L, Hkv, T, D), with `layers` the model layers stored.
+    Quantising and writing a segment runs on writer threads while the model
+    prefills the next (on a GPU the writes took longer than the prefill); a
+    document's manifest is saved only once all its segments are written.
     """
 
     def __init__(
@@ -266,32 +277,53 @@ class CorpusBuilder:
                 ))
 
         report(0)
-        for index, (document, ids) in enumerate(pending):
-            refs = []
-            for start, end in segment_bounds(len(ids), self.settings.segment_tokens):
-                if cancel is not None and cancel():
-                    raise Cancelled("cache build cancelled")
-                context = ids[max(0, start - self.settings.context_tokens) : start]
-                segment = ids[start:end]
-                key = segment_key(self.fingerprint, self.settings, self.prefix, context, segment)
-                if self.store.has(key):
-                    summary.segments_reused += 1
-                else:
-                    summary.bytes_written += self._build_segment(key, context, segment, cancel, summary)
-                    summary.segments_built += 1
-                refs.append(SegmentRef(key, start, end - start))
-                done += end - start
-                report(index, document, end, len(ids))
-            offsets = token_offsets(self.token_bytes, ids, document.text)
-            self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
-            summary.tokens += len(ids)
-            report(index + 1, document, len(ids), len(ids))
+        threads = writer_threads()
+        writing: dict[str, Future] = {}  # segment key → its write, until collected
+
+        def collect(wait_for: int) -> None:
+            """Wait for the oldest writes until at most `wait_for` are in flight."""
+            while len(writing) > wait_for:
+                key = next(iter(writing))
+                summary.bytes_written += writing.pop(key).result()
+                summary.segments_built += 1
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-writer") as pool:
+            try:
+                for index, (document, ids) in enumerate(pending):
+                    refs = []
+                    for start, end in segment_bounds(len(ids), self.settings.segment_tokens):
+                        if cancel is not None and cancel():
+                            raise Cancelled("cache build cancelled")
+                        context = ids[max(0, start - self.settings.context_tokens) : start]
+                        segment = ids[start:end]
+                        key = segment_key(self.fingerprint, self.settings, self.prefix, context, segment)
+                        if key in writing or self.store.has(key):
+                            summary.segments_reused += 1
+                        else:
+                            keys, values = self._prefill_segment(context, segment, cancel, summary)
+                            # At most two segments per writer wait in memory (each ~25 MB
+                            # of float32 for a 0.5B model's 1K-token segment).
+                            collect(2 * threads - 1)
+                            writing[key] = pool.submit(self._write_segment, key, keys, values, len(context))
+                        refs.append(SegmentRef(key, start, end - start))
+                        done += end - start
+                        report(index, document, end, len(ids))
+                    collect(0)  # the manifest names only segments already on disk
+                    offsets = token_offsets(self.token_bytes, ids, document.text)
+                    self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
+                    summary.tokens += len(ids)
+                    report(index + 1, document, len(ids), len(ids))
+            except BaseException:
+                # Finish (or fail) the writes in flight before leaving: none is left half done.
+                for future in writing.values():
+                    future.exception()
+                raise
         summary.seconds = time.perf_counter() - started
         return summary
 
-    def _build_segment(
-        self, key: str, context: list[int], segment: list[int], cancel: Callable[[], bool] | None, summary: BuildSummary
-    ) -> int:
+    def _prefill_segment(
+        self, context: list[int], segment: list[int], cancel: Callable[[], bool] | None, summary: BuildSummary
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self._prefiller is None:
             self._prefiller = self._make_prefiller()
         prefiller = self._prefiller
@@ -303,12 +335,15 @@ class CorpusBuilder:
         started = time.perf_counter()
         keys, values = prefiller.run(context, segment, on_layer)  # type: ignore[attr-defined]
         summary.prefill_seconds += time.perf_counter() - started
+        return keys, values
+
+    def _write_segment(self, key: str, keys: np.ndarray, values: np.ndarray, context: int) -> int:
         return self.store.write(
             key,
             keys,
             values,
-            layers=prefiller.layers,  # type: ignore[attr-defined]
+            layers=self._prefiller.layers,  # type: ignore[attr-defined]
             precision=self.settings.precision,
             block_size=self.settings.block_size,
-            meta={"tokens": len(segment), "context": len(context)},
+            meta={"tokens": keys.shape[2], "context": context},
         )

@@ -263,7 +263,7 @@ class Engine:
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
         yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
-        yield from self._evidence(scope, np.asarray(cache.evidence), evidence_limit)
+        yield from self._evidence(scope, cache.evidence_weights(), evidence_limit)
         selected = cache.stats.blocks_selected
         yield AskStats(
             prompt_tokens=len(prompt),

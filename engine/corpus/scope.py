@@ -73,6 +73,9 @@ class CorpusScope:
         self._bounds: dict[int, np.ndarray] = {}  # layer → bound_pairs
         self._head_keys: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._verified: set[str] = set()
+        # Copies of index arrays a backend keeps on its device (a GPU) while the
+        # scope stays open, so each question does not upload them again.
+        self.resident: dict[tuple, object] = {}
 
     def has_layer(self, layer: int) -> bool:
         return layer in self.layers
@@ -149,3 +152,4 @@ class CorpusScope:
             segment.close()
         self._bounds.clear()
         self._head_keys.clear()
+        self.resident.clear()

@@ -103,7 +103,7 @@ def test_evidence_accumulates_on_the_selected_blocks_only(pair, tmp_path):
         for blocks in per_head:
             assert len(blocks) == 2
             selected.update(blocks.tolist())
-    touched = set(np.flatnonzero(cache.evidence.numpy() > 0).tolist())
+    touched = set(np.flatnonzero(cache.evidence_weights() > 0).tolist())
     assert touched and touched <= selected
     # Two query rows counted (last prompt token, one decode step), each row's
     # weights sum to at most 1 per query head and layer.

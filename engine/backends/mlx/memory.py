@@ -155,8 +155,7 @@ class MemoryAttentionCache:
             self.question_start = prefix_len + settings.memory_distance
         self.real = DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
         self.memory: dict[int, PlacedMemory] = {}
-        # float64 numpy, as the torch backend's float64 tensor: the engine reads it
-        # with np.asarray whichever backend filled it.
+        # float64 numpy, as the torch backend's float64 tensor (evidence_weights).
         self.evidence = np.zeros(scope.n_blocks, dtype=np.float64)
         self.votes = np.zeros(scope.n_blocks, dtype=np.float64)  # cross-layer vote (carry_blocks)
         self.scan_votes = np.zeros(scope.n_blocks, dtype=np.float64)  # the retrieval heads' own tally (scan_carry)
@@ -171,6 +170,10 @@ class MemoryAttentionCache:
     @property
     def length(self) -> int:
         return self.real.length
+
+    def evidence_weights(self) -> np.ndarray:
+        """Attention mass per scope block so far, (n_blocks,) float64."""
+        return self.evidence
 
     def advance(self, tokens: int) -> None:
         self.real.advance(tokens)

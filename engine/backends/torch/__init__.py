@@ -84,6 +84,16 @@ def _remember_dtype(dtype: str) -> None:
         log.info("cannot remember the dtype choice: %s", error)
 
 
+def resolve_device(device: str = "auto") -> str:
+    """"auto" → $QUIRE_DEVICE when set, else "cuda" where torch sees a CUDA GPU,
+    else "cpu"; a device named but not available here is an error."""
+    if device == "auto":
+        device = os.environ.get("QUIRE_DEVICE", "").strip() or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device_available(device.split(":")[0]):
+        raise UnsupportedModelError(f"torch cannot use the device '{device}' on this machine")
+    return device
+
+
 def device_available(device: str) -> bool:
     """Whether torch can use `device` ("cpu", "cuda", "mps") on this machine."""
     if device == "cuda":
@@ -99,13 +109,16 @@ def load(
     *,
     dtype: str = "auto",
     threads: int | None = None,
+    device: str = "auto",
 ) -> DecoderModel:
     """Build the family's model from safetensors files with Hugging Face tensor names.
 
-    dtype "auto" picks the faster of fp32 and bf16 on this machine (`fastest_dtype`).
+    dtype "auto" picks the faster of fp32 and bf16 on this CPU (`fastest_dtype`), and
+    bf16 on a GPU; device "auto" a CUDA GPU where there is one (`resolve_device`).
     """
+    device = resolve_device(device)
     if dtype == "auto":
-        dtype = fastest_dtype()
+        dtype = fastest_dtype() if device == "cpu" else "bfloat16"
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -125,7 +138,8 @@ def load(
         model = family(config, tensors, DTYPES[dtype])
         if prepared:
             _save_prepared(model, prepared)
-    log.info("loaded %s (%s) in %.2f s", config.name or config.family, dtype, time.perf_counter() - started)
+    model.to(device)
+    log.info("loaded %s (%s, %s) in %.2f s", config.name or config.family, dtype, device, time.perf_counter() - started)
     return model
 
 

@@ -16,12 +16,14 @@ class DenseKVCache:
     tokens already stored; `append` writes T more and returns views of all S.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         self.capacity = capacity
         self.length = 0
         shape = (1, kv_heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (1, Hkv, T, D) at positions [length, length + T) of `layer`."""

@@ -67,9 +67,14 @@ class Rotary:
         self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
         self.table = torch.empty(0, dtype=torch.complex64)
 
+    def to(self, device: torch.device) -> Rotary:
+        self.inv_freq = self.inv_freq.to(device)
+        self.table = self.table.to(device)
+        return self
+
     def _grow(self, length: int) -> None:
         length = max(length, 2 * self.table.shape[0], 256)
-        positions = torch.arange(length, dtype=torch.float32)
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         angles = torch.outer(positions, self.inv_freq)  # (T, D/2)
         self.table = torch.polar(torch.ones_like(angles), angles)  # (T, D/2) complex64
 
@@ -82,6 +87,7 @@ class Rotary:
     def rotations_at(self, positions: torch.Tensor) -> torch.Tensor:
         """(T, 1, D/2) complex rotations for arbitrary positions (T,), e.g. a prompt
         whose question starts after a gap left for corpus memory."""
+        positions = positions.to(self.inv_freq.device)
         if positions.numel() and int(positions.min()) < 0:
             # Relative positions below zero (selection queries from the chat prefix,
             # which sits before memory) rotate by their true negative angle; indexing
@@ -127,8 +133,8 @@ def attend(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if window is not None and S > window:
         return _windowed_attention(q, k, v, past=past, scale=scale, window=window)
-    query_pos = torch.arange(past, past + T).unsqueeze(1)  # (T, 1)
-    key_pos = torch.arange(S).unsqueeze(0)  # (1, S)
+    query_pos = torch.arange(past, past + T, device=q.device).unsqueeze(1)  # (T, 1)
+    key_pos = torch.arange(S, device=q.device).unsqueeze(0)  # (1, S)
     allowed = key_pos <= query_pos
     if window is not None:
         allowed &= query_pos - key_pos < window
@@ -146,8 +152,8 @@ def _windowed_attention(
     for start in range(0, T, window):
         end = min(start + window, T)
         first_key = max(0, past + start - window + 1)
-        query_pos = torch.arange(past + start, past + end).unsqueeze(1)  # (t, 1)
-        key_pos = torch.arange(first_key, past + end).unsqueeze(0)  # (1, s)
+        query_pos = torch.arange(past + start, past + end, device=q.device).unsqueeze(1)  # (t, 1)
+        key_pos = torch.arange(first_key, past + end, device=q.device).unsqueeze(0)  # (1, s)
         allowed = (key_pos <= query_pos) & (query_pos - key_pos < window)
         out[:, :, start:end] = F.scaled_dot_product_attention(
             q[:, :, start:end],
@@ -202,6 +208,11 @@ class Dense:
         dense.weight = weight
         dense.bias = bias
         return dense
+
+    def to(self, device: torch.device) -> Dense:
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.transposed:

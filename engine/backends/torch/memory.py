@@ -55,7 +55,7 @@ class CaptureCache(DenseKVCache):
 
     def __init__(self, model: DecoderModel, capacity: int, layers: Sequence[int]) -> None:
         c = model.config
-        super().__init__(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
+        super().__init__(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype, model.device)
         self.layers = set(layers)
         self.capture_from = 0  # index within the next forward pass's tokens
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -96,7 +96,7 @@ class SegmentPrefiller:
         keys = torch.stack([self.cache.captured[i][0] for i in self.layers])  # (L, H, T, D)
         values = torch.stack([self.cache.captured[i][1] for i in self.layers])
         self.cache.captured = {}
-        return keys.numpy(), values.numpy()
+        return keys.cpu().numpy(), values.cpu().numpy()
 
 
 # --- ask -----------------------------------------------------------------------
@@ -118,6 +118,7 @@ class MemoryAttentionCache:
     ) -> None:
         c = model.config
         self.model = model
+        self.device = model.device
         self.scope = scope
         self.settings = settings
         self.prefix_len = prefix_len
@@ -129,12 +130,12 @@ class MemoryAttentionCache:
             self.question_start = prefix_len + self.max_tokens
         else:
             self.question_start = prefix_len + settings.memory_distance
-        self.real = DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype)
+        self.real = DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, model.dtype, self.device)
         # layer → keys (1, Hkv, M, D) rotated, values (1, Hkv, M, D), cited, valid (Hkv, M), block ids (Hkv, M)
         self.memory: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64)
-        self.votes = torch.zeros(scope.n_blocks, dtype=torch.float64)  # cross-layer vote (carry_blocks)
-        self.scan_votes = torch.zeros(scope.n_blocks, dtype=torch.float64)  # the retrieval heads' own tally (scan_carry)
+        self.evidence = torch.zeros(scope.n_blocks, dtype=torch.float64, device=self.device)
+        self.votes = torch.zeros(scope.n_blocks, dtype=torch.float64, device=self.device)  # cross-layer vote (carry_blocks)
+        self.scan_votes = torch.zeros_like(self.votes)  # the retrieval heads' own tally (scan_carry)
         self.evidence_from = capacity  # query index from which attention counts as evidence
         self.stats = SelectionStats()
         self.decode_steps = 0
@@ -147,6 +148,24 @@ class MemoryAttentionCache:
     def length(self) -> int:
         return self.real.length
 
+    def evidence_weights(self) -> np.ndarray:
+        """Attention mass per scope block so far, (n_blocks,) float64."""
+        return self.evidence.cpu().numpy()
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A numpy array as a tensor on the model's device (no copy on the CPU)."""
+        return torch.from_numpy(array).to(self.device)
+
+    def _resident(self, key: tuple, make: Callable[[], np.ndarray]) -> torch.Tensor:
+        """An array of the scope's index as a tensor on the model's device, copied
+        there once while the scope stays open (on the CPU, a view of the array)."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(make())
+        resident = self.scope.resident
+        if key not in resident:
+            resident[key] = torch.from_numpy(make()).to(self.device)
+        return resident[key]
+
     def advance(self, tokens: int) -> None:
         self.real.advance(tokens)
         if tokens == 1:
@@ -156,7 +175,7 @@ class MemoryAttentionCache:
         self.real.truncate(length)
 
     def positions(self, start: int, count: int) -> torch.Tensor:
-        index = torch.arange(start, start + count)
+        index = torch.arange(start, start + count, device=self.device)
         return torch.where(index < self.prefix_len, index, index - self.prefix_len + self.question_start)
 
     def attend_layer(
@@ -219,7 +238,7 @@ class MemoryAttentionCache:
             if self.probe is not None:  # calibration: each query head on its own
                 each = [self._scan(layer, head, queries[head, g * n : (g + 1) * n]) for g in members]
                 for g, best in zip(members, each):
-                    self.probe(layer, head * self.group + g, best.numpy())
+                    self.probe(layer, head * self.group + g, best.cpu().numpy())
                 best = torch.stack(each).amax(dim=0)
             else:
                 best = self._scan(layer, head, torch.cat([queries[head, g * n : (g + 1) * n] for g in members]))
@@ -232,12 +251,12 @@ class MemoryAttentionCache:
             if s.carry_blocks:
                 layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
         if shortlist < n_blocks:
-            first = torch.empty(self.kv_heads, n_blocks)  # (Hkv, NB): the scans, else the bound
+            first = torch.empty(self.kv_heads, n_blocks, device=self.device)  # (Hkv, NB): the scans, else the bound
             for head, best in scanned.items():
                 first[head] = best
             bounded = [h for h in range(self.kv_heads) if h not in scanned]
             if bounded:
-                pairs = torch.from_numpy(self.scope.bound_pairs(layer)[bounded]).float()  # (h, NB, 2D): [max | min]
+                pairs = self._resident(("bounds", layer), lambda: self.scope.bound_pairs(layer))[bounded].float()  # (h, NB, 2D): [max | min]
                 # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
                 signed = torch.cat([queries[bounded].clamp(min=0), queries[bounded].clamp(max=0)], dim=2)  # (h, J, 2D)
                 first[bounded] = torch.bmm(pairs, signed.transpose(1, 2)).amax(dim=2)
@@ -247,19 +266,19 @@ class MemoryAttentionCache:
             candidates = [torch.unique(paired[h]) for h in range(self.kv_heads)]
             self.stats.blocks_bounded += n_blocks * len(bounded)
         else:
-            candidates = [torch.arange(n_blocks)] * self.kv_heads
+            candidates = [torch.arange(n_blocks)] * self.kv_heads  # on the CPU: read as numpy below
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
         per_head = []
         for head in range(self.kv_heads):
-            blocks = candidates[head].numpy()
+            blocks = candidates[head].cpu().numpy()
             if len(carried):
                 blocks = np.union1d(blocks, carried)
             keys, values, owner = self.scope.gather(layer, head, blocks)
             self.stats.blocks_scored_exactly += len(blocks)
             self.stats.bytes_gathered += keys.nbytes + values.nbytes
-            keys_t, values_t = torch.from_numpy(keys), torch.from_numpy(values)
-            owner_t = torch.from_numpy(owner)
+            keys_t, values_t = self._tensor(keys), self._tensor(values)
+            owner_t = self._tensor(owner)
             chosen = self._budget(
                 queries[head],
                 keys_t,
@@ -269,20 +288,19 @@ class MemoryAttentionCache:
                 carried,
                 None if head in scanned else layer_votes,
             )
-            keep = torch.isin(owner_t, torch.from_numpy(chosen))
+            keep = torch.isin(owner_t, self._tensor(chosen))
             per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
             self.stats.blocks_selected.append(len(chosen))
-        self.stats.selected[layer] = [np.unique(o.numpy()) for _, _, o in per_head]
+        self.stats.selected[layer] = [np.unique(o.cpu().numpy()) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
         self.votes += layer_votes
 
     def _scan(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
         """Every block's best single match (max over its tokens and the queries) in
         fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
-        bits, owner = self.scope.head_keys(layer, head)
-        keys = torch.from_numpy(bits).view(torch.bfloat16)
-        owner_t = torch.from_numpy(owner)
-        best = torch.full((self.scope.n_blocks,), float("-inf"))
+        keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head)[0]).view(torch.bfloat16)
+        owner_t = self._resident(("owners", layer, head), lambda: self.scope.head_keys(layer, head)[1])
+        best = torch.full((self.scope.n_blocks,), float("-inf"), device=self.device)
         for start in range(0, len(keys), SCAN_CHUNK):
             scores = (queries @ keys[start : start + SCAN_CHUNK].float().T).amax(dim=0)
             best.scatter_reduce_(0, owner_t[start : start + SCAN_CHUNK], scores, "amax")
@@ -298,7 +316,7 @@ class MemoryAttentionCache:
         for tally, wanted in ((self.votes, s.carry_blocks), (self.scan_votes, s.scan_carry)):
             count = min(wanted, int((tally > 0).sum()))
             if count:
-                tops.append(torch.topk(tally, count).indices.numpy())
+                tops.append(torch.topk(tally, count).indices.cpu().numpy())
         if not tops:
             return np.zeros(0, dtype=np.int64)
         top = np.concatenate(tops)
@@ -313,8 +331,8 @@ class MemoryAttentionCache:
         end = self.real.length + q.shape[1]
         keys = self.real.keys[layer][0, :, :end].float()  # (Hkv, S, D)
         scores = torch.bmm(grouped, keys.transpose(1, 2))  # (Hkv, G·n, S)
-        query_index = torch.arange(end - n, end).repeat(self.group)
-        allowed = torch.arange(end).unsqueeze(0) <= query_index.unsqueeze(1)
+        query_index = torch.arange(end - n, end, device=self.device).repeat(self.group)
+        allowed = torch.arange(end, device=self.device).unsqueeze(0) <= query_index.unsqueeze(1)
         return torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
     def _budget(
@@ -336,54 +354,55 @@ class MemoryAttentionCache:
         _, local = torch.unique_consecutive(owner, return_inverse=True)
         # Rank by the best single match (max over the block's tokens and the queries):
         # a needle is one strong match; softmax mass favours blocks of many mild ones.
-        best = torch.full((len(blocks),), float("-inf")).scatter_reduce_(0, local, scores.amax(dim=0), "amax")
+        best = torch.full((len(blocks),), float("-inf"), device=self.device).scatter_reduce_(0, local, scores.amax(dim=0), "amax")
         if votes is not None and s.carry_blocks:
             standard = (best - best.mean()) / best.std().clamp(min=1e-6)
-            votes.index_add_(0, torch.from_numpy(blocks), (standard - s.carry_threshold).clamp(min=0).double())
+            votes.index_add_(0, self._tensor(blocks), (standard - s.carry_threshold).clamp(min=0).double())
         order = torch.argsort(best, descending=True)
         if carried is not None and len(carried):
             # The vote's winners go first; the head's own ranking fills the rest.
-            first = torch.from_numpy(np.isin(blocks, carried))
+            first = self._tensor(np.isin(blocks, carried))
             order = torch.cat([order[first[order]], order[~first[order]]])
         top = scores.amax(dim=1, keepdim=True)  # (J, 1)
         if real_lse is not None:
             top = torch.maximum(top, real_lse.unsqueeze(1))
         weights = torch.exp(scores - top)
-        per_block = torch.zeros(queries.shape[0], len(blocks)).index_add_(1, local, weights)  # (J, B)
+        per_block = torch.zeros(queries.shape[0], len(blocks), device=self.device).index_add_(1, local, weights)  # (J, B)
         if real_lse is None:
             # Share of the attention that goes to memory.
             shares = per_block / per_block.sum(dim=1, keepdim=True)
-            reached = int(torch.searchsorted(torch.cumsum(shares.mean(dim=0)[order], 0), torch.tensor(s.mass * 0.99999))) + 1
+            reached = int(torch.searchsorted(torch.cumsum(shares.mean(dim=0)[order], 0), torch.tensor(s.mass * 0.99999, device=self.device))) + 1
         else:
             # Share of all attention (sinks and question included): stop once what
             # is left out weighs at most 1 − mass of it.
             shares = per_block / (per_block.sum(dim=1, keepdim=True) + torch.exp(real_lse - top[:, 0]).unsqueeze(1))
             left_out = (shares.sum(dim=1, keepdim=True) - torch.cumsum(shares[:, order], dim=1)).mean(dim=0)  # (B,)
-            reached = int(torch.searchsorted(-left_out, torch.tensor(-(1 - s.mass)))) + 1
+            reached = int(torch.searchsorted(-left_out, torch.tensor(-(1 - s.mass), device=self.device))) + 1
         count = max(s.min_blocks, min(s.max_blocks, reached))
-        return np.sort(with_successors(blocks, order.numpy(), count, s.neighbours))
+        return np.sort(with_successors(blocks, order.cpu().numpy(), count, s.neighbours))
 
     def _place(self, per_head: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rotary: Rotary):
         """Rotate each head's selected keys to their positions and pad heads to one length."""
         M = max(1, max(len(k) for k, _, _ in per_head))
         D, dtype = self.head_dim, self.model.dtype
-        keys = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
-        values = torch.zeros(1, self.kv_heads, M, D, dtype=dtype)
-        valid = torch.zeros(self.kv_heads, M, dtype=torch.bool)
-        cited = torch.zeros(self.kv_heads, M, dtype=torch.bool)
-        owners = torch.zeros(self.kv_heads, M, dtype=torch.long)
+        on = self.device
+        keys = torch.zeros(1, self.kv_heads, M, D, dtype=dtype, device=on)
+        values = torch.zeros(1, self.kv_heads, M, D, dtype=dtype, device=on)
+        valid = torch.zeros(self.kv_heads, M, dtype=torch.bool, device=on)
+        cited = torch.zeros(self.kv_heads, M, dtype=torch.bool, device=on)
+        owners = torch.zeros(self.kv_heads, M, dtype=torch.long, device=on)
         for head, (k, v, owner) in enumerate(per_head):
             n = len(k)
             if n == 0:
                 continue
             if self.settings.positions == "ordered":
-                positions = torch.arange(self.question_start - n, self.question_start)
+                positions = torch.arange(self.question_start - n, self.question_start, device=on)
             elif self.settings.positions == "block":
                 # Each block at the same distance, its tokens in their own order.
-                within = torch.arange(n) - torch.searchsorted(owner, owner, side="left")
+                within = torch.arange(n, device=on) - torch.searchsorted(owner, owner, side="left")
                 positions = self.question_start - self.settings.memory_distance - self.scope.block_size + within
             else:
-                positions = torch.full((n,), self.question_start - self.settings.memory_distance)
+                positions = torch.full((n,), self.question_start - self.settings.memory_distance, device=on)
             rotated = apply_rope(k.view(1, n, 1, D), rotary.rotations_at(positions))  # (1, n, 1, D)
             keys[0, head, :n] = rotated[0, :, 0].to(dtype)
             values[0, head, :n] = v.to(dtype)
@@ -391,8 +410,8 @@ class MemoryAttentionCache:
             owners[head, :n] = owner
             # A segment's first tokens draw attention the way sinks do, whatever
             # they say: attend to them, but do not count them as evidence.
-            within = torch.arange(n) - torch.searchsorted(owner, owner, side="left")
-            starts = torch.from_numpy(self.scope.local_block[owner.numpy()] == 0)
+            within = torch.arange(n, device=on) - torch.searchsorted(owner, owner, side="left")
+            starts = self._tensor(self.scope.local_block[owner.cpu().numpy()] == 0)
             cited[head, :n] = ~(starts & (within < SEGMENT_SINK_TOKENS))
         return keys, values, valid & cited, valid, owners
 
@@ -409,8 +428,8 @@ class MemoryAttentionCache:
         all_keys = torch.cat([keys[0], memory_keys[0]], dim=1).float()  # (Hkv, S+M, D)
         all_values = torch.cat([values[0], memory_values[0]], dim=1).float()
         scores = torch.bmm(grouped, all_keys.transpose(1, 2)) * scale  # (Hkv, G·T, S+M)
-        query_index = torch.arange(past, past + T).repeat(G)  # (G·T,)
-        real_ok = torch.arange(S).unsqueeze(0) <= query_index.unsqueeze(1)  # (G·T, S)
+        query_index = torch.arange(past, past + T, device=self.device).repeat(G)  # (G·T,)
+        real_ok = torch.arange(S, device=self.device).unsqueeze(0) <= query_index.unsqueeze(1)  # (G·T, S)
         memory_ok = valid.unsqueeze(1) & (query_index >= self.prefix_len).view(1, -1, 1)  # (Hkv, G·T, M)
         allowed = torch.cat([real_ok.expand(Hkv, -1, -1), memory_ok], dim=2)
         scores = scores.masked_fill(~allowed, float("-inf"))

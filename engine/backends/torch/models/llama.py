@@ -77,6 +77,8 @@ class DecoderModel:
 
     # Gemma stores norm weights as an offset from 1; Llama stores them directly.
     norm_offset = 0.0
+    # Where the weights live; `to(device)` moves them. Caches follow the model.
+    device = torch.device("cpu")
 
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         self.config = config
@@ -177,11 +179,40 @@ class DecoderModel:
             **optional,
         )
 
+    def to(self, device: torch.device | str) -> DecoderModel:
+        """Move every weight and rotation table to `device` ("cpu", "cuda"); a tied
+        output head stays tied (one tensor)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        tied = self.lm_head.weight is self.embed
+
+        def move(value: object) -> object:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (Dense, Rotary)):
+                return value.to(device)
+            return value
+
+        for name, value in list(vars(self).items()):
+            if name == "layers":
+                for layer in value:
+                    for f in dataclasses.fields(layer):
+                        setattr(layer, f.name, move(getattr(layer, f.name)))
+            elif name != "lm_head":
+                setattr(self, name, move(value))
+        if tied:
+            self.lm_head.weight = self.embed
+        else:
+            self.lm_head.to(device)
+        self.device = device
+        return self
+
     # -- running -------------------------------------------------------------
 
     def new_cache(self, capacity: int) -> DenseKVCache:
         c = self.config
-        return DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype)
+        return DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype, self.device)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed)
@@ -241,7 +272,7 @@ class DecoderModel:
         """`on_layer(done, total)` runs after each layer: progress inside a long chunk,
         and a place to cancel (raising there is safe: the cache only counts the new
         tokens once every layer has stored them)."""
-        ids = torch.as_tensor(tokens, dtype=torch.long).view(1, -1)  # (1, T)
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device).view(1, -1)  # (1, T)
         T = ids.shape[1]
         x = self.embed_tokens(ids)  # (1, T, hidden)
         for index, layer in enumerate(self.layers):
@@ -252,7 +283,7 @@ class DecoderModel:
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return self.lm_head(x[0]).float()  # (T or 1, V)
+        return self.lm_head(x[0]).float().cpu()  # (T or 1, V), where the sampler reads it
 
 
 class LlamaModel(DecoderModel):
