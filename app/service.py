@@ -72,8 +72,9 @@ def library_content_keys(library: Library) -> set[str]:
 def resolve_device(device: str) -> tuple[str, str]:
     """(backend, device) for a setting on this machine; a clear error where it is absent.
 
-    "auto" is MLX on Apple Silicon where MLX is installed, else torch on the CPU;
-    "mlx" asks for MLX wherever it is installed (Linux has a CPU build)."""
+    "auto" is MLX on Apple Silicon where MLX is installed, else torch on a CUDA GPU
+    where torch sees one, else torch on the CPU; "mlx" asks for MLX wherever it is
+    installed (Linux has a CPU build)."""
     import importlib.util
     import platform
 
@@ -81,15 +82,21 @@ def resolve_device(device: str) -> tuple[str, str]:
 
     if device == "auto":
         backend = resolve_backend("auto")
-        return backend, "gpu" if backend == "mlx" else "cpu"
+        if backend == "mlx":
+            return backend, "gpu"
+        return backend, "cuda" if device_available("cuda") else "cpu"
     if device == "mlx":
         if importlib.util.find_spec("mlx") is None:
             raise ValueError("MLX is not installed on this machine; choose Automatic or CPU")
         return "mlx", "gpu" if device_available("gpu", "mlx") else "cpu"
-    if device in ("cuda", "mps"):
+    if device == "cuda":
         if not device_available(device):
-            raise ValueError(f"{device.upper()} is not available on this machine ({platform.machine()}); choose Automatic or CPU")
-        raise ValueError(f"{device.upper()} is present, but this build runs torch on the CPU; choose Automatic or CPU")
+            raise ValueError(f"CUDA is not available on this machine ({platform.machine()}); choose Automatic or CPU")
+        return "torch", "cuda"
+    if device == "mps":
+        if not device_available(device):
+            raise ValueError(f"MPS is not available on this machine ({platform.machine()}); choose Automatic or CPU")
+        raise ValueError("MPS is present, but Quire runs Apple GPUs through MLX; choose Automatic or MLX")
     return "torch", "cpu"
 
 
@@ -135,7 +142,7 @@ class LocalEngine:
 
         self.settings = settings
         backend, self.device = resolve_device(settings.device)
-        self.model = load_model(settings.model_spec(), backend=backend)
+        self.model = load_model(settings.model_spec(), backend=backend, device=self.device)
         self.model_name = self.model.folder.name
         self.engine = Engine(
             self.model,
@@ -154,6 +161,12 @@ class LocalEngine:
 
     def build(self, documents, on_progress, cancel) -> BuildSummary:
         return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
+
+    def prepare(self, documents: list[CorpusDocument]) -> None:
+        """Open the scope of the next question and start loading its index in the
+        background, so the first question over a large library does not wait for it."""
+        if documents and all(self.engine.is_cached(d) for d in documents):
+            self.engine.open_scope(documents)
 
     def ask(self, question, documents, max_tokens, cancel) -> Iterator[AskEvent]:
         params = SamplingParams(max_new_tokens=max_tokens)

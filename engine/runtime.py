@@ -122,17 +122,20 @@ def load_model(
     backend: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    device: str = "auto",
 ) -> LoadedModel:
     """Open an installed model name, a .gguf file (converted once) or an HF folder.
 
     `backend` is "auto" (see `resolve_backend`), "torch" or "mlx"; both read the same
-    converted safetensors and give the same logits (tests/mlx)."""
+    converted safetensors and give the same logits (tests/mlx). `device` is torch's
+    ("auto", "cpu", "cuda"); MLX picks its own."""
     started = time.perf_counter()
     folder = open_model(spec)
     tokenizer = load_tokenizer(folder.path)
     backend = resolve_backend(backend)
     module = importlib.import_module(f"engine.backends.{backend}")
-    model = module.load(folder.config, folder.weight_files, dtype=dtype, threads=threads)
+    extra = {"device": device} if backend == "torch" else {}
+    model = module.load(folder.config, folder.weight_files, dtype=dtype, threads=threads, **extra)
     seconds = time.perf_counter() - started
     log.info("model %s ready in %.2f s", folder.name, seconds)
     return LoadedModel(folder, folder.config, tokenizer, backend, model, seconds)

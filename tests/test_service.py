@@ -12,18 +12,24 @@ from app.service import resolve_device
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="automatic means MLX on Apple Silicon")
-def test_automatic_is_torch_on_the_cpu_off_apple_silicon():
-    assert resolve_device("auto") == ("torch", "cpu")
+def test_automatic_is_torch_on_a_cuda_gpu_where_there_is_one_else_the_cpu():
+    from engine.runtime import device_available
+
+    assert resolve_device("auto") == ("torch", "cuda" if device_available("cuda") else "cpu")
     assert resolve_device("cpu") == ("torch", "cpu")
 
 
-def test_a_device_this_build_cannot_use_is_a_clear_error():
+def test_a_device_missing_here_is_a_clear_error():
     from engine.runtime import device_available
 
     if device_available("cuda"):
-        pytest.skip("a CUDA machine: the error names the CPU-only build instead")
-    with pytest.raises(ValueError, match="CUDA is not available on this machine"):
-        resolve_device("cuda")
+        assert resolve_device("cuda") == ("torch", "cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            resolve_device("cuda")
+    if not device_available("mps"):
+        with pytest.raises(ValueError, match="MPS is not available on this machine"):
+            resolve_device("mps")
 
 
 def test_mlx_when_installed_else_a_clear_error():

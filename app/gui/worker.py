@@ -144,6 +144,9 @@ class EngineWorker(QObject):
         try:
             documents = self._documents(document_ids)
             self._build(documents)
+            prepare = getattr(self.engine, "prepare", None)
+            if prepare is not None and document_ids is None:
+                prepare(documents)  # the whole library: the usual scope of the next question
         except EngineCancelled:
             self.cache_finished.emit("")
         except BaseException as error:  # noqa: BLE001

@@ -193,7 +193,22 @@ class Engine:
             )
         scope = CorpusScope(self.store, entries, self.cache_settings.block_size)
         self._scope = (names, scope)
+        self._warm(scope)
         return scope
+
+    def _warm(self, scope: CorpusScope) -> None:
+        """Start loading what a question over this scope reads first (block index,
+        retrieval heads' keys) in the background: a caller that opens the scope
+        before the question (the app, once a build is done) saves the wait."""
+        s = self.sparse
+        if scope.n_blocks <= s.shortlist_factor * s.max_blocks:
+            return  # every block is scored exactly: no index is read
+        heads: list[tuple[int, int]] = []
+        if _scans(s, scope) and (self._retrieval_heads is not None or retrieval_heads_known(self)):
+            config = self.model.config
+            group = config.num_attention_heads // config.num_key_value_heads
+            heads = sorted({(layer, head // group) for layer, head in self.retrieval_heads()[: s.scan_heads]})
+        scope.warm(sorted(scope.layers), heads)
 
     def _close_scope(self) -> None:
         if self._scope is not None:

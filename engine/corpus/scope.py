@@ -8,10 +8,19 @@ shortlist and the budget with one passage. Its evidence cites that occurrence. T
 concatenated per layer on first use and kept in RAM while the scope is open; keys
 and values stay in the memory-mapped segment files and are read block by block.
 A segment's payload checksum is verified the first time a question reads it.
+
+Loading that index (and the retrieval heads' keys) is most of a first question's
+wait on a large scope: `warm` loads it on background threads as soon as the scope
+opens, layer by layer in the order a question needs it, and an accessor that
+finds its array still loading waits for that one load instead of repeating it.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,8 +79,12 @@ class CorpusScope:
         self.seg_first_block = np.concatenate([[0], np.cumsum([s.n_blocks for s in self.segments])[:-1]]).astype(np.int64)
         self.total_tokens = int(sum(s.tokens for s in self.segments))  # distinct tokens held in memory
         self.layers = set(self.segments[0].layers)
-        self._bounds: dict[int, np.ndarray] = {}  # layer → bound_pairs
-        self._head_keys: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # ("bounds", layer) → bound_pairs; ("keys", layer, head) → head_keys: each
+        # made once, by whichever thread asks first (a question or the warm-up).
+        self._loaded: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+        self._warming: ThreadPoolExecutor | None = None
+        self._closed = False
         self._verified: set[str] = set()
         # Copies of index arrays a backend keeps on its device (a GPU) while the
         # scope stays open, so each question does not upload them again.
@@ -87,20 +100,71 @@ class CorpusScope:
         D = pairs.shape[2] // 2
         return pairs[:, :, D:].transpose(1, 0, 2), pairs[:, :, :D].transpose(1, 0, 2)
 
+    def _load(self, key: tuple, make: Callable[[], object]):
+        """The array under `key`, made by the first thread that asks; the others wait."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("the scope is closed")
+            future = self._loaded.get(key)
+            mine = future is None
+            if mine:
+                future = self._loaded[key] = Future()
+        if mine:
+            try:
+                future.set_result(make())
+            except BaseException as error:
+                with self._lock:
+                    self._loaded.pop(key, None)  # a later call tries again
+                future.set_exception(error)
+                raise
+        return future.result()
+
+    def warm(self, layers: Sequence[int], heads: Sequence[tuple[int, int]] = (), threads: int | None = None) -> None:
+        """Start loading the block index of `layers` and the keys of the (layer, KV
+        head) pairs in `heads` on background threads, earliest layer first."""
+        if self._warming is not None or self._closed:
+            return
+        threads = threads or max(1, min(8, os.cpu_count() or 1))
+        self._warming = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scope-warm")
+        jobs = [(layer, 0, None) for layer in layers if layer in self.layers]
+        jobs += [(layer, 1, head) for layer, head in heads if layer in self.layers]
+        for layer, kind, head in sorted(jobs, key=lambda job: job[:2]):
+            if kind == 0:
+                self._warming.submit(self._quietly, self.bound_pairs, layer)
+            else:
+                self._warming.submit(self._quietly, self.head_keys, layer, head)
+
+    def _quietly(self, load: Callable, *args) -> None:
+        if self._closed:
+            return
+        try:
+            load(*args)
+        except Exception:  # noqa: BLE001 — the question that needs it loads it again and reports
+            pass
+
+    def wait_warm(self) -> None:
+        """Block until the warm-up started by `warm` has finished."""
+        if self._warming is not None:
+            self._warming.shutdown(wait=True)
+
     def bound_pairs(self, layer: int) -> np.ndarray:
         """(Hkv, n_blocks, 2·D) float16: each block's key maximum, then its minimum,
         per KV head — the layout of the bound pass, one matmul with [q⁺, q⁻]."""
-        if layer not in self._bounds:
+
+        def make() -> np.ndarray:
             pairs = []
             for segment in self.segments:
                 low, high = segment.key_bounds(segment.layer_slot(layer))  # (nb, H, D) each
                 pairs.append(np.concatenate([high, low], axis=2).transpose(1, 0, 2))
-            self._bounds[layer] = np.ascontiguousarray(np.concatenate(pairs, axis=1))
-        return self._bounds[layer]
+            return np.ascontiguousarray(np.concatenate(pairs, axis=1))
+
+        return self._load(("bounds", layer), make)
 
     def index_bytes(self) -> int:
-        bounds = sum(pairs.nbytes for pairs in self._bounds.values())
-        return bounds + sum(keys.nbytes + owner.nbytes for keys, owner in self._head_keys.values())
+        """Bytes of the index and keys loaded so far."""
+        with self._lock:
+            done = [f.result() for f in self._loaded.values() if f.done() and f.exception() is None]
+        return sum(sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes for value in done)
 
     def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
         """Every key of the scope for one layer and KV head, as bfloat16 bit patterns
@@ -109,14 +173,16 @@ class CorpusScope:
 
         Segments are not checksummed here: the scan only ranks blocks, and a block
         chosen to be attended is read through `gather`, which verifies its segment."""
-        if (layer, head) not in self._head_keys:
+
+        def make() -> tuple[np.ndarray, np.ndarray]:
             keys, owners = [], []
             for index, segment in enumerate(self.segments):
                 k = segment.head_keys(segment.layer_slot(layer), head)
                 keys.append(bfloat16_bits(k))
                 owners.append(self.seg_first_block[index] + np.arange(len(k), dtype=np.int64) // self.block_size)
-            self._head_keys[(layer, head)] = (np.concatenate(keys), np.concatenate(owners))
-        return self._head_keys[(layer, head)]
+            return np.concatenate(keys), np.concatenate(owners)
+
+        return self._load(("keys", layer, head), make)
 
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys, values, owners = [], [], []
@@ -148,8 +214,12 @@ class CorpusScope:
         return int(self.doc_of_block[block]), int(self.block_first_token[block]), int(self.block_end_token[block])
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        if self._warming is not None:
+            # Loads not started are dropped; those running finish before the files close.
+            self._warming.shutdown(wait=True, cancel_futures=True)
         for segment in self._handles.values():
             segment.close()
-        self._bounds.clear()
-        self._head_keys.clear()
+        self._loaded.clear()
         self.resident.clear()

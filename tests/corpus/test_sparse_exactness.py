@@ -167,3 +167,28 @@ def test_the_retrieval_head_scan_is_the_exact_best_match_of_every_block(pair, tm
     top = int(np.argmax(seen[(layer, 0)]))
     assert int(torch.argmax(cache.scan_votes)) == top and top in set(cache._carried().tolist())
     assert any(top in set(head.tolist()) for heads in cache.stats.selected.values() for head in heads)
+
+
+def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path):
+    """`warm` fills the index on its own threads with the same arrays the accessors
+    make, each once; closing the scope while it warms waits for it and is clean."""
+    _, model = pair
+    texts = [ids(70, 20 + i) for i in range(4)]
+    direct = cached_scope(model, tmp_path / "a", ids(5, 1), texts, precision="int8")
+    warmed = cached_scope(model, tmp_path / "b", ids(5, 1), texts, precision="int8")
+    layers = sorted(warmed.layers)
+    heads = [(layers[-1], 0), (layers[0], 1)]
+    warmed.warm(layers, heads, threads=3)
+    warmed.wait_warm()
+    assert warmed.index_bytes() > 0 and len(warmed._loaded) == len(layers) + len(heads)
+    for layer in layers:
+        assert np.array_equal(warmed.bound_pairs(layer), direct.bound_pairs(layer))
+    for layer, head in heads:
+        for got, want in zip(warmed.head_keys(layer, head), direct.head_keys(layer, head)):
+            assert np.array_equal(got, want)
+    assert warmed.index_bytes() == direct.index_bytes()  # the same arrays, loaded once each
+    busy = cached_scope(model, tmp_path / "c", ids(5, 1), texts, precision="int8")
+    busy.warm(layers, heads, threads=1)
+    busy.close()  # must not fail while loads are queued or running
+    with pytest.raises(ValueError, match="closed"):
+        busy.bound_pairs(layers[0])

@@ -298,6 +298,7 @@ class MemoryAttentionCache:
     def _scan(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
         """Every block's best single match (max over its tokens and the queries) in
         fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
+        queries = queries.to(self.device)
         keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head)[0]).view(torch.bfloat16)
         owner_t = self._resident(("owners", layer, head), lambda: self.scope.head_keys(layer, head)[1])
         best = torch.full((self.scope.n_blocks,), float("-inf"), device=self.device)
