@@ -85,7 +85,6 @@ class CorpusScope:
         self._lock = threading.Lock()
         self._warming: ThreadPoolExecutor | None = None
         self._closed = False
-        self._verified: set[str] = set()
         # Copies of index arrays a backend keeps on its device (a GPU) while the
         # scope stays open, so each question does not upload them again.
         self.resident: dict[tuple, object] = {}
@@ -121,7 +120,8 @@ class CorpusScope:
 
     def warm(self, layers: Sequence[int], heads: Sequence[tuple[int, int]] = (), threads: int | None = None) -> None:
         """Start loading the block index of `layers` and the keys of the (layer, KV
-        head) pairs in `heads` on background threads, earliest layer first."""
+        head) pairs in `heads` on background threads, earliest layer first, then
+        checking every segment's checksum."""
         if self._warming is not None or self._closed:
             return
         threads = threads or max(1, min(8, os.cpu_count() or 1))
@@ -133,6 +133,10 @@ class CorpusScope:
                 self._warming.submit(self._quietly, self.bound_pairs, layer)
             else:
                 self._warming.submit(self._quietly, self.head_keys, layer, head)
+        # Then every segment's checksum, which a question would otherwise compute for
+        # each segment it first reads (zlib releases the GIL: the threads overlap).
+        for segment in self.segments:
+            self._warming.submit(self._quietly, self._verify, segment)
 
     def _quietly(self, load: Callable, *args) -> None:
         if self._closed:
@@ -163,7 +167,7 @@ class CorpusScope:
     def index_bytes(self) -> int:
         """Bytes of the index and keys loaded so far."""
         with self._lock:
-            done = [f.result() for f in self._loaded.values() if f.done() and f.exception() is None]
+            done = [f.result() for key, f in self._loaded.items() if key[0] != "verified" and f.done() and f.exception() is None]
         return sum(sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes for value in done)
 
     def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,11 +207,10 @@ class CorpusScope:
         return np.concatenate(keys), np.concatenate(values), np.concatenate(owners)
 
     def _verify(self, segment: Segment) -> None:
-        if segment.key in self._verified:
-            return
-        if not segment.verify():
+        """Check a segment's payload checksum once per open scope (the warm-up checks
+        every segment in the background; a question checks what it reads first)."""
+        if not self._load(("verified", segment.key), segment.verify):
             raise CorruptCacheError(f"cache segment {segment.key[:12]} is damaged")
-        self._verified.add(segment.key)
 
     def block_passage(self, block: int) -> tuple[int, int, int]:
         """(entry index, first token, end token) of a global block."""

@@ -186,7 +186,9 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path):
     heads = [(layers[-1], 0), (layers[0], 1)]
     warmed.warm(layers, heads, threads=3)
     warmed.wait_warm()
-    assert warmed.index_bytes() > 0 and len(warmed._loaded) == len(layers) + len(heads)
+    verified = [key for key in warmed._loaded if key[0] == "verified"]
+    assert warmed.index_bytes() > 0 and len(warmed._loaded) == len(layers) + len(heads) + len(verified)
+    assert sorted(key[1] for key in verified) == sorted(segment.key for segment in warmed.segments)
     for layer in layers:
         assert np.array_equal(warmed.bound_pairs(layer), direct.bound_pairs(layer))
     for layer, head in heads:
