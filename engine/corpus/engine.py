@@ -266,7 +266,7 @@ class Engine:
         scope = self.open_scope(documents)
         scope_seconds = time.perf_counter() - started
         prompt = self.prefix_ids + self.question_ids(question)
-        scan = self.retrieval_heads()[: settings.scan_heads] if _scans(settings, scope) else []
+        scan = self.retrieval_heads(cancel)[: settings.scan_heads] if _scans(settings, scope) else []
         cache = self.memory.MemoryAttentionCache(
             self.model.model,
             scope,
@@ -307,11 +307,11 @@ class Engine:
         # The scope the question will read (kept open for it).
         return _scans(settings, self.open_scope(documents))
 
-    def retrieval_heads(self) -> list[tuple[int, int]]:
+    def retrieval_heads(self, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int]]:
         """The model's retrieval heads, best first (measured once per model and kept
-        in the cache folder; engine/corpus/retrieval.py)."""
+        in the cache folder; engine/corpus/retrieval.py); `cancel` stops a measurement."""
         if self._retrieval_heads is None:
-            self._retrieval_heads = retrieval_heads(self)
+            self._retrieval_heads = retrieval_heads(self, cancel)
         return self._retrieval_heads
 
     def _evidence(self, scope: CorpusScope, mass: np.ndarray, limit: int) -> Iterator[Evidence]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,13 +79,13 @@ def calibration_documents(count: int = 8, sentences: int = 70, seed: int = 7) ->
     return out
 
 
-def measure_heads(engine, count: int = 8) -> list[tuple[int, int, float]]:
+def measure_heads(engine, count: int = 8, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int, float]]:
     """Every (layer, query head) of the model's memory layers with its mean standing
     of the fact's block (standard deviations above the scope's mean block score),
-    strongest first."""
+    strongest first. `cancel()` is checked between segments and layers (Cancelled)."""
     cases = calibration_documents(count)
     documents = [d for d, _, _, _ in cases]
-    engine.build(documents)
+    engine.build(documents, cancel=cancel)
     entries = [ScopeEntry(d, engine.builder.manifest_for(d)) for d in documents]
     scope = CorpusScope(engine.store, entries, engine.cache_settings.block_size)
     model = engine.model.model
@@ -110,7 +111,7 @@ def measure_heads(engine, count: int = 8) -> list[tuple[int, int, float]]:
                 model, scope, SparseSettings(), prefix_len=len(engine.prefix_ids), capacity=len(prompt) + 1,
                 scan_heads=heads, probe=probe,
             )
-            prefill(model, prompt, cache)
+            prefill(model, prompt, cache, cancel=cancel)
     finally:
         scope.close()
     scored = [(layer, head, float(np.mean(standing[(layer, head)]))) for layer, head in heads if standing[(layer, head)]]
@@ -132,15 +133,16 @@ def retrieval_heads_known(engine) -> bool:
     return _saved(engine) is not None
 
 
-def retrieval_heads(engine) -> list[tuple[int, int]]:
+def retrieval_heads(engine, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int]]:
     """The model's (layer, query head) pairs, best retrieval head first: read from the
-    cache folder, or measured now (once per model; a few seconds to a minute)."""
+    cache folder, or measured now (once per model; a few seconds to a minute, and
+    `cancel` stops it: nothing is kept then)."""
     path = Path(engine.root) / FILE_NAME
     saved = _saved(engine)
     if saved is not None:
         return saved
     log.info("measuring the model's retrieval heads (once per model)")
-    heads = measure_heads(engine)
+    heads = measure_heads(engine, cancel=cancel)
     payload = {"version": CALIBRATION_VERSION, "heads": [[l, h, round(z, 3)] for l, h, z in heads]}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=1)))

@@ -122,3 +122,21 @@ def test_cache_build_status_and_ask_with_evidence(home, island_file, capsys):
     assert abs(freed - size / 2**20) < 0.1, (freed, size)
     assert not list((home / "cache").rglob("*.qkv"))
     assert not list((home / "cache").rglob("*.json"))
+
+
+def test_cache_heads_measures_once_then_reads_back(home, capsys, monkeypatch):
+    from engine.corpus import retrieval
+
+    measured = []
+
+    def fake_measure(engine, count=8, cancel=None):
+        measured.append(1)
+        return [(3, 1, 7.5), (2, 0, 6.0), (9, 5, 1.0)]
+
+    monkeypatch.setattr(retrieval, "measure_heads", fake_measure)
+    code, out, err = quire(capsys, "cache", "heads", "--model", MODEL)
+    assert code == 0 and "measuring the model's retrieval heads" in err
+    assert re.match(r"^retrieval heads \(measured in \d+ s\): L3/h1, L2/h0, L9/h5$", out.strip()), out
+    code, out, err = quire(capsys, "cache", "heads", "--model", MODEL)
+    assert code == 0 and err == "" and out.strip() == "retrieval heads (measured before): L3/h1, L2/h0, L9/h5"
+    assert measured == [1]

@@ -13,6 +13,7 @@ import pytest
 from engine.corpus import retrieval
 from engine.corpus.engine import Engine
 from engine.corpus.settings import SparseSettings
+from engine.errors import Cancelled
 from engine.generate import SamplingParams
 from tests.corpus.test_engine import QUESTION, island_document, model  # noqa: F401  (fixture)
 
@@ -34,12 +35,26 @@ def test_calibration_ranks_every_head_and_is_kept(model, tmp_path, monkeypatch):
     assert [(layer, head) for layer, head, _ in saved["heads"]] == heads
 
     # Read back, not measured again; a file of another version is measured again.
-    monkeypatch.setattr(retrieval, "measure_heads", lambda engine: pytest.fail("measured twice"))
+    monkeypatch.setattr(retrieval, "measure_heads", lambda engine, **_: pytest.fail("measured twice"))
     assert retrieval.retrieval_heads(engine) == heads
     saved["version"] = -1
     (engine.root / retrieval.FILE_NAME).write_text(json.dumps(saved))
-    monkeypatch.setattr(retrieval, "measure_heads", lambda engine: [(0, 1, 9.0)])
+    monkeypatch.setattr(retrieval, "measure_heads", lambda engine, **_: [(0, 1, 9.0)])
     assert retrieval.retrieval_heads(engine) == [(0, 1)]
+
+
+def test_a_cancelled_measurement_keeps_nothing(model, tmp_path):  # noqa: F811
+    engine = Engine(model, cache_root=tmp_path)
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 30  # partway: after some segments or layers
+
+    with pytest.raises(Cancelled):
+        engine.retrieval_heads(cancel)
+    assert not (engine.root / retrieval.FILE_NAME).exists() and engine._retrieval_heads is None
+    assert not retrieval.retrieval_heads_known(engine)
 
 
 def test_a_scope_beyond_the_shortlist_is_scanned_by_the_retrieval_heads(model, tmp_path):  # noqa: F811
