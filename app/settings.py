@@ -32,7 +32,7 @@ class AppSettings:
     cache_dir: str = ""  # "" = <data dir>/cache
     precision: str = "int8"
     max_answer_tokens: int = 384
-    max_blocks: int = 64  # the most blocks one KV head may read per question
+    max_blocks: int = 16  # the most blocks one KV head may read per question (measured: docs/BENCHMARKS.md, session 5)
     attention_mass: float = 0.9  # the dynamic budget's target share of attention
     auto_cache: bool = True  # build the cache for new documents as soon as they are added
     theme: str = "system"
