@@ -163,9 +163,9 @@ class LocalEngine:
         return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
 
     def prepare(self, documents: list[CorpusDocument]) -> None:
-        """Open the scope of the next question and start loading its index in the
-        background, so the first question over a large library does not wait for it."""
-        if documents and all(self.engine.is_cached(d) for d in documents):
+        """Open the scope of the next question (cached documents) and start loading its
+        index in the background, so the first question over a large library does not wait for it."""
+        if documents:
             self.engine.open_scope(documents)
 
     def ask(self, question, documents, max_tokens, cancel) -> Iterator[AskEvent]:

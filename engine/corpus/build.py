@@ -287,37 +287,33 @@ class CorpusBuilder:
                 summary.bytes_written += writing.pop(key).result()
                 summary.segments_built += 1
 
+        # Leaving the pool (finished, cancelled or failed) waits for the writes in
+        # flight: none is left half done.
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-writer") as pool:
-            try:
-                for index, (document, ids) in enumerate(pending):
-                    refs = []
-                    for start, end in segment_bounds(len(ids), self.settings.segment_tokens):
-                        if cancel is not None and cancel():
-                            raise Cancelled("cache build cancelled")
-                        context = ids[max(0, start - self.settings.context_tokens) : start]
-                        segment = ids[start:end]
-                        key = segment_key(self.fingerprint, self.settings, self.prefix, context, segment)
-                        if key in writing or self.store.has(key):
-                            summary.segments_reused += 1
-                        else:
-                            keys, values = self._prefill_segment(context, segment, cancel, summary)
-                            # At most two segments per writer wait in memory (each ~25 MB
-                            # of float32 for a 0.5B model's 1K-token segment).
-                            collect(2 * threads - 1)
-                            writing[key] = pool.submit(self._write_segment, key, keys, values, len(context))
-                        refs.append(SegmentRef(key, start, end - start))
-                        done += end - start
-                        report(index, document, end, len(ids))
-                    collect(0)  # the manifest names only segments already on disk
-                    offsets = token_offsets(self.token_bytes, ids, document.text)
-                    self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
-                    summary.tokens += len(ids)
-                    report(index + 1, document, len(ids), len(ids))
-            except BaseException:
-                # Finish (or fail) the writes in flight before leaving: none is left half done.
-                for future in writing.values():
-                    future.exception()
-                raise
+            for index, (document, ids) in enumerate(pending):
+                refs = []
+                for start, end in segment_bounds(len(ids), self.settings.segment_tokens):
+                    if cancel is not None and cancel():
+                        raise Cancelled("cache build cancelled")
+                    context = ids[max(0, start - self.settings.context_tokens) : start]
+                    segment = ids[start:end]
+                    key = segment_key(self.fingerprint, self.settings, self.prefix, context, segment)
+                    if key in writing or self.store.has(key):
+                        summary.segments_reused += 1
+                    else:
+                        keys, values = self._prefill_segment(context, segment, cancel, summary)
+                        # At most two segments per writer wait in memory (each ~25 MB
+                        # of float32 for a 0.5B model's 1K-token segment).
+                        collect(2 * threads - 1)
+                        writing[key] = pool.submit(self._write_segment, key, keys, values, len(context))
+                    refs.append(SegmentRef(key, start, end - start))
+                    done += end - start
+                    report(index, document, end, len(ids))
+                collect(0)  # the manifest names only segments already on disk
+                offsets = token_offsets(self.token_bytes, ids, document.text)
+                self.manifests.save(Manifest(document.content_key, len(ids), refs, offsets))
+                summary.tokens += len(ids)
+                report(index + 1, document, len(ids), len(ids))
         summary.seconds = time.perf_counter() - started
         return summary
 

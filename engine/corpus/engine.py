@@ -201,7 +201,7 @@ class Engine:
         retrieval heads' keys) in the background: a caller that opens the scope
         before the question (the app, once a build is done) saves the wait."""
         s = self.sparse
-        if scope.n_blocks <= s.shortlist_factor * s.max_blocks:
+        if not _beyond_shortlist(s, scope):
             return  # every block is scored exactly: no index is read
         heads: list[tuple[int, int]] = []
         if _scans(s, scope) and (self._retrieval_heads is not None or retrieval_heads_known(self)):
@@ -350,9 +350,14 @@ class Engine:
             )
 
 
+def _beyond_shortlist(settings: SparseSettings, scope: CorpusScope) -> bool:
+    """Whether the scope has more blocks than one head scores exactly (the shortlist)."""
+    return scope.n_blocks > settings.shortlist_factor * settings.max_blocks
+
+
 def _scans(settings: SparseSettings, scope: CorpusScope) -> bool:
     """Whether the retrieval heads scan this scope: it outgrows the shortlist."""
-    return bool(settings.scan_heads) and scope.n_blocks > settings.shortlist_factor * settings.max_blocks
+    return bool(settings.scan_heads) and _beyond_shortlist(settings, scope)
 
 
 def _page_at(pages: list[tuple[int, str]], char: int) -> tuple[int | None, str | None]:
