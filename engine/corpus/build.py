@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus.settings import CacheSettings
-from engine.corpus.store import SegmentStore
+from engine.corpus.store import LAYOUT_TAGS, SegmentStore
 from engine.errors import Cancelled
 from engine.paths import write_atomic
 
@@ -94,7 +94,10 @@ def segment_bounds(total: int, segment_tokens: int) -> list[tuple[int, int]]:
 
 def segment_key(fingerprint: str, settings: CacheSettings, prefix: Sequence[int], context: Sequence[int], segment: Sequence[int]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"model": fingerprint, "block": settings.block_size, "precision": settings.precision}).encode())
+    address = {"model": fingerprint, "block": settings.block_size, "precision": settings.precision}
+    if settings.precision in LAYOUT_TAGS:
+        address["layout"] = LAYOUT_TAGS[settings.precision]
+    h.update(json.dumps(address).encode())
     for part in (prefix, context, segment):
         h.update(b"|")
         h.update(np.asarray(part, dtype=np.int64).tobytes())
@@ -199,7 +202,10 @@ class ManifestStore:
 
 
 def settings_tag(settings: CacheSettings) -> str:
-    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
+    tagged = asdict(settings)
+    if settings.precision in LAYOUT_TAGS:
+        tagged["layout"] = LAYOUT_TAGS[settings.precision]
+    return hashlib.sha256(json.dumps(tagged, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def writer_threads() -> int:

@@ -35,9 +35,16 @@ for keys and are zero for values, and are never returned):
                       |u1  (L, H, Tp, D/2)       int4 codes, low nibble = even channel,
                                                  high nibble = odd channel
                       <f2  (L, H, Tp, D)         fp16
-    value_min         <f2  (L, H, T)             int8/int4 only
+    value_min         <f2  (L, H, T)             int8 only
     value_scale       <f2  (L, H, T)             int8/int4 only
+    value_zero        |i1  (L, H, T)             int4 only: the token's minimum is
+                                                 -value_zero * value_scale
     values            as keys, quantised per token over the D channels
+
+int4 values keep an integer zero point (1 byte) instead of a float16 minimum (2
+bytes), as GPTQ-style 4-bit formats do: one byte per token, head and layer less, which
+is what brings a 4-bit cache under 1/3.5 of fp16 with the block index counted. The
+minimum moves by at most half a step, so the error bound stays half a step.
 
 Offsets are relative to data_start (as in GGUF), so the header never depends on its
 own length. `payload_crc` covers every array after key_max, in file order.
@@ -74,6 +81,11 @@ _PREFIX = struct.Struct("<4sII")  # magic, version, header length
 _TRAILER = struct.Struct("<4sI")  # magic, crc32 of the header JSON
 _ALIGN = 64
 _LEVELS = {"int8": 255, "int4": 15, "fp16": None}
+# Precisions whose array layout changed after format 1 shipped, with a tag that goes
+# into segment and manifest addresses (engine/corpus/build.py), so files of the old
+# layout are never looked up again (they are collected as garbage), while caches of
+# the other precisions stay valid.
+LAYOUT_TAGS = {"int4": "value-zero-point"}
 _INDEX_ARRAYS = ("key_min", "key_max")
 _HEADER_FIELDS = frozenset(
     ("precision", "block_size", "tokens", "layers", "kv_heads", "head_dim", "meta", "arrays", "index_crc",
@@ -99,12 +111,10 @@ def _array_specs(precision: str, layers: int, heads: int, tokens: int, dim: int,
     if precision == "fp16":
         return specs + [(name, f16, (layers, heads, padded, dim)) for name in ("keys", "values")]
     width = dim if precision == "int8" else dim // 2
-    return specs + [
-        ("keys", u8, (layers, heads, padded, width)),
-        ("value_min", f16, (layers, heads, tokens)),
-        ("value_scale", f16, (layers, heads, tokens)),
-        ("values", u8, (layers, heads, padded, width)),
-    ]
+    params = [("value_min", f16), ("value_scale", f16)] if precision == "int8" else [("value_scale", f16), ("value_zero", np.dtype("|i1"))]
+    return specs + [("keys", u8, (layers, heads, padded, width))] + [
+        (name, dtype, (layers, heads, tokens)) for name, dtype in params
+    ] + [("values", u8, (layers, heads, padded, width))]
 
 
 def _round_f16(x: np.ndarray, direction: int) -> np.ndarray:
@@ -157,27 +167,44 @@ def _decode_keys(stored: np.ndarray, low: np.ndarray, high: np.ndarray, levels: 
 
 
 def _quantize_values(values: np.ndarray, padded: int, levels: int | None) -> tuple[np.ndarray | None, ...]:
-    """values (H, T, D) float32 -> value_min, value_scale (H, T) f16 (None for fp16), stored (H, Tp, D or D/2)."""
+    """values (H, T, D) float32 -> the per-token parameters (H, T) — value_min and
+    value_scale f16 for int8, value_scale f16 and value_zero i1 for int4, None for
+    fp16 — and the stored codes (H, Tp, D or D/2)."""
     pad = ((0, 0), (0, padded - values.shape[1]), (0, 0))
     if levels is None:
         return None, None, np.pad(values.astype(np.float16), pad)
-    low = _round_f16(values.min(axis=-1), -1)  # (H, T)
+    low32, high32 = values.min(axis=-1), values.max(axis=-1)  # (H, T)
+    if levels == 15:
+        # Integer zero point: codes cover [-zero·scale, (15 - zero)·scale]. A token whose
+        # values share one sign and barely vary gets a wider step, so zero fits a byte.
+        wide = np.maximum(np.abs(low32), np.abs(high32)) / 112
+        scale = _round_f16(np.maximum((high32 - low32) / levels, wide), +1)
+        scale32 = scale.astype(np.float32)
+        step = np.where(scale32 > 0, scale32, 1.0)
+        zero = np.clip(np.rint(-low32 / step), -128, 127).astype(np.int8)
+        codes = np.clip(np.rint(values / step[..., None]) + zero[..., None], 0, levels)
+        codes = np.pad(codes.astype(np.uint8), pad)
+        return scale, zero, _pack_nibbles(codes)
+    low = _round_f16(low32, -1)  # (H, T)
     low32 = low.astype(np.float32)[..., None]
-    scale = _round_f16((values.max(axis=-1) - low32[..., 0]) / levels, +1)  # up: codes stay ≤ levels
+    scale = _round_f16((high32 - low32[..., 0]) / levels, +1)  # up: codes stay ≤ levels
     scale32 = scale.astype(np.float32)[..., None]
     codes = np.clip(np.rint((values - low32) / np.where(scale32 > 0, scale32, 1.0)), 0, levels)
     codes = np.pad(codes.astype(np.uint8), pad)
-    return low, scale, (_pack_nibbles(codes) if levels == 15 else codes)
+    return low, scale, codes
 
 
 def _decode_values(
-    stored: np.ndarray, low: np.ndarray | None, scale: np.ndarray | None, levels: int | None
+    stored: np.ndarray, first: np.ndarray | None, second: np.ndarray | None, levels: int | None
 ) -> np.ndarray:
-    """stored (..., D or D/2), low/scale (...) f16 -> float32 (..., D)."""
+    """stored (..., D or D/2) and the per-token parameters (...) -> float32 (..., D):
+    int8 (value_min, value_scale), int4 (value_scale, value_zero)."""
     if levels is None:
         return stored.astype(np.float32)
-    codes = (_unpack_nibbles(stored) if levels == 15 else stored).astype(np.float32)
-    return low.astype(np.float32)[..., None] + codes * scale.astype(np.float32)[..., None]
+    if levels == 15:
+        scale = first.astype(np.float32)[..., None]
+        return (_unpack_nibbles(stored).astype(np.float32) - second.astype(np.float32)[..., None]) * scale
+    return first.astype(np.float32)[..., None] + stored.astype(np.float32) * second.astype(np.float32)[..., None]
 
 
 @dataclass(frozen=True)
@@ -318,6 +345,8 @@ class Segment:
     def _value_params(self, index: tuple) -> tuple[np.ndarray | None, np.ndarray | None]:
         if self._levels is None:
             return None, None
+        if self._levels == 15:
+            return self._arrays["value_scale"][index], self._arrays["value_zero"][index]
         return self._arrays["value_min"][index], self._arrays["value_scale"][index]
 
     def key_bounds(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,9 +488,11 @@ class SegmentStore:
             arrays["key_min"][slot], arrays["key_max"][slot], arrays["keys"][slot] = _quantize_keys(
                 keys[slot], block_size, levels
             )
-            low, scale, arrays["values"][slot] = _quantize_values(values[slot], padded, levels)
-            if levels is not None:
-                arrays["value_min"][slot], arrays["value_scale"][slot] = low, scale
+            first, second, arrays["values"][slot] = _quantize_values(values[slot], padded, levels)
+            if levels == 15:
+                arrays["value_scale"][slot], arrays["value_zero"][slot] = first, second
+            elif levels is not None:
+                arrays["value_min"][slot], arrays["value_scale"][slot] = first, second
         table, offset = {}, 0
         for name, dtype, shape in specs:
             table[name] = {"offset": offset, "dtype": dtype.str, "shape": list(shape)}

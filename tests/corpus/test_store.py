@@ -123,7 +123,8 @@ def test_file_layout_decodes_independently(store: SegmentStore, precision: str) 
     store.write("ef56", keys, values, layers=[11], precision=precision, block_size=16)
     header, data_start, blob = read_layout(store.path_for("ef56"))
     assert header["tokens"] == 40 and header["layers"] == [11] and header["precision"] == precision
-    offsets = [header["arrays"][n]["offset"] for n in ("key_min", "key_max", "keys", "value_min", "value_scale", "values")]
+    params = ("value_min", "value_scale") if precision == "int8" else ("value_scale", "value_zero")
+    offsets = [header["arrays"][n]["offset"] for n in ("key_min", "key_max", "keys", *params, "values")]
     assert offsets == sorted(offsets) and all((data_start + o) % 64 == 0 for o in offsets)
 
     def codes(name: str) -> np.ndarray:
@@ -139,9 +140,14 @@ def test_file_layout_decodes_independently(store: SegmentStore, precision: str) 
     high = raw_array(header, data_start, blob, "key_max")[0].astype(np.float32)
     block = np.arange(40) // 16
     reference_keys = low[block].transpose(1, 0, 2) + codes("keys")[:, :40] * (high - low)[block].transpose(1, 0, 2) / levels
-    value_min = raw_array(header, data_start, blob, "value_min")[0].astype(np.float32)[..., None]  # (H, T, 1)
-    value_scale = raw_array(header, data_start, blob, "value_scale")[0].astype(np.float32)[..., None]
-    reference_values = value_min + codes("values")[:, :40] * value_scale
+    value_scale = raw_array(header, data_start, blob, "value_scale")[0].astype(np.float32)[..., None]  # (H, T, 1)
+    if precision == "int8":
+        value_min = raw_array(header, data_start, blob, "value_min")[0].astype(np.float32)[..., None]
+        reference_values = value_min + codes("values")[:, :40] * value_scale
+    else:  # an integer zero point, signed: the minimum is -zero * scale
+        value_zero = raw_array(header, data_start, blob, "value_zero")[0].astype(np.float32)[..., None]
+        assert raw_array(header, data_start, blob, "value_zero").dtype == np.int8
+        reference_values = (codes("values")[:, :40] - value_zero) * value_scale
     got_keys, got_values = store.open("ef56").dequantize(0)
     # float32 evaluation order differs (code * span / levels): allow a few ulps.
     np.testing.assert_allclose(got_keys, reference_keys, rtol=1e-5, atol=1e-5)
@@ -165,16 +171,15 @@ def test_int4_and_int8_files_are_smaller_than_fp16(store: SegmentStore) -> None:
         for precision in PRECISIONS
         for block in (32, 64)
     }
-    # Per token and head, fp16 is 2*64*2 bytes; int4 2*32 + 4 (value min/scale); the
-    # key bounds add 2*64*2 bytes per block. Headers are a few hundred bytes.
+    # Per token and head, fp16 is 2*64*2 bytes; int4 2*32 + 3 (value scale and zero
+    # point); the key bounds add 2*64*2 bytes per block. Headers are a few hundred bytes.
     for block in (32, 64):
         index = 4 * 2 * (1024 // block) * 64 * 2 * 2
         assert abs(sizes["fp16", block] - (4 * 2 * 1024 * 256 + index)) < 2048
-        assert abs(sizes["int4", block] - (4 * 2 * 1024 * 68 + index)) < 2048
-    ratio = sizes["int4", 32] / sizes["fp16", 32]
-    assert ratio <= 1 / 3.45, f"int4/fp16 = {ratio:.4f} at block 32"
-    ratio = sizes["int4", 64] / sizes["fp16", 64]
-    assert ratio <= 1 / 3.5, f"int4/fp16 = {ratio:.4f} at block 64"
+        assert abs(sizes["int4", block] - (4 * 2 * 1024 * 67 + index)) < 2048
+    for block in (32, 64):
+        ratio = sizes["int4", block] / sizes["fp16", block]
+        assert ratio <= 1 / 3.5, f"int4/fp16 = {ratio:.4f} at block {block}"
     assert sizes["int4", 32] < sizes["int8", 32] < 0.55 * sizes["fp16", 32], sizes
 
 
@@ -293,3 +298,22 @@ def test_bad_options_are_rejected(store: SegmentStore) -> None:
             store.write("qr78", keys, values, layers=[0], **options)
     with pytest.raises(ValueError, match="key"):
         store.path_for("../evil")
+
+
+def test_int4_values_of_one_sign_keep_their_error_bound(store: SegmentStore) -> None:
+    """The int4 zero point is a signed byte: a token whose values share one sign and
+    barely vary (here 40 ± 0.01) would need a zero point far outside it at the
+    plain step, so the step widens instead; the error stays within half a step."""
+    rng = np.random.default_rng(7)
+    values = (40.0 + 0.01 * rng.standard_normal((1, 1, 8, 16))).astype(np.float32)
+    values[0, 0, 1] *= -1  # all negative
+    values[0, 0, 2] = np.linspace(-1.0, 3.0, 16)  # mixed signs: the plain step
+    keys = rng.standard_normal((1, 1, 8, 16)).astype(np.float32)
+    store.write("ij90", keys, values, layers=[0], precision="int4", block_size=8)
+    got = store.open("ij90").dequantize(0)[1]
+    err = np.abs(got - values)[0, 0].max(axis=-1)
+    assert np.all(err <= 40.02 / 112 / 2 * (1 + 2**-9)), err
+    assert err[2] <= 4.0 / 15 / 2 * (1 + 2**-9) and err[2] > 0
+    header, data_start, blob = read_layout(store.path_for("ij90"))
+    zero = raw_array(header, data_start, blob, "value_zero")[0, 0]
+    assert zero[0] < -100 and zero[1] > 100 and zero[2] == round(1.0 / (4.0 / 15))
