@@ -197,6 +197,6 @@ class LocalEngine:
             "backend": self.model.backend,
             "precision": self.settings.precision,
             "max_blocks": self.settings.max_blocks,
-            "attention_mass": self.settings.attention_mass,
+            "budget": self.settings.budget,
             "max_answer_tokens": self.settings.max_answer_tokens,
         }

@@ -33,7 +33,7 @@ class AppSettings:
     precision: str = "int8"
     max_answer_tokens: int = 384
     max_blocks: int = 16  # the most blocks one KV head may read per question (measured: docs/BENCHMARKS.md, session 5)
-    attention_mass: float = 0.9  # the dynamic budget's target share of attention
+    budget: str = "tally"  # "tally": read what the question singles out, up to max_blocks; "fixed": always max_blocks
     auto_cache: bool = True  # build the cache for new documents as soon as they are added
     theme: str = "system"
 
@@ -44,7 +44,7 @@ class AppSettings:
             "theme": self.theme in THEMES,
             "max_answer_tokens": 16 <= self.max_answer_tokens <= 8192,
             "max_blocks": 8 <= self.max_blocks <= 4096,
-            "attention_mass": 0.1 <= self.attention_mass <= 1.0,
+            "budget": self.budget in ("tally", "fixed"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -79,7 +79,7 @@ class AppSettings:
             defaults,
             max_blocks=self.max_blocks,
             min_blocks=min(defaults.min_blocks, self.max_blocks),
-            mass=self.attention_mass,
+            budget=self.budget,
         )
 
 

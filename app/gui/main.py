@@ -713,7 +713,7 @@ class MainWindow(QMainWindow):
     def apply_settings(self, chosen: AppSettings) -> None:
         engine_changed = any(
             getattr(chosen, name) != getattr(self.settings, name)
-            for name in ("model", "device", "cache_dir", "precision", "max_blocks", "attention_mass")
+            for name in ("model", "device", "cache_dir", "precision", "max_blocks", "budget")
         )
         self.settings = chosen
         try:

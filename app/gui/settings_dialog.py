@@ -13,7 +13,6 @@ from PySide6.QtWidgets import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -92,12 +91,14 @@ class SettingsDialog(QDialog):
         self.max_blocks.setRange(8, 4096)
         self.max_blocks.setValue(settings.max_blocks)
         self.max_blocks.setToolTip("The most 32-token blocks of the library each attention head may read per question")
-        self.mass = QDoubleSpinBox()
-        self.mass.setRange(0.1, 1.0)
-        self.mass.setSingleStep(0.05)
-        self.mass.setDecimals(2)
-        self.mass.setValue(settings.attention_mass)
-        self.mass.setToolTip("Blocks are added until they hold this share of the question's attention")
+        self.budget = QComboBox()
+        self.budget.addItem("Dynamic: what the question singles out", "tally")
+        self.budget.addItem("Fixed: always the whole budget", "fixed")
+        self.budget.setCurrentIndex(max(0, self.budget.findData(settings.budget)))
+        self.budget.setToolTip(
+            "Dynamic reads the few passages the model's retrieval heads single out for the question"
+            " (more when the answer is spread), never more than the budget"
+        )
         self.auto_cache = QCheckBox("Build the cache as soon as documents are added")
         self.auto_cache.setChecked(settings.auto_cache)
         self.theme = QComboBox()
@@ -112,7 +113,7 @@ class SettingsDialog(QDialog):
         form.addRow("Cache precision", self.precision)
         form.addRow("Answer length", self.max_tokens)
         form.addRow("Budget (blocks per head)", self.max_blocks)
-        form.addRow("Attention mass", self.mass)
+        form.addRow("Blocks read", self.budget)
         form.addRow("", self.auto_cache)
         form.addRow("Theme", self.theme)
         buttons = QDialogButtonBox(
@@ -155,7 +156,7 @@ class SettingsDialog(QDialog):
         self.precision.setCurrentIndex(PRECISIONS.index(defaults.precision))
         self.max_tokens.setValue(defaults.max_answer_tokens)
         self.max_blocks.setValue(defaults.max_blocks)
-        self.mass.setValue(defaults.attention_mass)
+        self.budget.setCurrentIndex(self.budget.findData(defaults.budget))
         self.auto_cache.setChecked(defaults.auto_cache)
         self.theme.setCurrentIndex(THEMES.index(defaults.theme))
 
@@ -172,7 +173,7 @@ class SettingsDialog(QDialog):
             precision=self.precision.currentData(),
             max_answer_tokens=self.max_tokens.value(),
             max_blocks=self.max_blocks.value(),
-            attention_mass=round(self.mass.value(), 2),
+            budget=self.budget.currentData(),
             auto_cache=self.auto_cache.isChecked(),
             theme=self.theme.currentData(),
         )

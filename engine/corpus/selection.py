@@ -49,6 +49,36 @@ def with_successors(blocks: np.ndarray, order: np.ndarray, count: int, neighbour
     return blocks[sequence[np.sort(first)][:count]]
 
 
+def question_hits(tally: np.ndarray, ratio: float, limit: int) -> np.ndarray:
+    """The blocks the question singles out so far, best first: those whose tally
+    (the retrieval heads' standardised scores, summed over the scans so far)
+    reaches `ratio` of the best block's, at most `limit`. None before a scan has
+    run, or where the scope is small enough that no head scans it."""
+    if not (tally > 0).any():
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-tally, kind="stable")[:limit]
+    return order[tally[order] >= ratio * tally[order[0]]]
+
+
+def tally_budget(hits: int, min_blocks: int, max_blocks: int, neighbours: int) -> int:
+    """Blocks to read for `hits` singled-out blocks: each with its successors,
+    clamped to [min_blocks, max_blocks]. With nothing singled out (no scan yet, or
+    none in a small scope) the whole budget: there is no evidence to read less."""
+    if hits == 0:
+        return max_blocks
+    return max(min_blocks, min(max_blocks, hits * (1 + neighbours)))
+
+
+def hits_first(order: np.ndarray, blocks: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """`order` (indices into sorted `blocks`) with the blocks among `hits` moved to
+    the front, in the hits' order; hits that are not candidates are skipped."""
+    if not len(hits) or not len(blocks):
+        return order
+    position = np.minimum(np.searchsorted(blocks, hits), len(blocks) - 1)
+    front = position[blocks[position] == hits]
+    return np.concatenate([front, order[~np.isin(order, front)]])
+
+
 class MemoryScope(Protocol):
     """The blocks a question may read (engine/corpus/scope.py)."""
 

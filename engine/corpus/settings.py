@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 POSITION_SCHEMES = ("fixed", "block", "ordered")
+BUDGETS = ("tally", "mass", "fixed")
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,23 @@ class CacheSettings:
 class SparseSettings:
     """How one question chooses and places memory blocks, per layer and KV head.
 
-    The budget is dynamic: the smallest set of blocks whose estimated share of the
-    question's attention over memory reaches `mass`, clamped to
-    [min_blocks, max_blocks]. Candidates come from a bound pass over every block of
-    the scope (per-channel key min/max, as in Quest) followed by an exact pass over
-    a shortlist of `shortlist_factor × max_blocks` blocks.
+    The budget is dynamic. By default ("tally") it follows what the question singles
+    out: the blocks whose tally — the retrieval heads' summed standard scores, else
+    the cross-layer vote — reaches `hit_ratio` of the best block's are read first,
+    each with its `neighbours` successors, and the count is that, clamped to
+    [min_blocks, max_blocks]: a question about one fact reads a few blocks, one
+    whose answer is spread reads more. "mass" is the rule the issue first named (the
+    smallest set whose estimated share of the question's attention over memory
+    reaches `mass`, clamped likewise); "fixed" reads `max_blocks` (a fixed top-k).
+    Candidates come from a bound pass over every block of the scope (per-channel
+    key min/max, as in Quest) followed by an exact pass over a shortlist of
+    `shortlist_factor × max_blocks` blocks.
     """
 
+    budget: str = "tally"
+    hit_ratio: float = 0.7
     mass: float = 0.9
-    min_blocks: int = 8
+    min_blocks: int = 4
     max_blocks: int = 16  # measured (session 5): 100/100 needles 8K-1M, multi-key 87% against 47% with 64
     shortlist_factor: int = 16  # the other heads' shortlist: 256 blocks, as before the budget went to 16
     neighbours: int = 2  # blocks after each chosen block that come with it
@@ -69,6 +78,10 @@ class SparseSettings:
     def __post_init__(self) -> None:
         if self.positions not in POSITION_SCHEMES:
             raise ValueError(f"unknown position scheme '{self.positions}' ({', '.join(POSITION_SCHEMES)})")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget rule '{self.budget}' ({', '.join(BUDGETS)})")
+        if not 0.0 <= self.hit_ratio <= 1.0:
+            raise ValueError("hit_ratio must be in [0, 1]")
         if self.budget_share not in ("memory", "total"):
             raise ValueError(f"unknown budget share '{self.budget_share}' (memory, total)")
         if not 0.0 < self.mass <= 1.0:

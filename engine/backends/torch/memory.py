@@ -40,7 +40,16 @@ import torch
 from engine.backends.torch.kv_cache import DenseKVCache
 from engine.backends.torch.layers import Rotary, apply_rope, attend
 from engine.backends.torch.models.llama import DecoderModel
-from engine.corpus.selection import SEGMENT_SINK_TOKENS, MemoryScope, SelectionStats, global_layers, with_successors
+from engine.corpus.selection import (
+    SEGMENT_SINK_TOKENS,
+    MemoryScope,
+    SelectionStats,
+    global_layers,
+    hits_first,
+    question_hits,
+    tally_budget,
+    with_successors,
+)
 from engine.corpus.settings import SparseSettings
 
 # Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
@@ -276,6 +285,7 @@ class MemoryAttentionCache:
             candidates = [torch.arange(n_blocks)] * self.kv_heads  # on the CPU: read as numpy below
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
+        hits = self._hits()
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head].cpu().numpy()
@@ -294,6 +304,7 @@ class MemoryAttentionCache:
                 None if real_lse is None else real_lse[head],
                 carried,
                 None if head in scanned else layer_votes,
+                hits,
             )
             keep = torch.isin(owner_t, self._tensor(chosen))
             per_head.append((keys_t[keep], values_t[keep], owner_t[keep]))
@@ -331,6 +342,12 @@ class MemoryAttentionCache:
         following = [np.minimum(top + i, self.scope.n_blocks - 1) for i in range(s.neighbours + 1)]
         return np.unique(np.concatenate(following))
 
+    def _hits(self) -> np.ndarray:
+        """The blocks the question singles out so far (the "tally" budget), best first."""
+        s = self.settings
+        limit = max(1, s.max_blocks // (1 + s.neighbours))
+        return question_hits(self.scan_votes.cpu().numpy(), s.hit_ratio, limit)
+
     def _real_logmass(self, layer: int, q: torch.Tensor, positions: torch.Tensor, rotary: Rotary, scale: float) -> torch.Tensor:
         """log Σ exp(q·k) of the selection queries over the real tokens they see
         (sinks and the question so far), at their true positions: (Hkv, G·n)."""
@@ -352,11 +369,14 @@ class MemoryAttentionCache:
         real_lse: torch.Tensor | None,
         carried: np.ndarray | None = None,
         votes: torch.Tensor | None = None,
+        hits: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Global block ids to attend: the smallest set reaching the mass target,
-        the `carried` blocks first; adds this head's standardised scores to `votes`."""
+        """Global block ids to attend, by the budget rule (SparseSettings): the
+        question's `hits` first ("tally"), then the `carried` blocks, then this
+        head's own ranking; adds this head's standardised scores to `votes`."""
         s = self.settings
-        if len(blocks) <= s.min_blocks or (s.mass >= 1.0 and len(blocks) <= s.max_blocks):
+        covered = s.budget == "fixed" or (s.budget == "mass" and s.mass >= 1.0)
+        if len(blocks) <= s.min_blocks or (covered and len(blocks) <= s.max_blocks):
             return blocks
         scores = queries @ keys.T  # (J, N)
         _, local = torch.unique_consecutive(owner, return_inverse=True)
@@ -371,6 +391,15 @@ class MemoryAttentionCache:
             # The vote's winners go first; the head's own ranking fills the rest.
             first = self._tensor(np.isin(blocks, carried))
             order = torch.cat([order[first[order]], order[~first[order]]])
+        if s.budget != "mass":
+            order = order.cpu().numpy()
+            if s.budget == "fixed":
+                count = s.max_blocks
+            else:
+                hits = np.zeros(0, dtype=np.int64) if hits is None else hits
+                order = hits_first(order, blocks, hits)
+                count = tally_budget(len(hits), s.min_blocks, s.max_blocks, s.neighbours)
+            return np.sort(with_successors(blocks, order, count, s.neighbours))
         top = scores.amax(dim=1, keepdim=True)  # (J, 1)
         if real_lse is not None:
             top = torch.maximum(top, real_lse.unsqueeze(1))

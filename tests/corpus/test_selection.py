@@ -1,0 +1,81 @@
+"""The "tally" budget's parts (engine/corpus/selection.py) on numbers worked by hand,
+and the rule in a real question: what the retrieval heads single out is read by
+every later layer, and a question with one clear hit reads fewer blocks than the
+fixed budget."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.backends.torch import memory
+from engine.corpus.engine import Engine
+from engine.corpus.selection import hits_first, question_hits, tally_budget, with_successors
+from engine.corpus.settings import SparseSettings
+from engine.generate import SamplingParams
+from tests.corpus.test_engine import QUESTION, island_document, model  # noqa: F401  (fixture)
+
+
+def test_hits_are_the_blocks_near_the_best_tally() -> None:
+    tally = np.array([0.0, 5.0, 1.0, 4.9, 3.4, 0.0, 3.6])
+    assert question_hits(tally, 0.7, 8).tolist() == [1, 3, 6]  # 3.5 is the bar: 3.4 misses it
+    assert question_hits(tally, 0.7, 2).tolist() == [1, 3]
+    assert question_hits(tally, 1.0, 8).tolist() == [1]
+    assert question_hits(tally, 0.0, 8).tolist() == [1, 3, 6, 4, 2, 0, 5]
+    assert question_hits(np.zeros(7), 0.7, 8).tolist() == []  # no scan yet
+
+
+def test_the_budget_follows_the_hits() -> None:
+    assert tally_budget(0, 4, 16, 2) == 16  # nothing singled out: the whole budget
+    assert tally_budget(1, 4, 16, 2) == 4  # one hit and its two successors, at least the minimum
+    assert tally_budget(3, 4, 16, 2) == 9
+    assert tally_budget(9, 4, 16, 2) == 16
+
+
+def test_hits_go_first_and_missing_hits_are_skipped() -> None:
+    blocks = np.array([2, 5, 7, 9])
+    order = np.array([3, 2, 1, 0])  # the head's own ranking: 9, 7, 5, 2
+    assert blocks[hits_first(order, blocks, np.array([7, 100, 2]))].tolist() == [7, 2, 9, 5]
+    assert hits_first(order, blocks, np.zeros(0, dtype=np.int64)).tolist() == order.tolist()
+    # With successors, a count of 4 reads the hit, what follows it, then the next.
+    chosen = with_successors(np.arange(10), hits_first(np.arange(10)[::-1], np.arange(10), np.array([4])), 4, 2)
+    assert chosen.tolist() == [4, 5, 6, 9]
+
+
+@pytest.mark.slow
+def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch):  # noqa: F811
+    document = island_document(40)
+    engine = Engine(model, cache_root=tmp_path)
+    engine.build([document])
+    blocks = math.ceil(len(model.tokenizer.encode(document.text)) / 32)
+    caches = []
+    made = memory.MemoryAttentionCache.__init__
+
+    def keep(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(memory.MemoryAttentionCache, "__init__", keep)
+    engine._retrieval_heads = [(2, 0), (5, 4)]  # scans in layers 2 and 5
+    params = SamplingParams(max_new_tokens=4)
+    common = dict(min_blocks=2, max_blocks=6, shortlist_factor=1, scan_heads=2)
+    mean = {}
+    for budget in ("fixed", "tally"):
+        settings = SparseSettings(budget=budget, hit_ratio=1.0, **common)
+        assert blocks > settings.shortlist_factor * settings.max_blocks  # the heads scan
+        stats = [e for e in engine.ask(QUESTION, [document], params, sparse=settings) if type(e).__name__ == "AskStats"][0]
+        mean[budget] = stats.mean_blocks_selected
+    assert mean["fixed"] == 6.0
+    cache = caches[-1]
+    best = int(np.argmax(cache.scan_votes.cpu().numpy()))
+    layers = sorted(cache.stats.selected)
+    per_layer = {layer: [len(s) for s in cache.stats.selected[layer]] for layer in layers}
+    # Before the first scan nothing is singled out: the whole budget.
+    assert all(per_layer[layer] == [6] * len(per_layer[layer]) for layer in layers if layer < 2), per_layer
+    # From the scan on, one hit (hit_ratio 1.0) and its two successors; the hit of the
+    # final tally is read by every head of every layer after the last scan.
+    assert all(n == 3 for layer in layers if layer >= 2 for n in per_layer[layer]), per_layer
+    assert all(best in chosen for layer in layers if layer > 5 for chosen in cache.stats.selected[layer])
+    assert mean["tally"] < mean["fixed"]
