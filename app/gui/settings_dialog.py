@@ -112,8 +112,8 @@ class SettingsDialog(QDialog):
         form.addRow("Cache folder", self._row(cache_row))
         form.addRow("Cache precision", self.precision)
         form.addRow("Answer length", self.max_tokens)
-        form.addRow("Budget (blocks per head)", self.max_blocks)
-        form.addRow("Blocks read", self.budget)
+        form.addRow("Attention budget", self.budget)
+        form.addRow("Most blocks per head", self.max_blocks)
         form.addRow("", self.auto_cache)
         form.addRow("Theme", self.theme)
         buttons = QDialogButtonBox(
