@@ -60,13 +60,15 @@ def question_hits(tally: np.ndarray, ratio: float, limit: int) -> np.ndarray:
     return order[tally[order] >= ratio * tally[order[0]]]
 
 
-def tally_budget(hits: int, min_blocks: int, max_blocks: int, neighbours: int) -> int:
-    """Blocks to read for `hits` singled-out blocks: each with its successors,
-    clamped to [min_blocks, max_blocks]. With nothing singled out (no scan yet, or
-    none in a small scope) the whole budget: there is no evidence to read less."""
-    if hits == 0:
+def tally_budget(hits: np.ndarray, min_blocks: int, max_blocks: int, neighbours: int) -> int:
+    """Blocks to read for the singled-out `hits`: each with its successors (hits
+    next to each other share them), clamped to [min_blocks, max_blocks]. With
+    nothing singled out (no scan yet, or none in a small scope) the whole budget:
+    there is no evidence to read less."""
+    if not len(hits):
         return max_blocks
-    return max(min_blocks, min(max_blocks, hits * (1 + neighbours)))
+    covered = len(np.unique(np.asarray(hits)[:, None] + np.arange(neighbours + 1)))
+    return max(min_blocks, min(max_blocks, covered))
 
 
 def hits_first(order: np.ndarray, blocks: np.ndarray, hits: np.ndarray) -> np.ndarray:

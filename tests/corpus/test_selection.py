@@ -28,10 +28,12 @@ def test_hits_are_the_blocks_near_the_best_tally() -> None:
 
 
 def test_the_budget_follows_the_hits() -> None:
-    assert tally_budget(0, 4, 16, 2) == 16  # nothing singled out: the whole budget
-    assert tally_budget(1, 4, 16, 2) == 4  # one hit and its two successors, at least the minimum
-    assert tally_budget(3, 4, 16, 2) == 9
-    assert tally_budget(9, 4, 16, 2) == 16
+    assert tally_budget(np.zeros(0, dtype=np.int64), 4, 16, 2) == 16  # nothing singled out: the whole budget
+    assert tally_budget(np.array([7]), 4, 16, 2) == 4  # one hit and its two successors, at least the minimum
+    assert tally_budget(np.array([7, 20, 40]), 4, 16, 2) == 9
+    assert tally_budget(np.array([7, 8]), 4, 16, 2) == 4  # 7, 8, 9, 10: neighbours share successors
+    assert tally_budget(np.array([7, 8]), 1, 16, 2) == 4
+    assert tally_budget(np.arange(0, 90, 10), 4, 16, 2) == 16
 
 
 def test_hits_go_first_and_missing_hits_are_skipped() -> None:

@@ -398,7 +398,7 @@ class MemoryAttentionCache:
             else:
                 hits = np.zeros(0, dtype=np.int64) if hits is None else hits
                 order = hits_first(order, blocks, hits)
-                count = tally_budget(len(hits), s.min_blocks, s.max_blocks, s.neighbours)
+                count = tally_budget(hits, s.min_blocks, s.max_blocks, s.neighbours)
             return np.sort(with_successors(blocks, order, count, s.neighbours))
         top = scores.amax(dim=1, keepdim=True)  # (J, 1)
         if real_lse is not None:
