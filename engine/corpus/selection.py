@@ -52,12 +52,15 @@ def with_successors(blocks: np.ndarray, order: np.ndarray, count: int, neighbour
 def question_hits(tally: np.ndarray, ratio: float, limit: int) -> np.ndarray:
     """The blocks the question singles out so far, best first: those whose tally
     (the retrieval heads' standardised scores, summed over the scans so far)
-    reaches `ratio` of the best block's, at most `limit`. None before a scan has
-    run, or where the scope is small enough that no head scans it."""
+    reaches `ratio` of the best block's. None before a scan has run, where the
+    scope is small enough that no head scans it, or where more than `limit` blocks
+    qualify: a tally that flat singles nothing out, and each head's own ranking is
+    the better guide (measured: a 1M needle lost when its heads were overruled)."""
     if not (tally > 0).any():
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-tally, kind="stable")[:limit]
-    return order[tally[order] >= ratio * tally[order[0]]]
+    order = np.argsort(-tally, kind="stable")[: limit + 1]
+    hits = order[tally[order] >= ratio * tally[order[0]]]
+    return hits if len(hits) <= limit else np.zeros(0, dtype=np.int64)
 
 
 def tally_budget(hits: np.ndarray, min_blocks: int, max_blocks: int, neighbours: int) -> int:

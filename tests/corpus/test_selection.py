@@ -21,7 +21,8 @@ from tests.corpus.test_engine import QUESTION, island_document, model  # noqa: F
 def test_hits_are_the_blocks_near_the_best_tally() -> None:
     tally = np.array([0.0, 5.0, 1.0, 4.9, 3.4, 0.0, 3.6])
     assert question_hits(tally, 0.7, 8).tolist() == [1, 3, 6]  # 3.5 is the bar: 3.4 misses it
-    assert question_hits(tally, 0.7, 2).tolist() == [1, 3]
+    assert question_hits(tally, 0.7, 3).tolist() == [1, 3, 6]
+    assert question_hits(tally, 0.7, 2).tolist() == []  # more than the limit qualify: nothing stands out
     assert question_hits(tally, 1.0, 8).tolist() == [1]
     assert question_hits(tally, 0.0, 8).tolist() == [1, 3, 6, 4, 2, 0, 5]
     assert question_hits(np.zeros(7), 0.7, 8).tolist() == []  # no scan yet
