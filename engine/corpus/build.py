@@ -95,9 +95,7 @@ def segment_bounds(total: int, segment_tokens: int) -> list[tuple[int, int]]:
 def segment_key(fingerprint: str, settings: CacheSettings, prefix: Sequence[int], context: Sequence[int], segment: Sequence[int]) -> str:
     h = hashlib.sha256()
     address = {"model": fingerprint, "block": settings.block_size, "precision": settings.precision}
-    if settings.precision in LAYOUT_TAGS:
-        address["layout"] = LAYOUT_TAGS[settings.precision]
-    h.update(json.dumps(address).encode())
+    h.update(json.dumps(address | _layout(settings)).encode())
     for part in (prefix, context, segment):
         h.update(b"|")
         h.update(np.asarray(part, dtype=np.int64).tobytes())
@@ -202,10 +200,15 @@ class ManifestStore:
 
 
 def settings_tag(settings: CacheSettings) -> str:
-    tagged = asdict(settings)
-    if settings.precision in LAYOUT_TAGS:
-        tagged["layout"] = LAYOUT_TAGS[settings.precision]
+    tagged = asdict(settings) | _layout(settings)
     return hashlib.sha256(json.dumps(tagged, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _layout(settings: CacheSettings) -> dict:
+    """The segment layout's tag where a precision's layout changed (store.LAYOUT_TAGS),
+    else nothing: addresses of the unchanged precisions stay as they were."""
+    tag = LAYOUT_TAGS.get(settings.precision)
+    return {"layout": tag} if tag else {}
 
 
 def writer_threads() -> int:

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from engine.config import ModelConfig
+from engine.corpus.settings import SparseSettings
 
 # The first tokens of every segment, whose attention is not counted as evidence.
 SEGMENT_SINK_TOKENS = 4
@@ -58,7 +59,10 @@ def question_hits(tally: np.ndarray, ratio: float, limit: int) -> np.ndarray:
     the better guide (measured: a 1M needle lost when its heads were overruled)."""
     if not (tally > 0).any():
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-tally, kind="stable")[: limit + 1]
+    # Only the best limit + 1 matter: partition first (the tally has a value per
+    # block of the scope, 330K at 10M tokens, and this runs once per layer).
+    top = np.argpartition(-tally, limit)[: limit + 1] if len(tally) > limit + 1 else np.arange(len(tally))
+    order = top[np.argsort(-tally[top], kind="stable")]
     hits = order[tally[order] >= ratio * tally[order[0]]]
     return hits if len(hits) <= limit else np.zeros(0, dtype=np.int64)
 
@@ -82,6 +86,27 @@ def hits_first(order: np.ndarray, blocks: np.ndarray, hits: np.ndarray) -> np.nd
     position = np.minimum(np.searchsorted(blocks, hits), len(blocks) - 1)
     front = position[blocks[position] == hits]
     return np.concatenate([front, order[~np.isin(order, front)]])
+
+
+def layer_hits(scan_tally: np.ndarray, settings: SparseSettings) -> np.ndarray | None:
+    """What the "tally" budget reads first in this layer (question_hits, at most as
+    many hits as the budget holds with their successors); None under another rule."""
+    if settings.budget != "tally":
+        return None
+    limit = max(1, settings.max_blocks // (1 + settings.neighbours))
+    return question_hits(scan_tally, settings.hit_ratio, limit)
+
+
+def rule_selection(blocks: np.ndarray, order: np.ndarray, hits: np.ndarray | None, settings: SparseSettings) -> np.ndarray:
+    """Sorted global block ids one head reads under the "fixed" or "tally" budget,
+    from its candidates `blocks` (sorted) ranked by `order` (indices into them)."""
+    if settings.budget == "fixed":
+        count = settings.max_blocks
+    else:
+        hits = np.zeros(0, dtype=np.int64) if hits is None else hits
+        order = hits_first(order, blocks, hits)
+        count = tally_budget(hits, settings.min_blocks, settings.max_blocks, settings.neighbours)
+    return np.sort(with_successors(blocks, order, count, settings.neighbours))
 
 
 class MemoryScope(Protocol):

@@ -81,6 +81,13 @@ _PREFIX = struct.Struct("<4sII")  # magic, version, header length
 _TRAILER = struct.Struct("<4sI")  # magic, crc32 of the header JSON
 _ALIGN = 64
 _LEVELS = {"int8": 255, "int4": 15, "fp16": None}
+# Per-token value parameters, (L, H, T) each, in file order: what _quantize_values
+# returns and _decode_values takes.
+_VALUE_PARAMS = {
+    "int8": (("value_min", np.dtype("<f2")), ("value_scale", np.dtype("<f2"))),
+    "int4": (("value_scale", np.dtype("<f2")), ("value_zero", np.dtype("|i1"))),
+    "fp16": (),
+}
 # Precisions whose array layout changed after format 1 shipped, with a tag that goes
 # into segment and manifest addresses (engine/corpus/build.py), so files of the old
 # layout are never looked up again (they are collected as garbage), while caches of
@@ -111,10 +118,12 @@ def _array_specs(precision: str, layers: int, heads: int, tokens: int, dim: int,
     if precision == "fp16":
         return specs + [(name, f16, (layers, heads, padded, dim)) for name in ("keys", "values")]
     width = dim if precision == "int8" else dim // 2
-    params = [("value_min", f16), ("value_scale", f16)] if precision == "int8" else [("value_scale", f16), ("value_zero", np.dtype("|i1"))]
-    return specs + [("keys", u8, (layers, heads, padded, width))] + [
-        (name, dtype, (layers, heads, tokens)) for name, dtype in params
-    ] + [("values", u8, (layers, heads, padded, width))]
+    return (
+        specs
+        + [("keys", u8, (layers, heads, padded, width))]
+        + [(name, dtype, (layers, heads, tokens)) for name, dtype in _VALUE_PARAMS[precision]]
+        + [("values", u8, (layers, heads, padded, width))]
+    )
 
 
 def _round_f16(x: np.ndarray, direction: int) -> np.ndarray:
@@ -343,11 +352,11 @@ class Segment:
             raise IndexError(f"head {head} out of range for {self.kv_heads} KV heads")
 
     def _value_params(self, index: tuple) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if self._levels is None:
+        params = _VALUE_PARAMS[self.precision]
+        if not params:
             return None, None
-        if self._levels == 15:
-            return self._arrays["value_scale"][index], self._arrays["value_zero"][index]
-        return self._arrays["value_min"][index], self._arrays["value_scale"][index]
+        first, second = (self._arrays[name][index] for name, _ in params)
+        return first, second
 
     def key_bounds(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(key_min, key_max) float16 views, each (n_blocks, H, D)."""
@@ -488,11 +497,9 @@ class SegmentStore:
             arrays["key_min"][slot], arrays["key_max"][slot], arrays["keys"][slot] = _quantize_keys(
                 keys[slot], block_size, levels
             )
-            first, second, arrays["values"][slot] = _quantize_values(values[slot], padded, levels)
-            if levels == 15:
-                arrays["value_scale"][slot], arrays["value_zero"][slot] = first, second
-            elif levels is not None:
-                arrays["value_min"][slot], arrays["value_scale"][slot] = first, second
+            *params, arrays["values"][slot] = _quantize_values(values[slot], padded, levels)
+            for (name, _), param in zip(_VALUE_PARAMS[precision], params):
+                arrays[name][slot] = param
         table, offset = {}, 0
         for name, dtype, shape in specs:
             table[name] = {"offset": offset, "dtype": dtype.str, "shape": list(shape)}

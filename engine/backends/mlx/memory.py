@@ -45,9 +45,8 @@ from engine.corpus.selection import (
     MemoryScope,
     SelectionStats,
     global_layers,
-    hits_first,
-    question_hits,
-    tally_budget,
+    layer_hits,
+    rule_selection,
     with_successors,
 )
 from engine.corpus.settings import SparseSettings
@@ -292,7 +291,7 @@ class MemoryAttentionCache:
             candidates = [np.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
-        hits = self._hits()
+        hits = layer_hits(self.scan_votes, s)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head]
@@ -350,12 +349,6 @@ class MemoryAttentionCache:
         following = [np.minimum(top + i, self.scope.n_blocks - 1) for i in range(s.neighbours + 1)]
         return np.unique(np.concatenate(following))
 
-    def _hits(self) -> np.ndarray:
-        """The blocks the question singles out so far (the "tally" budget), best first."""
-        s = self.settings
-        limit = max(1, s.max_blocks // (1 + s.neighbours))
-        return question_hits(self.scan_votes, s.hit_ratio, limit)
-
     def _real_logmass(self, layer: int, q: mx.array, positions: np.ndarray, rotary: Rotary, scale: float) -> np.ndarray:
         """log Σ exp(q·k) of the selection queries over the real tokens they see
         (sinks and the question so far), at their true positions: (Hkv, G·n)."""
@@ -402,13 +395,7 @@ class MemoryAttentionCache:
             first = np.isin(blocks, carried)
             order = np.concatenate([order[first[order]], order[~first[order]]])
         if s.budget != "mass":
-            if s.budget == "fixed":
-                count = s.max_blocks
-            else:
-                hits = np.zeros(0, dtype=np.int64) if hits is None else hits
-                order = hits_first(order, blocks, hits)
-                count = tally_budget(hits, s.min_blocks, s.max_blocks, s.neighbours)
-            return np.sort(with_successors(blocks, order, count, s.neighbours))
+            return rule_selection(blocks, order, hits, s)
         top = scores.max(axis=1, keepdims=True)  # (J, 1)
         if real_lse is not None:
             top = mx.maximum(top, mx.array(real_lse)[:, None])
