@@ -7,7 +7,8 @@ only: a question gains nothing from the same keys twice, and copies would crowd 
 shortlist and the budget with one passage. Its evidence cites that occurrence. The block index (per-channel key min/max per block and KV head) is
 concatenated per layer on first use and kept in RAM while the scope is open; keys
 and values stay in the memory-mapped segment files and are read block by block.
-A segment's payload checksum is verified the first time a question reads it.
+Each block's checksum is verified whenever it is read (a segment of the older
+format, without block checksums, is checked whole the first time it is read).
 
 Loading that index (and the retrieval heads' keys) is most of a first question's
 wait on a large scope: `warm` loads it on background threads as soon as the scope
@@ -26,15 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.corpus.build import CorpusDocument, Manifest
-from engine.corpus.store import Segment, SegmentStore
+from engine.corpus.store import FORMAT_VERSION, Segment, SegmentStore
 from engine.errors import CorruptCacheError
 
 
-def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+def bfloat16_bits(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """float32 → bfloat16 bit patterns (uint16), rounded to nearest even; a backend
-    views them as its bfloat16 type without a copy."""
+    views them as its bfloat16 type without a copy. With `overwrite` a float32
+    array the caller owns is used as scratch (a million keys a head: half the time)."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    if not overwrite or not np.shares_memory(bits, values):
+        bits = bits.copy()
+    rounding = bits >> 16
+    rounding &= 1
+    rounding += 0x7FFF
+    bits += rounding
+    bits >>= 16
+    return bits.astype(np.uint16)
 
 
 @dataclass
@@ -133,10 +142,13 @@ class CorpusScope:
                 self._warming.submit(self._quietly, self.bound_pairs, layer)
             else:
                 self._warming.submit(self._quietly, self.head_keys, layer, head)
-        # Then every segment's checksum, which a question would otherwise compute for
-        # each segment it first reads (zlib releases the GIL: the threads overlap).
+        # Then segments of the older format (no block checksums): each is checked
+        # whole, which a question would otherwise do for each it first reads, and
+        # rewritten in the current format for the next scope (zlib releases the GIL:
+        # the threads overlap). Current segments need nothing: a read checks its blocks.
         for segment in self.segments:
-            self._warming.submit(self._quietly, self._verify, segment)
+            if segment.version < FORMAT_VERSION:
+                self._warming.submit(self._quietly, self._upgrade, segment)
 
     def _quietly(self, load: Callable, *args) -> None:
         if self._closed:
@@ -156,11 +168,15 @@ class CorpusScope:
         per KV head — the layout of the bound pass, one matmul with [q⁺, q⁻]."""
 
         def make() -> np.ndarray:
-            pairs = []
-            for segment in self.segments:
+            first = self.segments[0]
+            D = first.head_dim
+            pairs = np.empty((first.kv_heads, self.n_blocks, 2 * D), np.float16)
+            for index, segment in enumerate(self.segments):
                 low, high = segment.key_bounds(segment.layer_slot(layer))  # (nb, H, D) each
-                pairs.append(np.concatenate([high, low], axis=2).transpose(1, 0, 2))
-            return np.ascontiguousarray(np.concatenate(pairs, axis=1))
+                start = self.seg_first_block[index]
+                pairs[:, start : start + len(low), :D] = high.transpose(1, 0, 2)
+                pairs[:, start : start + len(low), D:] = low.transpose(1, 0, 2)
+            return pairs
 
         return self._load(("bounds", layer), make)
 
@@ -182,7 +198,7 @@ class CorpusScope:
             keys, owners = [], []
             for index, segment in enumerate(self.segments):
                 k = segment.head_keys(segment.layer_slot(layer), head)
-                keys.append(bfloat16_bits(k))
+                keys.append(bfloat16_bits(k, overwrite=True))
                 owners.append(self.seg_first_block[index] + np.arange(len(k), dtype=np.int64) // self.block_size)
             return np.concatenate(keys), np.concatenate(owners)
 
@@ -207,10 +223,16 @@ class CorpusScope:
         return np.concatenate(keys), np.concatenate(values), np.concatenate(owners)
 
     def _verify(self, segment: Segment) -> None:
-        """Check a segment's payload checksum once per open scope (the warm-up checks
-        every segment in the background; a question checks what it reads first)."""
-        if not self._load(("verified", segment.key), segment.verify):
+        """Check an older-format segment's payload checksum once per open scope (the
+        warm-up does it in the background; a question, for what it reads first). A
+        current segment checks each block as it is read (`Segment.gather`)."""
+        if segment.version < FORMAT_VERSION and not self._load(("verified", segment.key), segment.verify):
             raise CorruptCacheError(f"cache segment {segment.key[:12]} is damaged")
+
+    def _upgrade(self, segment: Segment) -> None:
+        """Check an older-format segment whole and rewrite it in the current format
+        (for later scopes; this one keeps reading the old mapping, now checked)."""
+        self._load(("verified", segment.key), lambda: self.store.upgrade(segment))
 
     def block_passage(self, block: int) -> tuple[int, int, int]:
         """(entry index, first token, end token) of a global block."""

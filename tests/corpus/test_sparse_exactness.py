@@ -175,13 +175,19 @@ def test_the_retrieval_head_scan_is_the_exact_best_match_of_every_block(pair, tm
     assert any(top in set(head.tolist()) for heads in cache.stats.selected.values() for head in heads)
 
 
-def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path):
+def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monkeypatch):
     """`warm` fills the index on its own threads with the same arrays the accessors
-    make, each once; closing the scope while it warms waits for it and is clean."""
+    make, each once, checks segments of the older format whole and rewrites them in
+    the current one; closing the scope while it warms waits for it and is clean."""
+    import engine.corpus.store as store_module
+
     _, model = pair
     texts = [ids(70, 20 + i) for i in range(4)]
     direct = cached_scope(model, tmp_path / "a", ids(5, 1), texts, precision="int8")
-    warmed = cached_scope(model, tmp_path / "b", ids(5, 1), texts, precision="int8")
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "FORMAT_VERSION", 1)
+        warmed = cached_scope(model, tmp_path / "b", ids(5, 1), texts, precision="int8")
+    assert {segment.version for segment in warmed.segments} == {1}
     layers = sorted(warmed.layers)
     heads = [(layers[-1], 0), (layers[0], 1)]
     warmed.warm(layers, heads, threads=3)
@@ -189,6 +195,15 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path):
     verified = [key for key in warmed._loaded if key[0] == "verified"]
     assert warmed.index_bytes() > 0 and len(warmed._loaded) == len(layers) + len(heads) + len(verified)
     assert sorted(key[1] for key in verified) == sorted(segment.key for segment in warmed.segments)
+    for segment in warmed.segments:  # rewritten on disk, byte for byte what a build writes now
+        assert segment.path.read_bytes() == direct.store.path_for(segment.key).read_bytes()
+    # A scope of current segments has nothing to check whole: its reads check blocks.
+    current = CorpusScope(warmed.store, warmed.entries, 16)
+    assert {segment.version for segment in current.segments} == {store_module.FORMAT_VERSION}
+    current.warm(layers, heads, threads=3)
+    current.wait_warm()
+    assert not [key for key in current._loaded if key[0] == "verified"]
+    current.close()
     for layer in layers:
         assert np.array_equal(warmed.bound_pairs(layer), direct.bound_pairs(layer))
     for layer, head in heads:

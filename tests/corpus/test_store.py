@@ -124,8 +124,20 @@ def test_file_layout_decodes_independently(store: SegmentStore, precision: str) 
     header, data_start, blob = read_layout(store.path_for("ef56"))
     assert header["tokens"] == 40 and header["layers"] == [11] and header["precision"] == precision
     params = ("value_min", "value_scale") if precision == "int8" else ("value_scale", "value_zero")
-    offsets = [header["arrays"][n]["offset"] for n in ("key_min", "key_max", "keys", *params, "values")]
+    offsets = [header["arrays"][n]["offset"] for n in ("key_min", "key_max", "block_crc", "keys", *params, "values")]
     assert offsets == sorted(offsets) and all((data_start + o) % 64 == 0 for o in offsets)
+    # Each block's checksum, recomputed from the documented layout: key codes, the
+    # block's tokens' value parameters in file order, value codes.
+    block_crc = raw_array(header, data_start, blob, "block_crc")  # (L, H, n_blocks)
+    assert block_crc.shape == (1, 2, 3)
+    for head in range(2):
+        for block in range(3):
+            rows, real = slice(16 * block, 16 * block + 16), slice(16 * block, min(16 * block + 16, 40))
+            crc = zlib.crc32(raw_array(header, data_start, blob, "keys")[0, head, rows].tobytes())
+            for name in params:
+                crc = zlib.crc32(raw_array(header, data_start, blob, name)[0, head, real].tobytes(), crc)
+            crc = zlib.crc32(raw_array(header, data_start, blob, "values")[0, head, rows].tobytes(), crc)
+            assert block_crc[0, head, block] == crc
 
     def codes(name: str) -> np.ndarray:
         stored = raw_array(header, data_start, blob, name)[0].astype(np.float32)  # (H, Tp, D or D/2)
@@ -255,6 +267,61 @@ def test_corruption_is_detected(store: SegmentStore) -> None:
     os.truncate(path, 0)
     with pytest.raises(CorruptCacheError):
         store.open("mn34")
+
+
+def test_a_damaged_block_is_caught_when_it_is_read(store: SegmentStore) -> None:
+    keys, values = make_kv(layers=2, tokens=100, seed=3)
+    path = store.path_for("gh78")
+    store.write("gh78", keys, values, layers=[0, 1])
+    header, data_start, _ = read_layout(path)
+    entry = header["arrays"]["values"]  # (L, H, Tp, D) uint8
+    row = (1 * 2 + 0) * entry["shape"][2] + 40  # layer slot 1, head 0, token 40: block 1
+    flip_byte(path, data_start + entry["offset"] + row * entry["shape"][3] + 7)
+    with store.open("gh78") as segment:  # the cheap checks pass
+        for slot, head, block in ((1, 0, 0), (1, 0, 2), (1, 1, 1), (0, 0, 1)):
+            segment.gather(slot, head, np.array([block]))  # other blocks read as before
+        with pytest.raises(CorruptCacheError, match="layer 1, KV head 0, block 1"):
+            segment.gather(1, 0, np.array([0, 1]))
+        assert not segment.verify()
+
+
+def test_a_format_1_segment_is_read_and_upgraded(store: SegmentStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.corpus.store as store_module
+
+    keys, values = make_kv(layers=2, tokens=100, seed=4)
+    for key in ("ij90", "kl12"):
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "FORMAT_VERSION", 1)
+            store.write(key, keys, values, layers=[0, 1], precision="int4", meta={"doc": 1})
+    blob = store.path_for("ij90").read_bytes()
+    assert struct.unpack_from("<I", blob, 4)[0] == 1 and b"block_crc" not in blob
+    with store.open("ij90") as old:
+        assert old.version == 1 and old.verify()
+        expected = old.gather(1, 1, np.array([3, 1]))
+        assert store.upgrade(old)
+        again = old.gather(1, 1, np.array([3, 1]))  # the open mapping still reads the old file
+    with store.open("ij90") as new:
+        assert new.version == FORMAT_VERSION and new.verify() and new.meta == {"doc": 1}
+        for got, want in zip(new.gather(1, 1, np.array([3, 1])), expected):
+            assert np.array_equal(got, want)
+        assert all(np.array_equal(a, b) for a, b in zip(again, expected))
+    # What a fresh write of the same data gives, byte for byte.
+    store.write("mn56", keys, values, layers=[0, 1], precision="int4", meta={"doc": 1})
+    assert store.path_for("ij90").read_bytes() == store.path_for("mn56").read_bytes()
+
+    # A damaged format-1 segment is not rewritten.
+    header, data_start, _ = read_layout_any(store.path_for("kl12"))
+    flip_byte(store.path_for("kl12"), data_start + header["arrays"]["values"]["offset"] + 3)
+    before = store.path_for("kl12").read_bytes()
+    with store.open("kl12") as old:
+        assert not store.upgrade(old)
+    assert store.path_for("kl12").read_bytes() == before
+
+
+def read_layout_any(path: Path) -> tuple[dict, int, bytes]:
+    blob = path.read_bytes()
+    length = struct.unpack_from("<I", blob, 8)[0]
+    return json.loads(blob[12 : 12 + length]), -(-(12 + length) // 64) * 64, blob
 
 
 def test_collect_garbage_frees_what_is_not_kept(store: SegmentStore) -> None:
