@@ -97,6 +97,22 @@ def layer_hits(scan_tally: np.ndarray, settings: SparseSettings) -> np.ndarray |
     return question_hits(scan_tally, settings.hit_ratio, limit)
 
 
+def decided_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
+    """Sorted global ids every head of a layer reads when the question's `hits`
+    alone fill the "tally" budget (with their successors, at least `min_blocks`):
+    then no head's own ranking would add a block, so a layer skips the bound pass
+    and the exact pass over its shortlist and reads just these (the selection is
+    the one `rule_selection` makes from any candidates that hold them). None where a
+    head must rank for itself: no hits, too few blocks covered, or a hit whose
+    successors run past the scope's end."""
+    if hits is None or not len(hits):
+        return None
+    wanted = np.unique(np.asarray(hits, dtype=np.int64)[:, None] + np.arange(settings.neighbours + 1))
+    if wanted[-1] >= n_blocks or not settings.min_blocks <= len(wanted) <= settings.max_blocks:
+        return None
+    return wanted
+
+
 def rule_selection(blocks: np.ndarray, order: np.ndarray, hits: np.ndarray | None, settings: SparseSettings) -> np.ndarray:
     """Sorted global block ids one head reads under the "fixed" or "tally" budget,
     from its candidates `blocks` (sorted) ranked by `order` (indices into them)."""

@@ -12,7 +12,8 @@ import pytest
 
 from engine.backends.torch import memory
 from engine.corpus.engine import Engine
-from engine.corpus.selection import hits_first, question_hits, tally_budget, with_successors
+from engine.corpus.scope import CorpusScope
+from engine.corpus.selection import decided_blocks, hits_first, question_hits, rule_selection, tally_budget, with_successors
 from engine.corpus.settings import SparseSettings
 from engine.generate import SamplingParams
 from tests.corpus.test_engine import QUESTION, island_document, model  # noqa: F401  (fixture)
@@ -48,6 +49,22 @@ def test_hits_go_first_and_missing_hits_are_skipped() -> None:
 
 
 @pytest.mark.slow
+def test_hits_that_fill_the_budget_decide_for_every_head() -> None:
+    settings = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
+    assert decided_blocks(np.array([9, 5]), settings, 100).tolist() == [5, 6, 7, 9, 10, 11]
+    assert decided_blocks(np.array([5, 6]), settings, 100).tolist() == [5, 6, 7, 8]  # shared successors
+    assert decided_blocks(np.array([5]), settings, 100) is None  # 3 blocks < min_blocks: a head adds its own
+    assert decided_blocks(np.array([40, 98]), settings, 100) is None  # 98 + 2 runs past the scope
+    assert decided_blocks(np.zeros(0, np.int64), settings, 100) is None and decided_blocks(None, settings, 100) is None
+    # The same blocks a head chooses by the rule from any candidates that hold them.
+    rng = np.random.default_rng(0)
+    for hits in ([9, 5], [5, 6], [30, 2, 70]):
+        candidates = np.union1d(rng.choice(100, 40, replace=False), decided_blocks(np.array(hits), settings, 100))
+        order = rng.permutation(len(candidates))
+        chosen = rule_selection(candidates, order, np.array(hits), settings)
+        assert np.array_equal(chosen, decided_blocks(np.array(hits), settings, 100))
+
+
 def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch):  # noqa: F811
     document = island_document(40)
     engine = Engine(model, cache_root=tmp_path)
@@ -61,11 +78,20 @@ def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch
         caches.append(self)
 
     monkeypatch.setattr(memory.MemoryAttentionCache, "__init__", keep)
+    reads = []
+    gather = CorpusScope.gather
+
+    def record(self, layer, head, blocks):
+        reads.append((layer, head, np.asarray(blocks).copy()))
+        return gather(self, layer, head, blocks)
+
+    monkeypatch.setattr(CorpusScope, "gather", record)
     engine._retrieval_heads = [(2, 0), (5, 4)]  # scans in layers 2 and 5
     params = SamplingParams(max_new_tokens=4)
     common = dict(min_blocks=2, max_blocks=6, shortlist_factor=1, scan_heads=2)
     mean = {}
     for budget in ("fixed", "tally"):
+        reads.clear()
         settings = SparseSettings(budget=budget, hit_ratio=1.0, **common)
         assert blocks > settings.shortlist_factor * settings.max_blocks  # the heads scan
         stats = [e for e in engine.ask(QUESTION, [document], params, sparse=settings) if type(e).__name__ == "AskStats"][0]
@@ -82,3 +108,12 @@ def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch
     assert all(n == 3 for layer in layers if layer >= 2 for n in per_layer[layer]), per_layer
     assert all(best in chosen for layer in layers if layer > 5 for chosen in cache.stats.selected[layer])
     assert mean["tally"] < mean["fixed"]
+    # The hit and its successors fill the budget (3 ≥ min_blocks 2), so from the first
+    # scan on each head reads just them: no shortlist is gathered to be ranked.
+    prefill = reads[: cache.kv_heads * len(layers)]  # the question's reads, before any decoding
+    assert sorted({layer for layer, _, _ in prefill}) == layers
+    for layer, head, blocks in prefill:
+        if layer >= 2:
+            assert np.array_equal(blocks, cache.stats.selected[layer][head]), (layer, blocks)
+        else:  # before the scan: the shortlist is read and ranked
+            assert set(cache.stats.selected[layer][head]) <= set(blocks.tolist())

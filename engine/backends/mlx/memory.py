@@ -44,6 +44,7 @@ from engine.corpus.selection import (
     SEGMENT_SINK_TOKENS,
     MemoryScope,
     SelectionStats,
+    decided_blocks,
     global_layers,
     layer_hits,
     rule_selection,
@@ -269,6 +270,12 @@ class MemoryAttentionCache:
             self.scan_votes += np.maximum(standard, 0).astype(np.float64)
             if s.carry_blocks:
                 layer_votes += np.maximum(standard - s.carry_threshold, 0).astype(np.float64)
+        hits = layer_hits(self.scan_votes, s)
+        decided = decided_blocks(hits, s, n_blocks)
+        if decided is not None:
+            self._read_decided(layer, decided, rotary)
+            self.votes += layer_votes
+            return
         if shortlist < n_blocks:
             bound = np.empty((self.kv_heads, n_blocks), dtype=np.float32)  # the scans, else the bound
             for head, best in scanned.items():
@@ -291,7 +298,6 @@ class MemoryAttentionCache:
             candidates = [np.arange(n_blocks)] * self.kv_heads
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
-        hits = layer_hits(self.scan_votes, s)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head]
@@ -316,6 +322,17 @@ class MemoryAttentionCache:
         self.stats.selected[layer] = [np.unique(o) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
         self.votes += layer_votes
+
+    def _read_decided(self, layer: int, blocks: np.ndarray, rotary: Rotary) -> None:
+        """Every head of `layer` attends to `blocks` (decided_blocks): only they are read."""
+        per_head = []
+        for head in range(self.kv_heads):
+            keys, values, owner = self.scope.gather(layer, head, blocks)
+            self.stats.bytes_gathered += keys.nbytes + values.nbytes
+            per_head.append((keys, values, owner))
+            self.stats.blocks_selected.append(len(blocks))
+        self.stats.selected[layer] = [blocks] * self.kv_heads
+        self.memory[layer] = self._place(per_head, rotary)
 
     def _scan(self, layer: int, head: int, queries: mx.array) -> np.ndarray:
         """Every block's best single match (max over its tokens and the queries) in

@@ -44,6 +44,7 @@ from engine.corpus.selection import (
     SEGMENT_SINK_TOKENS,
     MemoryScope,
     SelectionStats,
+    decided_blocks,
     global_layers,
     layer_hits,
     rule_selection,
@@ -264,6 +265,12 @@ class MemoryAttentionCache:
             self.scan_votes += standard.clamp(min=0).double()
             if s.carry_blocks:
                 layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
+        hits = layer_hits(self.scan_votes.cpu().numpy(), s)
+        decided = decided_blocks(hits, s, n_blocks)
+        if decided is not None:
+            self._read_decided(layer, decided, rotary)
+            self.votes += layer_votes
+            return
         if shortlist < n_blocks:
             first = torch.empty(self.kv_heads, n_blocks, device=self.device)  # (Hkv, NB): the scans, else the bound
             for head, best in scanned.items():
@@ -284,7 +291,6 @@ class MemoryAttentionCache:
             candidates = [torch.arange(n_blocks)] * self.kv_heads  # on the CPU: read as numpy below
         real_lse = self._real_logmass(layer, q, positions, rotary, scale) if s.budget_share == "total" else None
         carried = self._carried()
-        hits = layer_hits(self.scan_votes.cpu().numpy(), s)
         per_head = []
         for head in range(self.kv_heads):
             blocks = candidates[head].cpu().numpy()
@@ -311,6 +317,17 @@ class MemoryAttentionCache:
         self.stats.selected[layer] = [np.unique(o.cpu().numpy()) for _, _, o in per_head]
         self.memory[layer] = self._place(per_head, rotary)
         self.votes += layer_votes
+
+    def _read_decided(self, layer: int, blocks: np.ndarray, rotary: Rotary) -> None:
+        """Every head of `layer` attends to `blocks` (decided_blocks): only they are read."""
+        per_head = []
+        for head in range(self.kv_heads):
+            keys, values, owner = self.scope.gather(layer, head, blocks)
+            self.stats.bytes_gathered += keys.nbytes + values.nbytes
+            per_head.append((self._tensor(keys), self._tensor(values), self._tensor(owner)))
+            self.stats.blocks_selected.append(len(blocks))
+        self.stats.selected[layer] = [blocks] * self.kv_heads
+        self.memory[layer] = self._place(per_head, rotary)
 
     def _scan(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
         """Every block's best single match (max over its tokens and the queries) in
