@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,7 @@ class CorpusScope:
         self._loaded: dict[tuple, Future] = {}
         self._lock = threading.Lock()
         self._warming: ThreadPoolExecutor | None = None
+        self._index_loads: list[Future] = []
         self._closed = False
         # Copies of index arrays a backend keeps on its device (a GPU) while the
         # scope stays open, so each question does not upload them again.
@@ -139,9 +140,9 @@ class CorpusScope:
         jobs += [(layer, 1, head) for layer, head in heads if layer in self.layers]
         for layer, kind, head in sorted(jobs, key=lambda job: job[:2]):
             if kind == 0:
-                self._warming.submit(self._quietly, self.bound_pairs, layer)
+                self._index_loads.append(self._warming.submit(self._quietly, self.bound_pairs, layer))
             else:
-                self._warming.submit(self._quietly, self.head_keys, layer, head)
+                self._index_loads.append(self._warming.submit(self._quietly, self.head_keys, layer, head))
         # Then segments of the older format (no block checksums): each is checked
         # whole, which a question would otherwise do for each it first reads, and
         # rewritten in the current format for the next scope (zlib releases the GIL:
@@ -157,6 +158,13 @@ class CorpusScope:
             load(*args)
         except Exception:  # noqa: BLE001 — the question that needs it loads it again and reports
             pass
+
+    def wait_index(self, cancel: Callable[[], bool] | None = None) -> None:
+        """Block until the warm-up's index and key loads are done (not its checks of
+        older segments), or until `cancel()` is true."""
+        pending = [job for job in self._index_loads if not job.done()]
+        while pending and not (cancel and cancel()):
+            pending = list(wait(pending, timeout=0.1).not_done)
 
     def wait_warm(self) -> None:
         """Block until the warm-up started by `warm` has finished."""

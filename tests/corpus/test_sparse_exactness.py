@@ -200,9 +200,11 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
     # A scope of current segments has nothing to check whole: its reads check blocks.
     current = CorpusScope(warmed.store, warmed.entries, 16)
     assert {segment.version for segment in current.segments} == {store_module.FORMAT_VERSION}
-    current.warm(layers, heads, threads=3)
-    current.wait_warm()
-    assert not [key for key in current._loaded if key[0] == "verified"]
+    current.warm(layers, heads, threads=1)
+    current.wait_index(cancel=lambda: True)  # a cancelled question does not wait
+    current.wait_index()  # a question on the CPU waits for the loads, nothing else
+    assert all(job.done() for job in current._index_loads) and len(current._index_loads) == len(layers) + len(heads)
+    assert sorted(current._loaded) == sorted(key for key in warmed._loaded if key[0] != "verified")
     current.close()
     for layer in layers:
         assert np.array_equal(warmed.bound_pairs(layer), direct.bound_pairs(layer))
