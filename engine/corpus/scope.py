@@ -18,6 +18,7 @@ finds its array still loading waits for that one load instead of repeating it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ import numpy as np
 from engine.corpus.build import CorpusDocument, Manifest
 from engine.corpus.store import FORMAT_VERSION, Segment, SegmentStore
 from engine.errors import CorruptCacheError
+
+log = logging.getLogger(__name__)
 
 
 def bfloat16_bits(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
@@ -147,9 +150,11 @@ class CorpusScope:
         # whole, which a question would otherwise do for each it first reads, and
         # rewritten in the current format for the next scope (zlib releases the GIL:
         # the threads overlap). Current segments need nothing: a read checks its blocks.
-        for segment in self.segments:
-            if segment.version < FORMAT_VERSION:
-                self._warming.submit(self._quietly, self._upgrade, segment)
+        older = [segment for segment in self.segments if segment.version < FORMAT_VERSION]
+        if older:
+            log.info("checking and rewriting %d cache segments of an older format in the background", len(older))
+        for segment in older:
+            self._warming.submit(self._quietly, self._upgrade, segment)
 
     def _quietly(self, load: Callable, *args) -> None:
         if self._closed:
