@@ -97,35 +97,31 @@ def layer_hits(scan_tally: np.ndarray, settings: SparseSettings) -> np.ndarray |
     return question_hits(scan_tally, settings.hit_ratio, limit)
 
 
-def decided_blocks(
-    hits: np.ndarray | None, settings: SparseSettings, n_blocks: int, tally: np.ndarray | None = None
-) -> np.ndarray | None:
+def decided_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
     """Sorted global ids every head of a layer reads when the question has singled
-    out `hits`: each with its successors, topped up to `min_blocks` with the next
-    blocks of the retrieval heads' `tally` (a lone hit covers 3 blocks with its two
-    successors). No head's own ranking would change that choice (with the hits'
-    cover at least `min_blocks` it is the very one `rule_selection` makes from any
-    candidates that hold them), so a layer skips the bound pass and the exact pass
-    over its shortlist and reads just these. None where each head must rank for
-    itself: no hits, more blocks than the budget, a hit whose successors run past
-    the scope's end, or too few scanned blocks to top up from."""
+    out `hits`: each with its successors, topped up to `min_blocks` with the blocks
+    just before the hits (a lone hit covers 3 blocks with its two successors; the
+    block before it holds the start of a sentence that runs into it). No head's own
+    ranking is needed for that choice (with the hits' cover at least `min_blocks`
+    it is the very one `rule_selection` makes from any candidates that hold them),
+    so a layer skips the bound pass and the exact pass over its shortlist and reads
+    just these. Topping up from the tally instead was measured to read a
+    distractor key's block (multi-key 80% against 100%). None where each head must
+    rank for itself: no hits, more blocks than the budget, or hits at the scope's
+    edges."""
     if hits is None or not len(hits):
         return None
-    wanted = np.unique(np.asarray(hits, dtype=np.int64)[:, None] + np.arange(settings.neighbours + 1))
+    hits = np.asarray(hits, dtype=np.int64)
+    wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
     if wanted[-1] >= n_blocks or len(wanted) > settings.max_blocks:
         return None
-    short = settings.min_blocks - len(wanted)
-    if short > 0:
-        if tally is None or len(tally) != n_blocks:
-            return None
-        k = min(n_blocks, len(wanted) + short)
-        top = np.argpartition(-tally, k - 1)[:k] if k < n_blocks else np.arange(n_blocks)
-        top = top[np.argsort(-tally[top], kind="stable")]
-        extra = top[~np.isin(top, wanted)][:short]
-        if len(extra) < short or not (tally[extra] > 0).all():
-            return None
-        wanted = np.union1d(wanted, extra)
-    return wanted
+    for step in range(1, settings.min_blocks):
+        if len(wanted) >= settings.min_blocks:
+            break
+        before = hits - step
+        for block in before[(before >= 0) & ~np.isin(before, wanted)][: settings.min_blocks - len(wanted)]:
+            wanted = np.union1d(wanted, [block])
+    return wanted if len(wanted) >= settings.min_blocks else None
 
 
 def rule_selection(blocks: np.ndarray, order: np.ndarray, hits: np.ndarray | None, settings: SparseSettings) -> np.ndarray:

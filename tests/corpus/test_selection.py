@@ -53,12 +53,12 @@ def test_hits_that_fill_the_budget_decide_for_every_head() -> None:
     settings = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
     assert decided_blocks(np.array([9, 5]), settings, 100).tolist() == [5, 6, 7, 9, 10, 11]
     assert decided_blocks(np.array([5, 6]), settings, 100).tolist() == [5, 6, 7, 8]  # shared successors
-    assert decided_blocks(np.array([5]), settings, 100) is None  # 3 blocks < min_blocks and no tally to top up from
-    tally = np.zeros(100)
-    tally[[5, 6, 40, 41]] = [9.0, 8.5, 7.0, 6.0]
-    assert decided_blocks(np.array([5]), settings, 100, tally).tolist() == [5, 6, 7, 40]  # the next scanned block
-    tally[[40, 41]] = 0.0
-    assert decided_blocks(np.array([5]), settings, 100, tally) is None  # nothing else was rated: heads rank
+    # A lone hit covers 3 blocks: the block before it tops it up to min_blocks.
+    assert decided_blocks(np.array([5]), settings, 100).tolist() == [4, 5, 6, 7]
+    assert decided_blocks(np.array([0]), settings, 100) is None  # nothing before the scope's first block
+    wide = SparseSettings(min_blocks=6, max_blocks=16, neighbours=2)
+    assert decided_blocks(np.array([5]), wide, 100).tolist() == [2, 3, 4, 5, 6, 7]
+    assert decided_blocks(np.array([9, 5]), wide, 100).tolist() == [5, 6, 7, 9, 10, 11]
     assert decided_blocks(np.array([40, 98]), settings, 100) is None  # 98 + 2 runs past the scope
     assert decided_blocks(np.zeros(0, np.int64), settings, 100) is None and decided_blocks(None, settings, 100) is None
     # The same blocks a head chooses by the rule from any candidates that hold them.

@@ -270,9 +270,8 @@ class MemoryAttentionCache:
             self.scan_votes += np.maximum(standard, 0).astype(np.float64)
             if s.carry_blocks:
                 layer_votes += np.maximum(standard - s.carry_threshold, 0).astype(np.float64)
-        tally = self.scan_votes
-        hits = layer_hits(tally, s)
-        decided = decided_blocks(hits, s, n_blocks, tally)
+        hits = layer_hits(self.scan_votes, s)
+        decided = decided_blocks(hits, s, n_blocks)
         if decided is not None:
             self._read_decided(layer, decided, rotary)
             self.votes += layer_votes

@@ -265,9 +265,8 @@ class MemoryAttentionCache:
             self.scan_votes += standard.clamp(min=0).double()
             if s.carry_blocks:
                 layer_votes += (standard - s.carry_threshold).clamp(min=0).double()
-        tally = self.scan_votes.cpu().numpy()
-        hits = layer_hits(tally, s)
-        decided = decided_blocks(hits, s, n_blocks, tally)
+        hits = layer_hits(self.scan_votes.cpu().numpy(), s)
+        decided = decided_blocks(hits, s, n_blocks)
         if decided is not None:
             self._read_decided(layer, decided, rotary)
             self.votes += layer_votes
