@@ -267,7 +267,7 @@ class Engine:
         if str(getattr(self.model.model, "device", "")) == "cpu":
             # On the CPU a question that starts while the index still loads shares the
             # cores with the loaders and waits for each layer's arrays anyway: measured
-            # at 1M on 2 cores, 4.5-6.1 s to the first token overlapped against 3.0 s
+            # at 1M on 2 cores, 4.5-6.1 s to the first token overlapped against 4.3 s
             # loading first. A GPU computes while the CPU loads, so it does not wait.
             scope.wait_index(cancel)
         scope_seconds = time.perf_counter() - started

@@ -39,8 +39,8 @@ def bfloat16_bits(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     views them as its bfloat16 type without a copy. With `overwrite` a float32
     array the caller owns is used as scratch (a million keys a head: half the time)."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    if not overwrite or not np.shares_memory(bits, values):
-        bits = bits.copy()
+    if not overwrite and np.may_share_memory(bits, values):
+        bits = bits.copy()  # not the caller's to change
     rounding = bits >> 16
     rounding &= 1
     rounding += 0x7FFF

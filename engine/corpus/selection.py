@@ -115,12 +115,14 @@ def decided_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: 
     wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
     if wanted[-1] >= n_blocks or len(wanted) > settings.max_blocks:
         return None
-    for step in range(1, settings.min_blocks):
-        if len(wanted) >= settings.min_blocks:
-            break
-        before = hits - step
-        for block in before[(before >= 0) & ~np.isin(before, wanted)][: settings.min_blocks - len(wanted)]:
-            wanted = np.union1d(wanted, [block])
+    short = settings.min_blocks - len(wanted)
+    if short > 0:
+        # The blocks before the hits, nearest first (every hit's predecessor, then the
+        # one before that, ...), each once and only if not read already.
+        before = (hits[None, :] - np.arange(1, settings.min_blocks)[:, None]).reshape(-1)
+        before = before[(before >= 0) & ~np.isin(before, wanted)]
+        _, first = np.unique(before, return_index=True)
+        wanted = np.union1d(wanted, before[np.sort(first)][:short])
     return wanted if len(wanted) >= settings.min_blocks else None
 
 

@@ -106,17 +106,17 @@ _VALUE_PARAMS = {
 # the other precisions stay valid.
 LAYOUT_TAGS = {"int4": "value-zero-point"}
 _BOUNDS = ("key_min", "key_max")
-
-
-def _index_arrays(version: int) -> tuple[str, ...]:
-    """The arrays `index_crc` covers (checked whenever a file is mapped)."""
-    return _BOUNDS + (("block_crc",) if version >= 2 else ())
 _HEADER_FIELDS = frozenset(
     ("precision", "block_size", "tokens", "layers", "kv_heads", "head_dim", "meta", "arrays", "index_crc",
      "payload_crc")
 )
 _F16_LIMIT = float(np.finfo(np.float16).max)
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _index_arrays(version: int) -> tuple[str, ...]:
+    """The arrays `index_crc` covers (checked whenever a file is mapped)."""
+    return _BOUNDS + (("block_crc",) if version >= 2 else ())
 
 
 def _align(offset: int) -> int:
@@ -240,10 +240,14 @@ def _decode_values(
 
 
 def _block_crcs(
-    keys: np.ndarray, params: Sequence[np.ndarray], values: np.ndarray, tokens: int, block_size: int, blocks: Sequence[int]
+    arrays: dict[str, np.ndarray], precision: str, slot: int, head: int, tokens: int, block_size: int,
+    blocks: Sequence[int],
 ) -> np.ndarray:
-    """zlib.crc32 of each of `blocks` of one layer and KV head: keys and values (Tp, ·)
-    codes, params the per-token value parameters (T,) each. -> (len(blocks),) uint32."""
+    """zlib.crc32 of each of `blocks` of one stored layer and KV head, over its key
+    codes, its tokens' value parameters in file order, then its value codes.
+    -> (len(blocks),) uint32."""
+    keys, values = arrays["keys"][slot, head], arrays["values"][slot, head]  # (Tp, ·)
+    params = [arrays[name][slot, head] for name, _ in _VALUE_PARAMS[precision]]  # (T,) each
     out = np.empty(len(blocks), dtype=np.uint32)
     for i, block in enumerate(blocks):
         start, stop = block * block_size, (block + 1) * block_size
@@ -432,12 +436,8 @@ class Segment:
 
     def _check_blocks(self, slot: int, head: int, blocks: np.ndarray) -> None:
         """CorruptCacheError unless each of `blocks` matches its stored checksum (format 2)."""
-        arrays = self._arrays
-        params = [arrays[name][slot, head] for name, _ in _VALUE_PARAMS[self.precision]]
-        found = _block_crcs(
-            arrays["keys"][slot, head], params, arrays["values"][slot, head], self.tokens, self.block_size, blocks.tolist()
-        )
-        bad = found != arrays["block_crc"][slot, head, blocks]
+        found = _block_crcs(self._arrays, self.precision, slot, head, self.tokens, self.block_size, blocks.tolist())
+        bad = found != self._arrays["block_crc"][slot, head, blocks]
         if bad.any():
             log.warning("cache segment %s fails a block checksum", self.path)
             raise CorruptCacheError(
@@ -572,10 +572,7 @@ class SegmentStore:
         block_crc = np.empty((count, heads, n_blocks), np.dtype("<u4"))
         for slot in range(count):
             for head in range(heads):
-                params = [arrays[name][slot, head] for name, _ in _VALUE_PARAMS[precision]]
-                block_crc[slot, head] = _block_crcs(
-                    arrays["keys"][slot, head], params, arrays["values"][slot, head], tokens, block_size, range(n_blocks)
-                )
+                block_crc[slot, head] = _block_crcs(arrays, precision, slot, head, tokens, block_size, range(n_blocks))
         arrays = {name: block_crc if name == "block_crc" else np.ascontiguousarray(arrays[name]) for name, _, _ in specs}
         table, offset = {}, 0
         for name, dtype, shape in specs:
@@ -621,8 +618,7 @@ class SegmentStore:
             return False
         header = segment._layout.header
         fields = {name: header[name] for name in ("precision", "block_size", "tokens", "layers", "kv_heads", "head_dim", "meta")}
-        arrays = {name: np.array(array) for name, array in segment._arrays.items()}
-        self._write_arrays(segment.key, fields, arrays)
+        self._write_arrays(segment.key, fields, segment._arrays)  # straight from the mapping
         return True
 
     def remove(self, key: str) -> None:
