@@ -182,7 +182,9 @@ class Engine:
         entries = []
         missing = []
         for document in documents:
-            manifest = self.builder.manifest_for(document)
+            # The manifest only: opening the scope maps each segment and checks its
+            # header and index once (manifest_for would do it twice: 0.4 s at 1M).
+            manifest = self.builder.manifests.load(document.content_key)
             if manifest is None:
                 missing.append(document)
             else:
@@ -191,7 +193,12 @@ class Engine:
             raise CorruptCacheError(
                 f"{len(missing)} document(s) are not cached yet (first: {missing[0].title or missing[0].doc_id}); build the cache"
             )
-        scope = CorpusScope(self.store, entries, self.cache_settings.block_size)
+        try:
+            scope = CorpusScope(
+                self.store, entries, self.cache_settings.block_size, getattr(self.memory, "decode_scan_keys", None)
+            )
+        except FileNotFoundError as error:
+            raise CorruptCacheError(f"a cache segment is missing ({error.filename}); build the cache") from error
         self._scope = (names, scope)
         self._warm(scope)
         return scope

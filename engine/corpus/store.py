@@ -187,7 +187,7 @@ def _quantize_keys(keys: np.ndarray, block_size: int, levels: int | None) -> tup
     return low.transpose(1, 0, 2), high.transpose(1, 0, 2), stored
 
 
-def _decode_keys(stored: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int | None) -> np.ndarray:
+def decode_keys(stored: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int | None) -> np.ndarray:
     """stored (..., block_size, D or D/2), low/high (..., D) f16 -> float32 (..., block_size, D)."""
     if levels is None:
         return stored.astype(np.float32)
@@ -407,6 +407,11 @@ class Segment:
         self._check(slot)
         return self._arrays["key_min"][slot], self._arrays["key_max"][slot]
 
+    def key_bounds_all(self) -> tuple[np.ndarray, np.ndarray]:
+        """(key_min, key_max) float16 views of every stored layer, each (L, n_blocks, H, D)."""
+        self._check(0)
+        return self._arrays["key_min"], self._arrays["key_max"]
+
     def gather(self, slot: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keys (N, D), values (N, D) float32 and token indices (N,) int64 of `blocks`, in that order.
 
@@ -427,7 +432,7 @@ class Segment:
         # Fancy indexing a block view of the mapping copies just those blocks.
         stored_keys = arrays["keys"][slot, head].reshape(self.n_blocks, size, -1)[blocks]  # (Nb, block_size, D or D/2)
         low, high = arrays["key_min"][slot, blocks, head], arrays["key_max"][slot, blocks, head]  # (Nb, D)
-        keys = _decode_keys(stored_keys, low, high, self._levels).reshape(-1, self.head_dim)[real]  # (N, D)
+        keys = decode_keys(stored_keys, low, high, self._levels).reshape(-1, self.head_dim)[real]  # (N, D)
         stored_values = arrays["values"][slot, head].reshape(self.n_blocks, size, -1)[blocks]
         stored_values = stored_values.reshape(tokens.size, stored_values.shape[-1])[real]  # (N, D or D/2)
         tokens = tokens[real]
@@ -445,13 +450,19 @@ class Segment:
                 f"block {int(blocks[bad][0])})"
             )
 
-    def head_keys(self, slot: int, head: int) -> np.ndarray:
-        """Every key of one stored layer and KV head, float32 (T, D); no values."""
+    @property
+    def levels(self) -> int | None:
+        """Quantisation levels of the codes: 255 (int8), 15 (int4), None (fp16)."""
+        return self._levels
+
+    def stored_keys(self, slot: int, head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One stored layer and KV head's key codes as stored, (n_blocks, block_size,
+        D or D/2) (rows past T repeat the last token), and its blocks' key_min and
+        key_max (n_blocks, D): read-only views of the mapping, for `decode_keys`."""
         self._check(slot, head)
         arrays = self._arrays
         stored = arrays["keys"][slot, head].reshape(self.n_blocks, self.block_size, -1)
-        low, high = arrays["key_min"][slot, :, head], arrays["key_max"][slot, :, head]  # (n_blocks, D)
-        return _decode_keys(stored, low, high, self._levels).reshape(-1, self.head_dim)[: self.tokens]
+        return stored, arrays["key_min"][slot, :, head], arrays["key_max"][slot, :, head]
 
     def dequantize(self, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """All keys and values of one stored layer, float32 (H, T, D) each."""
@@ -461,7 +472,7 @@ class Segment:
         stored_keys = arrays["keys"][slot].reshape(heads, self.n_blocks, self.block_size, -1)
         low = arrays["key_min"][slot].transpose(1, 0, 2)  # (H, n_blocks, D)
         high = arrays["key_max"][slot].transpose(1, 0, 2)
-        keys = _decode_keys(stored_keys, low, high, self._levels).reshape(heads, -1, self.head_dim)[:, : self.tokens]
+        keys = decode_keys(stored_keys, low, high, self._levels).reshape(heads, -1, self.head_dim)[:, : self.tokens]
         stored_values = arrays["values"][slot, :, : self.tokens]  # (H, T, D or D/2)
         values = _decode_values(stored_values, *self._value_params((slot,)), self._levels)
         return np.ascontiguousarray(keys), values

@@ -269,6 +269,14 @@ def test_a_damaged_segment_is_found_rebuilt_and_the_question_answered(model, tmp
     assert (summary.segments_built, summary.segments_reused) == (1, 2)
     assert path.read_bytes() == original
 
+    # Asked without a build: opening the scope finds a damaged or a missing segment,
+    # and the question rebuilds it and answers.
+    for damage in (lambda: path.write_bytes(original[: len(original) // 2]), path.unlink):
+        damage()
+        engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
+        assert ask(engine, [document])[1] == ids
+        assert path.read_bytes() == original
+
 
 CRASHING_BUILD = textwrap.dedent(
     """

@@ -15,8 +15,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller  # noqa: E402
+from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller, decode_scan_keys  # noqa: E402
 from engine.corpus.build import CorpusDocument, Manifest, SegmentRef  # noqa: E402
+from engine.corpus import scope as scope_module  # noqa: E402
 from engine.corpus.scope import CorpusScope, ScopeEntry  # noqa: E402
 from engine.corpus.settings import SparseSettings  # noqa: E402
 from engine.corpus.store import SegmentStore  # noqa: E402
@@ -137,6 +138,46 @@ def test_refreshing_the_selection_while_decoding(pair, tmp_path):
     assert len(cache.stats.blocks_selected) == first * len(follow)
 
 
+@pytest.mark.parametrize("levels", [255, 15, None])
+def test_the_torch_key_decoder_gives_numpys_bits(levels):
+    """decode_scan_keys in torch against the scope's numpy decoder, bit for bit, on
+    random codes and bounds (wide and narrow spans, equal bounds, signs mixed)."""
+    rng = np.random.default_rng(levels or 0)
+    n_blocks, size, D = 4500, 16, 64  # more than one step of DECODE_BLOCKS
+    if levels is None:
+        stored = rng.normal(0, 3, (n_blocks, size, D)).astype(np.float16)
+    else:
+        stored = rng.integers(0, 256, (n_blocks, size, D // 2 if levels == 15 else D), dtype=np.uint8)
+    low = rng.normal(0, 4, (n_blocks, D)).astype(np.float16)
+    high = (low.astype(np.float32) + rng.exponential(2, (n_blocks, D)) * rng.integers(0, 2, (n_blocks, D))).astype(np.float16)
+    want = scope_module.decode_scan_keys(stored, low, high, levels)
+    got = decode_scan_keys(stored, low, high, levels)
+    assert got.dtype == np.uint16 and got.shape == want.shape == (n_blocks * size, D)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
+def test_the_scan_keys_are_the_read_keys_in_bfloat16_block_by_block(pair, tmp_path, precision):
+    """head_keys row r holds block r // block_size: each real token's key as a read
+    decodes it, rounded to bfloat16; a partial block's padding rows repeat its last
+    token. The torch decoder the engine passes gives the same array."""
+    _, model = pair
+    scope = cached_scope(model, tmp_path, ids(5, 1), [ids(40, 2), ids(23, 3)], precision=precision)
+    torch_scope = CorpusScope(scope.store, scope.entries, scope.block_size, decode_scan_keys)
+    layer, size = sorted(scope.layers)[-1], scope.block_size
+    keys, _, owner = scope.gather(layer, 1, np.arange(scope.n_blocks))
+    within = np.concatenate([np.arange(n) for n in np.bincount(owner)])
+    rows = owner * size + within
+    bits = scope.head_keys(layer, 1)
+    assert bits.shape == (scope.n_blocks * size, model.config.head_dim) and scope.n_blocks == 3 + 2
+    assert np.array_equal(bits[rows], scope_module.bfloat16_bits(keys))
+    for block, real in ((2, 8), (4, 7)):  # 40 = 16 + 16 + 8 and 23 = 16 + 7 tokens
+        padding = bits[block * size + real : (block + 1) * size]
+        assert len(padding) == size - real and (padding == bits[block * size + real - 1]).all()
+    assert np.array_equal(torch_scope.head_keys(layer, 1), bits)
+    torch_scope.close()
+
+
 def test_the_retrieval_head_scan_is_the_exact_best_match_of_every_block(pair, tmp_path):
     """A scanned head's score of each block equals the best q·k over the block's
     stored keys (numpy, fp32), up to the bfloat16 the scope keeps them in; and a
@@ -193,7 +234,7 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
     warmed.warm(layers, heads, threads=3)
     warmed.wait_warm()
     verified = [key for key in warmed._loaded if key[0] == "verified"]
-    assert warmed.index_bytes() > 0 and len(warmed._loaded) == len(layers) + len(heads) + len(verified)
+    assert warmed.index_bytes() > 0 and len(warmed._loaded) == 1 + len(heads) + len(verified)  # one load: every layer's bounds
     assert sorted(key[1] for key in verified) == sorted(segment.key for segment in warmed.segments)
     for segment in warmed.segments:  # rewritten on disk, byte for byte what a build writes now
         assert segment.path.read_bytes() == direct.store.path_for(segment.key).read_bytes()
@@ -203,14 +244,13 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
     current.warm(layers, heads, threads=1)
     current.wait_index(cancel=lambda: True)  # a cancelled question does not wait
     current.wait_index()  # a question on the CPU waits for the loads, nothing else
-    assert all(job.done() for job in current._index_loads) and len(current._index_loads) == len(layers) + len(heads)
+    assert all(job.done() for job in current._index_loads) and len(current._index_loads) == 1 + len(heads)
     assert sorted(current._loaded) == sorted(key for key in warmed._loaded if key[0] != "verified")
     current.close()
     for layer in layers:
         assert np.array_equal(warmed.bound_pairs(layer), direct.bound_pairs(layer))
     for layer, head in heads:
-        for got, want in zip(warmed.head_keys(layer, head), direct.head_keys(layer, head)):
-            assert np.array_equal(got, want)
+        assert np.array_equal(warmed.head_keys(layer, head), direct.head_keys(layer, head))
     assert warmed.index_bytes() == direct.index_bytes()  # the same arrays, loaded once each
     busy = cached_scope(model, tmp_path / "c", ids(5, 1), texts, precision="int8")
     busy.warm(layers, heads, threads=1)

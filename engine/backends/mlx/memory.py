@@ -336,18 +336,17 @@ class MemoryAttentionCache:
 
     def _scan(self, layer: int, head: int, queries: mx.array) -> np.ndarray:
         """Every block's best single match (max over its tokens and the queries) in
-        fp32, from the scope's resident bfloat16 keys: (n_blocks,) fp32."""
-        bits, owner = self.scope.head_keys(layer, head)
-        best = np.full(self.scope.n_blocks, -np.inf, dtype=np.float32)
-        for start in range(0, len(bits), SCAN_CHUNK):
-            keys = mx.array(bits[start : start + SCAN_CHUNK]).view(mx.bfloat16).astype(mx.float32)
-            scores = np.array((queries @ keys.T).max(axis=0))
-            # Tokens come block by block: reduce each run of one block id.
-            ids = owner[start : start + SCAN_CHUNK]
-            starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1])
-            runs = ids[starts]
-            best[runs] = np.maximum(best[runs], np.maximum.reduceat(scores, starts))
-        self.stats.tokens_scanned += len(bits)
+        fp32, from the scope's resident bfloat16 keys (block_size rows a block):
+        (n_blocks,) fp32."""
+        bits = self.scope.head_keys(layer, head)
+        size = self.scope.block_size
+        chunk = max(1, SCAN_CHUNK // size) * size
+        best = np.empty(self.scope.n_blocks, dtype=np.float32)
+        for start in range(0, len(bits), chunk):
+            keys = mx.array(bits[start : start + chunk]).view(mx.bfloat16).astype(mx.float32)
+            scores = (queries @ keys.T).max(axis=0)
+            best[start // size : (start + keys.shape[0]) // size] = np.array(scores.reshape(-1, size).max(axis=1))
+        self.stats.tokens_scanned += self.scope.total_tokens  # padding rows are not tokens
         return best
 
     def _carried(self) -> np.ndarray:
