@@ -194,9 +194,7 @@ class Engine:
                 f"{len(missing)} document(s) are not cached yet (first: {missing[0].title or missing[0].doc_id}); build the cache"
             )
         try:
-            scope = CorpusScope(
-                self.store, entries, self.cache_settings.block_size, getattr(self.memory, "decode_scan_keys", None)
-            )
+            scope = CorpusScope(self.store, entries, self.cache_settings.block_size)
         except FileNotFoundError as error:
             raise CorruptCacheError(f"a cache segment is missing ({error.filename}); build the cache") from error
         self._scope = (names, scope)

@@ -15,12 +15,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller, decode_scan_keys  # noqa: E402
+from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller  # noqa: E402
 from engine.corpus.build import CorpusDocument, Manifest, SegmentRef  # noqa: E402
 from engine.corpus import scope as scope_module  # noqa: E402
 from engine.corpus.scope import CorpusScope, ScopeEntry  # noqa: E402
 from engine.corpus.settings import SparseSettings  # noqa: E402
-from engine.corpus.store import SegmentStore  # noqa: E402
+from engine.corpus.store import SegmentStore, decode_keys  # noqa: E402
 from tests.test_torch_models import tiny_model_pair  # noqa: E402
 
 FAMILIES = ["llama", "llama3-scaled", "qwen2", "qwen3"]
@@ -139,31 +139,30 @@ def test_refreshing_the_selection_while_decoding(pair, tmp_path):
 
 
 @pytest.mark.parametrize("levels", [255, 15, None])
-def test_the_torch_key_decoder_gives_numpys_bits(levels):
-    """decode_scan_keys in torch against the scope's numpy decoder, bit for bit, on
-    random codes and bounds (wide and narrow spans, equal bounds, signs mixed)."""
+def test_the_scan_key_decoder_decodes_as_a_read_does_in_steps(levels):
+    """decode_scan_keys, which works in cache-sized steps of blocks, against the
+    whole array decoded at once and rounded to bfloat16, bit for bit, on random
+    codes and bounds (wide and narrow spans, equal bounds, signs mixed)."""
     rng = np.random.default_rng(levels or 0)
-    n_blocks, size, D = 4500, 16, 64  # more than one step of DECODE_BLOCKS
+    n_blocks, size, D = 3 * scope_module.DECODE_BLOCKS + 5, 16, 64
     if levels is None:
         stored = rng.normal(0, 3, (n_blocks, size, D)).astype(np.float16)
     else:
         stored = rng.integers(0, 256, (n_blocks, size, D // 2 if levels == 15 else D), dtype=np.uint8)
     low = rng.normal(0, 4, (n_blocks, D)).astype(np.float16)
     high = (low.astype(np.float32) + rng.exponential(2, (n_blocks, D)) * rng.integers(0, 2, (n_blocks, D))).astype(np.float16)
-    want = scope_module.decode_scan_keys(stored, low, high, levels)
-    got = decode_scan_keys(stored, low, high, levels)
-    assert got.dtype == np.uint16 and got.shape == want.shape == (n_blocks * size, D)
-    assert np.array_equal(got, want)
+    got = scope_module.decode_scan_keys(stored, low, high, levels)
+    want = scope_module.bfloat16_bits(decode_keys(stored, low, high, levels))
+    assert got.dtype == np.uint16 and np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
 def test_the_scan_keys_are_the_read_keys_in_bfloat16_block_by_block(pair, tmp_path, precision):
     """head_keys row r holds block r // block_size: each real token's key as a read
     decodes it, rounded to bfloat16; a partial block's padding rows repeat its last
-    token. The torch decoder the engine passes gives the same array."""
+    token."""
     _, model = pair
     scope = cached_scope(model, tmp_path, ids(5, 1), [ids(40, 2), ids(23, 3)], precision=precision)
-    torch_scope = CorpusScope(scope.store, scope.entries, scope.block_size, decode_scan_keys)
     layer, size = sorted(scope.layers)[-1], scope.block_size
     keys, _, owner = scope.gather(layer, 1, np.arange(scope.n_blocks))
     within = np.concatenate([np.arange(n) for n in np.bincount(owner)])
@@ -174,8 +173,6 @@ def test_the_scan_keys_are_the_read_keys_in_bfloat16_block_by_block(pair, tmp_pa
     for block, real in ((2, 8), (4, 7)):  # 40 = 16 + 16 + 8 and 23 = 16 + 7 tokens
         padding = bits[block * size + real : (block + 1) * size]
         assert len(padding) == size - real and (padding == bits[block * size + real - 1]).all()
-    assert np.array_equal(torch_scope.head_keys(layer, 1), bits)
-    torch_scope.close()
 
 
 def test_the_retrieval_head_scan_is_the_exact_best_match_of_every_block(pair, tmp_path):

@@ -54,29 +54,6 @@ from engine.corpus.settings import SparseSettings
 
 # Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
 SCAN_CHUNK = 65_536
-DECODE_BLOCKS = 2048  # blocks per step of decode_scan_keys: 16 MB of float32 at D = 64
-
-
-def decode_scan_keys(stored: np.ndarray, low: np.ndarray, high: np.ndarray, levels: int | None) -> np.ndarray:
-    """The scope's KeyDecoder (engine/corpus/scope.py) in torch: the float32
-    arithmetic of store.decode_keys (multiply by the step, then add the minimum: the
-    same bits), rounded to bfloat16 by torch's conversion (nearest even, as
-    scope.bfloat16_bits), vectorised and on every core. Measured at 1M tokens on
-    two cores: the retrieval heads' keys in a quarter of numpy's time."""
-    n_blocks, size = stored.shape[:2]
-    out = torch.empty((n_blocks, size, low.shape[-1]), dtype=torch.bfloat16)
-    for start in range(0, n_blocks, DECODE_BLOCKS):
-        part = slice(start, start + DECODE_BLOCKS)
-        codes = torch.from_numpy(np.ascontiguousarray(stored[part]))
-        if levels is None:
-            out[part] = codes.float()
-            continue
-        if levels == 15:
-            codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
-        minimum = torch.from_numpy(np.ascontiguousarray(low[part])).float().unsqueeze(1)
-        step = (torch.from_numpy(np.ascontiguousarray(high[part])).float().unsqueeze(1) - minimum) / levels
-        out[part] = codes.float().mul_(step).add_(minimum)
-    return out.view(torch.int16).numpy().view(np.uint16).reshape(n_blocks * size, -1)
 
 # --- build ---------------------------------------------------------------------
 
