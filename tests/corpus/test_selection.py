@@ -122,3 +122,27 @@ def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch
             assert np.array_equal(blocks, cache.stats.selected[layer][head]), (layer, blocks)
         else:  # before the scan: the shortlist is read and ranked
             assert set(cache.stats.selected[layer][head]) <= set(blocks.tolist())
+
+
+def test_a_block_that_matches_more_of_the_question_covers_more():
+    """cover_scores by hand: three queries over eight blocks. Block 5 holds the one
+    strongest match (query 0); block 2 matches queries 1 and 2, each less strongly.
+    The best single match ranks block 5 first; cover ranks block 2 first, and counts
+    nothing under the threshold. A lone outlier of a row stands (n-1)/sqrt(n)
+    standard deviations (ddof=1) above the mean whatever its size: here 7/sqrt(8)."""
+    torch = pytest.importorskip("torch")
+    rows = torch.zeros(3, 8)
+    rows[0, 5], rows[1, 2], rows[2, 2] = 10.0, 5.0, 5.0
+    assert int(rows.amax(dim=0).argmax()) == 5
+    lone = 7 / math.sqrt(8)
+    cover = memory.cover_scores(rows, 2.0).numpy()
+    expected = np.zeros(8)
+    expected[5], expected[2] = lone - 2.0, 2 * (lone - 2.0)
+    np.testing.assert_allclose(cover, expected, rtol=1e-5, atol=1e-6)
+    assert int(cover.argmax()) == 2
+    assert not memory.cover_scores(rows, 2.5).numpy().any()  # 2.475 < 2.5: nothing counts
+    # A flat row (all blocks alike) adds nothing.
+    flat = torch.cat([rows, torch.ones(1, 8)])
+    np.testing.assert_allclose(memory.cover_scores(flat, 2.0).numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="scan score"):
+        SparseSettings(scan_score="mean")

@@ -38,6 +38,8 @@ SETTINGS = {
     "carry": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, carry_blocks=2, carry_threshold=0.5),
     # Three retrieval (query) heads score every block exactly (bfloat16 keys held by the scope).
     "scan": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, carry_blocks=2, carry_threshold=0.5),
+    # The same heads asked for real (no calibration probe): the grouped scan, scored by cover.
+    "scan-cover": SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, carry_blocks=2, carry_threshold=0.5, scan_threshold=0.5),
 }
 
 
@@ -100,11 +102,11 @@ def test_sparse_attention_matches_torch(models, torch_scope, name):
     logits = {}
     scans: dict[str, dict] = {"torch": {}, "mlx": {}}
     layers = sorted(torch_memory.MemoryAttentionCache(torch_model, scope, settings, prefix_len=PREFIX, capacity=64).memory_layers)
-    scan_heads = [(layers[0], 1), (layers[0], 2), (layers[-1], 0)] if name == "scan" else []
+    scan_heads = [(layers[0], 1), (layers[0], 2), (layers[-1], 0)] if name.startswith("scan") else []
     for backend, model, memory in (("torch", torch_model, torch_memory), ("mlx", mlx_model, mlx_memory)):
         cache = memory.MemoryAttentionCache(
             model, scope, settings, prefix_len=PREFIX, capacity=64, scan_heads=scan_heads,
-            probe=lambda layer, head, best, into=scans[backend]: into.__setitem__((layer, head), np.array(best)),
+            probe=None if name == "scan-cover" else lambda layer, head, best, into=scans[backend]: into.__setitem__((layer, head), np.array(best)),
         )
         cache.evidence_from = PREFIX + QUESTION - 1
         rows = [np.asarray(model.forward(prefix + question, cache, last_only=False))]
@@ -123,17 +125,26 @@ def test_sparse_attention_matches_torch(models, torch_scope, name):
     assert evidence_t.sum() > 0 and np.abs(m.evidence - evidence_t).max() < 1e-5, (family, name)
     if name == "refresh":
         assert len(m.stats.blocks_selected) > len(m.stats.selected) * mlx_model.config.num_key_value_heads
-    if name in ("carry", "scan"):
+    if name in ("carry", "scan", "scan-cover"):
         assert t.votes.numpy().sum() > 0 and np.allclose(m.votes, t.votes.numpy(), atol=1e-5)
         assert np.allclose(m.scan_votes, t.scan_votes.numpy(), atol=1e-5)
-        assert (t.scan_votes.numpy().sum() > 0) == (name == "scan")
-    assert scans["torch"].keys() == scans["mlx"].keys() == set(scan_heads)
+        assert (t.scan_votes.numpy().sum() > 0) == name.startswith("scan")
+    assert scans["torch"].keys() == scans["mlx"].keys() == (set() if name == "scan-cover" else set(scan_heads))
     for head, best in scans["torch"].items():
         assert best.shape == (scope.n_blocks,) and np.isfinite(best).all()
         np.testing.assert_allclose(scans["mlx"][head], best, rtol=1e-5, atol=1e-5)
     if name == "scan":
         # Calibration mode (a probe) scans each query head on its own.
         assert t.stats.tokens_scanned == m.stats.tokens_scanned == 3 * scope.total_tokens
+
+
+def test_cover_scores_agree_between_backends():
+    rows = np.random.default_rng(3).normal(0, 1, (96, 700)).astype(np.float32)
+    rows[5, 17] += 9.0
+    want = torch_memory.cover_scores(torch.from_numpy(rows), 2.0).numpy()
+    got = mlx_memory.cover_scores(rows, 2.0)
+    assert want.shape == got.shape == (700,) and want[17] == want.max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_cache_built_by_mlx_reads_the_same_in_torch(models, tmp_path):

@@ -114,6 +114,12 @@ class SegmentPrefiller:
 # --- ask -----------------------------------------------------------------------
 
 
+def cover_scores(rows: np.ndarray, threshold: float) -> np.ndarray:
+    """The torch backend's cover_scores in numpy (standard deviation with ddof=1, as torch)."""
+    standard = (rows - rows.mean(axis=1, keepdims=True)) / np.maximum(rows.std(axis=1, ddof=1, keepdims=True), 1e-6)
+    return np.maximum(standard - threshold, 0).sum(axis=0)
+
+
 # Keys per matmul in the scan of a retrieval head (as the torch backend).
 SCAN_CHUNK = 65_536
 
@@ -262,7 +268,7 @@ class MemoryAttentionCache:
                     self.probe(layer, head * self.group + g, best)
                 best = np.max(np.stack(each), axis=0)
             else:
-                best = self._scan(layer, head, mx.concatenate([queries[head, g * n : (g + 1) * n] for g in members]))
+                best = self._scan_score(self._scan_rows(layer, head, mx.concatenate([queries[head, g * n : (g + 1) * n] for g in members])))
             scanned[head] = best
             # Standardised over the whole scope, a retrieval head's scores add up in a
             # tally of their own (as the torch backend).
@@ -336,18 +342,29 @@ class MemoryAttentionCache:
 
     def _scan(self, layer: int, head: int, queries: mx.array) -> np.ndarray:
         """Every block's best single match (max over its tokens and the queries) in
-        fp32, from the scope's resident bfloat16 keys (block_size rows a block):
-        (n_blocks,) fp32."""
+        fp32: (n_blocks,) fp32."""
+        return self._scan_rows(layer, head, queries).max(axis=0)
+
+    def _scan_rows(self, layer: int, head: int, queries: mx.array) -> np.ndarray:
+        """Each query's best match in every block (max over the block's tokens), from
+        the scope's resident bfloat16 keys (block_size rows a block): (J, n_blocks) fp32."""
         bits = self.scope.head_keys(layer, head)
         size = self.scope.block_size
         chunk = max(1, SCAN_CHUNK // size) * size
-        best = np.empty(self.scope.n_blocks, dtype=np.float32)
+        rows = np.empty((queries.shape[0], self.scope.n_blocks), dtype=np.float32)
         for start in range(0, len(bits), chunk):
             keys = mx.array(bits[start : start + chunk]).view(mx.bfloat16).astype(mx.float32)
-            scores = (queries @ keys.T).max(axis=0)
-            best[start // size : (start + keys.shape[0]) // size] = np.array(scores.reshape(-1, size).max(axis=1))
+            scores = queries @ keys.T  # (J, chunk)
+            rows[:, start // size : (start + keys.shape[0]) // size] = np.array(scores.reshape(scores.shape[0], -1, size).max(axis=2))
         self.stats.tokens_scanned += self.scope.total_tokens  # padding rows are not tokens
-        return best
+        return rows
+
+    def _scan_score(self, rows: np.ndarray) -> np.ndarray:
+        """A scanned block's score under `scan_score` (as the torch backend): (n_blocks,)."""
+        s = self.settings
+        if s.scan_score == "best":
+            return rows.max(axis=0)
+        return cover_scores(rows, s.scan_threshold)
 
     def _carried(self) -> np.ndarray:
         """Global ids of the blocks the layers so far agree on (carry_blocks) and of

@@ -55,6 +55,14 @@ from engine.corpus.settings import SparseSettings
 # Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
 SCAN_CHUNK = 65_536
 
+def cover_scores(rows: torch.Tensor, threshold: float) -> torch.Tensor:
+    """rows (J, n_blocks): each query's best match per block. Each row standardised
+    over the blocks; a block's score is the sum over the rows of how far it stands
+    above `threshold` standard deviations (SparseSettings.scan_score "cover")."""
+    standard = (rows - rows.mean(dim=1, keepdim=True)) / rows.std(dim=1, keepdim=True).clamp(min=1e-6)
+    return (standard - threshold).clamp(min=0).sum(dim=0)
+
+
 # --- build ---------------------------------------------------------------------
 
 
@@ -256,7 +264,7 @@ class MemoryAttentionCache:
                     self.probe(layer, head * self.group + g, best.cpu().numpy())
                 best = torch.stack(each).amax(dim=0)
             else:
-                best = self._scan(layer, head, torch.cat([queries[head, g * n : (g + 1) * n] for g in members]))
+                best = self._scan_score(self._scan_rows(layer, head, torch.cat([queries[head, g * n : (g + 1) * n] for g in members])))
             scanned[head] = best
             # Standardised over the whole scope, a retrieval head's scores add up in a
             # tally of their own: a block that several scans rate high is carried
@@ -331,18 +339,29 @@ class MemoryAttentionCache:
 
     def _scan(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
         """Every block's best single match (max over its tokens and the queries) in
-        fp32, from the scope's resident bfloat16 keys (block_size rows a block):
-        (n_blocks,) fp32."""
+        fp32: (n_blocks,) fp32."""
+        return self._scan_rows(layer, head, queries).amax(dim=0)
+
+    def _scan_rows(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
+        """Each query's best match in every block (max over the block's tokens), from
+        the scope's resident bfloat16 keys (block_size rows a block): (J, n_blocks) fp32."""
         queries = queries.to(self.device, self.rank_dtype)
         keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head)).view(torch.bfloat16)
         size = self.scope.block_size
         chunk = max(1, SCAN_CHUNK // size) * size
-        best = torch.empty(self.scope.n_blocks, device=self.device)
+        rows = torch.empty(queries.shape[0], self.scope.n_blocks, device=self.device)
         for start in range(0, len(keys), chunk):
-            scores = (queries @ keys[start : start + chunk].to(self.rank_dtype).T).amax(dim=0)
-            best[start // size : (start + len(scores)) // size] = scores.view(-1, size).amax(dim=1).float()
+            scores = queries @ keys[start : start + chunk].to(self.rank_dtype).T  # (J, chunk)
+            rows[:, start // size : (start + scores.shape[1]) // size] = scores.view(len(scores), -1, size).amax(dim=2).float()
         self.stats.tokens_scanned += self.scope.total_tokens  # padding rows are not tokens
-        return best
+        return rows
+
+    def _scan_score(self, rows: torch.Tensor) -> torch.Tensor:
+        """A scanned block's score under `scan_score` (SparseSettings): (n_blocks,)."""
+        s = self.settings
+        if s.scan_score == "best":
+            return rows.amax(dim=0)
+        return cover_scores(rows, s.scan_threshold)
 
     def _carried(self) -> np.ndarray:
         """Global ids of the blocks the layers so far agree on (carry_blocks) and of
