@@ -11,8 +11,11 @@ document is cached, each fact is asked for, and every query head of every memory
 layer scores every block exactly (its own queries against its KV head's keys). A head's score is how far the fact's block stands above
 the rest (standard deviations, mean over the facts). The best heads are stored beside
 the model's cache (`retrieval_heads.json`) and, on a scope larger than the shortlist,
-score all its blocks exactly (`MemoryAttentionCache._scan`); their winners carry into
-every later layer through the cross-layer vote.
+score all its blocks exactly (`MemoryAttentionCache._scan_rows`: each question
+query's best match in each block, which a question sums over its queries, the
+`cover` score of SparseSettings.scan_score); their winners carry into every later
+layer through the cross-layer vote. Calibration ranks a head by its best single
+match (`_scan`).
 
 The calibration facts are of another form than the benchmark's needles on purpose
 (an archive code of a person, not a magic number for a key): the heads are chosen
