@@ -17,8 +17,9 @@ block id is stored.
 
 Loading that index (and the retrieval heads' keys) is most of a first question's
 wait on a large scope: `warm` loads it on background threads as soon as the scope
-opens, layer by layer in the order a question needs it, and an accessor that
-finds its array still loading waits for that one load instead of repeating it.
+opens (every layer's bounds in one pass over the segments, then the scanned heads'
+keys in layer order), and an accessor that finds its array still loading waits for
+that one load instead of repeating it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # the core's cache through the nine passes. Measured on one head of 1M tokens: 0.12 s,
 # against 0.77 s in steps of 2,048 blocks (16 MB); torch took 0.11 s, but torch calls
 # from the warm-up's threads slowed the question's own torch work after them (32K
-# decode 8-10 tok/s against 10-12).
+# decode 7.7-10.3 tok/s against 9.8-12.3).
 DECODE_BLOCKS = 32
 
 
