@@ -430,9 +430,8 @@ class Segment:
         tokens = (blocks[:, None] * size + np.arange(size)).reshape(-1)  # (Nb * block_size,)
         real = tokens < self.tokens
         # Fancy indexing a block view of the mapping copies just those blocks.
-        stored_keys = arrays["keys"][slot, head].reshape(self.n_blocks, size, -1)[blocks]  # (Nb, block_size, D or D/2)
-        low, high = arrays["key_min"][slot, blocks, head], arrays["key_max"][slot, blocks, head]  # (Nb, D)
-        keys = decode_keys(stored_keys, low, high, self._levels).reshape(-1, self.head_dim)[real]  # (N, D)
+        stored_keys, low, high = self.stored_keys(slot, head)
+        keys = decode_keys(stored_keys[blocks], low[blocks], high[blocks], self._levels).reshape(-1, self.head_dim)[real]  # (N, D)
         stored_values = arrays["values"][slot, head].reshape(self.n_blocks, size, -1)[blocks]
         stored_values = stored_values.reshape(tokens.size, stored_values.shape[-1])[real]  # (N, D or D/2)
         tokens = tokens[real]
