@@ -269,12 +269,6 @@ class Engine:
         settings = sparse or self.sparse
         started = time.perf_counter()
         scope = self.open_scope(documents)
-        if str(getattr(self.model.model, "device", "")) == "cpu":
-            # On the CPU a question that starts while the index still loads shares the
-            # cores with the loaders and waits for each layer's arrays anyway: measured
-            # at 1M on 2 cores, 4.5-6.1 s to the first token overlapped against 4.3 s
-            # loading first. A GPU computes while the CPU loads, so it does not wait.
-            scope.wait_index(cancel)
         scope_seconds = time.perf_counter() - started
         prompt = self.prefix_ids + self.question_ids(question)
         scan = self.retrieval_heads(cancel)[: settings.scan_heads] if _scans(settings, scope) else []
@@ -288,7 +282,15 @@ class Engine:
         )
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
-        yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
+        if str(getattr(self.model.model, "device", "")) == "cpu":
+            # On the CPU a question does not wait for the index to load: the warm-up
+            # pauses while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to
+            # the first token overlapped), and what is not loaded yet it streams from
+            # the segments (scope.py). A GPU computes while the CPU loads.
+            with scope.asking():
+                yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
+        else:
+            yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
         yield from self._evidence(scope, cache.evidence_weights(), evidence_limit)
         selected = cache.stats.blocks_selected
         yield AskStats(

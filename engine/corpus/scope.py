@@ -20,15 +20,25 @@ wait on a large scope: `warm` loads it on background threads as soon as the scop
 opens (every layer's bounds in one pass over the segments, then the scanned heads'
 keys in layer order), and an accessor that finds its array still loading waits for
 that one load instead of repeating it.
+
+A question on the CPU does not wait for that warm-up (`asking`): while it runs the
+warm-up starts no further load, and what is not loaded yet the question streams from
+the segments' mappings — the scanned heads' key codes a few hundred blocks at a time
+into scratch, which it decodes itself (`code_steps`), one layer's bounds at a time
+(`layer_bound_pairs`).
+Memory a process has not touched before is slow to fault in (about 2 s a GB on the
+VM these figures come from), so at 1M tokens the index's 1.2 GB cost a first question
+more than decoding what it reads into the same few megabytes again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +55,9 @@ log = logging.getLogger(__name__)
 # from the warm-up's threads slowed the question's own torch work after them (32K
 # decode 7.7-10.3 tok/s against 9.8-12.3).
 DECODE_BLOCKS = 32
+# Blocks a question decodes per step when it streams a head's keys (1 MB of scratch
+# at block 32, D = 64): one matmul a step.
+STREAM_BLOCKS = 256
 
 
 def bfloat16_bits(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
@@ -134,6 +147,10 @@ class CorpusScope:
         self._warming: ThreadPoolExecutor | None = None
         self._index_loads: list[Future] = []
         self._closed = False
+        self._questions = 0  # questions running (`asking`): the warm-up waits for none
+        self._no_question = threading.Condition(self._lock)
+        self._wanted: set[tuple] = set()  # keys a caller waits for: their loads never pause
+        self._local = threading.local()  # .warming on the warm-up's threads
         # Copies of index arrays a backend keeps on its device (a GPU) while the
         # scope stays open, so each question does not upload them again.
         self.resident: dict[tuple, object] = {}
@@ -157,6 +174,9 @@ class CorpusScope:
             mine = future is None
             if mine:
                 future = self._loaded[key] = Future()
+            else:  # a load the warm-up paused goes on for its caller
+                self._wanted.add(key)
+                self._no_question.notify_all()
         if mine:
             try:
                 future.set_result(make())
@@ -192,20 +212,48 @@ class CorpusScope:
         for segment in older:
             self._warming.submit(self._quietly, self._upgrade, segment)
 
+    @contextmanager
+    def asking(self) -> Iterator[None]:
+        """While a question runs, the warm-up starts no further load (those running
+        finish): on a CPU the question has the cores, and streams what is not loaded
+        (`key_steps`, `layer_bound_pairs`); the warm-up goes on after it."""
+        with self._lock:
+            self._questions += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._questions -= 1
+                self._no_question.notify_all()
+
     def _quietly(self, load: Callable, *args) -> None:
+        self._pause()
         if self._closed:
             return
+        self._local.warming = True
         try:
             load(*args)
         except Exception:  # noqa: BLE001 — the question that needs it loads it again and reports
             pass
+        finally:
+            self._local.warming = False
 
-    def wait_index(self, cancel: Callable[[], bool] | None = None) -> None:
-        """Block until the warm-up's index and key loads are done (not its checks of
-        older segments), or until `cancel()` is true."""
-        pending = [job for job in self._index_loads if not job.done()]
-        while pending and not (cancel and cancel()):
-            pending = list(wait(pending, timeout=0.1).not_done)
+    def _pause(self, key: tuple | None = None) -> None:
+        """On a warm-up thread, wait while a question runs (unless someone waits for
+        `key`, the load in hand); called between loads and between segments."""
+        if key is not None and not getattr(self._local, "warming", False):
+            return
+        with self._lock:
+            while self._questions and not self._closed and key not in self._wanted:
+                self._no_question.wait()
+            if key is not None and self._closed:
+                raise ValueError("the scope is closed")  # the load stops; close goes on
+
+    def loaded(self, key: tuple) -> bool:
+        """Whether the array under `key` (("bounds",) or ("keys", layer, head)) is in RAM."""
+        with self._lock:
+            future = self._loaded.get(key)
+        return future is not None and future.done() and future.exception() is None
 
     def wait_warm(self) -> None:
         """Block until the warm-up started by `warm` has finished."""
@@ -222,6 +270,7 @@ class CorpusScope:
             D = first.head_dim
             pairs = np.empty((len(first.layers), first.kv_heads, self.n_blocks, 2 * D), np.float16)
             for index, segment in enumerate(self.segments):
+                self._pause(("bounds",))
                 low, high = segment.key_bounds_all()  # (L, nb, H, D) each
                 start = self.seg_first_block[index]
                 pairs[:, :, start : start + low.shape[1], :D] = high.transpose(0, 2, 1, 3)
@@ -252,11 +301,70 @@ class CorpusScope:
             # the codes first (at 1M, 64 MB a head of memory touched for nothing).
             bits = np.empty((self.n_blocks, self.block_size, first.head_dim), np.uint16)
             for index, segment in enumerate(self.segments):
+                self._pause(("keys", layer, head))
                 start = self.seg_first_block[index]
                 decode_scan_keys(*segment.stored_keys(slot, head), first.levels, out=bits[start : start + segment.n_blocks])
             return bits.reshape(-1, first.head_dim)
 
         return self._load(("keys", layer, head), make)
+
+    def key_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The rows of a loaded `head_keys(layer, head)`, STREAM_BLOCKS blocks at a
+        time: (first block, (blocks · block_size, D) uint16 view)."""
+        keys, size = self.head_keys(layer, head), self.block_size
+        for start in range(0, self.n_blocks, STREAM_BLOCKS):
+            yield start, keys[start * size : (start + STREAM_BLOCKS) * size]
+
+    def code_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The stored key codes of (layer, head), STREAM_BLOCKS blocks at a time as
+        `Segment.stored_keys` gives them: (first block, codes (blocks, block_size, D
+        or D/2), key_min, key_max (blocks, D)), copied from the segments into scratch
+        that the next step overwrites — for a question that decodes them itself while
+        `head_keys` is not loaded (decoded by `decode_keys`, they are its rows)."""
+        first = self.segments[0]
+        slot = first.layer_slot(layer)
+        scratch = None
+        filled = start = 0
+        for segment in self.segments:
+            stored, low, high = segment.stored_keys(slot, head)
+            if scratch is None:
+                scratch = tuple(np.empty((STREAM_BLOCKS, *a.shape[1:]), a.dtype) for a in (stored, low, high))
+            done = 0
+            while done < segment.n_blocks:
+                take = min(segment.n_blocks - done, STREAM_BLOCKS - filled)
+                for into, source in zip(scratch, (stored, low, high)):
+                    into[filled : filled + take] = source[done : done + take]
+                filled += take
+                done += take
+                if filled == STREAM_BLOCKS:
+                    yield (start, *scratch)
+                    start += filled
+                    filled = 0
+        if filled:
+            yield (start, *(a[:filled] for a in scratch))
+
+    @property
+    def levels(self) -> int | None:
+        """The segments' key code levels (255 int8, 15 int4, None fp16)."""
+        return self.segments[0].levels
+
+    def layer_bound_pairs(self, layer: int, heads: Sequence[int]) -> np.ndarray:
+        """`bound_pairs(layer)` of the KV heads `heads`: (len(heads), n_blocks, 2·D)
+        float16, a copy — from the loaded index, or else from the segments for this
+        layer only (the warm-up's one load of every layer is not started)."""
+        heads = list(heads)
+        if self.loaded(("bounds",)):
+            return self.bound_pairs(layer)[heads]
+        first = self.segments[0]
+        slot, D = first.layer_slot(layer), first.head_dim
+        pairs = np.empty((len(heads), self.n_blocks, 2 * D), np.float16)
+        for index, segment in enumerate(self.segments):
+            low, high = segment.key_bounds_all()  # (L, nb, H, D) each
+            part = slice(self.seg_first_block[index], self.seg_first_block[index] + segment.n_blocks)
+            for row, head in enumerate(heads):
+                pairs[row, part, :D] = high[slot, :, head]
+                pairs[row, part, D:] = low[slot, :, head]
+        return pairs
 
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys, values, owners = [], [], []
@@ -295,6 +403,7 @@ class CorpusScope:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._no_question.notify_all()
         if self._warming is not None:
             # Loads not started are dropped; those running finish before the files close.
             self._warming.shutdown(wait=True, cancel_futures=True)

@@ -7,6 +7,7 @@ Both backends import these, so they select and cite alike by construction.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -144,6 +145,7 @@ class MemoryScope(Protocol):
     n_blocks: int
     total_tokens: int
     block_size: int
+    levels: int | None  # key code levels: 255 int8, 15 int4, None fp16
     local_block: np.ndarray  # (n_blocks,) each block's index within its segment
 
     def has_layer(self, layer: int) -> bool: ...
@@ -156,8 +158,25 @@ class MemoryScope(Protocol):
         """The same as (Hkv, n_blocks, 2·D): each block's maximum, then its minimum."""
         ...
 
-    def head_keys(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every key of one KV head as bfloat16 bits (N, D) uint16, and each key's block."""
+    def layer_bound_pairs(self, layer: int, heads: Sequence[int]) -> np.ndarray:
+        """`bound_pairs(layer)[heads]`, loaded or streamed for this layer only."""
+        ...
+
+    def head_keys(self, layer: int, head: int) -> np.ndarray:
+        """Every key of one KV head as bfloat16 bits (n_blocks · block_size, D)
+        uint16, row r in block r // block_size."""
+        ...
+
+    def loaded(self, key: tuple) -> bool:
+        """Whether ("bounds",) or ("keys", layer, head) is loaded in RAM."""
+        ...
+
+    def key_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Loaded `head_keys` a few hundred blocks at a time: (first block, rows)."""
+        ...
+
+    def code_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The same blocks' stored key codes and bounds, streamed from the segments."""
         ...
 
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

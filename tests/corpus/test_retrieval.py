@@ -91,3 +91,34 @@ def test_the_engine_says_when_a_question_will_measure_the_heads_first(model, tmp
     (engine.root / retrieval.FILE_NAME).write_text(json.dumps({"version": retrieval.CALIBRATION_VERSION, "heads": [[1, 0, 5.0]]}))
     assert not engine.will_measure_heads([document], small)
     assert engine.retrieval_heads() == [(1, 0)]
+
+
+def test_a_question_before_the_warm_up_streams_and_answers_as_after_it(model, tmp_path, monkeypatch):  # noqa: F811
+    """On the CPU a question does not wait for the scope's index: asked with nothing
+    loaded (the warm-up held off) it streams the scanned heads' keys and each layer's
+    bounds from the segments, keeps none of them, and answers token for token, with
+    the same evidence, as over the warmed scope."""
+    from engine.corpus.scope import CorpusScope
+
+    document = island_document(40)
+    small = SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, scan_heads=3)
+    engine = Engine(model, cache_root=tmp_path, sparse=small)
+    engine.build([document])
+    engine._retrieval_heads = [(2, 0), (5, 4), (7, 1)]
+    params = SamplingParams(max_new_tokens=12)
+
+    def asked():
+        events = list(engine.ask(QUESTION, [document], params))
+        tokens = [e.text for e in events if type(e).__name__ == "Token"]
+        evidence = [(e.char_start, e.char_end, round(e.weight, 6)) for e in events if type(e).__name__ == "Evidence"]
+        return tokens, evidence, events[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CorpusScope, "warm", lambda self, *args, **kwargs: None)
+        streamed, evidence, stats = asked()
+    assert stats.tokens_scanned == 3 * len(model.tokenizer.encode(document.text)) and stats.index_bytes == 0
+    engine._close_scope()
+    engine.open_scope([document]).wait_warm()
+    warmed, warmed_evidence, warmed_stats = asked()
+    assert warmed_stats.index_bytes > 0 and warmed_stats.tokens_scanned == stats.tokens_scanned
+    assert warmed == streamed and warmed_evidence == evidence and evidence

@@ -9,6 +9,8 @@ design, so they cannot see the text the way the dense prompt's sliding window do
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -239,8 +241,7 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
     current = CorpusScope(warmed.store, warmed.entries, 16)
     assert {segment.version for segment in current.segments} == {store_module.FORMAT_VERSION}
     current.warm(layers, heads, threads=1)
-    current.wait_index(cancel=lambda: True)  # a cancelled question does not wait
-    current.wait_index()  # a question on the CPU waits for the loads, nothing else
+    current.wait_warm()
     assert all(job.done() for job in current._index_loads) and len(current._index_loads) == 1 + len(heads)
     assert sorted(current._loaded) == sorted(key for key in warmed._loaded if key[0] != "verified")
     current.close()
@@ -254,3 +255,65 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
     busy.close()  # must not fail while loads are queued or running
     with pytest.raises(ValueError, match="closed"):
         busy.bound_pairs(layers[0])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
+def test_a_question_streams_the_keys_and_bounds_the_scope_has_not_loaded(pair, tmp_path, monkeypatch, precision):
+    """Streamed in steps that cross segment edges and decoded by the torch backend,
+    the scanned heads' keys are `head_keys` bit for bit, and one layer's bounds are
+    `bound_pairs`; nothing streamed is kept, and once loaded the same steps are
+    slices of the loaded arrays."""
+    _, model = pair
+    scope = cached_scope(model, tmp_path, ids(5, 1), [ids(40, 2), ids(23, 3), ids(70, 4)], precision=precision)
+    monkeypatch.setattr(scope_module, "STREAM_BLOCKS", 2)  # segments of 3, 2 and 5 blocks
+    cache = MemoryAttentionCache(model, scope, SparseSettings(), prefix_len=5, capacity=8)
+    layer, size = sorted(scope.layers)[-1], scope.block_size
+    codes = list(scope.code_steps(layer, 1))
+    assert [step[0] for step in codes] == [0, 2, 4, 6, 8] and scope.n_blocks == 10
+    streamed = [(first, keys.clone()) for first, keys in cache._key_steps(layer, 1)]
+    pairs = scope.layer_bound_pairs(layer, [1, 0])
+    assert scope.index_bytes() == 0 and not scope.loaded(("keys", layer, 1))  # nothing kept
+    rows = torch.cat([keys for _, keys in streamed])
+    assert rows.dtype == torch.bfloat16 and rows.shape == (10 * size, model.config.head_dim)
+    assert np.array_equal(rows.view(torch.int16).numpy().view(np.uint16), scope.head_keys(layer, 1))
+    assert np.array_equal(pairs, scope.bound_pairs(layer)[[1, 0]])
+    assert scope.loaded(("keys", layer, 1)) and scope.loaded(("bounds",))
+    loaded = list(cache._key_steps(layer, 1))
+    assert [first for first, _ in loaded] == [first for first, _ in streamed]
+    assert loaded[0][1].data_ptr() == scope.head_keys(layer, 1).ctypes.data  # a view
+    assert torch.equal(torch.cat([keys for _, keys in loaded]), rows)
+    assert np.array_equal(scope.layer_bound_pairs(layer, [0]), pairs[1:])
+
+
+def test_the_warm_up_waits_while_a_question_runs(pair, tmp_path):
+    """Inside `asking` the warm-up starts no load and pauses one under way between
+    segments, unless the question itself asks for that array; it resumes after, and
+    closing the scope stops a paused warm-up."""
+    _, model = pair
+    texts = [ids(40, 20 + i) for i in range(6)]
+    scope = cached_scope(model, tmp_path, ids(5, 1), texts, precision="int8")
+    layers = sorted(scope.layers)
+    heads = [(layers[0], 0), (layers[-1], 1)]
+
+    def as_warm_up(layer, head):  # a load on a warm-up thread, already under way
+        scope._local.warming = True
+        scope.head_keys(layer, head)
+
+    with scope.asking():
+        scope.warm(layers, heads, threads=2)
+        under_way = threading.Thread(target=as_warm_up, args=heads[1])
+        under_way.start()
+        under_way.join(0.3)  # time for loads to start and finish, were they allowed to
+        assert under_way.is_alive() and ("keys", *heads[1]) in scope._loaded
+        assert scope.index_bytes() == 0 and not any(job.done() for job in scope._index_loads)
+        # The question needs that head's keys now: the paused load goes on for it.
+        assert scope.head_keys(*heads[1]).shape[0] == scope.n_blocks * scope.block_size
+        under_way.join(30)
+        assert not under_way.is_alive() and not scope.loaded(("bounds",))
+    scope.wait_warm()
+    assert all(scope.loaded(key) for key in [("bounds",), ("keys", *heads[0]), ("keys", *heads[1])])
+    paused = cached_scope(model, tmp_path / "b", ids(5, 1), texts, precision="int8")
+    with paused.asking():
+        paused.warm(layers, heads, threads=2)
+        paused.close()  # does not wait for the question to end
+    assert not paused.loaded(("bounds",))

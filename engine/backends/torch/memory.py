@@ -32,7 +32,7 @@ the last prompt token on is accumulated as evidence.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,20 @@ from engine.corpus.settings import SparseSettings
 
 # Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
 SCAN_CHUNK = 65_536
+
+def decode_keys(stored: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int | None) -> torch.Tensor:
+    """engine/corpus/store.py's decode_keys in torch, op for op (the same float32
+    bits): stored (..., block_size, D or D/2), low/high (..., D) f16 → float32."""
+    if levels is None:
+        return stored.float()
+    if levels == 15:
+        stored = torch.stack((stored & 0x0F, stored >> 4), dim=-1).flatten(-2)
+    decoded = stored.float()
+    low32 = low.float().unsqueeze(-2)
+    decoded *= (high.float().unsqueeze(-2) - low32) / levels
+    decoded += low32
+    return decoded
+
 
 def cover_scores(rows: torch.Tensor, threshold: float) -> torch.Tensor:
     """rows (J, n_blocks): each query's best match per block. Each row standardised
@@ -285,7 +299,7 @@ class MemoryAttentionCache:
                 first[head] = best
             bounded = [h for h in range(self.kv_heads) if h not in scanned]
             if bounded:
-                pairs = self._resident(("bounds", layer), lambda: self.scope.bound_pairs(layer))[bounded]  # (h, NB, 2D): [max | min]
+                pairs = self._bound_pairs(layer, bounded)  # (h, NB, 2D): [max | min]
                 # max over the block of q·k ≤ Σ_c max(q_c·min_c, q_c·max_c) = q⁺·max + q⁻·min
                 signed = torch.cat([queries[bounded].clamp(min=0), queries[bounded].clamp(max=0)], dim=2)  # (h, J, 2D)
                 bound = torch.bmm(pairs.to(self.rank_dtype), signed.transpose(1, 2).to(self.rank_dtype))
@@ -344,17 +358,43 @@ class MemoryAttentionCache:
 
     def _scan_rows(self, layer: int, head: int, queries: torch.Tensor) -> torch.Tensor:
         """Each query's best match in every block (max over the block's tokens), from
-        the scope's resident bfloat16 keys (block_size rows a block): (J, n_blocks) fp32."""
+        the head's bfloat16 keys (block_size rows a block): (J, n_blocks) fp32."""
         queries = queries.to(self.device, self.rank_dtype)
-        keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head)).view(torch.bfloat16)
         size = self.scope.block_size
-        chunk = max(1, SCAN_CHUNK // size) * size
         rows = torch.empty(queries.shape[0], self.scope.n_blocks, device=self.device)
-        for start in range(0, len(keys), chunk):
-            scores = queries @ keys[start : start + chunk].to(self.rank_dtype).T  # (J, chunk)
-            rows[:, start // size : (start + scores.shape[1]) // size] = scores.view(len(scores), -1, size).amax(dim=2).float()
+        for first, keys in self._key_steps(layer, head):
+            scores = queries @ keys.to(self.rank_dtype).T  # (J, rows)
+            rows[:, first : first + scores.shape[1] // size] = scores.view(len(scores), -1, size).amax(dim=2).float()
         self.stats.tokens_scanned += self.scope.total_tokens  # padding rows are not tokens
         return rows
+
+    def _key_steps(self, layer: int, head: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """A scanned head's keys in bfloat16, in steps: (first block, rows).
+        Elsewhere than the CPU they are made resident on the device once; on the
+        CPU, keys the scope has not loaded yet are decoded here from its stored codes
+        (scope.code_steps) with the question's threads: the same bits as `head_keys`."""
+        if self.device.type != "cpu":
+            keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head))
+            size = self.scope.block_size
+            chunk = max(1, SCAN_CHUNK // size) * size
+            for start in range(0, len(keys), chunk):
+                yield start // size, keys[start : start + chunk].view(torch.bfloat16)
+        elif self.scope.loaded(("keys", layer, head)):
+            for first, bits in self.scope.key_steps(layer, head):
+                yield first, torch.from_numpy(bits).view(torch.bfloat16)
+        else:
+            levels = self.scope.levels
+            for first, stored, low, high in self.scope.code_steps(layer, head):
+                keys = decode_keys(torch.from_numpy(stored), torch.from_numpy(low), torch.from_numpy(high), levels)
+                yield first, keys.to(torch.bfloat16).view(-1, keys.shape[-1])
+
+    def _bound_pairs(self, layer: int, heads: list[int]) -> torch.Tensor:
+        """(len(heads), n_blocks, 2·D) bound pairs of `layer` (scope.bound_pairs). On
+        the CPU the scope copies them from its index, or streams this layer's when
+        the index is not loaded; elsewhere every layer's is resident on the device."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.scope.layer_bound_pairs(layer, heads))
+        return self._resident(("bounds", layer), lambda: self.scope.bound_pairs(layer))[heads]
 
     def _scan_score(self, rows: torch.Tensor) -> torch.Tensor:
         """A scanned block's score under `scan_score` (SparseSettings): (n_blocks,)."""
