@@ -164,7 +164,7 @@ def _bench_corpus(args: argparse.Namespace) -> dict | None:
     engine = Engine(model, cache_settings=CacheSettings(precision=args.precision), sparse=sparse)
     out = Path(args.out) if args.out else None
     if args.what == "scale":
-        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out)
+        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out, cold=args.cold)
 
     def show(case: dict) -> None:
         line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} sparse={case['sparse']['score']:.2f}"
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
     bench.add_argument("--sparse", help='niah/scale: sparse settings as JSON, e.g. \'{"max_blocks": 32}\'')
     bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
+    bench.add_argument("--cold", action="store_true",
+                       help="scale: drop the page cache before each scope opens (Linux, as root), as after a restart")
     bench.set_defaults(func=cmd_bench)
 
     from app.cli_library import register as register_library

@@ -282,9 +282,24 @@ SCALE_QUESTIONS = (
 )
 
 
-def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32) -> dict:
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (Linux, as root), so that what a scope reads
+    comes from the disk, as after a restart. False where that is not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def run_scale(
+    engine: Engine, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32,
+    cold: bool = False,
+) -> dict:
     """Time to first token, decode speed, bytes read and index RAM versus corpus size,
-    against dense decode after a 2K prompt; cache bytes per token per precision."""
+    against dense decode after a 2K prompt; cache bytes per token per precision. With
+    `cold`, the page cache is dropped before each scope opens (where allowed)."""
     model = engine.model
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
@@ -308,6 +323,7 @@ def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path |
         unique = {ref.key for d in documents for ref in engine.manifests.load(d.content_key).segments}
         unique_bytes = sum(engine.store.path_for(k).stat().st_size for k in unique)
         engine._close_scope()
+        page_cache = "dropped" if cold and drop_page_cache() else "as found"
         started = time.perf_counter()
         scope = engine.open_scope(documents)
         open_seconds = time.perf_counter() - started
@@ -321,17 +337,19 @@ def run_scale(engine: Engine, haystack: Path, *, lengths: list[int], out: Path |
         # in the background before anyone asks. Reopened here, the wait for that
         # warm-up, then one question on the prepared scope.
         engine._close_scope()
+        prepared_cache = "dropped" if cold and drop_page_cache() else "as found"
         started = time.perf_counter()
         engine.open_scope(documents).wait_warm()
         warm_seconds = time.perf_counter() - started
         _, _, stats = collect_answer(engine.ask(SCALE_QUESTIONS[1], documents, params))
-        prepared = {"warm_seconds": round(warm_seconds, 3), "ttft": round(stats.time_to_first_token, 3)}
+        prepared = {"warm_seconds": round(warm_seconds, 3), "ttft": round(stats.time_to_first_token, 3), "page_cache": prepared_cache}
         record = {
             "length": length, "tokens": scope.total_tokens, "documents": len(documents),
             "prepared": prepared,
             "unique_segments": len(unique), "unique_cache_bytes": unique_bytes,
             "repeated": len(documents) > len(essays),
             "build_seconds": round(build_seconds, 1), "segments_built": summary.segments_built,
+            "page_cache": page_cache,
             "scope_open_seconds": round(open_seconds, 3), "blocks_in_scope": scope.n_blocks, "asks": asks,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

@@ -58,6 +58,20 @@ DECODE_BLOCKS = 32
 # Blocks a question decodes per step when it streams a head's keys (1 MB of scratch
 # at block 32, D = 64): one matmul a step.
 STREAM_BLOCKS = 256
+# Segments whose next array a pass over the scope asks the kernel to read ahead.
+READ_AHEAD = 16
+
+
+def _ahead(segments: Sequence[Segment], fetch: Callable[[Segment], None]) -> Iterator[tuple[int, Segment]]:
+    """(index, segment) in order, each asked for (`fetch`) READ_AHEAD segments before
+    it is read, so the disk has several reads in hand (segment mappings read no more
+    than a fault's page by themselves)."""
+    for segment in segments[:READ_AHEAD]:
+        fetch(segment)
+    for index, segment in enumerate(segments):
+        if index + READ_AHEAD < len(segments):
+            fetch(segments[index + READ_AHEAD])
+        yield index, segment
 
 
 def bfloat16_bits(values: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
@@ -88,6 +102,22 @@ def decode_scan_keys(
         part = slice(start, start + DECODE_BLOCKS)
         out[part] = bfloat16_bits(decode_keys(stored[part], low[part], high[part], levels), overwrite=True)
     return out
+
+
+def _fetch_keys(slot: int, head: int) -> Callable[[Segment], None]:
+    """What a pass over one head's keys reads of a segment."""
+    return lambda segment: segment.prefetch("keys", (slot, head))
+
+
+def _fetch_bounds(slot: int | None = None) -> Callable[[Segment], None]:
+    """What a pass over block bounds (one stored layer's, or every layer's) reads."""
+    lead = () if slot is None else (slot,)
+
+    def fetch(segment: Segment) -> None:
+        segment.prefetch("key_min", lead)
+        segment.prefetch("key_max", lead)
+
+    return fetch
 
 
 @dataclass
@@ -269,7 +299,7 @@ class CorpusScope:
             first = self.segments[0]
             D = first.head_dim
             pairs = np.empty((len(first.layers), first.kv_heads, self.n_blocks, 2 * D), np.float16)
-            for index, segment in enumerate(self.segments):
+            for index, segment in _ahead(self.segments, _fetch_bounds()):
                 self._pause(("bounds",))
                 low, high = segment.key_bounds_all()  # (L, nb, H, D) each
                 start = self.seg_first_block[index]
@@ -300,7 +330,7 @@ class CorpusScope:
             # Straight from each segment's mapping into the array kept: no copy of
             # the codes first (at 1M, 64 MB a head of memory touched for nothing).
             bits = np.empty((self.n_blocks, self.block_size, first.head_dim), np.uint16)
-            for index, segment in enumerate(self.segments):
+            for index, segment in _ahead(self.segments, _fetch_keys(slot, head)):
                 self._pause(("keys", layer, head))
                 start = self.seg_first_block[index]
                 decode_scan_keys(*segment.stored_keys(slot, head), first.levels, out=bits[start : start + segment.n_blocks])
@@ -325,7 +355,7 @@ class CorpusScope:
         slot = first.layer_slot(layer)
         scratch = None
         filled = start = 0
-        for segment in self.segments:
+        for _, segment in _ahead(self.segments, _fetch_keys(slot, head)):
             stored, low, high = segment.stored_keys(slot, head)
             if scratch is None:
                 scratch = tuple(np.empty((STREAM_BLOCKS, *a.shape[1:]), a.dtype) for a in (stored, low, high))
@@ -358,7 +388,7 @@ class CorpusScope:
         first = self.segments[0]
         slot, D = first.layer_slot(layer), first.head_dim
         pairs = np.empty((len(heads), self.n_blocks, 2 * D), np.float16)
-        for index, segment in enumerate(self.segments):
+        for index, segment in _ahead(self.segments, _fetch_bounds(slot)):
             low, high = segment.key_bounds_all()  # (L, nb, H, D) each
             part = slice(self.seg_first_block[index], self.seg_first_block[index] + segment.n_blocks)
             for row, head in enumerate(heads):
@@ -373,9 +403,17 @@ class CorpusScope:
             D = self.segments[0].head_dim
             return np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros(0, np.int64)
         segs = self.seg_of_block[blocks]
-        # Runs of consecutive blocks from one segment are read in one call.
+        # Runs of blocks from one segment are read in one call, and each is asked for
+        # before the first is read: the disk reads them together (mappings read no
+        # more than a fault's page by themselves).
         cuts = np.flatnonzero(np.diff(segs)) + 1
-        for run in np.split(np.arange(len(blocks)), cuts):
+        runs = np.split(np.arange(len(blocks)), cuts)
+        slot, starts = self.segments[0].layer_slot(layer), np.r_[0, cuts]
+        local = self.local_block[blocks]
+        lows, highs = np.minimum.reduceat(local, starts).tolist(), np.maximum.reduceat(local, starts).tolist()
+        for seg, low, high in zip(segs[starts].tolist(), lows, highs):
+            self.segments[seg].prefetch_blocks(slot, head, low, high + 1)
+        for run in runs:
             segment = self.segments[segs[run[0]]]
             self._verify(segment)
             k, v, tokens = segment.gather(segment.layer_slot(layer), head, self.local_block[blocks[run]])

@@ -278,8 +278,13 @@ def _crc(buffer: memoryview, ranges: list[tuple[int, int]]) -> int:
     return crc
 
 
-def _parse(buffer: memoryview, path: Path) -> _Layout:
-    """Check magic, version, trailer, header and index CRC of a whole mapped file."""
+_RANDOM = getattr(mmap, "MADV_RANDOM", None)
+_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+
+
+def _parse(buffer: memoryview, path: Path, fd: int | None = None) -> _Layout:
+    """Check magic, version, trailer, header and index CRC of a whole mapped file
+    (the index read from `fd` in one call when given)."""
     size = len(buffer)
     if size < _PREFIX.size + _TRAILER.size:
         raise CorruptCacheError(f"cache segment {path} is truncated ({size} bytes)")
@@ -315,7 +320,15 @@ def _parse(buffer: memoryview, path: Path) -> _Layout:
     starts = [start for start, _ in layout.span(list(arrays))]
     if not matches or max(ends) != size - _TRAILER.size or any(o < data_start or o % _ALIGN for o in starts):
         raise CorruptCacheError(f"cache segment {path} has an array table that does not match its size")
-    if _crc(buffer, layout.span(_index_arrays(version))) != header["index_crc"]:
+    index = layout.span(_index_arrays(version))
+    if fd is not None:
+        # The index leads the arrays: read it in one call. On a cold disk a mapping
+        # faults it in a few pages at a time (at 1M, 1,122 segments' indexes: 7.5-8.4 s
+        # through the mapping, 1.4 s read); what is read stays in the page cache.
+        first = min(start for start, _ in index)
+        data = memoryview(os.pread(fd, max(end for _, end in index) - first, first))
+        buffer, index = data, [(start - first, end - first) for start, end in index]
+    if _crc(buffer, index) != header["index_crc"]:
         raise CorruptCacheError(f"cache segment {path} has a damaged index (CRC mismatch)")
     return layout
 
@@ -449,6 +462,34 @@ class Segment:
                 f"block {int(blocks[bad][0])})"
             )
 
+    def prefetch(self, name: str, lead: tuple[int, ...] = (), rows: Sequence[tuple[int, int]] | None = None) -> None:
+        """Ask the kernel to read ahead, in the background, the sub-array
+        `arrays[name][lead]` (e.g. lead = (slot, head)): all of it, or the ranges
+        [start, end) of its first axis in `rows` (tokens, for keys and values)."""
+        if _WILLNEED is None or self._mapping is None:
+            return
+        offset, dtype, shape = self._layout.arrays[name]
+        inner = shape[len(lead) :]
+        row_bytes = math.prod(inner[1:]) * dtype.itemsize
+        index = 0
+        for size, at in zip(shape, lead):
+            index = index * size + at
+        base = offset + index * inner[0] * row_bytes
+        page = mmap.PAGESIZE
+        for first, end in rows if rows is not None else [(0, inner[0])]:
+            start = base + first * row_bytes
+            aligned = start - start % page
+            try:
+                self._mapping.madvise(_WILLNEED, aligned, base + end * row_bytes - aligned)
+            except OSError:  # a hint only
+                return
+
+    def prefetch_blocks(self, slot: int, head: int, first: int, end: int) -> None:
+        """`prefetch` what `gather(slot, head, …)` reads of blocks first..end - 1."""
+        rows = [(first * self.block_size, min(end * self.block_size, self.tokens))]
+        for name in ("keys", "values", *(name for name, _ in _VALUE_PARAMS[self.precision])):
+            self.prefetch(name, (slot, head), rows)
+
     @property
     def levels(self) -> int | None:
         """Quantisation levels of the codes: 255 (int8), 15 (int4), None (fp16)."""
@@ -481,6 +522,8 @@ class Segment:
         if self._mapping is None:
             raise ValueError(f"segment {self.key} is closed")
         layout = self._layout
+        if _WILLNEED is not None:
+            self._mapping.madvise(_WILLNEED)  # read whole: read ahead
         index = _index_arrays(layout.version)
         payload = [name for name in layout.arrays if name not in index]
         with memoryview(self._mapping) as buffer:
@@ -536,12 +579,20 @@ class SegmentStore:
             if os.fstat(handle.fileno()).st_size == 0:
                 raise CorruptCacheError(f"cache segment {path} is empty")
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            with memoryview(mapping) as buffer:
-                layout = _parse(buffer, path)
-        except BaseException:
-            mapping.close()
-            raise
+            if _RANDOM is not None:
+                # Reads are a few KB here and there (a page at each end and the index
+                # on opening, a block's rows, one head's keys): no read-ahead on a
+                # fault, which reads up to read_ahead_kb around it (8 MB on the machine
+                # of docs/BENCHMARKS.md, most of a segment: from a cold disk 1M's 1,122
+                # segments opened in 7-10 s, against 1.2 s so). Whoever reads more asks
+                # for it ahead (`Segment.prefetch`).
+                mapping.madvise(_RANDOM)
+            try:
+                with memoryview(mapping) as buffer:
+                    layout = _parse(buffer, path, handle.fileno())
+            except BaseException:
+                mapping.close()
+                raise
         return mapping, layout
 
     def open(self, key: str) -> Segment:

@@ -117,6 +117,54 @@ def test_gather_returns_the_same_rows_as_dequantize(store: SegmentStore, precisi
     segment.close()
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_read_ahead_requests_cover_what_is_read_and_change_nothing(store: SegmentStore, precision: str, monkeypatch) -> None:
+    """`prefetch` asks the kernel for the byte ranges of exactly the sub-arrays and
+    token rows named (checked against the mapping's own addresses), up to the end of
+    the file, and reads still return what they did."""
+    import mmap
+
+    keys, values = make_kv(seed=2)
+    store.write("ef56", keys, values, layers=[0, 1], precision=precision)
+    segment = store.open("ef56")
+    before = segment.gather(1, 1, np.array([2, 3]))
+    asked = []
+
+    class Recording:
+        def __init__(self, mapping):
+            self.mapping = mapping
+
+        def madvise(self, option, start, length):
+            asked.append((option, start, length))
+            return self.mapping.madvise(option, start, length)
+
+    monkeypatch.setattr(segment, "_mapping", Recording(segment._mapping))
+    base = segment._arrays["key_min"].ctypes.data - segment._layout.arrays["key_min"][0]  # the mapping's address
+    segment.prefetch_blocks(1, 1, 2, 4)  # blocks 2 and 3: tokens 64..99 (block 3 is partial)
+    segment.prefetch("key_min", (1,))
+    segment.prefetch("keys")  # a whole array
+    rows = {"keys": segment._arrays["keys"][1, 1], "values": segment._arrays["values"][1, 1]}
+    wanted = [(rows[name][64].ctypes.data, rows[name][99].ctypes.data + rows[name].strides[0]) for name in ("keys", "values")]
+    params = [name for name in ("value_min", "value_scale", "value_zero") if name in segment._arrays]
+    for name in params:
+        column = segment._arrays[name][1, 1]
+        wanted.append((column[64:].ctypes.data, column[64:].ctypes.data + column[64:].nbytes))
+    low = segment._arrays["key_min"][1]
+    wanted.append((low.ctypes.data, low.ctypes.data + low.nbytes))
+    whole = segment._arrays["keys"]
+    wanted.append((whole.ctypes.data, whole.ctypes.data + whole.nbytes))
+    assert len(asked) == len(wanted) == 4 + len(params)
+    for (option, start, length), (first, end) in zip(asked, wanted):
+        assert option == mmap.MADV_WILLNEED and start % mmap.PAGESIZE == 0
+        assert base + start <= first and base + start + length == end and first - (base + start) < mmap.PAGESIZE
+        assert start + length <= segment.nbytes
+    after = segment.gather(1, 1, np.array([2, 3]))
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    monkeypatch.undo()
+    segment.close()
+    segment.prefetch("keys")  # closed: a hint, nothing to do
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_file_layout_decodes_independently(store: SegmentStore, precision: str) -> None:
     keys, values = make_kv(layers=1, heads=2, tokens=40, dim=8, seed=2)
