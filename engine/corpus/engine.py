@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -282,14 +283,12 @@ class Engine:
         )
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
-        if str(getattr(self.model.model, "device", "")) == "cpu":
-            # On the CPU a question does not wait for the index to load: the warm-up
-            # pauses while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to
-            # the first token overlapped), and what is not loaded yet it streams from
-            # the segments (scope.py). A GPU computes while the CPU loads.
-            with scope.asking():
-                yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
-        else:
+        # On the CPU a question does not wait for the index to load: the warm-up pauses
+        # while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to the first
+        # token overlapped), and what is not loaded yet it streams from the segments
+        # (scope.py). A GPU computes while the CPU loads.
+        on_cpu = str(getattr(self.model.model, "device", "")) == "cpu"
+        with scope.asking() if on_cpu else nullcontext():
             yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
         yield from self._evidence(scope, cache.evidence_weights(), evidence_limit)
         selected = cache.stats.blocks_selected

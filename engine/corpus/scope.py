@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,7 +246,7 @@ class CorpusScope:
     def asking(self) -> Iterator[None]:
         """While a question runs, the warm-up starts no further load (those running
         finish): on a CPU the question has the cores, and streams what is not loaded
-        (`key_steps`, `layer_bound_pairs`); the warm-up goes on after it."""
+        (`code_steps`, `layer_bound_pairs`); the warm-up goes on after it."""
         with self._lock:
             self._questions += 1
         try:
@@ -338,13 +338,6 @@ class CorpusScope:
 
         return self._load(("keys", layer, head), make)
 
-    def key_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray]]:
-        """The rows of a loaded `head_keys(layer, head)`, STREAM_BLOCKS blocks at a
-        time: (first block, (blocks · block_size, D) uint16 view)."""
-        keys, size = self.head_keys(layer, head), self.block_size
-        for start in range(0, self.n_blocks, STREAM_BLOCKS):
-            yield start, keys[start * size : (start + STREAM_BLOCKS) * size]
-
     def code_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """The stored key codes of (layer, head), STREAM_BLOCKS blocks at a time as
         `Segment.stored_keys` gives them: (first block, codes (blocks, block_size, D
@@ -416,7 +409,7 @@ class CorpusScope:
         for run in runs:
             segment = self.segments[segs[run[0]]]
             self._verify(segment)
-            k, v, tokens = segment.gather(segment.layer_slot(layer), head, self.local_block[blocks[run]])
+            k, v, tokens = segment.gather(slot, head, local[run])
             keys.append(k)
             values.append(v)
             owners.append(self.seg_first_block[segs[run[0]]] + tokens // self.block_size)

@@ -171,12 +171,9 @@ class MemoryScope(Protocol):
         """Whether ("bounds",) or ("keys", layer, head) is loaded in RAM."""
         ...
 
-    def key_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Loaded `head_keys` a few hundred blocks at a time: (first block, rows)."""
-        ...
-
     def code_steps(self, layer: int, head: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """The same blocks' stored key codes and bounds, streamed from the segments."""
+        """`head_keys`' stored codes and block bounds a few hundred blocks at a time,
+        streamed from the segments: (first block, codes, key_min, key_max)."""
         ...
 
     def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -261,8 +261,8 @@ def test_the_background_warm_up_loads_what_a_question_would(pair, tmp_path, monk
 def test_a_question_streams_the_keys_and_bounds_the_scope_has_not_loaded(pair, tmp_path, monkeypatch, precision):
     """Streamed in steps that cross segment edges and decoded by the torch backend,
     the scanned heads' keys are `head_keys` bit for bit, and one layer's bounds are
-    `bound_pairs`; nothing streamed is kept, and once loaded the same steps are
-    slices of the loaded arrays."""
+    `bound_pairs`; nothing streamed is kept, and once loaded the scan reads views
+    of the loaded arrays."""
     _, model = pair
     scope = cached_scope(model, tmp_path, ids(5, 1), [ids(40, 2), ids(23, 3), ids(70, 4)], precision=precision)
     monkeypatch.setattr(scope_module, "STREAM_BLOCKS", 2)  # segments of 3, 2 and 5 blocks
@@ -279,7 +279,7 @@ def test_a_question_streams_the_keys_and_bounds_the_scope_has_not_loaded(pair, t
     assert np.array_equal(pairs, scope.bound_pairs(layer)[[1, 0]])
     assert scope.loaded(("keys", layer, 1)) and scope.loaded(("bounds",))
     loaded = list(cache._key_steps(layer, 1))
-    assert [first for first, _ in loaded] == [first for first, _ in streamed]
+    assert [first for first, _ in loaded] == [0]  # the loaded array in scan chunks (SCAN_CHUNK rows)
     assert loaded[0][1].data_ptr() == scope.head_keys(layer, 1).ctypes.data  # a view
     assert torch.equal(torch.cat([keys for _, keys in loaded]), rows)
     assert np.array_equal(scope.layer_bound_pairs(layer, [0]), pairs[1:])

@@ -55,6 +55,7 @@ from engine.corpus.settings import SparseSettings
 # Keys per matmul in the scan of a retrieval head (the score tile stays ~ 8 MB per 32 queries).
 SCAN_CHUNK = 65_536
 
+
 def decode_keys(stored: torch.Tensor, low: torch.Tensor, high: torch.Tensor, levels: int | None) -> torch.Tensor:
     """engine/corpus/store.py's decode_keys in torch, op for op (the same float32
     bits): stored (..., block_size, D or D/2), low/high (..., D) f16 → float32."""
@@ -369,24 +370,21 @@ class MemoryAttentionCache:
         return rows
 
     def _key_steps(self, layer: int, head: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """A scanned head's keys in bfloat16, in steps: (first block, rows).
-        Elsewhere than the CPU they are made resident on the device once; on the
-        CPU, keys the scope has not loaded yet are decoded here from its stored codes
-        (scope.code_steps) with the question's threads: the same bits as `head_keys`."""
-        if self.device.type != "cpu":
-            keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head))
-            size = self.scope.block_size
-            chunk = max(1, SCAN_CHUNK // size) * size
-            for start in range(0, len(keys), chunk):
-                yield start // size, keys[start : start + chunk].view(torch.bfloat16)
-        elif self.scope.loaded(("keys", layer, head)):
-            for first, bits in self.scope.key_steps(layer, head):
-                yield first, torch.from_numpy(bits).view(torch.bfloat16)
-        else:
+        """A scanned head's keys in bfloat16, in steps: (first block, rows): the
+        scope's `head_keys` (resident on the device once, elsewhere than the CPU); on
+        the CPU, keys the scope has not loaded yet are decoded here from its stored
+        codes (scope.code_steps) with the question's threads: the same bits."""
+        if self.device.type == "cpu" and not self.scope.loaded(("keys", layer, head)):
             levels = self.scope.levels
             for first, stored, low, high in self.scope.code_steps(layer, head):
                 keys = decode_keys(torch.from_numpy(stored), torch.from_numpy(low), torch.from_numpy(high), levels)
                 yield first, keys.to(torch.bfloat16).view(-1, keys.shape[-1])
+            return
+        keys = self._resident(("keys", layer, head), lambda: self.scope.head_keys(layer, head))
+        size = self.scope.block_size
+        chunk = max(1, SCAN_CHUNK // size) * size
+        for start in range(0, len(keys), chunk):
+            yield start // size, keys[start : start + chunk].view(torch.bfloat16)
 
     def _bound_pairs(self, layer: int, heads: list[int]) -> torch.Tensor:
         """(len(heads), n_blocks, 2·D) bound pairs of `layer` (scope.bound_pairs). On
