@@ -176,7 +176,8 @@ def _bench_corpus(args: argparse.Namespace) -> dict | None:
     result = niah.run_niah(
         engine, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
         kinds=args.kinds, baselines=args.baselines, dense_limit=args.dense_limit,
-        dense_needles=args.dense_needles, seed=args.case_seed, out=out, on_case=show,
+        dense_needles=args.dense_needles, max_new_tokens=args.answer_tokens, seed=args.case_seed, out=out,
+        on_case=show,
     )
     print(niah.report(result, Path(args.heatmap) if args.heatmap else None), file=sys.stderr)
     return result
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kinds", nargs="+", default=["single"], choices=["single", "multikey", "multivalue"])
     bench.add_argument("--baselines", nargs="*", default=["bm25", "dense"], choices=["bm25", "dense"])
     bench.add_argument("--dense-limit", type=int, default=8192, help="niah: longest haystack for the dense baseline")
+    bench.add_argument("--answer-tokens", type=int,
+                       help="niah: tokens an answer may take (default per kind: 40; multi-value 128)")
     bench.add_argument("--dense-needles", type=int, help="niah: run the dense baseline for the first N needles per cell only")
     bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
     bench.add_argument("--sparse", help='niah/scale: sparse settings as JSON, e.g. \'{"max_blocks": 32}\'')

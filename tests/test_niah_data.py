@@ -252,3 +252,23 @@ def test_grid_table_has_a_row_per_depth_and_a_column_per_length():
     assert [row[0] for row in rows] == ["0%", "50%", "100%"]
     assert all(len(row) == 4 for row in rows)
     assert rows[0][1:] == ["100%", "50%", "50%"] and rows[2][1:] == ["50%", "–", "0%"]
+
+
+@pytest.mark.parametrize("gguf", ["qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"])
+def test_an_answer_listing_every_value_fits_its_token_allowance(real_gguf, gguf: str) -> None:
+    """A multi-value answer in the form the default model writes (a preamble, then a
+    numbered list) must fit the tokens it is allowed, or the benchmark scores the
+    limit instead of the recall: at 40 tokens Qwen's answers were cut after the
+    second of four values."""
+    from engine.tokenizer import load_tokenizer_from_gguf
+
+    tokenizer = load_tokenizer_from_gguf(real_gguf(gguf))
+    case = niah.make_case("multivalue", 32768, 0.5, random.Random(3))
+    key = case.needles[0].key
+    listing = "".join(f"{i}. {value}\n" for i, value in enumerate(case.expected, 1))
+    answer = f"The special magic numbers for {key} mentioned in the provided text are:\n\n{listing}"
+    needed = len(tokenizer.encode(answer))
+    assert needed > 40  # what the old limit cut
+    assert needed <= niah.ANSWER_TOKENS["multivalue"] * 0.75  # room for a longer preamble
+    single = f"The special magic number for {key} mentioned in the provided text is: {case.expected[0]}."
+    assert len(tokenizer.encode(single)) <= niah.ANSWER_TOKENS["single"] * 0.75

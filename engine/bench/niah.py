@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.bench.niah_data import (
+    ANSWER_TOKENS,
     BM25Retriever,
     Case,
     chunk_text,
@@ -137,7 +138,7 @@ def run_niah(
     dense_limit: int = 8192,
     dense_needles: int | None = None,
     bm25_chunks: int = 5,
-    max_new_tokens: int = 40,
+    max_new_tokens: int | None = None,
     seed: int = 0,
     out: Path | None = None,
     on_case: Callable[[dict], None] | None = None,
@@ -146,12 +147,13 @@ def run_niah(
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
     rng = random.Random(seed)
-    params = SamplingParams(max_new_tokens=max_new_tokens)
+    answer_tokens = {kind: max_new_tokens or ANSWER_TOKENS[kind] for kind in kinds}
     result: dict = {
         "benchmark": "niah",
         "model": model.folder.name,
         "machine": _machine(),
         "settings": {"cache": dataclasses.asdict(engine.cache_settings), "sparse": dataclasses.asdict(engine.sparse)},
+        "answer_tokens": answer_tokens,
         "haystack": str(haystack),
         "cases": [],
     }
@@ -171,6 +173,7 @@ def run_niah(
                     case = make_case(kind, length, depth, rng)
                     # The dense baseline costs a full prefill per case: optionally fewer needles.
                     methods = [b for b in baselines if b != "dense" or dense_needles is None or needle < dense_needles]
+                    params = SamplingParams(max_new_tokens=answer_tokens[kind])
                     record = _run_case(engine, documents, sizes, case, params, methods, dense_limit, bm25_chunks)
                     result["cases"].append(record)
                     if on_case is not None:

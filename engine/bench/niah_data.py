@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("single", "multikey", "multivalue")
 NEEDLES_PER_CASE = {"single": 1, "multikey": 4, "multivalue": 4}
+# Tokens an answer may take, per kind. Qwen writes each digit as a token, so a list of
+# four 7-digit values after its usual preamble needs about 60: at 40 (the limit until
+# session 10) answers were cut after the second value, by the sparse path and the
+# baselines alike (RULER allows 128 for its multi-value task).
+ANSWER_TOKENS = {"single": 40, "multikey": 40, "multivalue": 128}
 
 # Keys for the needles: adjective-noun pairs, unlikely to occur in the essays.
 KEYS = """
