@@ -147,7 +147,8 @@ def run_niah(
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
     rng = random.Random(seed)
-    answer_tokens = {kind: max_new_tokens or ANSWER_TOKENS[kind] for kind in kinds}
+    answer_tokens = {kind: ANSWER_TOKENS[kind] if max_new_tokens is None else max_new_tokens for kind in kinds}
+    params = {kind: SamplingParams(max_new_tokens=tokens) for kind, tokens in answer_tokens.items()}
     result: dict = {
         "benchmark": "niah",
         "model": model.folder.name,
@@ -173,8 +174,7 @@ def run_niah(
                     case = make_case(kind, length, depth, rng)
                     # The dense baseline costs a full prefill per case: optionally fewer needles.
                     methods = [b for b in baselines if b != "dense" or dense_needles is None or needle < dense_needles]
-                    params = SamplingParams(max_new_tokens=answer_tokens[kind])
-                    record = _run_case(engine, documents, sizes, case, params, methods, dense_limit, bm25_chunks)
+                    record = _run_case(engine, documents, sizes, case, params[kind], methods, dense_limit, bm25_chunks)
                     result["cases"].append(record)
                     if on_case is not None:
                         on_case(record)
