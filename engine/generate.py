@@ -183,8 +183,13 @@ def generate(
     on_progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     stats: GenerationStats | None = None,
+    logits: np.ndarray | None = None,
 ) -> Iterator[Token]:
     """Yield tokens as they are generated. Fills `stats` (if given) as it goes.
+
+    `logits` (the last prompt token's) says the caller has already prefilled
+    `prompt_tokens` into `cache` (the corpus engine, which looks at the prompt's
+    selection before it decodes): decoding starts from them.
 
     Cancel is checked between prefill chunks and before every decode step; a
     cancelled generation ends quietly with finish_reason "cancelled".
@@ -197,11 +202,12 @@ def generate(
     stop_filter = StopStringFilter(params.stop_strings)
     stop_ids = set(params.stop_token_ids)
     started = time.perf_counter()
-    try:
-        logits = prefill(model, prompt_tokens, cache, chunk_size=chunk_size, on_progress=on_progress, cancel=cancel)
-    except Cancelled:
-        stats.finish_reason = "cancelled"
-        return
+    if logits is None:
+        try:
+            logits = prefill(model, prompt_tokens, cache, chunk_size=chunk_size, on_progress=on_progress, cancel=cancel)
+        except Cancelled:
+            stats.finish_reason = "cancelled"
+            return
     stats.prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
     stats.finish_reason = "length"

@@ -92,9 +92,11 @@ class LoadedModel:
         stats: GenerationStats | None = None,
         chunk_size: int = 8192,
         cache: object | None = None,
+        logits: object | None = None,
     ) -> Iterator[Token]:
         """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache (the
-        corpus engine passes its memory-attention cache)."""
+        corpus engine passes its memory-attention cache, and with `logits` one it
+        has already prefilled with the prompt)."""
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
         params = dataclasses.replace(params, stop_token_ids=stop_ids)
         yield from generate(
@@ -107,6 +109,7 @@ class LoadedModel:
             on_progress=on_progress,
             cancel=cancel,
             stats=stats,
+            logits=logits,
         )
 
     def chat(self, messages: list[dict], params: SamplingParams, **kwargs) -> Iterator[Token]:

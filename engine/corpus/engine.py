@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag
+from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag, token_offsets
+from engine.corpus.reread import ReadScope, read_runs, reread_blocks, reread_tokens, should_reread
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
+from engine.corpus.selection import layer_hits
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
-from engine.errors import CorruptCacheError
-from engine.generate import GenerationStats, SamplingParams, Token
+from engine.errors import Cancelled, CorruptCacheError
+from engine.generate import GenerationStats, SamplingParams, Token, prefill
 from engine.paths import data_dir
 from engine.runtime import LoadedModel
 
@@ -73,6 +75,13 @@ class AskStats:
     tokens_scanned: int = 0  # keys scored by the retrieval heads' full scan
     bytes_gathered: int = 0
     index_bytes: int = 0
+    # The singled-out blocks prefilled again as one segment (engine/corpus/reread.py):
+    # how many separately prefilled runs they were, their tokens, and the seconds it
+    # took (re-encoding, prefilling them, the question's second pass), part of the
+    # time to first token.
+    reread_runs: int = 0
+    reread_tokens: int = 0
+    reread_seconds: float = 0.0
     finish_reason: str = ""
     settings: dict = field(default_factory=dict)
 
@@ -273,41 +282,94 @@ class Engine:
         scope_seconds = time.perf_counter() - started
         prompt = self.prefix_ids + self.question_ids(question)
         scan = self.retrieval_heads(cancel)[: settings.scan_heads] if _scans(settings, scope) else []
+        capacity = len(prompt) + params.max_new_tokens + 1
         cache = self.memory.MemoryAttentionCache(
-            self.model.model,
-            scope,
-            settings,
-            prefix_len=len(self.prefix_ids),
-            capacity=len(prompt) + params.max_new_tokens + 1,
-            scan_heads=scan,
+            self.model.model, scope, settings, prefix_len=len(self.prefix_ids), capacity=capacity, scan_heads=scan
         )
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
+        answer, reread = cache, None
         # On the CPU a question does not wait for the index to load: the warm-up pauses
         # while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to the first
         # token overlapped), and what is not loaded yet it streams from the segments
         # (scope.py). A GPU computes while the CPU loads.
         on_cpu = str(getattr(self.model.model, "device", "")) == "cpu"
         with scope.asking() if on_cpu else nullcontext():
-            yield from self.model.stream(prompt, params, cache=cache, cancel=cancel, stats=generation)
-        yield from self._evidence(scope, cache.evidence_weights(), evidence_limit)
+            prefill_started = time.perf_counter()
+            try:
+                # The prompt is prefilled here, not by the generation loop: its
+                # selection decides whether the answer reads the blocks together.
+                logits = prefill(self.model.model, prompt, cache, cancel=cancel)
+                reread = self._reread(scope, settings, cache, prompt, capacity, cancel)
+                if reread is not None:
+                    answer, logits = reread[0], reread[1]
+            except Cancelled:
+                logits = None
+                generation.finish_reason = "cancelled"
+            prefill_seconds = time.perf_counter() - prefill_started
+            if logits is not None:
+                yield from self.model.stream(prompt, params, cache=answer, cancel=cancel, stats=generation, logits=logits)
+        yield from self._evidence(scope, answer.evidence_weights(), evidence_limit)
         selected = cache.stats.blocks_selected
         yield AskStats(
             prompt_tokens=len(prompt),
             memory_tokens=scope.total_tokens,
             generated_tokens=generation.generated_tokens,
-            time_to_first_token=generation.time_to_first_token + scope_seconds,
+            time_to_first_token=prefill_seconds + generation.time_to_first_token + scope_seconds,
             decode_tokens_per_second=generation.decode_tokens_per_second,
             scope_seconds=scope_seconds,
             blocks_in_scope=scope.n_blocks,
             mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
             blocks_scored_exactly=cache.stats.blocks_scored_exactly,
             tokens_scanned=cache.stats.tokens_scanned,
-            bytes_gathered=cache.stats.bytes_gathered,
+            bytes_gathered=cache.stats.bytes_gathered + (answer.stats.bytes_gathered if answer is not cache else 0),
             index_bytes=scope.index_bytes(),
+            reread_runs=reread[2] if reread else 0,
+            reread_tokens=reread[3] if reread else 0,
+            reread_seconds=reread[4] if reread else 0.0,
             finish_reason=generation.finish_reason,
             settings=asdict(settings),
         )
+
+    def _reread(self, scope: CorpusScope, settings: SparseSettings, cache, prompt: list[int], capacity: int, cancel):
+        """After the prompt's first pass: when the blocks its tally singles out lie in
+        separately prefilled runs (reread.py), prefill their text again as one
+        segment and the prompt once more over just that. (second cache, its logits,
+        runs, re-read tokens, seconds), or None where the first pass answers."""
+        started = time.perf_counter()
+        blocks = reread_blocks(layer_hits(cache.scan_tally(), settings), settings, scope.n_blocks)
+        runs = read_runs(blocks, scope.seg_of_block) if blocks is not None else []
+        if not should_reread(settings, runs):
+            return None
+        tokenizer = self.model.tokenizer
+
+        def block_chars(block: int) -> tuple[int, int, int]:
+            entry, first, end = scope.block_passage(block)
+            return (entry, *scope.entries[entry].manifest.char_span(first, end))
+
+        tokens, owner = reread_tokens(
+            runs,
+            block_chars,
+            lambda entry: scope.entries[entry].document.text,
+            tokenizer.encode,
+            lambda ids, text: token_offsets(tokenizer.token_bytes, ids, text),
+        )
+        if not tokens:
+            return None
+
+        def on_layer(done: int, layers: int) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("re-read cancelled")
+
+        prefiller = self.memory.SegmentPrefiller(self.model.model, self.prefix_ids, len(tokens))
+        keys, values = prefiller.run([], tokens, on_layer=on_layer)
+        read = ReadScope(scope, prefiller.layers, keys, values, owner)
+        second = self.memory.MemoryAttentionCache(
+            self.model.model, read, settings, prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
+        )
+        second.evidence_from = len(prompt) - 1
+        logits = prefill(self.model.model, prompt, second, cancel=cancel)
+        return second, logits, len(runs), len(tokens), time.perf_counter() - started
 
     def will_measure_heads(self, documents: list[CorpusDocument], sparse: SparseSettings | None = None) -> bool:
         """Whether asking over these (cached) documents first measures the model's

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 POSITION_SCHEMES = ("fixed", "block", "ordered")
 BUDGETS = ("tally", "mass", "fixed")
 SCAN_SCORES = ("cover", "best")
+REREADS = ("auto", "never", "always")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,15 @@ class SparseSettings:
     # 10/10 against 8/10; a distractor key's fact had tallied within 1-12% of it.
     scan_score: str = "cover"
     scan_threshold: float = 2.0
+    # Re-reading (engine/corpus/reread.py): when the blocks the question singles out
+    # lie in two or more separately prefilled runs, "auto" prefills their text again
+    # as one segment and answers from that; "never" answers from the cached blocks;
+    # "always" re-reads whatever is singled out, one run or many.
+    reread: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.reread not in REREADS:
+            raise ValueError(f"unknown reread rule '{self.reread}' ({', '.join(REREADS)})")
         if self.scan_score not in SCAN_SCORES:
             raise ValueError(f"unknown scan score '{self.scan_score}' ({', '.join(SCAN_SCORES)})")
         if self.positions not in POSITION_SCHEMES:

@@ -194,3 +194,29 @@ def test_selection_queries_reaching_into_the_prefix(models, tmp_path):
     got = np.asarray(mlx_model.forward(prefix + question, m))
     assert t.stats.blocks_selected == m.stats.blocks_selected, family
     assert np.abs(got - want).max() < 1e-4, family
+
+
+def test_a_second_pass_over_reread_blocks_matches_torch(models):
+    """The re-read's second pass (engine/corpus/reread.py): the runs' tokens prefilled
+    as one segment, read by every memory layer; both backends give the same logits
+    and evidence, on the corpus's own block ids."""
+    from engine.corpus.reread import ReadScope
+
+    family, _, torch_model, mlx_model = models
+    prefix, text, question = ids(PREFIX, 30), ids(60, 31), ids(QUESTION, 32)
+    owner = np.repeat([2, 3, 7, 11], 15)
+    base = type("Base", (), {"n_blocks": 16, "block_size": BLOCK})()
+    results = {}
+    for backend, model, memory in (("torch", torch_model, torch_memory), ("mlx", mlx_model, mlx_memory)):
+        prefiller = memory.SegmentPrefiller(model, prefix, len(text))
+        keys, values = prefiller.run([], text)
+        read = ReadScope(base, prefiller.layers, keys, values, owner)
+        cache = memory.MemoryAttentionCache(model, read, SparseSettings(), prefix_len=PREFIX, capacity=64, read_blocks=read.blocks)
+        cache.evidence_from = PREFIX + QUESTION - 1
+        rows = [np.asarray(model.forward(prefix + question, cache, last_only=False)), np.asarray(model.forward([5], cache))]
+        results[backend] = np.concatenate(rows), cache.evidence_weights(), cache.stats.blocks_selected
+    (want, evidence_t, selected_t), (got, evidence_m, selected_m) = results["torch"], results["mlx"]
+    assert selected_t == selected_m and set(selected_t) == {4}
+    assert np.abs(got - want).max() < 1e-4, family
+    assert evidence_t.sum() > 0 and set(np.flatnonzero(evidence_t).tolist()) <= {2, 3, 7, 11}
+    assert np.abs(evidence_m - evidence_t).max() < 1e-5, family

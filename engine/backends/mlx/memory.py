@@ -154,6 +154,7 @@ class MemoryAttentionCache:
         capacity: int,
         scan_heads: Sequence[tuple[int, int]] = (),
         probe: Callable[[int, int, np.ndarray], None] | None = None,
+        read_blocks: np.ndarray | None = None,
     ) -> None:
         c = model.config
         self.model = model
@@ -164,6 +165,11 @@ class MemoryAttentionCache:
         self.group = c.num_attention_heads // c.num_key_value_heads
         self.memory_layers = {i for i in global_layers(model) if scope.has_layer(i)}
         self.max_tokens = min(settings.max_blocks * scope.block_size, scope.total_tokens)
+        # A second pass over re-read blocks (engine/corpus/reread.py): every memory
+        # layer reads just these, all of the scope's tokens, packed before the question.
+        self.read_blocks = None if read_blocks is None else np.asarray(read_blocks, dtype=np.int64)
+        if self.read_blocks is not None:
+            self.max_tokens = scope.total_tokens
         if settings.positions == "ordered":
             self.question_start = prefix_len + self.max_tokens
         else:
@@ -189,6 +195,11 @@ class MemoryAttentionCache:
     def evidence_weights(self) -> np.ndarray:
         """Attention mass per scope block so far, (n_blocks,) float64."""
         return self.evidence
+
+    def scan_tally(self) -> np.ndarray:
+        """The retrieval heads' tally so far (the sum of their standardised scores per
+        scope block), (n_blocks,) float64: what `layer_hits` singles blocks out by."""
+        return self.scan_votes.copy()
 
     def advance(self, tokens: int) -> None:
         self.real.advance(tokens)
@@ -251,6 +262,9 @@ class MemoryAttentionCache:
         return grouped.reshape(self.kv_heads, self.group * n, self.head_dim) * scale
 
     def _select(self, layer: int, q: mx.array, positions: np.ndarray, rotary: Rotary, scale: float) -> None:
+        if self.read_blocks is not None:
+            self._read_decided(layer, self.read_blocks, rotary)
+            return
         s = self.settings
         queries = self._selection_queries(q, positions, rotary, scale)  # (Hkv, J, D)
         n_blocks = self.scope.n_blocks

@@ -1,0 +1,137 @@
+"""Reading a question's blocks together: when the blocks a question singles out
+were prefilled in separate segments, their text is prefilled again as one
+segment, and the answer attends to that instead.
+
+Why: every segment is prefilled on its own after the shared prefix, so a fact in
+one segment never saw a fact in another. Asked for all the values of one key
+spread over a book, the model read every needle's block (the tally found them)
+and listed one value: it saw four unrelated fragments. The same blocks as one
+plain prompt, or the needles written into one segment, listed all four
+(docs/BENCHMARKS.md, session 10). Prefilling the selected runs together is a few
+hundred tokens — the answer then reads them the way a dense prompt of just those
+passages would, and evidence still maps to the corpus blocks they came from.
+
+Backend-free: the engine asks the backend's `SegmentPrefiller` for the keys and
+`MemoryAttentionCache(read_blocks=...)` for the second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from engine.corpus.settings import SparseSettings
+
+# Between two runs' text: they are not contiguous in the corpus, and the model
+# should not read the end of one as running into the next.
+RUN_SEPARATOR = "\n\n"
+
+
+def reread_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
+    """Sorted global ids of the blocks to read together for the question's `hits`
+    (the final tally's, selection.layer_hits): each hit with its `neighbours`
+    successors (cut at the scope's end), topped up to `min_blocks` with the blocks
+    just before the hits, as `decided_blocks` chooses. None where nothing is
+    singled out or the cover exceeds `max_blocks`."""
+    if hits is None or not len(hits):
+        return None
+    hits = np.asarray(hits, dtype=np.int64)
+    wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
+    wanted = wanted[wanted < n_blocks]
+    if len(wanted) > settings.max_blocks:
+        return None
+    short = settings.min_blocks - len(wanted)
+    if short > 0:
+        before = (hits[None, :] - np.arange(1, settings.min_blocks)[:, None]).reshape(-1)
+        before = before[(before >= 0) & ~np.isin(before, wanted)]
+        _, first = np.unique(before, return_index=True)
+        wanted = np.union1d(wanted, before[np.sort(first)][:short])
+    return wanted
+
+
+def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:
+    """`blocks` (sorted global ids) cut into runs that were prefilled together:
+    consecutive blocks of one segment. A cut at a segment's edge counts too: the
+    two sides never saw each other."""
+    blocks = np.asarray(blocks, dtype=np.int64)
+    if not len(blocks):
+        return []
+    segs = seg_of_block[blocks]
+    cuts = np.flatnonzero((np.diff(blocks) != 1) | (np.diff(segs) != 0)) + 1
+    return np.split(blocks, cuts)
+
+
+def should_reread(settings: SparseSettings, runs: list[np.ndarray]) -> bool:
+    """Under `reread` "auto", runs from two or more separate prefills; "always",
+    any run; "never", none."""
+    if settings.reread == "never" or not runs:
+        return False
+    return settings.reread == "always" or len(runs) >= 2
+
+
+def reread_tokens(
+    runs: Sequence[np.ndarray],
+    block_chars: Callable[[int], tuple[int, int, int]],
+    text_of: Callable[[int], str],
+    encode: Callable[[str], list[int]],
+    offsets: Callable[[list[int], str], np.ndarray],
+) -> tuple[list[int], np.ndarray]:
+    """The runs' text encoded again, in corpus order: token ids and each token's
+    global block id. `block_chars(block)` is (entry, first char, end char) of a
+    block, `text_of(entry)` that entry's text, `offsets(ids, text)` each token's
+    first character (build.token_offsets). A token belongs to the block whose
+    text holds its first character; the separator before a run to its first block."""
+    tokens: list[int] = []
+    owners: list[np.ndarray] = []
+    for index, run in enumerate(runs):
+        spans = [block_chars(int(b)) for b in run]
+        start, end = spans[0][1], spans[-1][2]
+        text = text_of(spans[0][0])[start:end]
+        block_starts = np.array([s[1] - start for s in spans], dtype=np.int64)
+        if index:
+            text = RUN_SEPARATOR + text
+            block_starts[1:] += len(RUN_SEPARATOR)
+        ids = encode(text)
+        if not ids:
+            continue
+        starts = offsets(ids, text)[: len(ids)]
+        which = np.maximum(np.searchsorted(block_starts, starts, side="right") - 1, 0)
+        tokens += ids
+        owners.append(np.asarray(run)[which])
+    owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    return tokens, owner.astype(np.int64)
+
+
+class ReadScope:
+    """The MemoryScope of a second pass: the re-read tokens' keys and values, each
+    token owned by the corpus block it came from, so that evidence lands on the
+    corpus's own block ids (`n_blocks` is the corpus scope's)."""
+
+    levels = None
+
+    def __init__(self, base, layers: Sequence[int], keys: np.ndarray, values: np.ndarray, owner: np.ndarray) -> None:
+        self.n_blocks = base.n_blocks
+        self.block_size = base.block_size
+        self.total_tokens = len(owner)
+        self._slot = {layer: index for index, layer in enumerate(layers)}
+        self.keys, self.values, self.owner = keys, values, owner  # (L, Hkv, T, D) float32, (T,)
+        # Only the re-read segment's first block starts a segment (its first tokens
+        # take attention as sinks do and are not cited).
+        self.local_block = np.ones(base.n_blocks, dtype=np.int64)
+        if len(owner):
+            self.local_block[owner[0]] = 0
+        self.resident: dict = {}
+
+    @property
+    def blocks(self) -> np.ndarray:
+        return np.unique(self.owner)
+
+    def has_layer(self, layer: int) -> bool:
+        return layer in self._slot
+
+    def gather(self, layer: int, head: int, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every re-read token whose block is among `blocks`, in order."""
+        slot = self._slot[layer]
+        keep = np.isin(self.owner, blocks)
+        return self.keys[slot, head][keep], self.values[slot, head][keep], self.owner[keep]

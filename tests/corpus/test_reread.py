@@ -1,0 +1,201 @@
+"""Re-reading a question's blocks together (engine/corpus/reread.py): which blocks,
+how they are cut into runs, how their text is encoded again with each token
+owned by its corpus block, and the exactness guard of the second pass: over the
+re-read keys, the answer's logits are those of the plain dense prompt (prefix +
+the re-read tokens + question), computed by transformers on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.corpus.reread import RUN_SEPARATOR, ReadScope, read_runs, reread_blocks, reread_tokens, should_reread
+from engine.corpus.settings import SparseSettings
+
+SETTINGS = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
+
+
+def test_blocks_are_the_hits_with_successors_topped_up_from_before():
+    assert reread_blocks(np.array([9, 5]), SETTINGS, 100).tolist() == [5, 6, 7, 9, 10, 11]
+    assert reread_blocks(np.array([5]), SETTINGS, 100).tolist() == [4, 5, 6, 7]
+    # At the scope's end the successors are cut, and the blocks before make up the minimum.
+    assert reread_blocks(np.array([99]), SETTINGS, 100).tolist() == [96, 97, 98, 99]
+    assert reread_blocks(np.array([40, 98]), SETTINGS, 100).tolist() == [40, 41, 42, 98, 99]
+    # At its start there is nothing before: fewer than the minimum is still read.
+    assert reread_blocks(np.array([0]), SETTINGS, 100).tolist() == [0, 1, 2]
+    assert reread_blocks(np.array([0]), SETTINGS, 2).tolist() == [0, 1]
+    assert reread_blocks(np.arange(0, 60, 10), SETTINGS, 100) is None  # 18 blocks > 16
+    assert reread_blocks(None, SETTINGS, 100) is None and reread_blocks(np.zeros(0, np.int64), SETTINGS, 100) is None
+
+
+def test_runs_break_at_gaps_and_at_segment_edges():
+    seg_of_block = np.repeat([0, 1, 2], 10)  # three segments of ten blocks
+    runs = read_runs(np.array([3, 4, 5, 9, 10, 11, 25]), seg_of_block)
+    assert [r.tolist() for r in runs] == [[3, 4, 5], [9], [10, 11], [25]]
+    assert [r.tolist() for r in read_runs(np.array([4, 5, 6]), seg_of_block)] == [[4, 5, 6]]
+    assert read_runs(np.zeros(0, np.int64), seg_of_block) == []
+
+
+def test_reread_rule():
+    one, two = [np.array([1, 2])], [np.array([1]), np.array([5])]
+    assert not should_reread(SETTINGS, one) and should_reread(SETTINGS, two)
+    assert should_reread(SparseSettings(reread="always"), one)
+    assert not should_reread(SparseSettings(reread="never"), two)
+    assert not should_reread(SparseSettings(reread="always"), [])
+    with pytest.raises(ValueError, match="reread"):
+        SparseSettings(reread="sometimes")
+
+
+def test_tokens_are_encoded_again_and_owned_by_their_blocks():
+    """A character-level tokenizer over two documents: each token's owner is the
+    block whose characters hold it; the separator belongs to the run after it."""
+    texts = ["abcdefghij", "0123456789"]
+    # block → (entry, first char, end char): blocks of 3, 3 and 4 characters per document.
+    spans = {0: (0, 0, 3), 1: (0, 3, 6), 2: (0, 6, 10), 3: (1, 0, 3), 4: (1, 3, 6), 5: (1, 6, 10)}
+
+    def encode(text):
+        return [ord(c) for c in text]
+
+    def offsets(ids, text):
+        return np.arange(len(ids) + 1)
+
+    tokens, owner = reread_tokens([np.array([1, 2]), np.array([4])], spans.__getitem__, texts.__getitem__, encode, offsets)
+    assert "".join(map(chr, tokens)) == "defghij" + RUN_SEPARATOR + "345"
+    assert owner.tolist() == [1, 1, 1, 2, 2, 2, 2] + [4] * (len(RUN_SEPARATOR) + 3)
+
+
+class _Base:
+    n_blocks, block_size = 12, 4
+
+
+def test_read_scope_gathers_the_reread_tokens_by_block():
+    keys = np.arange(2 * 3 * 5 * 2, dtype=np.float32).reshape(2, 3, 5, 2)  # (L, Hkv, T, D)
+    owner = np.array([3, 3, 4, 9, 9])
+    scope = ReadScope(_Base(), [1, 4], keys, -keys, owner)
+    assert scope.n_blocks == 12 and scope.total_tokens == 5 and scope.blocks.tolist() == [3, 4, 9]
+    assert scope.has_layer(4) and not scope.has_layer(0)
+    k, v, o = scope.gather(4, 2, np.array([3, 9]))
+    np.testing.assert_array_equal(k, keys[1, 2][[0, 1, 3, 4]])
+    np.testing.assert_array_equal(v, -k)
+    assert o.tolist() == [3, 3, 9, 9]
+    # Only the re-read segment's first block starts a segment (its sink tokens).
+    assert scope.local_block[3] == 0 and (np.delete(scope.local_block, 3) > 0).all()
+
+
+transformers = pytest.importorskip("transformers")
+
+from engine.backends.torch.memory import MemoryAttentionCache, SegmentPrefiller  # noqa: E402
+from tests.test_torch_models import tiny_model_pair  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tmp_path_factory):
+    return tiny_model_pair(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def ids(n, seed):
+    return torch.randint(0, 211, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_the_second_pass_is_the_dense_prompt_of_the_reread_tokens(pair):
+    reference, model = pair
+    prefix, text, question = ids(5, 21), ids(70, 22), ids(7, 23)
+    prefiller = SegmentPrefiller(model, prefix, len(text))
+    keys, values = prefiller.run([], text)
+    owner = np.repeat([3, 4, 8, 9, 10], 14)  # blocks of the corpus the tokens came from
+    read = ReadScope(type("Base", (), {"n_blocks": 20, "block_size": 16})(), prefiller.layers, keys, values, owner)
+    cache = MemoryAttentionCache(model, read, SparseSettings(), prefix_len=len(prefix), capacity=32, read_blocks=read.blocks)
+    cache.evidence_from = len(prefix) + len(question) - 1
+    got = model.forward(prefix + question, cache, last_only=False)[len(prefix):]
+    with torch.no_grad():
+        want = reference(torch.tensor([prefix + text + question])).logits[0, -len(question):].float()
+    assert torch.allclose(got, want, atol=2e-3), float((got - want).abs().max())
+    # Every memory layer read every re-read block, and evidence lands on those only
+    # (block 3 holds the segment's sink tokens: attended, but not cited).
+    assert all(len(b) == 5 for per_head in cache.stats.selected.values() for b in per_head)
+    touched = set(np.flatnonzero(cache.evidence_weights() > 0).tolist())
+    assert touched and touched <= {3, 4, 8, 9, 10}
+    # Decoding over it keeps matching.
+    follow = ids(2, 24)
+    for step, token in enumerate(follow):
+        got = model.forward([token], cache)[-1]
+        with torch.no_grad():
+            want = reference(torch.tensor([prefix + text + question + follow[: step + 1]])).logits[0, -1].float()
+        assert torch.allclose(got, want, atol=2e-3), (step, float((got - want).abs().max()))
+
+
+# --- the engine, with a real model (SmolLM2-135M-Instruct) ------------------------------
+
+from engine.corpus.engine import Engine  # noqa: E402
+from engine.errors import Cancelled  # noqa: E402
+from tests.corpus.test_engine import FACT, QUESTION, ask, island_document, model  # noqa: E402,F401  (fixture)
+
+# A scope beyond the shortlist (the retrieval heads scan it), heads fixed by hand
+# rather than measured (tests/corpus/test_retrieval.py measures them).
+SCANNED = dict(min_blocks=2, max_blocks=8, shortlist_factor=1, scan_heads=3)
+HEADS = [(2, 0), (5, 4), (7, 1)]
+
+
+@pytest.mark.slow
+def test_the_engine_rereads_the_singled_out_blocks_and_cites_from_them(model, tmp_path, monkeypatch):  # noqa: F811
+    document = island_document(40)
+    engine = Engine(model, cache_root=tmp_path)
+    engine.build([document])
+    engine._retrieval_heads = HEADS
+    scope = engine.open_scope([document])
+    assert scope.n_blocks > SCANNED["shortlist_factor"] * SCANNED["max_blocks"]
+
+    _, _, _, plain = ask(engine, [document], sparse=SparseSettings(reread="never", **SCANNED))
+    assert (plain.reread_runs, plain.reread_tokens, plain.reread_seconds) == (0, 0, 0.0) and plain.tokens_scanned > 0
+
+    read: list[np.ndarray] = []
+    real = engine.memory.MemoryAttentionCache
+
+    def spy(*args, read_blocks=None, **kwargs):
+        if read_blocks is not None:
+            read.append(read_blocks)
+        return real(*args, read_blocks=read_blocks, **kwargs)
+
+    monkeypatch.setattr(engine.memory, "MemoryAttentionCache", spy)
+    answer, generated, evidence, stats = ask(engine, [document], sparse=SparseSettings(reread="always", **SCANNED))
+    assert len(read) == 1 and stats.reread_runs >= 1 and stats.reread_seconds > 0
+    blocks = read[0]
+    # The re-read tokens are the blocks' text encoded again (about their tokens:
+    # re-encoding may merge differently at the runs' edges, plus the separators).
+    spans = [engine.manifests.load(document.content_key).char_span(*scope.block_passage(int(b))[1:]) for b in blocks]
+    chars = sum(end - start for start, end in spans)
+    expected = len(model.tokenizer.encode("".join(document.text[s:e] for s, e in spans)))
+    assert abs(stats.reread_tokens - expected) <= 2 * stats.reread_runs, (stats.reread_tokens, expected, chars)
+    assert stats.generated_tokens == len(generated) and stats.finish_reason in {"stop", "length"}
+    # Evidence comes from the second pass: passages inside the re-read blocks, by
+    # the corpus's own character offsets.
+    assert evidence
+    for e in evidence:
+        assert document.text[e.char_start:e.char_end] == e.text
+        assert any(start <= e.char_start and e.char_end <= end for start, end in _merged(spans)), (e.char_start, e.char_end)
+    if any(start <= document.text.index(FACT) < end for start, end in spans):
+        assert "Elspeth" in answer, answer
+
+    # Cancel while re-reading: no answer, a cancelled finish, and the engine asks again.
+    flag = {"cancel": False}
+    prefiller = engine.memory.SegmentPrefiller
+
+    def cancelling(*args, **kwargs):
+        flag["cancel"] = True
+        return prefiller(*args, **kwargs)
+
+    monkeypatch.setattr(engine.memory, "SegmentPrefiller", cancelling)
+    events = list(engine.ask(QUESTION, [document], sparse=SparseSettings(reread="always", **SCANNED), cancel=lambda: flag["cancel"]))
+    assert events[-1].finish_reason == "cancelled" and events[-1].generated_tokens == 0
+    assert not [e for e in events if type(e).__name__ == "Token"]
+
+
+def _merged(spans):
+    out = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
