@@ -132,7 +132,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if stats is not None:
         print(
             f"\n[{stats.memory_tokens:,} tokens in scope, {stats.mean_blocks_selected:.0f} blocks per head, "
-            f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "
+            + (f"{stats.reread_runs} passages read together ({stats.reread_tokens} tokens), " if stats.reread_runs else "")
+            + f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "
             f"total {time.perf_counter() - started:.1f} s]",
             file=sys.stderr,
         )

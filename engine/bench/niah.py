@@ -210,6 +210,9 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
             "bytes_gathered": stats.bytes_gathered if stats else None,
             "tokens_scanned": stats.tokens_scanned if stats else None,
             "memory_tokens": stats.memory_tokens if stats else None,
+            "reread_runs": stats.reread_runs if stats else None,
+            "reread_tokens": stats.reread_tokens if stats else None,
+            "reread_seconds": round(stats.reread_seconds, 3) if stats else None,
         },
         "rebuild": {"segments": built.segments_built, "seconds": round(build_seconds, 2)},
     }
@@ -335,7 +338,7 @@ def run_scale(
             answer, evidence, stats = collect_answer(engine.ask(question, documents, params))
             asks.append({"ttft": round(stats.time_to_first_token, 3), "decode_tps": round(stats.decode_tokens_per_second, 2),
                          "bytes_gathered": stats.bytes_gathered, "blocks_selected": round(stats.mean_blocks_selected, 1),
-                         "index_bytes": stats.index_bytes, "answer": answer})
+                         "index_bytes": stats.index_bytes, "reread_runs": stats.reread_runs, "answer": answer})
         # The app's flow: the scope is opened once a build is done and its index loads
         # in the background before anyone asks. Reopened here, the wait for that
         # warm-up, then one question on the prepared scope.

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag, token_offsets
-from engine.corpus.reread import ReadScope, read_runs, reread_blocks, reread_tokens, should_reread
+from engine.corpus.reread import ReadScope, read_runs, reread_blocks, reread_hits, reread_tokens, should_reread
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
-from engine.corpus.selection import layer_hits
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
@@ -337,7 +336,7 @@ class Engine:
         segment and the prompt once more over just that. (second cache, its logits,
         runs, re-read tokens, seconds), or None where the first pass answers."""
         started = time.perf_counter()
-        blocks = reread_blocks(layer_hits(cache.scan_tally(), settings), settings, scope.n_blocks)
+        blocks = reread_blocks(reread_hits(cache.scan_tally(), settings), settings, scope.n_blocks)
         runs = read_runs(blocks, scope.seg_of_block) if blocks is not None else []
         if not should_reread(settings, runs):
             return None

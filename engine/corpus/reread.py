@@ -21,11 +21,25 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from engine.corpus.selection import layer_hits, question_hits
 from engine.corpus.settings import SparseSettings
 
 # Between two runs' text: they are not contiguous in the corpus, and the model
 # should not read the end of one as running into the next.
 RUN_SEPARATOR = "\n\n"
+
+
+def reread_hits(tally: np.ndarray, settings: SparseSettings) -> np.ndarray | None:
+    """The blocks the question singles out for re-reading from the final tally: those
+    reaching `reread_ratio` of the best, as many as `layer_hits` allows; where more
+    qualify, `layer_hits`' own (at `hit_ratio`). None under a budget other than the
+    tally's (nothing is singled out there)."""
+    chosen = layer_hits(tally, settings)
+    if chosen is None:
+        return None
+    limit = max(1, settings.max_blocks // (1 + settings.neighbours))
+    wider = question_hits(tally, min(settings.reread_ratio, settings.hit_ratio), limit)
+    return wider if len(wider) else chosen
 
 
 def reread_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:

@@ -10,10 +10,27 @@ import numpy as np
 import pytest
 import torch
 
-from engine.corpus.reread import RUN_SEPARATOR, ReadScope, read_runs, reread_blocks, reread_tokens, should_reread
+from engine.corpus.reread import RUN_SEPARATOR, ReadScope, read_runs, reread_blocks, reread_hits, reread_tokens, should_reread
 from engine.corpus.settings import SparseSettings
 
 SETTINGS = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
+
+
+def test_hits_for_rereading_reach_lower_than_the_layers_hits():
+    """Four values of one key tallied 1.0, 0.9, 0.55 and 0.46 of the best (as in
+    session 11's depth-0 cases): the layers' rule (0.6) singles out two, the
+    re-read (0.4) all four; where more than the budget allows qualify, the
+    layers' hits; under another budget, none."""
+    tally = np.full(100, 0.2)
+    tally[[7, 40, 61, 90]] = [0.9, 1.0, 0.46, 0.55]
+    assert reread_hits(tally, SETTINGS).tolist() == [40, 7, 90, 61]
+    wide = tally.copy()
+    wide[[10, 20, 30]] = 0.45  # seven blocks ≥ 0.4: more than 16 // 3 = 5
+    assert reread_hits(wide, SETTINGS).tolist() == [40, 7]
+    assert reread_hits(tally, SparseSettings(budget="fixed")) is None
+    assert reread_hits(np.zeros(100), SETTINGS).tolist() == []
+    with pytest.raises(ValueError, match="reread_ratio"):
+        SparseSettings(reread_ratio=1.5)
 
 
 def test_blocks_are_the_hits_with_successors_topped_up_from_before():
