@@ -22,13 +22,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag, token_offsets
-from engine.corpus.reread import ReadScope, read_runs, reread_blocks, reread_hits, reread_tokens, should_reread
+from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
 from engine.corpus.settings import CacheSettings, SparseSettings
@@ -336,9 +336,8 @@ class Engine:
         segment and the prompt once more over just that. (second cache, its logits,
         runs, re-read tokens, seconds), or None where the first pass answers."""
         started = time.perf_counter()
-        blocks = reread_blocks(reread_hits(cache.scan_tally(), settings), settings, scope.n_blocks)
-        runs = read_runs(blocks, scope.seg_of_block) if blocks is not None else []
-        if not should_reread(settings, runs):
+        runs = plan_reread(cache.scan_tally(), settings, scope.n_blocks, scope.seg_of_block)
+        if not runs:
             return None
         tokenizer = self.model.tokenizer
 
@@ -363,8 +362,10 @@ class Engine:
         prefiller = self.memory.SegmentPrefiller(self.model.model, self.prefix_ids, len(tokens))
         keys, values = prefiller.run([], tokens, on_layer=on_layer)
         read = ReadScope(scope, prefiller.layers, keys, values, owner)
+        # The re-read tokens sit where a dense prompt would put them, whatever scheme
+        # placed the cached blocks: right after the prefix, in order.
         second = self.memory.MemoryAttentionCache(
-            self.model.model, read, settings, prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
+            self.model.model, read, replace(settings, positions="ordered"), prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
         )
         second.evidence_from = len(prompt) - 1
         logits = prefill(self.model.model, prompt, second, cancel=cancel)

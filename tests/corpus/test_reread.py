@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.corpus.reread import RUN_SEPARATOR, ReadScope, read_runs, reread_blocks, reread_hits, reread_tokens, should_reread
+from engine.corpus.reread import RUN_SEPARATOR, ReadScope, plan_reread, read_runs, reread_blocks, reread_hits, reread_tokens
 from engine.corpus.settings import SparseSettings
 
 SETTINGS = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
@@ -54,12 +54,22 @@ def test_runs_break_at_gaps_and_at_segment_edges():
     assert read_runs(np.zeros(0, np.int64), seg_of_block) == []
 
 
-def test_reread_rule():
-    one, two = [np.array([1, 2])], [np.array([1]), np.array([5])]
-    assert not should_reread(SETTINGS, one) and should_reread(SETTINGS, two)
-    assert should_reread(SparseSettings(reread="always"), one)
-    assert not should_reread(SparseSettings(reread="never"), two)
-    assert not should_reread(SparseSettings(reread="always"), [])
+def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
+    segs = np.repeat(np.arange(10), 10)  # ten segments of ten blocks
+    one = np.full(100, 0.1)
+    one[[44, 47]] = [1.0, 0.45]  # one hit; a second block only at the re-read's share
+    assert plan_reread(one, SETTINGS, 100, segs) == []  # one passage: the first pass answers
+    assert [r.tolist() for r in plan_reread(one, SparseSettings(reread="always"), 100, segs)] == [[44, 45, 46, 47, 48, 49]]
+    spread = np.full(100, 0.1)
+    spread[[3, 71, 85]] = [1.0, 0.9, 0.5]  # two hits in two segments, a third at 0.5
+    runs = plan_reread(spread, SETTINGS, 100, segs)
+    assert [r.tolist() for r in runs] == [[3, 4, 5], [71, 72, 73], [85, 86, 87]]
+    assert plan_reread(spread, SparseSettings(reread="never"), 100, segs) == []
+    assert plan_reread(np.zeros(100), SparseSettings(reread="always"), 100, segs) == []
+    # A hit at a segment's last block with its successors in the next: two prefills.
+    edge = np.full(100, 0.1)
+    edge[19] = 1.0
+    assert [r.tolist() for r in plan_reread(edge, SETTINGS, 100, segs)] == [[18, 19], [20, 21]]
     with pytest.raises(ValueError, match="reread"):
         SparseSettings(reread="sometimes")
 
