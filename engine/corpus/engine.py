@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.corpus.build import BuildProgress, BuildSummary, CorpusBuilder, CorpusDocument, ManifestStore, settings_tag, token_offsets
+from engine.corpus.build import (
+    BuildProgress,
+    BuildSummary,
+    CorpusBuilder,
+    CorpusDocument,
+    ManifestStore,
+    settings_tag,
+    token_offsets,
+)
 from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
@@ -364,8 +372,9 @@ class Engine:
         read = ReadScope(scope, prefiller.layers, keys, values, owner)
         # The re-read tokens sit where a dense prompt would put them, whatever scheme
         # placed the cached blocks: right after the prefix, in order.
+        ordered = replace(settings, positions="ordered")
         second = self.memory.MemoryAttentionCache(
-            self.model.model, read, replace(settings, positions="ordered"), prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
+            self.model.model, read, ordered, prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
         )
         second.evidence_from = len(prompt) - 1
         logits = prefill(self.model.model, prompt, second, cancel=cancel)

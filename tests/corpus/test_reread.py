@@ -213,7 +213,8 @@ def test_the_engine_rereads_the_singled_out_blocks_and_cites_from_them(model, tm
         return prefiller(*args, **kwargs)
 
     monkeypatch.setattr(engine.memory, "SegmentPrefiller", cancelling)
-    events = list(engine.ask(QUESTION, [document], sparse=SparseSettings(reread="always", **SCANNED), cancel=lambda: flag["cancel"]))
+    always = SparseSettings(reread="always", **SCANNED)
+    events = list(engine.ask(QUESTION, [document], sparse=always, cancel=lambda: flag["cancel"]))
     assert events[-1].finish_reason == "cancelled" and events[-1].generated_tokens == 0
     assert not [e for e in events if type(e).__name__ == "Token"]
 
