@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,6 +92,16 @@ class AskStats:
     reread_seconds: float = 0.0
     finish_reason: str = ""
     settings: dict = field(default_factory=dict)
+
+
+class Reread(NamedTuple):
+    """A question's second pass over its re-read blocks (Engine._reread)."""
+
+    cache: object  # the backend's MemoryAttentionCache over the re-read tokens
+    logits: object  # the last prompt token's, to decode from
+    runs: int
+    tokens: int
+    seconds: float
 
 
 def model_fingerprint(model: LoadedModel) -> str:
@@ -309,7 +320,7 @@ class Engine:
                 logits = prefill(self.model.model, prompt, cache, cancel=cancel)
                 reread = self._reread(scope, settings, cache, prompt, capacity, cancel)
                 if reread is not None:
-                    answer, logits = reread[0], reread[1]
+                    answer, logits = reread.cache, reread.logits
             except Cancelled:
                 logits = None
                 generation.finish_reason = "cancelled"
@@ -331,18 +342,20 @@ class Engine:
             tokens_scanned=cache.stats.tokens_scanned,
             bytes_gathered=cache.stats.bytes_gathered + (answer.stats.bytes_gathered if answer is not cache else 0),
             index_bytes=scope.index_bytes(),
-            reread_runs=reread[2] if reread else 0,
-            reread_tokens=reread[3] if reread else 0,
-            reread_seconds=reread[4] if reread else 0.0,
+            reread_runs=reread.runs if reread else 0,
+            reread_tokens=reread.tokens if reread else 0,
+            reread_seconds=reread.seconds if reread else 0.0,
             finish_reason=generation.finish_reason,
             settings=asdict(settings),
         )
 
-    def _reread(self, scope: CorpusScope, settings: SparseSettings, cache, prompt: list[int], capacity: int, cancel):
+    def _reread(
+        self, scope: CorpusScope, settings: SparseSettings, cache, prompt: list[int], capacity: int, cancel
+    ) -> Reread | None:
         """After the prompt's first pass: when the blocks its tally singles out lie in
         separately prefilled runs (reread.py), prefill their text again as one
-        segment and the prompt once more over just that. (second cache, its logits,
-        runs, re-read tokens, seconds), or None where the first pass answers."""
+        segment and the prompt once more over just that; None where the first pass
+        answers."""
         started = time.perf_counter()
         runs = plan_reread(cache.scan_tally(), settings, scope.n_blocks, scope.seg_of_block)
         if not runs:
@@ -378,7 +391,7 @@ class Engine:
         )
         second.evidence_from = len(prompt) - 1
         logits = prefill(self.model.model, prompt, second, cancel=cancel)
-        return second, logits, len(runs), len(tokens), time.perf_counter() - started
+        return Reread(second, logits, len(runs), len(tokens), time.perf_counter() - started)
 
     def will_measure_heads(self, documents: list[CorpusDocument], sparse: SparseSettings | None = None) -> bool:
         """Whether asking over these (cached) documents first measures the model's

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.corpus.selection import layer_hits, question_hits
+from engine.corpus.selection import hit_cover, hit_limit, layer_hits, question_hits
 from engine.corpus.settings import SparseSettings
 
 # Between two runs' text: they are not contiguous in the corpus, and the model
@@ -29,39 +29,15 @@ from engine.corpus.settings import SparseSettings
 RUN_SEPARATOR = "\n\n"
 
 
-def reread_hits(tally: np.ndarray, settings: SparseSettings) -> np.ndarray | None:
-    """The blocks the question singles out for re-reading from the final tally: those
-    reaching `reread_ratio` of the best, as many as `layer_hits` allows; where more
-    qualify, `layer_hits`' own (at `hit_ratio`). None under a budget other than the
-    tally's (nothing is singled out there)."""
-    chosen = layer_hits(tally, settings)
-    if chosen is None:
+def reread_hits(tally: np.ndarray, settings: SparseSettings, hits: np.ndarray | None) -> np.ndarray | None:
+    """The blocks singled out for re-reading from the final tally, given the layers'
+    own `hits` (`layer_hits`): those reaching `reread_ratio` of the best, as many as
+    `hit_limit` allows; where more qualify, `hits`. None with no `hits` (a budget
+    other than the tally's singles nothing out)."""
+    if hits is None:
         return None
-    limit = max(1, settings.max_blocks // (1 + settings.neighbours))
-    wider = question_hits(tally, min(settings.reread_ratio, settings.hit_ratio), limit)
-    return wider if len(wider) else chosen
-
-
-def reread_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
-    """Sorted global ids of the blocks to read together for the question's `hits`
-    (the final tally's, selection.layer_hits): each hit with its `neighbours`
-    successors (cut at the scope's end), topped up to `min_blocks` with the blocks
-    just before the hits, as `decided_blocks` chooses. None where nothing is
-    singled out or the cover exceeds `max_blocks`."""
-    if hits is None or not len(hits):
-        return None
-    hits = np.asarray(hits, dtype=np.int64)
-    wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
-    wanted = wanted[wanted < n_blocks]
-    if len(wanted) > settings.max_blocks:
-        return None
-    short = settings.min_blocks - len(wanted)
-    if short > 0:
-        before = (hits[None, :] - np.arange(1, settings.min_blocks)[:, None]).reshape(-1)
-        before = before[(before >= 0) & ~np.isin(before, wanted)]
-        _, first = np.unique(before, return_index=True)
-        wanted = np.union1d(wanted, before[np.sort(first)][:short])
-    return wanted
+    wider = question_hits(tally, min(settings.reread_ratio, settings.hit_ratio), hit_limit(settings))
+    return wider if len(wider) else hits
 
 
 def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:
@@ -87,12 +63,12 @@ def plan_reread(tally: np.ndarray, settings: SparseSettings, n_blocks: int, seg_
     if settings.reread == "never":
         return []
     hits = layer_hits(tally, settings)
-    blocks = reread_blocks(hits, settings, n_blocks)
+    blocks = hit_cover(hits, settings, n_blocks)
     if blocks is None:
         return []
     if settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2:
         return []
-    wider = reread_blocks(reread_hits(tally, settings), settings, n_blocks)
+    wider = hit_cover(reread_hits(tally, settings, hits), settings, n_blocks)
     return read_runs(blocks if wider is None else wider, seg_of_block)
 
 

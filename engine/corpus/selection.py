@@ -94,8 +94,35 @@ def layer_hits(scan_tally: np.ndarray, settings: SparseSettings) -> np.ndarray |
     many hits as the budget holds with their successors); None under another rule."""
     if settings.budget != "tally":
         return None
-    limit = max(1, settings.max_blocks // (1 + settings.neighbours))
-    return question_hits(scan_tally, settings.hit_ratio, limit)
+    return question_hits(scan_tally, settings.hit_ratio, hit_limit(settings))
+
+
+def hit_limit(settings: SparseSettings) -> int:
+    """The most hits a question may single out: as many as the budget holds with
+    their successors."""
+    return max(1, settings.max_blocks // (1 + settings.neighbours))
+
+
+def hit_cover(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
+    """Sorted global ids of `hits` with their `neighbours` successors (cut at the
+    scope's end), topped up to `min_blocks` with the blocks just before the hits
+    (every hit's predecessor, then the one before that, ...; each once and only if
+    not read already). None where there are no hits or the cover exceeds
+    `max_blocks`; fewer than `min_blocks` where the scope's start leaves no more."""
+    if hits is None or not len(hits):
+        return None
+    hits = np.asarray(hits, dtype=np.int64)
+    wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
+    wanted = wanted[wanted < n_blocks]
+    if len(wanted) > settings.max_blocks:
+        return None
+    short = settings.min_blocks - len(wanted)
+    if short > 0:
+        before = (hits[None, :] - np.arange(1, settings.min_blocks)[:, None]).reshape(-1)
+        before = before[(before >= 0) & ~np.isin(before, wanted)]
+        _, first = np.unique(before, return_index=True)
+        wanted = np.union1d(wanted, before[np.sort(first)][:short])
+    return wanted
 
 
 def decided_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: int) -> np.ndarray | None:
@@ -110,21 +137,10 @@ def decided_blocks(hits: np.ndarray | None, settings: SparseSettings, n_blocks: 
     distractor key's block (multi-key 80% against 100%). None where each head must
     rank for itself: no hits, more blocks than the budget, or hits at the scope's
     edges."""
-    if hits is None or not len(hits):
+    if hits is None or not len(hits) or int(np.max(hits)) + settings.neighbours >= n_blocks:
         return None
-    hits = np.asarray(hits, dtype=np.int64)
-    wanted = np.unique(hits[:, None] + np.arange(settings.neighbours + 1))
-    if wanted[-1] >= n_blocks or len(wanted) > settings.max_blocks:
-        return None
-    short = settings.min_blocks - len(wanted)
-    if short > 0:
-        # The blocks before the hits, nearest first (every hit's predecessor, then the
-        # one before that, ...), each once and only if not read already.
-        before = (hits[None, :] - np.arange(1, settings.min_blocks)[:, None]).reshape(-1)
-        before = before[(before >= 0) & ~np.isin(before, wanted)]
-        _, first = np.unique(before, return_index=True)
-        wanted = np.union1d(wanted, before[np.sort(first)][:short])
-    return wanted if len(wanted) >= settings.min_blocks else None
+    wanted = hit_cover(hits, settings, n_blocks)
+    return wanted if wanted is not None and len(wanted) >= settings.min_blocks else None
 
 
 def rule_selection(blocks: np.ndarray, order: np.ndarray, hits: np.ndarray | None, settings: SparseSettings) -> np.ndarray:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.corpus.reread import RUN_SEPARATOR, ReadScope, plan_reread, read_runs, reread_blocks, reread_hits, reread_tokens
+from engine.corpus.reread import RUN_SEPARATOR, ReadScope, plan_reread, read_runs, reread_hits, reread_tokens
+from engine.corpus.selection import hit_cover, layer_hits
 from engine.corpus.settings import SparseSettings
 
 SETTINGS = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
@@ -23,27 +24,28 @@ def test_hits_for_rereading_reach_lower_than_the_layers_hits():
     layers' hits; under another budget, none."""
     tally = np.full(100, 0.2)
     tally[[7, 40, 61, 90]] = [0.9, 1.0, 0.46, 0.55]
-    assert reread_hits(tally, SETTINGS).tolist() == [40, 7, 90, 61]
+    assert reread_hits(tally, SETTINGS, layer_hits(tally, SETTINGS)).tolist() == [40, 7, 90, 61]
     wide = tally.copy()
     wide[[10, 20, 30]] = 0.45  # seven blocks ≥ 0.4: more than 16 // 3 = 5
-    assert reread_hits(wide, SETTINGS).tolist() == [40, 7]
-    assert reread_hits(tally, SparseSettings(budget="fixed")) is None
-    assert reread_hits(np.zeros(100), SETTINGS).tolist() == []
+    assert reread_hits(wide, SETTINGS, layer_hits(wide, SETTINGS)).tolist() == [40, 7]
+    fixed = SparseSettings(budget="fixed")
+    assert reread_hits(tally, fixed, layer_hits(tally, fixed)) is None
+    assert reread_hits(np.zeros(100), SETTINGS, layer_hits(np.zeros(100), SETTINGS)).tolist() == []
     with pytest.raises(ValueError, match="reread_ratio"):
         SparseSettings(reread_ratio=1.5)
 
 
 def test_blocks_are_the_hits_with_successors_topped_up_from_before():
-    assert reread_blocks(np.array([9, 5]), SETTINGS, 100).tolist() == [5, 6, 7, 9, 10, 11]
-    assert reread_blocks(np.array([5]), SETTINGS, 100).tolist() == [4, 5, 6, 7]
+    assert hit_cover(np.array([9, 5]), SETTINGS, 100).tolist() == [5, 6, 7, 9, 10, 11]
+    assert hit_cover(np.array([5]), SETTINGS, 100).tolist() == [4, 5, 6, 7]
     # At the scope's end the successors are cut, and the blocks before make up the minimum.
-    assert reread_blocks(np.array([99]), SETTINGS, 100).tolist() == [96, 97, 98, 99]
-    assert reread_blocks(np.array([40, 98]), SETTINGS, 100).tolist() == [40, 41, 42, 98, 99]
+    assert hit_cover(np.array([99]), SETTINGS, 100).tolist() == [96, 97, 98, 99]
+    assert hit_cover(np.array([40, 98]), SETTINGS, 100).tolist() == [40, 41, 42, 98, 99]
     # At its start there is nothing before: fewer than the minimum is still read.
-    assert reread_blocks(np.array([0]), SETTINGS, 100).tolist() == [0, 1, 2]
-    assert reread_blocks(np.array([0]), SETTINGS, 2).tolist() == [0, 1]
-    assert reread_blocks(np.arange(0, 60, 10), SETTINGS, 100) is None  # 18 blocks > 16
-    assert reread_blocks(None, SETTINGS, 100) is None and reread_blocks(np.zeros(0, np.int64), SETTINGS, 100) is None
+    assert hit_cover(np.array([0]), SETTINGS, 100).tolist() == [0, 1, 2]
+    assert hit_cover(np.array([0]), SETTINGS, 2).tolist() == [0, 1]
+    assert hit_cover(np.arange(0, 60, 10), SETTINGS, 100) is None  # 18 blocks > 16
+    assert hit_cover(None, SETTINGS, 100) is None and hit_cover(np.zeros(0, np.int64), SETTINGS, 100) is None
 
 
 def test_runs_break_at_gaps_and_at_segment_edges():
