@@ -187,6 +187,18 @@ def run_niah(
     return result
 
 
+def _tally_needles(top: list, documents: list[CorpusDocument], spans: list[tuple[int, int, int]]) -> list[list]:
+    """The final tally's best blocks (AskStats.tally_top) as [share, needle]: the
+    index of the needle whose text the block overlaps, or -1 for haystack."""
+    rows = []
+    for doc_id, start, end, share in top:
+        needle = next(
+            (i for i, (d, s, e) in enumerate(spans) if documents[d].doc_id == doc_id and start < e and end > s), -1
+        )
+        rows.append([share, needle])
+    return rows
+
+
 def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks) -> dict:
     model = engine.model
     with_needles, spans = place_needles(documents, case, sizes)
@@ -213,6 +225,7 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
             "reread_runs": stats.reread_runs if stats else None,
             "reread_tokens": stats.reread_tokens if stats else None,
             "reread_seconds": round(stats.reread_seconds, 3) if stats else None,
+            "tally": _tally_needles(stats.tally_top, with_needles, spans) if stats else None,
         },
         "rebuild": {"segments": built.segments_built, "seconds": round(build_seconds, 2)},
     }

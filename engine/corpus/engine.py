@@ -90,6 +90,10 @@ class AskStats:
     reread_runs: int = 0
     reread_tokens: int = 0
     reread_seconds: float = 0.0
+    # The retrieval heads' final tally, its best blocks best first: (doc_id, first
+    # char, end char, share of the best block's tally). What singled blocks out,
+    # for benchmarks that ask why a passage was or was not read.
+    tally_top: list = field(default_factory=list)
     finish_reason: str = ""
     settings: dict = field(default_factory=dict)
 
@@ -306,7 +310,7 @@ class Engine:
         )
         cache.evidence_from = len(prompt) - 1
         generation = GenerationStats()
-        answer, reread = cache, None
+        answer, reread, tally_top = cache, None, []
         # On the CPU a question does not wait for the index to load: the warm-up pauses
         # while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to the first
         # token overlapped), and what is not loaded yet it streams from the segments
@@ -318,6 +322,7 @@ class Engine:
                 # The prompt is prefilled here, not by the generation loop: its
                 # selection decides whether the answer reads the blocks together.
                 logits = prefill(self.model.model, prompt, cache, cancel=cancel)
+                tally_top = _tally_top(scope, cache.scan_tally(), TALLY_TOP)
                 reread = self._reread(scope, settings, cache, prompt, capacity, cancel)
                 if reread is not None:
                     answer, logits = reread.cache, reread.logits
@@ -345,6 +350,7 @@ class Engine:
             reread_runs=reread.runs if reread else 0,
             reread_tokens=reread.tokens if reread else 0,
             reread_seconds=reread.seconds if reread else 0.0,
+            tally_top=tally_top,
             finish_reason=generation.finish_reason,
             settings=asdict(settings),
         )
@@ -444,6 +450,27 @@ class Engine:
                 text=entry.document.text[start_char:end_char],
                 weight=weight / total,
             )
+
+
+# How many of the final tally's best blocks AskStats reports.
+TALLY_TOP = 24
+
+
+def _tally_top(scope: CorpusScope, tally: np.ndarray, count: int) -> list[tuple[str, int, int, float]]:
+    """The `count` blocks of `tally` with the highest values, best first, as
+    (doc_id, first char, end char, share of the best); empty before any scan."""
+    if not len(tally) or not (tally > 0).any():
+        return []
+    top = np.argpartition(-tally, count)[:count] if len(tally) > count else np.arange(len(tally))
+    top = top[np.argsort(-tally[top], kind="stable")]
+    best = float(tally[top[0]])
+    rows = []
+    for block in top:
+        entry_index, first, end = scope.block_passage(int(block))
+        entry = scope.entries[entry_index]
+        start_char, end_char = entry.manifest.char_span(first, end)
+        rows.append((entry.document.doc_id, int(start_char), int(end_char), round(float(tally[block]) / best, 3)))
+    return rows
 
 
 def _beyond_shortlist(settings: SparseSettings, scope: CorpusScope) -> bool:

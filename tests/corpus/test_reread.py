@@ -156,7 +156,7 @@ def test_the_second_pass_is_the_dense_prompt_of_the_reread_tokens(pair):
 
 # --- the engine, with a real model (SmolLM2-135M-Instruct) ------------------------------
 
-from engine.corpus.engine import Engine  # noqa: E402
+from engine.corpus.engine import TALLY_TOP, Engine  # noqa: E402
 from engine.errors import Cancelled  # noqa: E402
 from tests.corpus.test_engine import FACT, QUESTION, ask, island_document, model  # noqa: E402,F401  (fixture)
 
@@ -177,6 +177,11 @@ def test_the_engine_rereads_the_singled_out_blocks_and_cites_from_them(model, tm
 
     _, _, _, plain = ask(engine, [document], sparse=SparseSettings(reread="never", **SCANNED))
     assert (plain.reread_runs, plain.reread_tokens, plain.reread_seconds) == (0, 0, 0.0) and plain.tokens_scanned > 0
+    # The final tally's best blocks, best first, as character spans of the document.
+    top = plain.tally_top
+    assert 0 < len(top) <= TALLY_TOP and top[0][3] == 1.0
+    assert all(a[3] >= b[3] for a, b in zip(top, top[1:]))
+    assert all(d == document.doc_id and 0 <= s < e <= len(document.text) for d, s, e, _ in top)
 
     read: list[np.ndarray] = []
     real = engine.memory.MemoryAttentionCache
@@ -190,12 +195,15 @@ def test_the_engine_rereads_the_singled_out_blocks_and_cites_from_them(model, tm
     answer, generated, evidence, stats = ask(engine, [document], sparse=SparseSettings(reread="always", **SCANNED))
     assert len(read) == 1 and stats.reread_runs >= 1 and stats.reread_seconds > 0
     blocks = read[0]
+    assert stats.tally_top == top  # the same question, the same first pass
     # The re-read tokens are the blocks' text encoded again (about their tokens:
     # re-encoding may merge differently at the runs' edges, plus the separators).
     spans = [engine.manifests.load(document.content_key).char_span(*scope.block_passage(int(b))[1:]) for b in blocks]
     chars = sum(end - start for start, end in spans)
     expected = len(model.tokenizer.encode("".join(document.text[s:e] for s, e in spans)))
     assert abs(stats.reread_tokens - expected) <= 2 * stats.reread_runs, (stats.reread_tokens, expected, chars)
+    # The best-tallied block is a hit, so among those re-read.
+    assert any(start <= top[0][1] and top[0][2] <= end for start, end in spans), (top[0], spans)
     assert stats.generated_tokens == len(generated) and stats.finish_reason in {"stop", "length"}
     # Evidence comes from the second pass: passages inside the re-read blocks, by
     # the corpus's own character offsets.
