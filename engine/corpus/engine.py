@@ -40,6 +40,7 @@ from engine.corpus.build import (
 from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
+from engine.corpus.selection import best_blocks
 from engine.corpus.settings import CacheSettings, SparseSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
@@ -322,8 +323,9 @@ class Engine:
                 # The prompt is prefilled here, not by the generation loop: its
                 # selection decides whether the answer reads the blocks together.
                 logits = prefill(self.model.model, prompt, cache, cancel=cancel)
-                tally_top = _tally_top(scope, cache.scan_tally(), TALLY_TOP)
-                reread = self._reread(scope, settings, cache, prompt, capacity, cancel)
+                tally = cache.scan_tally()
+                tally_top = _tally_top(scope, tally, TALLY_TOP)
+                reread = self._reread(scope, settings, tally, prompt, capacity, cancel)
                 if reread is not None:
                     answer, logits = reread.cache, reread.logits
             except Cancelled:
@@ -356,25 +358,20 @@ class Engine:
         )
 
     def _reread(
-        self, scope: CorpusScope, settings: SparseSettings, cache, prompt: list[int], capacity: int, cancel
+        self, scope: CorpusScope, settings: SparseSettings, tally: np.ndarray, prompt: list[int], capacity: int, cancel
     ) -> Reread | None:
         """After the prompt's first pass: when the blocks its tally singles out lie in
         separately prefilled runs (reread.py), prefill their text again as one
         segment and the prompt once more over just that; None where the first pass
         answers."""
         started = time.perf_counter()
-        runs = plan_reread(cache.scan_tally(), settings, scope.n_blocks, scope.seg_of_block)
+        runs = plan_reread(tally, settings, scope.n_blocks, scope.seg_of_block)
         if not runs:
             return None
         tokenizer = self.model.tokenizer
-
-        def block_chars(block: int) -> tuple[int, int, int]:
-            entry, first, end = scope.block_passage(block)
-            return (entry, *scope.entries[entry].manifest.char_span(first, end))
-
         tokens, owner = reread_tokens(
             runs,
-            block_chars,
+            lambda block: _block_chars(scope, block),
             lambda entry: scope.entries[entry].document.text,
             tokenizer.encode,
             lambda ids, text: token_offsets(tokenizer.token_bytes, ids, text),
@@ -461,16 +458,20 @@ def _tally_top(scope: CorpusScope, tally: np.ndarray, count: int) -> list[tuple[
     (doc_id, first char, end char, share of the best); empty before any scan."""
     if not len(tally) or not (tally > 0).any():
         return []
-    top = np.argpartition(-tally, count)[:count] if len(tally) > count else np.arange(len(tally))
-    top = top[np.argsort(-tally[top], kind="stable")]
+    top = best_blocks(tally, count)
     best = float(tally[top[0]])
     rows = []
     for block in top:
-        entry_index, first, end = scope.block_passage(int(block))
-        entry = scope.entries[entry_index]
-        start_char, end_char = entry.manifest.char_span(first, end)
-        rows.append((entry.document.doc_id, int(start_char), int(end_char), round(float(tally[block]) / best, 3)))
+        entry, start_char, end_char = _block_chars(scope, int(block))
+        doc_id = scope.entries[entry].document.doc_id
+        rows.append((doc_id, int(start_char), int(end_char), round(float(tally[block]) / best, 3)))
     return rows
+
+
+def _block_chars(scope: CorpusScope, block: int) -> tuple[int, int, int]:
+    """(entry index, first char, end char) of a global block's text."""
+    entry, first, end = scope.block_passage(block)
+    return (entry, *scope.entries[entry].manifest.char_span(first, end))
 
 
 def _beyond_shortlist(settings: SparseSettings, scope: CorpusScope) -> bool:
