@@ -365,7 +365,7 @@ class Engine:
         segment and the prompt once more over just that; None where the first pass
         answers."""
         started = time.perf_counter()
-        runs = plan_reread(tally, settings, scope.n_blocks, scope.seg_of_block)
+        runs = plan_reread(tally, settings, scope.seg_of_block, scope.doc_of_block)
         if not runs:
             return None
         tokenizer = self.model.tokenizer

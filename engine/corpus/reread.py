@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.corpus.selection import hit_cover, hit_limit, layer_hits, question_hits
+from engine.corpus.selection import best_blocks, hit_cover, hit_limit, layer_hits
 from engine.corpus.settings import SparseSettings
 
 # Between two runs' text: they are not contiguous in the corpus, and the model
@@ -29,15 +29,50 @@ from engine.corpus.settings import SparseSettings
 RUN_SEPARATOR = "\n\n"
 
 
-def reread_hits(tally: np.ndarray, settings: SparseSettings, hits: np.ndarray | None) -> np.ndarray | None:
-    """The blocks singled out for re-reading from the final tally, given the layers'
-    own `hits` (`layer_hits`): those reaching `reread_ratio` of the best, as many as
-    `hit_limit` allows; where more qualify, `hits`. None with no `hits` (a budget
-    other than the tally's singles nothing out)."""
-    if hits is None:
-        return None
-    wider = question_hits(tally, min(settings.reread_ratio, settings.hit_ratio), hit_limit(settings))
-    return wider if len(wider) else hits
+def reread_hits(tally: np.ndarray, settings: SparseSettings, doc_of_block: np.ndarray) -> np.ndarray:
+    """The blocks singled out for re-reading from the final tally, best first: those
+    reaching `reread_ratio` of the best, as many as `hit_limit` allows; where more
+    qualify, the best of them. Under `reread_pairs` a block is rated with the one
+    after it (`pair_tally`), and a chosen block hides the two beside it, so that one
+    fact takes one place: a fact cut by a block edge tallies in two halves, each
+    under the blocks of a haystack that echo the question (1M, session 12: a value's
+    halves 0.46 and 0.28 of the best, haystack blocks 0.47-0.53)."""
+    limit = hit_limit(settings)
+    ratio = min(settings.reread_ratio, settings.hit_ratio)
+    if not (tally > 0).any():
+        return np.zeros(0, dtype=np.int64)
+    if not settings.reread_pairs:
+        order = best_blocks(tally, limit)
+        return order[tally[order] >= ratio * tally[order[0]]]
+    rated = pair_tally(tally, doc_of_block)
+    # Each choice hides at most two others: the best 3 * limit hold every choice.
+    # Between equal pairs the block that tallies more itself comes first (a fact
+    # whole in one block rates the same with its predecessor as with its successor),
+    # then the earlier.
+    candidates = best_blocks(rated, 3 * limit)
+    candidates = candidates[np.lexsort((candidates, -tally[candidates], -rated[candidates]))]
+    chosen: list[int] = []
+    hidden: set[int] = set()
+    for block in candidates:
+        block = int(block)
+        if block in hidden:
+            continue
+        if chosen and rated[block] < ratio * rated[chosen[0]]:
+            break
+        chosen.append(block)
+        hidden.update((block - 1, block + 1))
+        if len(chosen) == limit:
+            break
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def pair_tally(tally: np.ndarray, doc_of_block: np.ndarray) -> np.ndarray:
+    """Each block's tally plus the next block's, where that continues the same
+    document's text (the last block of a document keeps its own)."""
+    rated = np.asarray(tally, dtype=np.float64).copy()
+    continues = doc_of_block[1:] == doc_of_block[:-1]
+    rated[:-1][continues] += tally[1:][continues]
+    return rated
 
 
 def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:
@@ -52,24 +87,33 @@ def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:
     return np.split(blocks, cuts)
 
 
-def plan_reread(tally: np.ndarray, settings: SparseSettings, n_blocks: int, seg_of_block: np.ndarray) -> list[np.ndarray]:
+def plan_reread(tally: np.ndarray, settings: SparseSettings, seg_of_block: np.ndarray, doc_of_block: np.ndarray) -> list[np.ndarray]:
     """The runs to read together after the question's first pass, from its final
     `tally`; empty where the first pass answers. Under `reread` "auto" a question
     re-reads when the layers' own hits (`hit_ratio`) lie in two or more separately
     prefilled runs — a single fact, read whole in one passage, does not pay for it
-    (session 11: at 0.4 the trigger re-read 11 of 13 single needles) — and then reads
-    the wider set (`reread_hits`). "always" re-reads whatever is singled out; "never"
-    nothing."""
+    (session 11: at 0.4 the trigger re-read 11 of 13 single needles) — or, under
+    `reread_flat`, when more blocks reach `hit_ratio` than the budget holds, so
+    that the layers single nothing out (1M, session 12: four values of a key the
+    best four blocks, eight haystack blocks within 0.6 of the best); it then reads
+    `reread_hits`. "always" re-reads whatever is singled out; "never" nothing."""
     if settings.reread == "never":
         return []
+    n_blocks = len(tally)
     hits = layer_hits(tally, settings)
-    blocks = hit_cover(hits, settings, n_blocks)
-    if blocks is None:
+    if hits is None or not (tally > 0).any():
         return []
-    if settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2:
+    if not len(hits) and not settings.reread_flat:
         return []
-    wider = hit_cover(reread_hits(tally, settings, hits), settings, n_blocks)
-    return read_runs(blocks if wider is None else wider, seg_of_block)
+    if len(hits):
+        blocks = hit_cover(hits, settings, n_blocks)
+        if blocks is None or (settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2):
+            return []
+    wider = hit_cover(reread_hits(tally, settings, doc_of_block), settings, n_blocks)
+    if wider is None:
+        return []
+    runs = read_runs(wider, seg_of_block)
+    return runs if settings.reread == "always" or len(runs) >= 2 else []
 
 
 def reread_tokens(

@@ -105,6 +105,11 @@ class SparseSettings:
     # value in 9 of 10 cases at depth 0), the blocks no needle was in at most 0.26; a
     # distractor read with the asked fact is read beside it (multi-key stayed 60/60).
     reread_ratio: float = 0.4
+    # Rate a block for re-reading with the one after it (reread.pair_tally): a fact
+    # cut by a block edge then tallies whole. And re-read the best blocks when more
+    # than the budget reach `hit_ratio` (nothing singled out for the layers).
+    reread_pairs: bool = True
+    reread_flat: bool = True
 
     def __post_init__(self) -> None:
         if self.reread not in REREADS:

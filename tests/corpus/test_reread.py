@@ -10,29 +10,52 @@ import numpy as np
 import pytest
 import torch
 
-from engine.corpus.reread import RUN_SEPARATOR, ReadScope, plan_reread, read_runs, reread_hits, reread_tokens
+from engine.corpus.reread import RUN_SEPARATOR, ReadScope, pair_tally, plan_reread, read_runs, reread_hits, reread_tokens
 from engine.corpus.selection import hit_cover, layer_hits
 from engine.corpus.settings import SparseSettings
 
 SETTINGS = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2)
 
 
+ONE_DOC = np.zeros(100, dtype=np.int64)
+
+
 def test_hits_for_rereading_reach_lower_than_the_layers_hits():
     """Four values of one key tallied 1.0, 0.9, 0.55 and 0.46 of the best (as in
     session 11's depth-0 cases): the layers' rule (0.6) singles out two, the
-    re-read (0.4) all four; where more than the budget allows qualify, the
-    layers' hits; under another budget, none."""
+    re-read (0.4) all four; where more than the budget allows qualify, the best
+    of them."""
     tally = np.full(100, 0.2)
     tally[[7, 40, 61, 90]] = [0.9, 1.0, 0.46, 0.55]
-    assert reread_hits(tally, SETTINGS, layer_hits(tally, SETTINGS)).tolist() == [40, 7, 90, 61]
-    wide = tally.copy()
-    wide[[10, 20, 30]] = 0.45  # seven blocks ≥ 0.4: more than 16 // 3 = 5
-    assert reread_hits(wide, SETTINGS, layer_hits(wide, SETTINGS)).tolist() == [40, 7]
-    fixed = SparseSettings(budget="fixed")
-    assert reread_hits(tally, fixed, layer_hits(tally, fixed)) is None
-    assert reread_hits(np.zeros(100), SETTINGS, layer_hits(np.zeros(100), SETTINGS)).tolist() == []
+    assert layer_hits(tally, SETTINGS).tolist() == [40, 7]
+    for pairs in (True, False):
+        settings = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_pairs=pairs)
+        assert reread_hits(tally, settings, ONE_DOC).tolist() == [40, 7, 90, 61]
+        wide = tally.copy()
+        wide[[10, 20, 30]] = [0.45, 0.44, 0.43]  # seven blocks ≥ 0.4: more than 16 // 3 = 5
+        assert reread_hits(wide, settings, ONE_DOC).tolist() == [40, 7, 90, 61, 10]
+        assert reread_hits(np.zeros(100), settings, ONE_DOC).tolist() == []
     with pytest.raises(ValueError, match="reread_ratio"):
         SparseSettings(reread_ratio=1.5)
+
+
+def test_a_fact_cut_by_a_block_edge_is_rated_whole():
+    """A value whose sentence runs across blocks 70 and 71 tallies 0.46 and 0.28 of
+    the best there, under six haystack blocks at 0.5 (the 1M shape of session 12).
+    Rated with its successor it is 0.74 against their 0.6, and re-read; block by
+    block it is not. One fact takes one place: a whole fact's block is chosen, not
+    also its predecessor, though both pairs hold it; and a document's last block is
+    not rated with the next document's first."""
+    tally = np.full(100, 0.05)
+    tally[[5, 40]] = [1.0, 0.9]
+    tally[[70, 71]] = [0.46, 0.28]
+    tally[[12, 20, 28, 50, 58, 88]] = 0.5
+    assert 70 in reread_hits(tally, SETTINGS, ONE_DOC).tolist()
+    assert reread_hits(tally, SETTINGS, ONE_DOC).tolist()[:3] == [5, 40, 70]
+    by_block = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_pairs=False)
+    assert 70 not in reread_hits(tally, by_block, ONE_DOC).tolist()
+    assert 70 not in reread_hits(tally, SETTINGS, (np.arange(100) > 70).astype(np.int64)).tolist()
+    assert pair_tally(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0, 0, 1, 1])).tolist() == [3.0, 2.0, 7.0, 4.0]
 
 
 def test_blocks_are_the_hits_with_successors_topped_up_from_before():
@@ -60,18 +83,29 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
     segs = np.repeat(np.arange(10), 10)  # ten segments of ten blocks
     one = np.full(100, 0.1)
     one[[44, 47]] = [1.0, 0.45]  # one hit; a second block only at the re-read's share
-    assert plan_reread(one, SETTINGS, 100, segs) == []  # one passage: the first pass answers
-    assert [r.tolist() for r in plan_reread(one, SparseSettings(reread="always"), 100, segs)] == [[44, 45, 46, 47, 48, 49]]
+    assert plan_reread(one, SETTINGS, segs, ONE_DOC) == []  # one passage: the first pass answers
+    assert [r.tolist() for r in plan_reread(one, SparseSettings(reread="always"), segs, ONE_DOC)] == [[44, 45, 46, 47, 48, 49]]
     spread = np.full(100, 0.1)
     spread[[3, 71, 85]] = [1.0, 0.9, 0.5]  # two hits in two segments, a third at 0.5
-    runs = plan_reread(spread, SETTINGS, 100, segs)
+    runs = plan_reread(spread, SETTINGS, segs, ONE_DOC)
     assert [r.tolist() for r in runs] == [[3, 4, 5], [71, 72, 73], [85, 86, 87]]
-    assert plan_reread(spread, SparseSettings(reread="never"), 100, segs) == []
-    assert plan_reread(np.zeros(100), SparseSettings(reread="always"), 100, segs) == []
+    assert plan_reread(spread, SparseSettings(reread="never"), segs, ONE_DOC) == []
+    assert plan_reread(np.zeros(100), SparseSettings(reread="always"), segs, ONE_DOC) == []
     # A hit at a segment's last block with its successors in the next: two prefills.
     edge = np.full(100, 0.1)
     edge[19] = 1.0
-    assert [r.tolist() for r in plan_reread(edge, SETTINGS, 100, segs)] == [[18, 19], [20, 21]]
+    assert [r.tolist() for r in plan_reread(edge, SETTINGS, segs, ONE_DOC)] == [[18, 19], [20, 21]]
+    assert plan_reread(spread, SparseSettings(budget="fixed"), segs, ONE_DOC) == []  # no tally rule, no hits
+    # Seven blocks reach 0.6 of the best, more than the 5 hits the budget holds: the
+    # layers single nothing out, and the best five are read together; not under
+    # reread_flat False.
+    flat = np.full(100, 0.1)
+    flat[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]
+    assert layer_hits(flat, SETTINGS).tolist() == []
+    runs = plan_reread(flat, SETTINGS, segs, ONE_DOC)
+    assert [int(r[0]) for r in runs] == [3, 13, 23, 33, 43]
+    no_flat = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_flat=False)
+    assert plan_reread(flat, no_flat, segs, ONE_DOC) == []
     with pytest.raises(ValueError, match="reread"):
         SparseSettings(reread="sometimes")
 
