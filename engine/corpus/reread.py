@@ -66,6 +66,18 @@ def reread_hits(tally: np.ndarray, settings: SparseSettings, doc_of_block: np.nd
     return np.asarray(chosen, dtype=np.int64)
 
 
+def steepest_hits(tally: np.ndarray, limit: int) -> np.ndarray:
+    """Where more than `limit` blocks reach the hit share: the best blocks down to
+    the steepest fall among the best `limit` + 1 — those that stand out from the
+    rest. A lone needle at the end of 128K tallied 1.0, nine haystack blocks
+    0.63-0.78 (session 13): one block stands out, nothing is re-read; four values of a key at 1.0, 0.94, 0.86, 0.65 above haystack at 0.62
+    (1M, session 12): three stand out, in separate runs, and are re-read."""
+    top = best_blocks(tally, limit + 1)
+    if len(top) < 2:
+        return top
+    return top[: int(np.argmax(-np.diff(tally[top]))) + 1]
+
+
 def pair_tally(tally: np.ndarray, doc_of_block: np.ndarray) -> np.ndarray:
     """Each block's tally plus the next block's, where that continues the same
     document's text (the last block of a document keeps its own)."""
@@ -92,23 +104,25 @@ def plan_reread(tally: np.ndarray, settings: SparseSettings, seg_of_block: np.nd
     `tally`; empty where the first pass answers. Under `reread` "auto" a question
     re-reads when the layers' own hits (`hit_ratio`) lie in two or more separately
     prefilled runs — a single fact, read whole in one passage, does not pay for it
-    (session 11: at 0.4 the trigger re-read 11 of 13 single needles) — or, under
-    `reread_flat`, when more blocks reach `hit_ratio` than the budget holds, so
-    that the layers single nothing out (1M, session 12: four values of a key the
-    best four blocks, eight haystack blocks within 0.6 of the best); it then reads
-    `reread_hits`. "always" re-reads whatever is singled out; "never" nothing."""
+    (session 11: at 0.4 the trigger re-read 11 of 13 single needles). Where more
+    blocks reach `hit_ratio` than the budget holds, so that the layers single
+    nothing out (1M, session 12: four values of a key the best four blocks, eight
+    haystack blocks within 0.6 of the best), `reread_flat` takes the blocks that
+    stand out instead (`steepest_hits`). It then reads `reread_hits`. "always"
+    re-reads whatever is singled out; "never" nothing."""
     if settings.reread == "never":
         return []
     n_blocks = len(tally)
     hits = layer_hits(tally, settings)
     if hits is None or not (tally > 0).any():
         return []
-    if not len(hits) and not settings.reread_flat:
-        return []
-    if len(hits):
-        blocks = hit_cover(hits, settings, n_blocks)
-        if blocks is None or (settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2):
+    if not len(hits):
+        if not settings.reread_flat:
             return []
+        hits = steepest_hits(tally, hit_limit(settings))
+    blocks = hit_cover(hits, settings, n_blocks)
+    if blocks is None or (settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2):
+        return []
     wider = hit_cover(reread_hits(tally, settings, doc_of_block), settings, n_blocks)
     if wider is None:
         return []

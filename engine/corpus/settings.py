@@ -106,8 +106,9 @@ class SparseSettings:
     # distractor read with the asked fact is read beside it (multi-key stayed 60/60).
     reread_ratio: float = 0.4
     # Rate a block for re-reading with the one after it (reread.pair_tally): a fact
-    # cut by a block edge then tallies whole. And re-read the best blocks when more
-    # than the budget reach `hit_ratio` (nothing singled out for the layers).
+    # cut by a block edge then tallies whole (128K multi-value 90% → 100%, session
+    # 13). And where more blocks than the budget reach `hit_ratio`, so the layers
+    # single nothing out, trigger on the blocks that stand out (reread.steepest_hits).
     reread_pairs: bool = True
     reread_flat: bool = True
 

@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine.corpus.reread import RUN_SEPARATOR, ReadScope, pair_tally, plan_reread, read_runs, reread_hits, reread_tokens
+from engine.corpus.reread import (
+    RUN_SEPARATOR,
+    ReadScope,
+    pair_tally,
+    plan_reread,
+    read_runs,
+    reread_hits,
+    reread_tokens,
+    steepest_hits,
+)
 from engine.corpus.selection import hit_cover, layer_hits
 from engine.corpus.settings import SparseSettings
 
@@ -97,15 +106,21 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
     assert [r.tolist() for r in plan_reread(edge, SETTINGS, segs, ONE_DOC)] == [[18, 19], [20, 21]]
     assert plan_reread(spread, SparseSettings(budget="fixed"), segs, ONE_DOC) == []  # no tally rule, no hits
     # Seven blocks reach 0.6 of the best, more than the 5 hits the budget holds: the
-    # layers single nothing out, and the best five are read together; not under
-    # reread_flat False.
+    # layers single nothing out. Three stand out above the steepest fall, in three
+    # runs: the best five are read together; not under reread_flat False.
     flat = np.full(100, 0.1)
-    flat[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]
+    flat[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.95, 0.9, 0.65, 0.63, 0.62, 0.61]
     assert layer_hits(flat, SETTINGS).tolist() == []
+    assert steepest_hits(flat, 5).tolist() == [3, 13, 23]
     runs = plan_reread(flat, SETTINGS, segs, ONE_DOC)
     assert [int(r[0]) for r in runs] == [3, 13, 23, 33, 43]
     no_flat = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_flat=False)
     assert plan_reread(flat, no_flat, segs, ONE_DOC) == []
+    # One block stands out above many: a single fact, answered by the first pass.
+    lone = np.full(100, 0.1)
+    lone[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.7, 0.69, 0.68, 0.67, 0.66, 0.65]
+    assert steepest_hits(lone, 5).tolist() == [3]
+    assert plan_reread(lone, SETTINGS, segs, ONE_DOC) == []
     with pytest.raises(ValueError, match="reread"):
         SparseSettings(reread="sometimes")
 
