@@ -70,8 +70,9 @@ def steepest_hits(tally: np.ndarray, limit: int) -> np.ndarray:
     """Where more than `limit` blocks reach the hit share: the best blocks down to
     the steepest fall among the best `limit` + 1 — those that stand out from the
     rest. A lone needle at the end of 128K tallied 1.0, nine haystack blocks
-    0.63-0.78 (session 13): one block stands out, nothing is re-read; four values of a key at 1.0, 0.94, 0.86, 0.65 above haystack at 0.62
-    (1M, session 12): three stand out, in separate runs, and are re-read."""
+    0.63-0.78 (session 13): one block stands out, nothing is re-read. Four values
+    of a key at 1.0, 0.94, 0.86, 0.65 above haystack at 0.62 (1M, session 12):
+    three stand out, in separate runs, and are re-read."""
     top = best_blocks(tally, limit + 1)
     if len(top) < 2:
         return top
