@@ -24,8 +24,11 @@ import numpy as np
 from engine.corpus.selection import best_blocks, hit_cover, hit_limit, layer_hits
 from engine.corpus.settings import SparseSettings
 
-# Between two runs' text: they are not contiguous in the corpus, and the model
-# should not read the end of one as running into the next.
+# Before each run's text: runs are not contiguous in the corpus, and the model
+# should not read the end of one as running into the next. The first run gets one
+# too: a needle that opened the re-read segment, straight after the prefix, was
+# the one value of four the model did not list (32K, session 13); with the
+# separator before it, all four (session 14).
 RUN_SEPARATOR = "\n\n"
 
 
@@ -142,17 +145,17 @@ def reread_tokens(
     global block id. `block_chars(block)` is (entry, first char, end char) of a
     block, `text_of(entry)` that entry's text, `offsets(ids, text)` each token's
     first character (build.token_offsets). A token belongs to the block whose
-    text holds its first character; the separator before a run to its first block."""
+    text holds its first character; the separator before each run to the run's
+    first block."""
     tokens: list[int] = []
     owners: list[np.ndarray] = []
-    for index, run in enumerate(runs):
+    for run in runs:
         spans = [block_chars(int(b)) for b in run]
         start, end = spans[0][1], spans[-1][2]
         text = text_of(spans[0][0])[start:end]
         block_starts = np.array([s[1] - start for s in spans], dtype=np.int64)
-        if index:
-            text = RUN_SEPARATOR + text
-            block_starts[1:] += len(RUN_SEPARATOR)
+        text = RUN_SEPARATOR + text
+        block_starts[1:] += len(RUN_SEPARATOR)
         ids = encode(text)
         if not ids:
             continue

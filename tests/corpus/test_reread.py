@@ -126,7 +126,7 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
 
 def test_tokens_are_encoded_again_and_owned_by_their_blocks():
     """A character-level tokenizer over two documents: each token's owner is the
-    block whose characters hold it; the separator belongs to the run after it."""
+    block whose characters hold it; a separator opens each run and belongs to it."""
     texts = ["abcdefghij", "0123456789"]
     # block → (entry, first char, end char): blocks of 3, 3 and 4 characters per document.
     spans = {0: (0, 0, 3), 1: (0, 3, 6), 2: (0, 6, 10), 3: (1, 0, 3), 4: (1, 3, 6), 5: (1, 6, 10)}
@@ -138,8 +138,9 @@ def test_tokens_are_encoded_again_and_owned_by_their_blocks():
         return np.arange(len(ids) + 1)
 
     tokens, owner = reread_tokens([np.array([1, 2]), np.array([4])], spans.__getitem__, texts.__getitem__, encode, offsets)
-    assert "".join(map(chr, tokens)) == "defghij" + RUN_SEPARATOR + "345"
-    assert owner.tolist() == [1, 1, 1, 2, 2, 2, 2] + [4] * (len(RUN_SEPARATOR) + 3)
+    assert "".join(map(chr, tokens)) == RUN_SEPARATOR + "defghij" + RUN_SEPARATOR + "345"
+    gap = len(RUN_SEPARATOR)
+    assert owner.tolist() == [1] * (gap + 3) + [2, 2, 2, 2] + [4] * (gap + 3)
 
 
 class _Base:
