@@ -91,6 +91,21 @@ def pair_tally(tally: np.ndarray, doc_of_block: np.ndarray) -> np.ndarray:
     return rated
 
 
+def reread_cover(hits: np.ndarray, settings: SparseSettings, doc_of_block: np.ndarray) -> np.ndarray:
+    """Sorted global ids of the re-read `hits` with `reread_before` blocks before
+    each and `neighbours` after, those in the hit's own document. Unlike the
+    budget's cover (selection.hit_cover) not capped by `max_blocks`: the re-read is
+    its own prompt, at most `hit_limit` hits."""
+    hits = np.asarray(hits, dtype=np.int64)
+    if not len(hits):
+        return hits
+    wanted = hits[:, None] + np.arange(-settings.reread_before, settings.neighbours + 1)
+    inside = (wanted >= 0) & (wanted < len(doc_of_block))
+    same = np.zeros_like(inside)
+    same[inside] = doc_of_block[wanted[inside]] == np.broadcast_to(doc_of_block[hits][:, None], wanted.shape)[inside]
+    return np.unique(wanted[same])
+
+
 def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:
     """`blocks` (sorted global ids) cut into runs that were prefilled together:
     consecutive blocks of one segment. A cut at a segment's edge counts too: the
@@ -112,8 +127,9 @@ def plan_reread(tally: np.ndarray, settings: SparseSettings, seg_of_block: np.nd
     blocks reach `hit_ratio` than the budget holds, so that the layers single
     nothing out (1M, session 12: four values of a key the best four blocks, eight
     haystack blocks within 0.6 of the best), `reread_flat` takes the blocks that
-    stand out instead (`steepest_hits`). It then reads `reread_hits`. "always"
-    re-reads whatever is singled out; "never" nothing."""
+    stand out instead (`steepest_hits`). It then reads `reread_hits` with the blocks
+    around them (`reread_cover`). "always" re-reads whatever is singled out;
+    "never" nothing."""
     if settings.reread == "never":
         return []
     n_blocks = len(tally)
@@ -127,8 +143,8 @@ def plan_reread(tally: np.ndarray, settings: SparseSettings, seg_of_block: np.nd
     blocks = hit_cover(hits, settings, n_blocks)
     if blocks is None or (settings.reread == "auto" and len(read_runs(blocks, seg_of_block)) < 2):
         return []
-    wider = hit_cover(reread_hits(tally, settings, doc_of_block), settings, n_blocks)
-    if wider is None:
+    wider = reread_cover(reread_hits(tally, settings, doc_of_block), settings, doc_of_block)
+    if not len(wider):
         return []
     runs = read_runs(wider, seg_of_block)
     return runs if settings.reread == "always" or len(runs) >= 2 else []

@@ -16,6 +16,7 @@ from engine.corpus.reread import (
     pair_tally,
     plan_reread,
     read_runs,
+    reread_cover,
     reread_hits,
     reread_tokens,
     steepest_hits,
@@ -79,6 +80,21 @@ def test_blocks_are_the_hits_with_successors_topped_up_from_before():
     assert hit_cover(None, SETTINGS, 100) is None and hit_cover(np.zeros(0, np.int64), SETTINGS, 100) is None
 
 
+def test_a_reread_block_comes_with_the_block_before_and_its_successors_in_its_document():
+    doc_of_block = (np.arange(30) >= 10).astype(np.int64)  # blocks 0-9 one document, 10-29 the next
+    assert reread_cover(np.array([5, 20]), SETTINGS, doc_of_block).tolist() == [4, 5, 6, 7, 19, 20, 21, 22]
+    # Nothing from another document, nothing past the scope's ends.
+    assert reread_cover(np.array([10, 8]), SETTINGS, doc_of_block).tolist() == [7, 8, 9, 10, 11, 12]
+    assert reread_cover(np.array([0, 29]), SETTINGS, doc_of_block).tolist() == [0, 1, 2, 28, 29]
+    # Not capped by the budget's max_blocks (5 hits, 20 blocks > 16); without the block before, 15.
+    hits = np.arange(2, 30, 6)
+    assert len(reread_cover(hits, SETTINGS, np.zeros(30, np.int64))) == 20
+    assert reread_cover(hits, SparseSettings(reread_before=0), np.zeros(30, np.int64)).tolist() == hit_cover(hits, SETTINGS, 30).tolist()
+    assert reread_cover(np.zeros(0, np.int64), SETTINGS, doc_of_block).tolist() == []
+    with pytest.raises(ValueError, match="reread_before"):
+        SparseSettings(reread_before=-1)
+
+
 def test_runs_break_at_gaps_and_at_segment_edges():
     seg_of_block = np.repeat([0, 1, 2], 10)  # three segments of ten blocks
     runs = read_runs(np.array([3, 4, 5, 9, 10, 11, 25]), seg_of_block)
@@ -92,11 +108,11 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
     one = np.full(100, 0.1)
     one[[44, 47]] = [1.0, 0.45]  # one hit; a second block only at the re-read's share
     assert plan_reread(one, SETTINGS, segs, ONE_DOC) == []  # one passage: the first pass answers
-    assert [r.tolist() for r in plan_reread(one, SparseSettings(reread="always"), segs, ONE_DOC)] == [[44, 45, 46, 47, 48, 49]]
+    assert [r.tolist() for r in plan_reread(one, SparseSettings(reread="always"), segs, ONE_DOC)] == [[43, 44, 45, 46, 47, 48, 49]]
     spread = np.full(100, 0.1)
     spread[[3, 71, 85]] = [1.0, 0.9, 0.5]  # two hits in two segments, a third at 0.5
     runs = plan_reread(spread, SETTINGS, segs, ONE_DOC)
-    assert [r.tolist() for r in runs] == [[3, 4, 5], [71, 72, 73], [85, 86, 87]]
+    assert [r.tolist() for r in runs] == [[2, 3, 4, 5], [70, 71, 72, 73], [84, 85, 86, 87]]
     assert plan_reread(spread, SparseSettings(reread="never"), segs, ONE_DOC) == []
     assert plan_reread(np.zeros(100), SparseSettings(reread="always"), segs, ONE_DOC) == []
     # A hit at a segment's last block with its successors in the next: two prefills.
@@ -112,7 +128,7 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
     assert layer_hits(flat, SETTINGS).tolist() == []
     assert steepest_hits(flat, 5).tolist() == [3, 13, 23]
     runs = plan_reread(flat, SETTINGS, segs, ONE_DOC)
-    assert [int(r[0]) for r in runs] == [3, 13, 23, 33, 43]
+    assert [int(r[0]) for r in runs] == [2, 12, 22, 32, 42]
     no_flat = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_flat=False)
     assert plan_reread(flat, no_flat, segs, ONE_DOC) == []
     # One block stands out above many: a single fact, answered by the first pass.
