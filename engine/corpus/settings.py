@@ -107,10 +107,15 @@ class SparseSettings:
     reread_ratio: float = 0.4
     # Rate a block for re-reading with the one after it (reread.pair_tally): a fact
     # cut by a block edge then tallies whole (128K multi-value 90% → 100%, session
-    # 13). And where more blocks than the budget reach `hit_ratio`, so the layers
-    # single nothing out, trigger on the blocks that stand out (reread.steepest_hits).
+    # 13).
     reread_pairs: bool = True
-    reread_flat: bool = True
+    # Where more blocks than the budget reach `hit_ratio`, so the layers single
+    # nothing out, trigger on the blocks that stand out (reread.steepest_hits). Off
+    # by default: at 1M (session 14) it re-read 3 of 3 plain questions of `bench
+    # scale` (8-10 runs; first token 9.4-14.5 s against 3.8-4.8 s without) and one
+    # of 10 single needles, and the flat multi-value case it was made for scored
+    # 0.75 re-read and 0.75 from the first pass.
+    reread_flat: bool = False
     # Blocks before each re-read block that are read with it (its `neighbours` after
     # it come too), in the same document: a fact whose first words lie in the block
     # before tallies nothing there, and a run that opened on "special magic numbers

@@ -122,20 +122,20 @@ def test_a_question_rereads_when_its_hits_lie_in_separate_runs():
     assert plan_reread(spread, SparseSettings(budget="fixed"), segs, ONE_DOC) == []  # no tally rule, no hits
     # Seven blocks reach 0.6 of the best, more than the 5 hits the budget holds: the
     # layers single nothing out. Three stand out above the steepest fall, in three
-    # runs: the best five are read together; not under reread_flat False.
+    # runs: under reread_flat the best five are read together; by default nothing.
     flat = np.full(100, 0.1)
     flat[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.95, 0.9, 0.65, 0.63, 0.62, 0.61]
     assert layer_hits(flat, SETTINGS).tolist() == []
     assert steepest_hits(flat, 5).tolist() == [3, 13, 23]
-    runs = plan_reread(flat, SETTINGS, segs, ONE_DOC)
+    with_flat = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_flat=True)
+    runs = plan_reread(flat, with_flat, segs, ONE_DOC)
     assert [int(r[0]) for r in runs] == [2, 12, 22, 32, 42]
-    no_flat = SparseSettings(min_blocks=4, max_blocks=16, neighbours=2, reread_flat=False)
-    assert plan_reread(flat, no_flat, segs, ONE_DOC) == []
+    assert plan_reread(flat, SETTINGS, segs, ONE_DOC) == []
     # One block stands out above many: a single fact, answered by the first pass.
     lone = np.full(100, 0.1)
     lone[[3, 13, 23, 33, 43, 53, 63]] = [1.0, 0.7, 0.69, 0.68, 0.67, 0.66, 0.65]
     assert steepest_hits(lone, 5).tolist() == [3]
-    assert plan_reread(lone, SETTINGS, segs, ONE_DOC) == []
+    assert plan_reread(lone, with_flat, segs, ONE_DOC) == []
     with pytest.raises(ValueError, match="reread"):
         SparseSettings(reread="sometimes")
 
