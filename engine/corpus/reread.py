@@ -99,11 +99,10 @@ def reread_cover(hits: np.ndarray, settings: SparseSettings, doc_of_block: np.nd
     hits = np.asarray(hits, dtype=np.int64)
     if not len(hits):
         return hits
-    wanted = hits[:, None] + np.arange(-settings.reread_before, settings.neighbours + 1)
-    inside = (wanted >= 0) & (wanted < len(doc_of_block))
-    same = np.zeros_like(inside)
-    same[inside] = doc_of_block[wanted[inside]] == np.broadcast_to(doc_of_block[hits][:, None], wanted.shape)[inside]
-    return np.unique(wanted[same])
+    # Clipped at the scope's ends: a clipped id lands on a block the hit's range
+    # already holds, so it adds nothing.
+    wanted = np.clip(hits[:, None] + np.arange(-settings.reread_before, settings.neighbours + 1), 0, len(doc_of_block) - 1)
+    return np.unique(wanted[doc_of_block[wanted] == doc_of_block[hits][:, None]])
 
 
 def read_runs(blocks: np.ndarray, seg_of_block: np.ndarray) -> list[np.ndarray]:

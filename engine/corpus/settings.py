@@ -113,8 +113,8 @@ class SparseSettings:
     # nothing out, trigger on the blocks that stand out (reread.steepest_hits). Off
     # by default: at 1M (session 14) it re-read 3 of 3 plain questions of `bench
     # scale` (8-10 runs; first token 9.4-14.5 s against 3.8-4.8 s without) and one
-    # of 10 single needles, and the flat multi-value case it was made for scored
-    # 0.75 re-read and 0.75 from the first pass.
+    # of 10 single needles, and the two flat multi-value cases it was made for
+    # scored 0.75 and 0.75 re-read, 0.75 and 1.0 from the first pass.
     reread_flat: bool = False
     # Blocks before each re-read block that are read with it (its `neighbours` after
     # it come too), in the same document: a fact whose first words lie in the block
