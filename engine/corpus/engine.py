@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from engine.corpus.answer import Source, citations, grounded_messages, says_not_found
 from engine.corpus.build import (
     BuildProgress,
     BuildSummary,
@@ -37,6 +38,7 @@ from engine.corpus.build import (
     settings_tag,
     token_offsets,
 )
+from engine.corpus.passages import PassageIndex, fuse
 from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
@@ -55,6 +57,17 @@ log = logging.getLogger(__name__)
 MEMORY_LAYOUT = 1
 MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
 
+# Passages the reader gets (engine/corpus/passages.py): 8 of 120 words.
+READ_PASSAGES = 8
+# The answer's repetition guard (SamplingParams.no_repeat_ngram): no 12-token run
+# twice. Long enough for an answer to repeat a name or a phrase, short enough to cut
+# a looping sentence after its first round.
+ANSWER_NO_REPEAT_NGRAM = 12
+
+
+class _TallyDone(Exception):
+    """Raised from a layer callback once the retrieval heads' tally is complete."""
+
 
 @dataclass
 class Evidence:
@@ -68,6 +81,12 @@ class Evidence:
     char_end: int
     text: str
     weight: float
+    # Where the answer read this passage as part of its numbered context: its [n],
+    # whether the answer cited it, and whether every citation of it held the cited
+    # sentence's key words (None where it was not cited).
+    number: int | None = None
+    cited: bool = False
+    supported: bool | None = None
 
 
 @dataclass
@@ -95,6 +114,15 @@ class AskStats:
     # char, end char, share of the best block's tally). What singled blocks out,
     # for benchmarks that ask why a passage was or was not read.
     tally_top: list = field(default_factory=list)
+    # The answer path (Engine.ask): seconds to choose the passages (lexical index and
+    # the retrieval heads' pass over the cache), how many it read and their tokens
+    # (the reader's prompt), and what the answer did with them.
+    retrieval_seconds: float = 0.0
+    passages_read: int = 0
+    context_tokens: int = 0
+    citations: int = 0
+    unsupported_citations: int = 0
+    not_found: bool = False
     finish_reason: str = ""
     settings: dict = field(default_factory=dict)
 
@@ -265,12 +293,35 @@ class Engine:
         cancel: Callable[[], bool] | None = None,
         evidence_limit: int = 8,
     ) -> Iterator[Token | Evidence | AskStats]:
-        """Stream the answer's tokens, then its evidence passages, then statistics.
+        """Answer from the whole scope: retrieve passages (the lexical index fused with
+        the retrieval heads' tally over the cache), read them as one numbered context
+        (engine/corpus/answer.py), stream the answer's tokens, then every passage read
+        as Evidence (number, cited, supported), then statistics.
 
         A damaged segment found while reading is removed and its documents rebuilt,
         and the question is asked again (once)."""
+        run = lambda: self._answer(question, documents, params, sparse, cancel)  # noqa: E731
+        yield from self._rebuilding(run, documents, cancel)
+
+    def ask_sparse(
+        self,
+        question: str,
+        documents: list[CorpusDocument],
+        params: SamplingParams | None = None,
+        *,
+        sparse: SparseSettings | None = None,
+        cancel: Callable[[], bool] | None = None,
+        evidence_limit: int = 8,
+    ) -> Iterator[Token | Evidence | AskStats]:
+        """The earlier answer path, kept while `quire bench qa` compares the two: the
+        answer attends straight to the selected cache blocks (and re-reads them
+        where they lie in separate runs); evidence is the attention they drew."""
+        run = lambda: self._ask(question, documents, params, sparse, cancel, evidence_limit)  # noqa: E731
+        yield from self._rebuilding(run, documents, cancel)
+
+    def _rebuilding(self, run, documents, cancel):
         try:
-            yield from self._ask(question, documents, params, sparse, cancel, evidence_limit)
+            yield from run()
         except CorruptCacheError as error:
             log.warning("%s: rebuilding", error)
             self._close_scope()
@@ -278,7 +329,141 @@ class Engine:
                 if not self._segments_sound(document):
                     self.manifests.remove(document.content_key)
             self.build(documents, cancel=cancel)
-            yield from self._ask(question, documents, params, sparse, cancel, evidence_limit)
+            yield from run()
+
+    # -- the answer path -----------------------------------------------------------
+
+    def passage_index(self, scope: CorpusScope) -> PassageIndex:
+        """The scope's passages and their lexical index (built once per open scope)."""
+        if getattr(scope, "passage_index", None) is None:
+            documents = [entry.document for entry in scope.entries]
+            scope.passage_index = PassageIndex(
+                [d.text for d in documents], breaks=[[start for start, _ in d.pages] for d in documents]
+            )
+            entry, first, end = scope.doc_of_block, scope.block_first_token, scope.block_end_token
+            starts = np.empty(scope.n_blocks, dtype=np.int64)
+            ends = np.empty(scope.n_blocks, dtype=np.int64)
+            for index, scope_entry in enumerate(scope.entries):
+                mine = entry == index
+                offsets = scope_entry.manifest.offsets
+                starts[mine], ends[mine] = offsets[first[mine]], offsets[end[mine]]
+            scope.block_chars = (entry, starts, ends)
+        return scope.passage_index
+
+    def retrieve(
+        self, question: str, scope: CorpusScope, settings: SparseSettings, cancel=None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], object | None]:
+        """Score every passage of the scope for `question`: the fused score, each
+        retriever's own scores ("lexical", "heads"), and the heads' cache (its
+        statistics) or None where the whole scope is read anyway."""
+        index = self.passage_index(scope)
+        scores = {"lexical": index.bm25(question)}
+        cache = None
+        if len(index) > READ_PASSAGES and settings.scan_heads:
+            tally, cache = self._head_tally(question, scope, settings, cancel)
+            scores["heads"] = index.from_blocks(*scope.block_chars, tally)
+        return fuse(list(scores.values())), scores, cache
+
+    def _head_tally(self, question: str, scope: CorpusScope, settings: SparseSettings, cancel):
+        """The retrieval heads' tally over every block of the scope for `question`:
+        the question's pass over the cache, stopped after the last layer that holds
+        a scanned head (later layers add nothing to the tally)."""
+        heads = self.retrieval_heads(cancel)[: settings.scan_heads]
+        prompt = self.prefix_ids + self.question_ids(question)
+        cache = self.memory.MemoryAttentionCache(
+            self.model.model, scope, settings, prefix_len=len(self.prefix_ids), capacity=len(prompt) + 1, scan_heads=heads
+        )
+        last_layer = max(layer for layer, _ in heads)
+
+        def on_layer(done: int, layers: int) -> None:
+            if cancel is not None and cancel():
+                raise Cancelled("retrieval cancelled")
+            if done > last_layer:
+                raise _TallyDone
+
+        on_cpu = str(getattr(self.model.model, "device", "")) == "cpu"
+        with scope.asking() if on_cpu else nullcontext():
+            try:
+                self.model.model.forward(prompt, cache, on_layer=on_layer)
+            except _TallyDone:
+                pass
+        return cache.scan_tally(), cache
+
+    def choose_sources(self, scope: CorpusScope, fused: np.ndarray, count: int = READ_PASSAGES) -> list[Source]:
+        """The `count` best passages, numbered best first. Neighbours that overlap stay
+        separate sources (their shared words are read twice): a merged run would cite
+        the page where it starts, not the page of the passage that held the answer."""
+        index = self.passage_index(scope)
+        sources = []
+        for number, i in enumerate(np.argsort(-fused, kind="stable")[:count], 1):
+            i = int(i)
+            document = scope.entries[int(index.entry[i])].document
+            start, end = int(index.start[i]), int(index.end[i])
+            _, label = _page_at(document.pages, start)
+            sources.append(Source(number, int(index.entry[i]), start, end, document.title, label, document.text[start:end], float(fused[i])))
+        return sources
+
+    def _answer(self, question, documents, params, sparse, cancel):
+        params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
+        settings = sparse or self.sparse
+        started = time.perf_counter()
+        scope = self.open_scope(documents)
+        scope_seconds = time.perf_counter() - started
+        generation = GenerationStats()
+        try:
+            fused, _, cache = self.retrieve(question, scope, settings, cancel)
+        except Cancelled:
+            yield AskStats(finish_reason="cancelled", memory_tokens=scope.total_tokens)
+            return
+        sources = self.choose_sources(scope, fused)
+        prompt = self.model.encode_chat(grounded_messages(question, sources))
+        retrieval_seconds = time.perf_counter() - started
+        answer = ""
+        for token in self.model.stream(prompt, params, cancel=cancel, stats=generation):
+            answer += token.text
+            yield token
+        cited = citations(answer, sources)
+        total = sum(s.score for s in sources) or 1.0
+        for source in sources:
+            mine = [c for c in cited if c.number == source.number]
+            entry = scope.entries[source.entry]
+            page_index, label = _page_at(entry.document.pages, source.start)
+            yield Evidence(
+                doc_id=entry.document.doc_id,
+                title=entry.document.title,
+                page_label=label,
+                page_index=page_index,
+                char_start=source.start,
+                char_end=source.end,
+                text=source.text,
+                weight=source.score / total,
+                number=source.number,
+                cited=bool(mine),
+                supported=all(c.supported for c in mine) if mine else None,
+            )
+        stats = cache.stats if cache is not None else None
+        selected = stats.blocks_selected if stats is not None else []
+        yield AskStats(
+            prompt_tokens=len(prompt),
+            memory_tokens=scope.total_tokens,
+            generated_tokens=generation.generated_tokens,
+            time_to_first_token=retrieval_seconds + generation.time_to_first_token,
+            decode_tokens_per_second=generation.decode_tokens_per_second,
+            scope_seconds=scope_seconds,
+            blocks_in_scope=scope.n_blocks,
+            mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
+            tokens_scanned=stats.tokens_scanned if stats is not None else 0,
+            bytes_gathered=stats.bytes_gathered if stats is not None else 0,
+            index_bytes=scope.index_bytes(),
+            retrieval_seconds=retrieval_seconds,
+            passages_read=len(sources),
+            context_tokens=len(prompt),
+            citations=len(cited),
+            unsupported_citations=sum(not c.supported for c in cited),
+            not_found=says_not_found(answer),
+            finish_reason=generation.finish_reason,
+            settings=asdict(settings),
+        )
 
     def _segments_sound(self, document: CorpusDocument) -> bool:
         manifest = self.manifests.load(document.content_key)

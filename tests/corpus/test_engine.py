@@ -88,7 +88,7 @@ def ask(engine: Engine, documents: list[CorpusDocument], question: str = QUESTIO
     evidence: list[Evidence] = []
     stats: list[AskStats] = []
     order: list[type] = []
-    for event in engine.ask(question, documents, SamplingParams(max_new_tokens=MAX_NEW_TOKENS), **kwargs):
+    for event in engine.ask_sparse(question, documents, SamplingParams(max_new_tokens=MAX_NEW_TOKENS), **kwargs):
         order.append(type(event))
         {Token: tokens, Evidence: evidence, AskStats: stats}[type(event)].append(event)
     # Tokens first, then evidence, then exactly one AskStats, last.

@@ -289,7 +289,7 @@ def test_the_engine_rereads_the_singled_out_blocks_and_cites_from_them(model, tm
 
     monkeypatch.setattr(engine.memory, "SegmentPrefiller", cancelling)
     always = SparseSettings(reread="always", **SCANNED)
-    events = list(engine.ask(QUESTION, [document], sparse=always, cancel=lambda: flag["cancel"]))
+    events = list(engine.ask_sparse(QUESTION, [document], sparse=always, cancel=lambda: flag["cancel"]))
     assert events[-1].finish_reason == "cancelled" and events[-1].generated_tokens == 0
     assert not [e for e in events if type(e).__name__ == "Token"]
 

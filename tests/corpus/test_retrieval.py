@@ -67,16 +67,16 @@ def test_a_scope_beyond_the_shortlist_is_scanned_by_the_retrieval_heads(model, t
     small = SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, scan_heads=3)
     assert blocks > small.shortlist_factor * small.max_blocks
     engine._retrieval_heads = [(2, 0), (2, 1), (5, 4), (7, 1)]
-    stats = [e for e in engine.ask(QUESTION, [document], params, sparse=small) if type(e).__name__ == "AskStats"][0]
+    stats = [e for e in engine.ask_sparse(QUESTION, [document], params, sparse=small) if type(e).__name__ == "AskStats"][0]
     # (2, 0) and (2, 1) share KV head 0 of layer 2 (3 query heads per KV head): one
     # scan; (5, 4) another; the fourth head is beyond scan_heads.
     assert stats.tokens_scanned == 2 * len(ids)
     off = SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, scan_heads=0)
-    stats = [e for e in engine.ask(QUESTION, [document], params, sparse=off) if type(e).__name__ == "AskStats"][0]
+    stats = [e for e in engine.ask_sparse(QUESTION, [document], params, sparse=off) if type(e).__name__ == "AskStats"][0]
     assert stats.tokens_scanned == 0
     # A scope within the shortlist needs no scan (and no calibration).
     engine._retrieval_heads = None
-    stats = [e for e in engine.ask(QUESTION, [document], params) if type(e).__name__ == "AskStats"][0]
+    stats = [e for e in engine.ask_sparse(QUESTION, [document], params) if type(e).__name__ == "AskStats"][0]
     assert stats.tokens_scanned == 0 and engine._retrieval_heads is None
 
 
@@ -108,7 +108,7 @@ def test_a_question_before_the_warm_up_streams_and_answers_as_after_it(model, tm
     params = SamplingParams(max_new_tokens=12)
 
     def asked():
-        events = list(engine.ask(QUESTION, [document], params))
+        events = list(engine.ask_sparse(QUESTION, [document], params))
         tokens = [e.text for e in events if type(e).__name__ == "Token"]
         evidence = [(e.char_start, e.char_end, round(e.weight, 6)) for e in events if type(e).__name__ == "Evidence"]
         return tokens, evidence, events[-1]

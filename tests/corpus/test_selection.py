@@ -99,7 +99,7 @@ def test_a_question_reads_what_the_scans_single_out(model, tmp_path, monkeypatch
         reads.clear()
         settings = SparseSettings(budget=budget, hit_ratio=1.0, **common)
         assert blocks > settings.shortlist_factor * settings.max_blocks  # the heads scan
-        stats = [e for e in engine.ask(QUESTION, [document], params, sparse=settings) if type(e).__name__ == "AskStats"][0]
+        stats = [e for e in engine.ask_sparse(QUESTION, [document], params, sparse=settings) if type(e).__name__ == "AskStats"][0]
         mean[budget] = stats.mean_blocks_selected
     assert mean["fixed"] == 6.0
     cache = caches[-1]

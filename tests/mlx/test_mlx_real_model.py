@@ -66,7 +66,7 @@ def test_logits_and_greedy_tokens_match_torch(models):
 
 
 def ask(engine: Engine, document: CorpusDocument, sparse: SparseSettings):
-    return collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=24), sparse=sparse))
+    return collect_answer(engine.ask_sparse(QUESTION, [document], SamplingParams(max_new_tokens=24), sparse=sparse))
 
 
 def test_mlx_answers_over_the_cache_torch_built(models, tmp_path):

@@ -1,0 +1,83 @@
+"""`quire bench qa`: the wiring of engine.bench.qa — read the benchmark's documents
+(fetched by tools/fetch_qa_documents.py) with the library's readers, cache them,
+and answer every question by every method over every scope."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine.corpus.build import CorpusDocument
+from ingest.document import PAGE_SEPARATOR
+from ingest.readers import read_document
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "bench" / "qa"
+
+
+def qa_documents(folder: Path, manifest: dict) -> dict[str, CorpusDocument]:
+    """The benchmark's documents, read as the library reads them (same text, so the
+    same cache), keyed as questions.jsonl names them."""
+    documents = {}
+    for entry in manifest["documents"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run tools/fetch_qa_documents.py --out {folder}")
+        document = read_document(path)
+        text = PAGE_SEPARATOR.join(page.text for page in document.pages)
+        pages = [(page.start, page.label or str(page.index + 1)) for page in document.pages]
+        documents[entry["key"]] = CorpusDocument(entry["key"], text, pages, entry["title"])
+    return documents
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    from engine.bench.qa import METHODS, QARunner, report, run_qa
+    from engine.bench.qa_data import load_questions
+    from engine.corpus.engine import Engine
+    from engine.paths import data_dir
+    from engine.runtime import DEFAULT_MODEL, load_model
+
+    questions = load_questions(args.questions or RESOURCES / "questions.jsonl")
+    if args.ids:
+        questions = [q for q in questions if q.id in set(args.ids) or any(q.id.startswith(i) for i in args.ids)]
+    if args.qa_kinds:
+        questions = [q for q in questions if q.kind in args.qa_kinds]
+    if args.limit:
+        questions = questions[: args.limit]
+    manifest = json.loads((RESOURCES / "documents.json").read_text())
+    print(f"reading {len(manifest['documents'])} documents", file=sys.stderr, flush=True)
+    documents = qa_documents(Path(args.qa_documents), manifest)
+    model = load_model((args.model or [DEFAULT_MODEL])[0])
+    engine = Engine(model)
+    wanted = sorted({k for q in questions for k in q.docs} if args.scopes == ["own"] else set(documents))
+    started = time.perf_counter()
+
+    def progress(p) -> None:
+        print(f"\r  caching: {p.tokens_done:,}/{p.tokens_total:,} tokens", end="", file=sys.stderr, flush=True)
+
+    engine.build([documents[k] for k in wanted], on_progress=progress)
+    print(f"\ncache ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    embedder = None
+    if "embed" in args.methods:
+        from engine.backends.torch.embed import MiniLMEmbedder, model_folder
+
+        embedder = MiniLMEmbedder(model_folder(data_dir() / "models"))
+    runner = QARunner(engine, documents, max_tokens=args.qa_tokens, embedder=embedder, dense_limit=args.dense_limit)
+
+    def show(record: dict) -> None:
+        hit = record["evidence_hit"]
+        print(f"{record['id']:<16} {record['scope']:<7} {record['method']:<5} score={record['score']:.2f} "
+              f"hit={'-' if hit is None else f'{hit:.2f}'} ttft={record['ttft']:.1f}s | {record['answer'][:90]!r}",
+              file=sys.stderr, flush=True)
+
+    methods = [m for m in METHODS if m in args.methods]
+    result = run_qa(runner, questions, methods, args.scopes, on_answer=show)
+    result["model"] = model.folder.name
+    result["documents"] = {k: runner.token_count(k) for k in documents}
+    table = report(result["summary"])
+    print(table, file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return result

@@ -1,0 +1,120 @@
+"""The reading half of an answer: the chosen passages as one numbered context, a
+grounded prompt, and the answer's [n] citations checked against their passages.
+
+Why a plain, numbered context: on real documents a small model read independently
+prefilled cache blocks, placed at positions it never saw in training, far less well
+than it read the same text as a prompt (docs/BENCHMARKS.md, bench qa). The passages
+are numbered so the answer can cite them inline, and each [n] maps back to a
+document, page and characters.
+
+A citation is flagged when its passage holds too few of the cited sentence's key
+words: the check is lexical (key words are the sentence's words of four letters or
+more and its numbers, minus common words), so it catches a citation to the wrong
+passage, not a wrong claim made with the passage's own words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+NOT_FOUND = "Not found in these documents."
+
+# No "say so if the passages do not answer" clause: with it the 0.5B default model
+# answered "not found" with the answer in passage [1] (a generated test document,
+# and 1 of 6 real lookups it otherwise answered; docs/BENCHMARKS.md, bench qa).
+SYSTEM_PROMPT = (
+    "You answer questions about the user's documents using only the numbered passages given. "
+    "Cite the passages you use inline, as [1] or [2]. "
+    "Quote names, commands, options and numbers exactly as the passages write them."
+)
+
+# A citation is supported when its passage holds at least this share of the cited
+# sentence's key words.
+SUPPORT_SHARE = 0.5
+
+_CITATION = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
+_KEY_WORD = re.compile(r"[a-z][a-z0-9_]{3,}|\d+(?:[.,]\d+)*")
+_STOP = frozenset(
+    """about above after again against also among another answer based been before being below between both
+    cannot could does doing done down during each either else even every from further given have having here
+    however into itself just more most much must need only other over passage passages same should since some
+    such than that their them then there these they this those through under until upon used uses using very
+    were what when where whether which while will with within without would your""".split()
+)
+_NOT_FOUND_PATTERNS = re.compile(
+    r"not found in (these|the) documents|(passages|documents|context|text) (do|does) not (contain|mention|say|provide|include|specify)"
+    r"|no (information|mention) (about|of|on)|(is|are) not (mentioned|specified|provided|given|stated)|cannot (find|answer|be answered)"
+    r"|can't (find|answer)|does not (appear|say)|not (able|possible) to (find|answer|determine)|there is no (information|mention)",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class Source:
+    """One numbered passage of the context."""
+
+    number: int
+    entry: int  # document index in the scope
+    start: int  # characters in the document's text
+    end: int
+    title: str
+    page_label: str | None
+    text: str
+    score: float  # retrieval score (fused), for ordering and display
+
+
+def context_text(sources: Sequence[Source]) -> str:
+    """The numbered passages as the reader sees them."""
+    parts = []
+    for source in sources:
+        where = source.title or "document"
+        if source.page_label:
+            where += f", page {source.page_label}"
+        parts.append(f"[{source.number}] ({where})\n{source.text.strip()}")
+    return "\n\n".join(parts)
+
+
+def grounded_messages(question: str, sources: Sequence[Source]) -> list[dict]:
+    """Chat messages for the reader: the rules, then the passages and the question."""
+    user = f"Passages:\n\n{context_text(sources)}\n\nQuestion: {question.strip()}"
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def key_words(text: str) -> set[str]:
+    return {w for w in _KEY_WORD.findall(text.lower()) if w not in _STOP}
+
+
+@dataclass
+class Citation:
+    number: int
+    claim: str  # the sentence (up to the marker) that cites it
+    supported: bool
+
+
+def citations(answer: str, sources: Sequence[Source]) -> list[Citation]:
+    """Every [n] (or [n, m]) of `answer`, in order, each checked against passage n.
+    A number with no passage is unsupported."""
+    by_number = {s.number: s for s in sources}
+    found: list[Citation] = []
+    for match in _CITATION.finditer(answer):
+        # The claim: the text since the previous sentence end or citation.
+        before = answer[: match.start()]
+        cut = max(before.rfind(". "), before.rfind("\n"), before.rfind("]"))
+        claim = before[cut + 1 :].strip()
+        words = key_words(claim)
+        for number in (int(n) for n in re.split(r"\s*[,;]\s*", match.group(1))):
+            source = by_number.get(number)
+            if source is None:
+                found.append(Citation(number, claim, False))
+                continue
+            have = key_words(source.text)
+            supported = not words or len(words & have) >= SUPPORT_SHARE * len(words)
+            found.append(Citation(number, claim, supported))
+    return found
+
+
+def says_not_found(answer: str) -> bool:
+    """Whether an answer says the documents do not hold what was asked."""
+    return bool(_NOT_FOUND_PATTERNS.search(answer))

@@ -1,0 +1,167 @@
+"""The answer path: passages and their lexical index, rank fusion, the grounded
+prompt's citations, the repetition guard, and Engine.ask end to end with a real
+model over a real cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.corpus.answer import Source, citations, context_text, grounded_messages, says_not_found
+from engine.corpus.passages import PassageIndex, fuse, rank_order, word_spans
+from engine.generate import RepeatGuard, SamplingParams, generate
+
+
+def test_word_spans_overlap_and_cover_every_word():
+    text = " ".join(f"w{i}" for i in range(250))
+    spans = word_spans(text, words=100, overlap=20)
+    assert [text[s:e].split()[0] for s, e in spans] == ["w0", "w80", "w160"]
+    assert text[spans[-1][0] : spans[-1][1]].split()[-1] == "w249"
+    assert all(len(text[s:e].split()) == 100 for s, e in spans[:-1])
+    with pytest.raises(ValueError):
+        word_spans(text, words=10, overlap=10)
+
+
+def test_bm25_ranks_the_passage_with_the_rare_words_first():
+    filler = " ".join(["the river ran past the mill"] * 40)
+    fact = "The psqlrc start-up file is skipped with the option --no-psqlrc in every session."
+    index = PassageIndex([filler, filler + " " + fact + " " + filler], words=60, overlap=10)
+    best = int(np.argmax(index.bm25("Which option skips the psqlrc file?")))
+    assert "--no-psqlrc" in index.text(best) and index.passages[best].entry == 1
+
+
+def test_passages_do_not_cross_pages():
+    pages = ["alpha " * 30, "beta " * 150]
+    text = "\n\n".join(p.strip() for p in pages)
+    index = PassageIndex([text], words=100, overlap=20, breaks=[[0, text.index("beta")]])
+    assert [set(index.text(i).split()) for i in range(len(index))] == [{"alpha"}, {"beta"}, {"beta"}]
+
+
+def test_block_scores_land_on_the_passages_that_overlap_them():
+    text = " ".join(f"w{i}" for i in range(300))
+    index = PassageIndex([text, text], words=100, overlap=0)
+    # Blocks of 50 words in each document; one hot block in document 1, words 150-199.
+    starts = [text.index(f"w{i} ") for i in range(0, 300, 50)]
+    ends = [*starts[1:], len(text)]
+    entry = np.repeat([0, 1], 6)
+    tally = np.zeros(12)
+    tally[6 + 3] = 5.0
+    scores = index.from_blocks(entry, np.array(starts * 2), np.array(ends * 2), tally)
+    assert scores.tolist() == [0, 0, 0, 0, 5.0, 0]  # document 1, passage of words 100-199
+
+
+def test_rank_fusion_rewards_agreement_and_ignores_zero_scores():
+    lexical = np.array([3.0, 2.0, 0.0, 1.0])
+    heads = np.array([0.0, 5.0, 4.0, 0.0])
+    fused = fuse([lexical, heads])
+    assert int(np.argmax(fused)) == 1  # second in one list, first in the other
+    assert fused[0] > fused[3] and fused[2] > 0
+    assert rank_order(np.array([1.0, 3.0, 3.0])).tolist() == [2, 0, 1]
+
+
+def sources() -> list[Source]:
+    return [
+        Source(1, 0, 0, 50, "psql", "12", "Use -X or --no-psqlrc to skip reading the startup file psqlrc.", 0.9),
+        Source(2, 0, 60, 90, "psql", "40", "The history file is ~/.psql_history unless HISTFILE is set.", 0.5),
+    ]
+
+
+def test_the_context_numbers_passages_with_their_document_and_page():
+    text = context_text(sources())
+    assert text.startswith("[1] (psql, page 12)\nUse -X") and "\n\n[2] (psql, page 40)\n" in text
+    messages = grounded_messages("Which option skips psqlrc?", sources())
+    assert messages[0]["role"] == "system" and "[1]" in messages[0]["content"]
+    assert messages[1]["content"].endswith("Question: Which option skips psqlrc?")
+
+
+def test_citations_are_checked_against_their_passages():
+    answer = ("The option --no-psqlrc skips the startup file [1]. History goes to ~/.psql_history [1]. "
+              "It also reads HISTFILE [2, 3].")
+    found = [(c.number, c.supported) for c in citations(answer, sources())]
+    assert found == [(1, True), (1, False), (2, True), (3, False)]
+
+
+def test_not_found_is_recognised():
+    assert says_not_found("Not found in these documents.")
+    assert says_not_found("The passages do not mention a WebP terminal.")
+    assert not says_not_found("Use --no-psqlrc [1].")
+
+
+def test_the_repeat_guard_bans_completing_a_seen_ngram():
+    guard = RepeatGuard(3)
+    for token in [5, 6, 7, 5, 6]:
+        guard.push(token)
+    logits = np.zeros(10, dtype=np.float32)
+    masked = guard.mask(logits)
+    assert masked[7] == -np.inf and np.isfinite(np.delete(masked, 7)).all()
+    assert np.isfinite(RepeatGuard(0).mask(logits)).all()
+
+
+class LoopingModel:
+    """Always prefers token (last + 1) % 4: greedy decoding loops 0 1 2 3 0 1 2 3 ..."""
+
+    def new_cache(self, capacity):
+        return {"last": 0}
+
+    def forward(self, tokens, cache, *, last_only=True, on_layer=None):
+        cache["last"] = tokens[-1]
+        logits = np.zeros((1, 8), dtype=np.float32)
+        logits[0, (tokens[-1] + 1) % 4] = 2.0
+        logits[0, 4 + (tokens[-1] + 1) % 4] = 1.0  # the runner-up
+        return logits
+
+
+class Decoder:
+    def feed(self, token_id):
+        return str(token_id)
+
+    def flush(self):
+        return ""
+
+
+def test_generation_with_the_guard_never_repeats_an_ngram():
+    def run(n):
+        out = [t.token_id for t in generate(LoopingModel(), [3], Decoder(), SamplingParams(max_new_tokens=24, no_repeat_ngram=n))]
+        return out
+
+    looping = run(0)
+    assert looping[:8] == [0, 1, 2, 3, 0, 1, 2, 3]
+    guarded = run(4)
+    grams = [tuple(guarded[i : i + 4]) for i in range(len(guarded) - 3)]
+    assert len(grams) == len(set(grams)) and len(guarded) == 24
+
+
+@pytest.mark.slow
+def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
+    from engine.corpus.engine import AskStats, Engine, Evidence
+    from engine.corpus.settings import SparseSettings
+    from engine.generate import Token
+    from engine.paths import models_dir
+    from engine.runtime import load_model
+    from tests.corpus.test_engine import FACT, QUESTION, island_document
+
+    name = "qwen2.5-coder-0.5b-instruct"
+    if not (models_dir() / name).is_dir():
+        pytest.skip(f"{name} is not installed (quire models install)")
+    engine = Engine(load_model(name, threads=1), cache_root=tmp_path)
+    document = island_document(sentences=60)
+    engine.build([document])
+    answer, evidence, stats = "", [], None
+    # Lexical retrieval only: measuring the retrieval heads takes minutes on one thread.
+    lexical = SparseSettings(scan_heads=0)
+    for event in engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40), sparse=lexical):
+        if isinstance(event, Token):
+            answer += event.text
+        elif isinstance(event, Evidence):
+            evidence.append(event)
+        elif isinstance(event, AskStats):
+            stats = event
+    assert "Elspeth" in answer, answer
+    assert [e.number for e in evidence] == list(range(1, len(evidence) + 1))
+    holding = [e for e in evidence if FACT in e.text]
+    assert holding and holding[0].page_label == "2"
+    for e in evidence:
+        assert document.text[e.char_start : e.char_end] == e.text
+    assert stats.passages_read == len(evidence) and stats.context_tokens > 0 and not stats.not_found
+    assert stats.retrieval_seconds <= stats.time_to_first_token
+    assert stats.tokens_scanned == 0

@@ -1,0 +1,107 @@
+"""`quire bench qa`'s data and scoring: the committed question set loads and is
+well formed, answers score by kind, loops and evidence are recognised, and the
+fetch script reads a .deb without dpkg."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from engine.bench.qa import report, summarise
+from engine.bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, load_questions, score_answer
+from tools.fetch_qa_documents import ar_members, extract
+
+ROOT = Path(__file__).resolve().parent.parent
+QA = ROOT / "resources" / "bench" / "qa"
+
+
+def test_the_question_set_covers_every_kind_and_document():
+    questions = load_questions(QA / "questions.jsonl")
+    manifest = json.loads((QA / "documents.json").read_text())
+    keys = {d["key"] for d in manifest["documents"]}
+    assert len(questions) >= 120 and len(keys) >= 8
+    assert {q.kind for q in questions} == set(KINDS)
+    for q in questions:
+        assert set(q.docs) <= keys, q.id
+        assert {e.doc for e in q.evidence} <= set(q.docs), q.id
+        if q.kind == "cross":
+            assert len({e.doc for e in q.evidence}) == 2, q.id
+        if q.kind == "unanswerable":
+            assert not (q.answers or q.facts or q.evidence), q.id
+        else:
+            assert q.evidence, q.id
+    assert len({q.id for q in questions}) == len(questions)
+
+
+def question(kind: str, **fields) -> QAQuestion:
+    return QAQuestion.from_dict({"id": "x", "kind": kind, "question": "?", "docs": ["a", "b"], **fields})
+
+
+def test_scores_by_kind():
+    lookup = question("lookup", answers=["--no-psqlrc", "-X"])
+    assert score_answer(lookup, "Use  -X  to skip it.") == 1.0
+    assert score_answer(lookup, "Use --psqlrc.") == 0.0
+    assert score_answer(lookup, "Not found in these documents. Maybe -X?") == 0.0
+    spread = question("spread", facts=[["Simpson"], ["Lobatto"], ["Gauss-Kronrod", "Gauss Kronrod"]])
+    assert score_answer(spread, "quadv uses simpson's rule, quadgk gauss kronrod") == pytest.approx(2 / 3)
+    unanswerable = question("unanswerable")
+    assert score_answer(unanswerable, "The passages do not mention it.") == 1.0
+    assert score_answer(unanswerable, "It is 42.") == 0.0
+    with pytest.raises(ValueError):
+        question("lookup")
+    with pytest.raises(ValueError):
+        question("riddle", answers=["x"])
+
+
+def test_evidence_is_found_per_document_whitespace_and_case_aside():
+    q = question("cross", facts=[["a"], ["b"]], evidence=[
+        {"doc": "a", "page": 1, "sentence": "The default is 650 subintervals."},
+        {"doc": "b", "page": 2, "sentence": "Set samples to 100."},
+    ])
+    passages = [("a", "Intro. the default  is\n650 subintervals. More."), ("a", "Set samples to 100.")]
+    assert evidence_found(q, passages) == [True, False]  # the second sentence is in the wrong document
+    assert evidence_found(q, [*passages, ("b", "x Set Samples to 100. y")]) == [True, True]
+
+
+def test_loops_are_recognised():
+    assert has_loop("She is married to Norton. " * 4)
+    assert not has_loop("Irene Adler is an opera singer who outwits Holmes by disguising herself as a young man.")
+
+
+def test_summary_and_table():
+    records = [
+        {"id": "1", "kind": "lookup", "scope": "own", "method": "quire", "score": 1.0, "evidence_hit": 1.0,
+         "evidence_all": True, "loop": False, "ttft": 2.0, "total": 5.0, "prompt_tokens": 1000},
+        {"id": "2", "kind": "cross", "scope": "own", "method": "quire", "score": 0.5, "evidence_hit": 0.5,
+         "evidence_all": False, "loop": True, "ttft": 4.0, "total": 7.0, "prompt_tokens": 1200},
+    ]
+    summary = summarise(records)
+    whole = summary["own"]["quire"]["all"]
+    assert (whole["n"], whole["accuracy"], whole["evidence_hit"], whole["loops"]) == (2, 75.0, 75.0, 1)
+    assert summary["own"]["quire"]["cross"]["both_passages"] == 0.0
+    assert whole["ttft_median"] == 3.0
+    table = report(summary)
+    assert "| quire | 100.0 (1) | 50.0 (1) | 75.0 (2) | 75.0 | 1 | 3.0 | 6.0 | 1100 |" in table
+
+
+def test_a_deb_is_read_without_dpkg():
+    payload = b"Hello, policy.\n"
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w:xz") as archive:
+        info = tarfile.TarInfo("./usr/share/doc/x/policy.txt")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+
+    def member(name: str, data: bytes) -> bytes:
+        header = f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        return header + data + (b"\n" if len(data) % 2 else b"")
+
+    deb = b"!<arch>\n" + member("debian-binary", b"2.0\n") + member("control.tar.xz", b"x") + member("data.tar.xz", tar_bytes.getvalue())
+    assert set(ar_members(deb)) == {"debian-binary", "control.tar.xz", "data.tar.xz"}
+    assert extract(deb, "usr/share/doc/x/policy.txt") == payload
+    with pytest.raises(KeyError):
+        extract(deb, "usr/share/doc/x/other.txt")
