@@ -128,11 +128,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     for e in evidence:
         page = f"p. {e.page_label}" if e.page_label else "—"
         quote = " ".join(e.text.split())
-        print(f"  {e.weight:5.1%}  {e.title} {page}  chars {e.char_start}–{e.char_end}: “{quote[:160]}”")
+        number = f"[{e.number}]" if e.number is not None else "   "
+        mark = ("cited" if e.supported else "cited, unsupported") if e.cited else ""
+        print(f"  {number} {e.weight:5.1%}  {e.title} {page}  chars {e.char_start}–{e.char_end}: “{quote[:160]}”"
+              + (f"  ({mark})" if mark else ""))
     if stats is not None:
         print(
-            f"\n[{stats.memory_tokens:,} tokens in scope, {stats.mean_blocks_selected:.0f} blocks per head, "
-            + (f"{stats.reread_runs} passages read together ({stats.reread_tokens} tokens), " if stats.reread_runs else "")
+            f"\n[{stats.memory_tokens:,} tokens in scope, {stats.passages_read} passages read "
+            f"({stats.context_tokens:,} prompt tokens, chosen in {stats.retrieval_seconds:.2f} s), "
+            + (f"{stats.unsupported_citations} of {stats.citations} citations unsupported, " if stats.unsupported_citations else "")
             + f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "
             f"total {time.perf_counter() - started:.1f} s]",
             file=sys.stderr,

@@ -106,7 +106,7 @@ def test_cache_build_status_and_ask_with_evidence(home, island_file, capsys):
     answer, _, evidence = out.partition("\nEvidence:\n")
     assert "Elspeth" in answer, out
     assert "building the cache" not in err  # it was cached
-    line_pattern = re.compile(r"^\s+\d+\.\d%\s+(.*) p\. (.+?)\s+chars (\d+)–(\d+): “")
+    line_pattern = re.compile(r"^\s+\[\d+\]\s+\d+\.\d%\s+(.*) p\. (.+?)\s+chars (\d+)–(\d+): “")
     references = [line_pattern.match(line) for line in evidence.splitlines() if line]
     assert references and all(references), evidence
     assert all(m.group(1) == record.display_title for m in references)
