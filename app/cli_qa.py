@@ -72,6 +72,14 @@ def run(args: argparse.Namespace) -> dict | None:
               f"hit={'-' if hit is None else f'{hit:.2f}'} ttft={record['ttft']:.1f}s | {record['answer'][:90]!r}",
               file=sys.stderr, flush=True)
 
+    if args.retrieval:
+        from engine.bench.qa import retrieval_study
+
+        studies = [retrieval_study(runner, questions, scope, on_row=lambda row: print(row, file=sys.stderr, flush=True))
+                   for scope in args.scopes]
+        for study in studies:
+            print(f"{study['scope']}: evidence hit % over {study['n']} questions: {study['evidence_hit']}", file=sys.stderr)
+        return {"retrieval": studies, "model": model.folder.name}
     methods = [m for m in METHODS if m in args.methods]
     result = run_qa(runner, questions, methods, args.scopes, on_answer=show)
     result["model"] = model.folder.name

@@ -277,3 +277,48 @@ def machine() -> dict:
     import os
 
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
+def retrieval_study(runner: QARunner, questions: Sequence[QAQuestion], scope: str, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Evidence hit of each retriever alone and fused, without the reader: for each
+    answerable question, the share of its evidence sentences inside the passages each
+    retriever would put in the prompt (at the same reading budget as the methods).
+    What decides whether a retriever earns its place in the answer path."""
+    from engine.corpus.engine import READ_PASSAGES
+    from engine.corpus.passages import fuse
+
+    engine = runner.engine
+    rows = []
+    for question in questions:
+        if question.kind == "unanswerable":
+            continue
+        keys = runner.keys(question, scope)
+        docs = [runner.documents[k] for k in keys]
+        corpus_scope = engine.open_scope(docs)
+        index = engine.passage_index(corpus_scope)
+        started = time.perf_counter()
+        fused, scores, _ = engine.retrieve(question.question, corpus_scope, engine.sparse)
+        seconds = time.perf_counter() - started
+        row = {"id": question.id, "kind": question.kind, "retrieve_seconds": round(seconds, 2)}
+
+        def hit(order) -> float:
+            passages = [(keys[index.passages[int(i)].entry], index.text(int(i))) for i in order[:READ_PASSAGES]]
+            found = evidence_found(question, passages)
+            return sum(found) / len(found)
+
+        row["fused"] = hit(np.argsort(-fused, kind="stable"))
+        for name, values in scores.items():
+            row[name] = hit(np.argsort(-values, kind="stable"))
+        if "heads" in scores:
+            # The heads counted twice: a fusion that leans on the cache.
+            row["fused_heads2"] = hit(np.argsort(-fuse([scores["lexical"], scores["heads"], scores["heads"]]), kind="stable"))
+        baseline = runner._index(keys, BM25_WORDS)
+        best = np.argsort(-baseline.bm25(question.question), kind="stable")[:BM25_TOP]
+        found = evidence_found(question, [(keys[baseline.passages[int(i)].entry], baseline.text(int(i))) for i in best])
+        row["bm25_rag"] = sum(found) / len(found)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    names = sorted({k for r in rows for k in r} - {"id", "kind", "retrieve_seconds"})
+    summary = {name: round(100 * statistics.fmean(r[name] for r in rows if name in r), 1) for name in names}
+    return {"scope": scope, "rows": rows, "evidence_hit": summary, "n": len(rows)}
