@@ -359,7 +359,7 @@ class Engine:
         index = self.passage_index(scope)
         scores = {"lexical": index.bm25(question)}
         cache = None
-        if len(index) > READ_PASSAGES and settings.scan_heads:
+        if len(index) > READ_PASSAGES and settings.scan_heads:  # as will_measure_heads says
             tally, cache = self._head_tally(question, scope, settings, cancel)
             scores["heads"] = index.from_blocks(*scope.block_chars, tally)
         return fuse(list(scores.values())), scores, cache
@@ -588,8 +588,9 @@ class Engine:
         settings = sparse or self.sparse
         if not settings.scan_heads or self._retrieval_heads is not None or retrieval_heads_known(self):
             return False
-        # The scope the question will read (kept open for it).
-        return _scans(settings, self.open_scope(documents))
+        # The scope the question will read (kept open for it): the heads score it
+        # where it holds more passages than are read.
+        return len(self.passage_index(self.open_scope(documents))) > READ_PASSAGES
 
     def retrieval_heads(self, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int]]:
         """The model's retrieval heads, best first (measured once per model and kept

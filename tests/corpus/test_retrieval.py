@@ -81,15 +81,19 @@ def test_a_scope_beyond_the_shortlist_is_scanned_by_the_retrieval_heads(model, t
 
 
 def test_the_engine_says_when_a_question_will_measure_the_heads_first(model, tmp_path):  # noqa: F811
-    document = island_document(40)
+    from engine.corpus.engine import READ_PASSAGES
+
+    document, short = island_document(40), island_document(4, doc_id="short")
     engine = Engine(model, cache_root=tmp_path)
-    engine.build([document])
-    small = SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2)
-    assert not engine.will_measure_heads([document])  # within the default shortlist
-    assert engine.will_measure_heads([document], small)
-    assert not engine.will_measure_heads([document], SparseSettings(min_blocks=2, max_blocks=4, shortlist_factor=2, scan_heads=0))
+    engine.build([document, short])
+    # The heads score a scope that holds more passages than the answer reads.
+    assert len(engine.passage_index(engine.open_scope([short]))) <= READ_PASSAGES
+    assert not engine.will_measure_heads([short])
+    assert len(engine.passage_index(engine.open_scope([document]))) > READ_PASSAGES
+    assert engine.will_measure_heads([document])
+    assert not engine.will_measure_heads([document], SparseSettings(scan_heads=0))
     (engine.root / retrieval.FILE_NAME).write_text(json.dumps({"version": retrieval.CALIBRATION_VERSION, "heads": [[1, 0, 5.0]]}))
-    assert not engine.will_measure_heads([document], small)
+    assert not engine.will_measure_heads([document])
     assert engine.retrieval_heads() == [(1, 0)]
 
 
