@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 NOT_FOUND = "Not found in these documents."
 
-# No "say so if the passages do not answer" clause: with it the 0.5B default model
-# answered "not found" with the answer in passage [1] (a generated test document,
-# and 1 of 6 real lookups it otherwise answered; docs/BENCHMARKS.md, bench qa).
+# The reader is told neither to cite nor to say "not found": with either rule the
+# 0.5B default model answered "[1]", "[1] [2]" or listed the passages' headers in
+# place of an answer (9 of 36 bench-qa answers), or answered "not found" with the
+# answer in passage [1] (docs/BENCHMARKS.md, bench qa). Which passages an answer
+# drew on is found after it (`attribute`), by the words they share.
 SYSTEM_PROMPT = (
-    "You answer questions about the user's documents using only the numbered passages given. "
-    "Cite the passages you use inline, as [1] or [2]. "
+    "Answer the user's question from the numbered passages of their documents. "
     "Quote names, commands, options and numbers exactly as the passages write them."
 )
 
@@ -72,7 +73,7 @@ def context_text(sources: Sequence[Source]) -> str:
         where = source.title or "document"
         if source.page_label:
             where += f", page {source.page_label}"
-        parts.append(f"[{source.number}] ({where})\n{source.text.strip()}")
+        parts.append(f"Passage {source.number} ({where}):\n{source.text.strip()}")
     return "\n\n".join(parts)
 
 
@@ -112,6 +113,23 @@ def citations(answer: str, sources: Sequence[Source]) -> list[Citation]:
             have = key_words(source.text)
             supported = not words or len(words & have) >= SUPPORT_SHARE * len(words)
             found.append(Citation(number, claim, supported))
+    return found
+
+
+def attribute(answer: str, sources: Sequence[Source]) -> list[Citation]:
+    """The passages an answer drew on, found after it: each sentence of the answer
+    (with key words) is credited to the passage holding most of its key words, where
+    that passage holds at least SUPPORT_SHARE of them; a sentence no passage
+    supports is listed unsupported, credited to the passage that comes closest."""
+    found: list[Citation] = []
+    have = [key_words(s.text) for s in sources]
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", answer):
+        words = key_words(sentence)
+        if not words or not sources:
+            continue
+        shares = [len(words & h) / len(words) for h in have]
+        best = max(range(len(sources)), key=lambda i: shares[i])
+        found.append(Citation(sources[best].number, sentence.strip(), shares[best] >= SUPPORT_SHARE))
     return found
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.corpus.answer import Source, citations, grounded_messages, says_not_found
+from engine.corpus.answer import Source, attribute, citations, grounded_messages, says_not_found
 from engine.corpus.build import (
     BuildProgress,
     BuildSummary,
@@ -422,7 +422,9 @@ class Engine:
         for token in self.model.stream(prompt, params, cancel=cancel, stats=generation):
             answer += token.text
             yield token
-        cited = citations(answer, sources)
+        # Inline [n] where the model wrote them, else the passages the answer's
+        # sentences share their key words with.
+        cited = citations(answer, sources) or attribute(answer, sources)
         total = sum(s.score for s in sources) or 1.0
         for source in sources:
             mine = [c for c in cited if c.number == source.number]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.corpus.answer import Source, citations, context_text, grounded_messages, says_not_found
+from engine.corpus.answer import Source, attribute, citations, context_text, grounded_messages, says_not_found
 from engine.corpus.passages import PassageIndex, fuse, rank_order, word_spans
 from engine.generate import RepeatGuard, SamplingParams, generate
 
@@ -68,9 +68,9 @@ def sources() -> list[Source]:
 
 def test_the_context_numbers_passages_with_their_document_and_page():
     text = context_text(sources())
-    assert text.startswith("[1] (psql, page 12)\nUse -X") and "\n\n[2] (psql, page 40)\n" in text
+    assert text.startswith("Passage 1 (psql, page 12):\nUse -X") and "\n\nPassage 2 (psql, page 40):\n" in text
     messages = grounded_messages("Which option skips psqlrc?", sources())
-    assert messages[0]["role"] == "system" and "[1]" in messages[0]["content"]
+    assert messages[0]["role"] == "system" and "numbered passages" in messages[0]["content"]
     assert messages[1]["content"].endswith("Question: Which option skips psqlrc?")
 
 
@@ -79,6 +79,13 @@ def test_citations_are_checked_against_their_passages():
               "It also reads HISTFILE [2, 3].")
     found = [(c.number, c.supported) for c in citations(answer, sources())]
     assert found == [(1, True), (1, False), (2, True), (3, False)]
+
+
+def test_an_answer_without_markers_is_attributed_by_shared_words():
+    found = attribute("Use --no-psqlrc to skip the startup file. The history lives in ~/.psql_history. Goodbye.", sources())
+    assert [(c.number, c.supported) for c in found] == [(1, True), (2, True), (1, False)]
+    found = attribute("Zebras gallop quickly across savannas.", sources())
+    assert [c.supported for c in found] == [False]
 
 
 def test_not_found_is_recognised():
