@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rank_bm25 import BM25Okapi
+from engine.corpus.passages import terms, word_spans
 
 if TYPE_CHECKING:
     from PIL import ImageDraw, ImageFont
@@ -248,23 +249,14 @@ def score_answer(answer: str, expected: list[str]) -> float:
 
 def chunk_text(text: str, chunk_words: int = 200, overlap_words: int = 20) -> list[tuple[int, int]]:
     """Character spans of chunks of `chunk_words` whitespace-separated words, each
-    sharing `overlap_words` words with the one before; the last may be shorter."""
-    if chunk_words <= 0 or not 0 <= overlap_words < chunk_words:
-        raise ValueError(f"need 0 <= overlap_words < chunk_words, got {overlap_words}, {chunk_words}")
-    words = [m.span() for m in re.finditer(r"\S+", text)]
-    spans = []
-    step = chunk_words - overlap_words
-    for first in range(0, len(words), step):
-        last = min(first + chunk_words, len(words)) - 1
-        spans.append((words[first][0], words[last][1]))
-        if last == len(words) - 1:
-            break
-    return spans
+    sharing `overlap_words` words with the one before; the last may be shorter.
+    The answer path's passages are cut the same way (engine/corpus/passages.py)."""
+    return word_spans(text, chunk_words, overlap_words)
 
 
 def words_of(text: str) -> list[str]:
-    """The BM25 tokeniser: lowercase runs of letters and digits."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """The BM25 tokeniser: lowercase runs of letters and digits (the answer path's)."""
+    return terms(text)
 
 
 class BM25Retriever:

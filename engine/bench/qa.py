@@ -29,15 +29,17 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
+from engine.bench.niah import collect_answer
 from engine.bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
 from engine.corpus.answer import says_not_found
 from engine.corpus.build import CorpusDocument
-from engine.corpus.engine import ANSWER_NO_REPEAT_NGRAM, AskStats, Engine, Evidence
+from engine.corpus.engine import ANSWER_NO_REPEAT_NGRAM, Engine
 from engine.corpus.passages import PassageIndex
-from engine.generate import GenerationStats, SamplingParams, Token
+from engine.generate import GenerationStats, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class MethodResult:
     extra: dict = field(default_factory=dict)
 
 
-class Embedder:
+class Embedder(Protocol):
     """What the embedding baseline needs: texts → unit vectors (n, d)."""
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
@@ -132,15 +134,9 @@ class QARunner:
 
     def _quire(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
         started = time.perf_counter()
-        answer, passages, stats = "", [], None
+        answer, evidence, stats = collect_answer(self.engine.ask(question, docs, replace(self.params)))
         key_of = {self.documents[k].doc_id: k for k in keys}
-        for event in self.engine.ask(question, docs, replace(self.params)):
-            if isinstance(event, Token):
-                answer += event.text
-            elif isinstance(event, Evidence):
-                passages.append((key_of[event.doc_id], event.text))
-            elif isinstance(event, AskStats):
-                stats = event
+        passages = [(key_of[e.doc_id], e.text) for e in evidence]
         total = time.perf_counter() - started
         extra = {}
         if stats is not None:

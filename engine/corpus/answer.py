@@ -64,6 +64,7 @@ class Source:
     page_label: str | None
     text: str
     score: float  # retrieval score (fused), for ordering and display
+    page_index: int | None = None
 
 
 def context_text(sources: Sequence[Source]) -> str:

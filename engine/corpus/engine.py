@@ -399,8 +399,9 @@ class Engine:
             i = int(i)
             document = scope.entries[int(index.entry[i])].document
             start, end = int(index.start[i]), int(index.end[i])
-            _, label = _page_at(document.pages, start)
-            sources.append(Source(number, int(index.entry[i]), start, end, document.title, label, document.text[start:end], float(fused[i])))
+            page_index, label = _page_at(document.pages, start)
+            sources.append(Source(number, int(index.entry[i]), start, end, document.title, label,
+                                  document.text[start:end], float(fused[i]), page_index))
         return sources
 
     def _answer(self, question, documents, params, sparse, cancel):
@@ -429,12 +430,11 @@ class Engine:
         for source in sources:
             mine = [c for c in cited if c.number == source.number]
             entry = scope.entries[source.entry]
-            page_index, label = _page_at(entry.document.pages, source.start)
             yield Evidence(
                 doc_id=entry.document.doc_id,
                 title=entry.document.title,
-                page_label=label,
-                page_index=page_index,
+                page_label=source.page_label,
+                page_index=source.page_index,
                 char_start=source.start,
                 char_end=source.end,
                 text=source.text,

@@ -140,9 +140,9 @@ def test_generation_with_the_guard_never_repeats_an_ngram():
 
 @pytest.mark.slow
 def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
-    from engine.corpus.engine import AskStats, Engine, Evidence
+    from engine.bench.niah import collect_answer
+    from engine.corpus.engine import Engine
     from engine.corpus.settings import SparseSettings
-    from engine.generate import Token
     from engine.paths import models_dir
     from engine.runtime import load_model
     from tests.corpus.test_engine import FACT, QUESTION, island_document
@@ -153,16 +153,9 @@ def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
     engine = Engine(load_model(name, threads=1), cache_root=tmp_path)
     document = island_document(sentences=60)
     engine.build([document])
-    answer, evidence, stats = "", [], None
     # Lexical retrieval only: measuring the retrieval heads takes minutes on one thread.
     lexical = SparseSettings(scan_heads=0)
-    for event in engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40), sparse=lexical):
-        if isinstance(event, Token):
-            answer += event.text
-        elif isinstance(event, Evidence):
-            evidence.append(event)
-        elif isinstance(event, AskStats):
-            stats = event
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40), sparse=lexical))
     assert "Elspeth" in answer, answer
     assert [e.number for e in evidence] == list(range(1, len(evidence) + 1))
     holding = [e for e in evidence if FACT in e.text]
