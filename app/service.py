@@ -154,11 +154,6 @@ class LocalEngine:
     def is_cached(self, document: CorpusDocument) -> bool:
         return self.engine.is_cached(document)
 
-    def will_measure_heads(self, documents: list[CorpusDocument]) -> bool:
-        """Whether the next question over these documents first measures the
-        model's retrieval heads (once per model; engine/corpus/retrieval.py)."""
-        return bool(documents) and self.engine.will_measure_heads(documents)
-
     def build(self, documents, on_progress, cancel) -> BuildSummary:
         return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
 

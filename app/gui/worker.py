@@ -185,15 +185,8 @@ class EngineWorker(QObject):
         try:
             documents = self._documents(request.document_ids)
             self._build(documents)
-            measure = getattr(self.engine, "will_measure_heads", None)
-            measuring = measure is not None and measure(documents)
-            if measuring:
-                self.busy.emit("Measuring the model's retrieval heads (once per model, about a minute)…")
             for event in self.engine.ask(request.question, documents, request.max_tokens, self._cancelled):
                 if isinstance(event, Token):
-                    if measuring:
-                        measuring = False
-                        self.busy.emit("Answering…")
                     pieces.append(event.text)
                     self.token.emit(event.text)
                 elif isinstance(event, Evidence):

@@ -4,9 +4,9 @@ the same run. This is the benchmark that decides how Quire answers
 (docs/BENCHMARKS.md, "bench qa"); `quire bench niah` is the regression check.
 
 Methods:
-- "quire": Engine.ask, the default answer path (passages chosen from the whole scope
-  by the lexical index fused with the cache's retrieval heads, read as a numbered
-  context, cited inline).
+- "quire": Engine.ask, the default answer path (the five 200-word passages, cut at
+  page edges, that BM25 ranks best over the whole scope, read as a numbered context
+  with each passage's document and page; citations attributed after the answer).
 - "bm25": the way GPT4All's LocalDocs works: the top 5 chunks of 200 words by BM25 in
   the prompt before the question.
 - "embed": the way AnythingLLM works: the top 4 chunks of 150 words by cosine
@@ -144,7 +144,6 @@ class QARunner:
                 "retrieval_seconds": round(stats.retrieval_seconds, 3),
                 "citations": stats.citations,
                 "unsupported_citations": stats.unsupported_citations,
-                "tokens_scanned": stats.tokens_scanned,
             }
         return MethodResult(answer, passages, stats.time_to_first_token if stats else total, total,
                             stats.context_tokens if stats else 0, extra)
@@ -276,38 +275,21 @@ def machine() -> dict:
 
 
 def retrieval_study(runner: QARunner, questions: Sequence[QAQuestion], scope: str, on_row: Callable[[dict], None] | None = None) -> dict:
-    """Evidence hit of each retriever alone and fused, without the reader: for each
-    answerable question, the share of its evidence sentences inside the passages each
-    retriever would put in the prompt (at the same reading budget as the methods).
-    What decides whether a retriever earns its place in the answer path."""
-    from engine.corpus.engine import READ_PASSAGES
-    from engine.corpus.passages import fuse
-
-    engine = runner.engine
+    """Evidence hit of the passages each method would put in the prompt, without the
+    reader: for each answerable question, the share of its evidence sentences inside
+    Quire's chosen passages ("quire") and BM25-RAG's chunks ("bm25_rag"). What a
+    retrieval change is judged by before the reader is run."""
     rows = []
     for question in questions:
         if question.kind == "unanswerable":
             continue
         keys = runner.keys(question, scope)
         docs = [runner.documents[k] for k in keys]
-        corpus_scope = engine.open_scope(docs)
-        index = engine.passage_index(corpus_scope)
         started = time.perf_counter()
-        fused, scores, _ = engine.retrieve(question.question, corpus_scope, engine.sparse)
-        seconds = time.perf_counter() - started
-        row = {"id": question.id, "kind": question.kind, "retrieve_seconds": round(seconds, 2)}
-
-        def hit(order) -> float:
-            passages = [(keys[index.passages[int(i)].entry], index.text(int(i))) for i in order[:READ_PASSAGES]]
-            found = evidence_found(question, passages)
-            return sum(found) / len(found)
-
-        row["fused"] = hit(np.argsort(-fused, kind="stable"))
-        for name, values in scores.items():
-            row[name] = hit(np.argsort(-values, kind="stable"))
-        if "heads" in scores:
-            # The heads counted twice: a fusion that leans on the cache.
-            row["fused_heads2"] = hit(np.argsort(-fuse([scores["lexical"], scores["heads"], scores["heads"]]), kind="stable"))
+        sources = runner.engine.choose_sources(docs, question.question)
+        row = {"id": question.id, "kind": question.kind, "retrieve_seconds": round(time.perf_counter() - started, 2)}
+        found = evidence_found(question, [(keys[s.entry], s.text) for s in sources])
+        row["quire"] = sum(found) / len(found)
         baseline = runner._index(keys, BM25_WORDS)
         best = np.argsort(-baseline.bm25(question.question), kind="stable")[:BM25_TOP]
         found = evidence_found(question, [(keys[baseline.passages[int(i)].entry], baseline.text(int(i))) for i in best])
@@ -315,6 +297,6 @@ def retrieval_study(runner: QARunner, questions: Sequence[QAQuestion], scope: st
         rows.append(row)
         if on_row is not None:
             on_row(row)
-    names = sorted({k for r in rows for k in r} - {"id", "kind", "retrieve_seconds"})
-    summary = {name: round(100 * statistics.fmean(r[name] for r in rows if name in r), 1) for name in names}
+    names = ("quire", "bm25_rag")
+    summary = {name: round(100 * statistics.fmean(r[name] for r in rows), 1) for name in names} if rows else {}
     return {"scope": scope, "rows": rows, "evidence_hit": summary, "n": len(rows)}

@@ -1,12 +1,13 @@
-"""`Engine`: build the corpus cache for documents and answer questions over it with
-block-sparse attention, streaming Token, Evidence and Stats events.
+"""`Engine`: build the corpus cache for documents, and answer questions about them,
+streaming Token, Evidence and Stats events.
 
     engine = Engine(load_model("qwen2.5-coder-0.5b-instruct"))
-    engine.build(documents)
     for event in engine.ask("Who wrote it?", documents):
         ...
 
-The prompt is the model's chat template with the user turn split in two: the part
+`ask` reads the passages BM25 ranks best as one numbered context; it needs no cache.
+`ask_sparse`, the earlier path, attends to the selected blocks of the corpus cache
+(`engine.build(documents)` first) with block-sparse attention. For it, the prompt is the model's chat template with the user turn split in two: the part
 before the user's text is the shared prefix (attention sinks, prefilled before
 every segment at build time), then the virtual memory region, then the question
 and the assistant header as real tokens.
@@ -38,7 +39,7 @@ from engine.corpus.build import (
     settings_tag,
     token_offsets,
 )
-from engine.corpus.passages import PassageIndex, fuse
+from engine.corpus.passages import PassageIndex
 from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
 from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
 from engine.corpus.scope import CorpusScope, ScopeEntry
@@ -57,21 +58,20 @@ log = logging.getLogger(__name__)
 MEMORY_LAYOUT = 1
 MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
 
-# Passages the reader gets (engine/corpus/passages.py): 8 of 120 words.
-READ_PASSAGES = 8
+# Passages the reader gets (engine/corpus/passages.py): 5 of 200 words, as BM25-RAG
+# reads. More passages raised the evidence hit (8: 84.9%, 12: 88.9% against 79.4%)
+# but not the 0.5B reader's accuracy (36.4%, 36.1% against 40.1%; docs/BENCHMARKS.md).
+READ_PASSAGES = 5
 # The answer's repetition guard (SamplingParams.no_repeat_ngram): no 12-token run
 # twice. Long enough for an answer to repeat a name or a phrase, short enough to cut
 # a looping sentence after its first round.
 ANSWER_NO_REPEAT_NGRAM = 12
 
 
-class _TallyDone(Exception):
-    """Raised from a layer callback once the retrieval heads' tally is complete."""
-
-
 @dataclass
 class Evidence:
-    """A passage the answer drew on, with its share of the attention to memory."""
+    """A passage the answer read: its share of the retrieval score (ask) or of the
+    attention to memory (ask_sparse)."""
 
     doc_id: int | str
     title: str
@@ -175,6 +175,9 @@ class Engine:
         self.prefix_ids, self._after_memory = self._split_prompt()
         self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
         self._retrieval_heads: list[tuple[int, int]] | None = None
+        # The documents last asked: their passage index and the tokens the cache
+        # holds of them (reported as the scope's size).
+        self._passages: tuple[tuple[str, ...], PassageIndex, int] | None = None
         self.builder = CorpusBuilder(
             self.store,
             self.manifests,
@@ -289,19 +292,17 @@ class Engine:
         documents: list[CorpusDocument],
         params: SamplingParams | None = None,
         *,
-        sparse: SparseSettings | None = None,
         cancel: Callable[[], bool] | None = None,
-        evidence_limit: int = 8,
     ) -> Iterator[Token | Evidence | AskStats]:
-        """Answer from the whole scope: retrieve passages (the lexical index fused with
-        the retrieval heads' tally over the cache), read them as one numbered context
-        (engine/corpus/answer.py), stream the answer's tokens, then every passage read
-        as Evidence (number, cited, supported), then statistics.
+        """Answer from the documents: the passages BM25 ranks best, read as one
+        numbered context (engine/corpus/answer.py); stream the answer's tokens, then
+        every passage read as Evidence (number, cited, supported), then statistics.
 
-        A damaged segment found while reading is removed and its documents rebuilt,
-        and the question is asked again (once)."""
-        run = lambda: self._answer(question, documents, params, sparse, cancel)  # noqa: E731
-        yield from self._rebuilding(run, documents, cancel)
+        The documents need not be cached. The retrieval heads' tally over the cache,
+        fused with BM25, lowered the evidence hit on `quire bench qa` (77.1% against
+        77.8% for BM25 alone, 127 questions) and cost up to 39 s a question, so the
+        answer path no longer reads the cache (docs/BENCHMARKS.md)."""
+        return self._answer(question, documents, params, cancel)
 
     def ask_sparse(
         self,
@@ -333,90 +334,38 @@ class Engine:
 
     # -- the answer path -----------------------------------------------------------
 
-    def passage_index(self, scope: CorpusScope) -> PassageIndex:
-        """The scope's passages and their lexical index (built once per open scope)."""
-        if getattr(scope, "passage_index", None) is None:
-            documents = [entry.document for entry in scope.entries]
-            scope.passage_index = PassageIndex(
-                [d.text for d in documents], breaks=[[start for start, _ in d.pages] for d in documents]
-            )
-            entry, first, end = scope.doc_of_block, scope.block_first_token, scope.block_end_token
-            starts = np.empty(scope.n_blocks, dtype=np.int64)
-            ends = np.empty(scope.n_blocks, dtype=np.int64)
-            for index, scope_entry in enumerate(scope.entries):
-                mine = entry == index
-                offsets = scope_entry.manifest.offsets
-                starts[mine], ends[mine] = offsets[first[mine]], offsets[end[mine]]
-            scope.block_chars = (entry, starts, ends)
-        return scope.passage_index
+    def passage_index(self, documents: list[CorpusDocument]) -> PassageIndex:
+        """The documents' passages and their lexical index (kept for the documents
+        last asked). Built from their text: the answer path does not read the cache."""
+        names = tuple(d.content_key for d in documents)
+        if self._passages is None or self._passages[0] != names:
+            index = PassageIndex([d.text for d in documents], breaks=[[start for start, _ in d.pages] for d in documents])
+            cached = (self.manifests.load(name) for name in names)
+            self._passages = (names, index, sum(m.tokens for m in cached if m is not None))
+        return self._passages[1]
 
-    def retrieve(
-        self, question: str, scope: CorpusScope, settings: SparseSettings, cancel=None
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], object | None]:
-        """Score every passage of the scope for `question`: the fused score, each
-        retriever's own scores ("lexical", "heads"), and the heads' cache (its
-        statistics) or None where the whole scope is read anyway."""
-        index = self.passage_index(scope)
-        scores = {"lexical": index.bm25(question)}
-        cache = None
-        if len(index) > READ_PASSAGES and settings.scan_heads:  # as will_measure_heads says
-            tally, cache = self._head_tally(question, scope, settings, cancel)
-            scores["heads"] = index.from_blocks(*scope.block_chars, tally)
-        return fuse(list(scores.values())), scores, cache
-
-    def _head_tally(self, question: str, scope: CorpusScope, settings: SparseSettings, cancel):
-        """The retrieval heads' tally over every block of the scope for `question`:
-        the question's pass over the cache, stopped after the last layer that holds
-        a scanned head (later layers add nothing to the tally)."""
-        heads = self.retrieval_heads(cancel)[: settings.scan_heads]
-        prompt = self.prefix_ids + self.question_ids(question)
-        cache = self.memory.MemoryAttentionCache(
-            self.model.model, scope, settings, prefix_len=len(self.prefix_ids), capacity=len(prompt) + 1, scan_heads=heads
-        )
-        last_layer = max(layer for layer, _ in heads)
-
-        def on_layer(done: int, layers: int) -> None:
-            if cancel is not None and cancel():
-                raise Cancelled("retrieval cancelled")
-            if done > last_layer:
-                raise _TallyDone
-
-        on_cpu = str(getattr(self.model.model, "device", "")) == "cpu"
-        with scope.asking() if on_cpu else nullcontext():
-            try:
-                self.model.model.forward(prompt, cache, on_layer=on_layer)
-            except _TallyDone:
-                pass
-        return cache.scan_tally(), cache
-
-    def choose_sources(self, scope: CorpusScope, fused: np.ndarray, count: int = READ_PASSAGES) -> list[Source]:
-        """The `count` best passages, numbered best first. Neighbours that overlap stay
-        separate sources (their shared words are read twice): a merged run would cite
-        the page where it starts, not the page of the passage that held the answer."""
-        index = self.passage_index(scope)
+    def choose_sources(self, documents: list[CorpusDocument], question: str, count: int = READ_PASSAGES) -> list[Source]:
+        """The `count` passages that BM25 ranks best for `question`, numbered best
+        first. Neighbours that overlap stay separate sources (their shared words are
+        read twice): a merged run would cite the page where it starts, not the page of
+        the passage that held the answer."""
+        index = self.passage_index(documents)
+        scores = index.bm25(question)
         sources = []
-        for number, i in enumerate(np.argsort(-fused, kind="stable")[:count], 1):
+        for number, i in enumerate(np.argsort(-scores, kind="stable")[:count], 1):
             i = int(i)
-            document = scope.entries[int(index.entry[i])].document
+            document = documents[int(index.entry[i])]
             start, end = int(index.start[i]), int(index.end[i])
             page_index, label = _page_at(document.pages, start)
             sources.append(Source(number, int(index.entry[i]), start, end, document.title, label,
-                                  document.text[start:end], float(fused[i]), page_index))
+                                  document.text[start:end], float(scores[i]), page_index))
         return sources
 
-    def _answer(self, question, documents, params, sparse, cancel):
+    def _answer(self, question, documents, params, cancel):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
-        settings = sparse or self.sparse
         started = time.perf_counter()
-        scope = self.open_scope(documents)
-        scope_seconds = time.perf_counter() - started
         generation = GenerationStats()
-        try:
-            fused, _, cache = self.retrieve(question, scope, settings, cancel)
-        except Cancelled:
-            yield AskStats(finish_reason="cancelled", memory_tokens=scope.total_tokens)
-            return
-        sources = self.choose_sources(scope, fused)
+        sources = self.choose_sources(documents, question)
         prompt = self.model.encode_chat(grounded_messages(question, sources))
         retrieval_seconds = time.perf_counter() - started
         answer = ""
@@ -426,37 +375,32 @@ class Engine:
         # Inline [n] where the model wrote them, else the passages the answer's
         # sentences share their key words with.
         cited = citations(answer, sources) or attribute(answer, sources)
-        total = sum(s.score for s in sources) or 1.0
-        for source in sources:
+        # Each passage's share of the read passages' BM25 scores. BM25 goes below zero
+        # where a term is in most passages (small scopes): such a passage shares nothing.
+        shares = [max(s.score, 0.0) for s in sources]
+        total = sum(shares)
+        for source, share in zip(sources, shares):
             mine = [c for c in cited if c.number == source.number]
-            entry = scope.entries[source.entry]
+            document = documents[source.entry]
             yield Evidence(
-                doc_id=entry.document.doc_id,
-                title=entry.document.title,
+                doc_id=document.doc_id,
+                title=document.title,
                 page_label=source.page_label,
                 page_index=source.page_index,
                 char_start=source.start,
                 char_end=source.end,
                 text=source.text,
-                weight=source.score / total,
+                weight=share / total if total else 1.0 / len(sources),
                 number=source.number,
                 cited=bool(mine),
                 supported=all(c.supported for c in mine) if mine else None,
             )
-        stats = cache.stats if cache is not None else None
-        selected = stats.blocks_selected if stats is not None else []
         yield AskStats(
             prompt_tokens=len(prompt),
-            memory_tokens=scope.total_tokens,
+            memory_tokens=self._passages[2] if self._passages is not None else 0,
             generated_tokens=generation.generated_tokens,
             time_to_first_token=retrieval_seconds + generation.time_to_first_token,
             decode_tokens_per_second=generation.decode_tokens_per_second,
-            scope_seconds=scope_seconds,
-            blocks_in_scope=scope.n_blocks,
-            mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
-            tokens_scanned=stats.tokens_scanned if stats is not None else 0,
-            bytes_gathered=stats.bytes_gathered if stats is not None else 0,
-            index_bytes=scope.index_bytes(),
             retrieval_seconds=retrieval_seconds,
             passages_read=len(sources),
             context_tokens=len(prompt),
@@ -464,7 +408,6 @@ class Engine:
             unsupported_citations=sum(not c.supported for c in cited),
             not_found=says_not_found(answer),
             finish_reason=generation.finish_reason,
-            settings=asdict(settings),
         )
 
     def _segments_sound(self, document: CorpusDocument) -> bool:
@@ -582,17 +525,6 @@ class Engine:
         second.evidence_from = len(prompt) - 1
         logits = prefill(self.model.model, prompt, second, cancel=cancel)
         return Reread(second, logits, len(runs), len(tokens), time.perf_counter() - started)
-
-    def will_measure_heads(self, documents: list[CorpusDocument], sparse: SparseSettings | None = None) -> bool:
-        """Whether asking over these (cached) documents first measures the model's
-        retrieval heads (once per model, about a minute on a laptop CPU): the caller
-        can say so before it starts."""
-        settings = sparse or self.sparse
-        if not settings.scan_heads or self._retrieval_heads is not None or retrieval_heads_known(self):
-            return False
-        # The scope the question will read (kept open for it): the heads score it
-        # where it holds more passages than are read.
-        return len(self.passage_index(self.open_scope(documents))) > READ_PASSAGES
 
     def retrieval_heads(self, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int]]:
         """The model's retrieval heads, best first (measured once per model and kept

@@ -2,11 +2,11 @@
 
 A passage is a run of about PASSAGE_WORDS words of one document, cut at word
 boundaries with a little overlap, so that a sentence cut by one edge is whole in
-the next passage. The same cut serves every retriever: BM25 over passage words
-(what desktop RAG apps put in front of a model), the cache's retrieval heads (a
-block's tally lands on the passages whose characters it covers), and an embedding
-model where one is given. Passages are what the reader sees, numbered, and what an
-answer's [n] points at.
+the next passage, and never across a page edge where the document has pages (an
+answer cites one page). BM25 over the passages' words chooses what the reader sees,
+numbered, and what an answer's [n] points at. (The cache's retrieval heads, fused
+with BM25, lowered the evidence hit on `quire bench qa` and were taken out of the
+answer path: docs/BENCHMARKS.md.)
 
 BM25 is Okapi BM25 (Robertson and Zaragoza, "The Probabilistic Relevance Framework:
 BM25 and Beyond", 2009) from rank-bm25, over lowercase runs of letters and digits.
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-# Words per passage and words shared with the passage before. Eight passages of 120
-# words are about the prompt of five 200-word chunks that BM25-RAG reads
-# (docs/BENCHMARKS.md, bench qa), in smaller pieces, so that more places fit.
-PASSAGE_WORDS = 120
+# Words per passage and words shared with the passage before. Measured on bench qa's
+# 127 answerable questions (own scope, BM25, evidence hit of the passages read):
+# 5 x 200 words 77.8% against 8 x 120 77.2% (page edges kept in both), for about
+# the same prompt; and five 200-word passages read better than eight of
+# 120 (docs/BENCHMARKS.md).
+PASSAGE_WORDS = 200
 PASSAGE_OVERLAP = 20
 
 _WORD = re.compile(r"\S+")
@@ -95,46 +97,3 @@ class PassageIndex:
     def bm25(self, question: str) -> np.ndarray:
         """BM25 score of every passage for `question`: (n_passages,)."""
         return np.asarray(self._bm25.get_scores(terms(question)), dtype=np.float64)
-
-    def from_blocks(self, block_entry: np.ndarray, block_start: np.ndarray, block_end: np.ndarray, tally: np.ndarray) -> np.ndarray:
-        """Each passage's score from per-block scores: the best block whose characters
-        overlap the passage, in the same document. (n_passages,)"""
-        scores = np.zeros(len(self.passages), dtype=np.float64)
-        for entry in np.unique(self.entry):
-            mine = np.flatnonzero(self.entry == entry)
-            blocks = np.flatnonzero(block_entry == entry)
-            if not len(blocks):
-                continue
-            # Blocks are in text order inside a document: the first block ending
-            # after a passage's start and the first starting at or after its end
-            # bound the blocks it overlaps.
-            ends, starts = block_end[blocks], block_start[blocks]
-            first = np.searchsorted(ends, self.start[mine], side="right")
-            last = np.searchsorted(starts, self.end[mine], side="left")
-            values = tally[blocks]
-            # Running maxima over a sparse table would be faster; passages overlap
-            # only a handful of blocks each.
-            for row, lo, hi in zip(mine, first, last):
-                if hi > lo:
-                    scores[row] = float(values[lo:hi].max())
-        return scores
-
-
-def rank_order(scores: np.ndarray) -> np.ndarray:
-    """Each item's rank under `scores` (0 = best; ties: earlier first)."""
-    order = np.argsort(-scores, kind="stable")
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[order] = np.arange(len(scores))
-    return ranks
-
-
-def fuse(score_lists: Sequence[np.ndarray], k: float = 60.0, depth: int = 100) -> np.ndarray:
-    """Reciprocal rank fusion (Cormack, Clarke and Büttcher, SIGIR 2009): each list
-    gives its best `depth` items 1 / (k + rank); an item with no positive score in a
-    list gets nothing from it. (n,)"""
-    fused = np.zeros(len(score_lists[0]), dtype=np.float64)
-    for scores in score_lists:
-        ranks = rank_order(scores)
-        counted = (ranks < depth) & (scores > 0)
-        fused[counted] += 1.0 / (k + 1 + ranks[counted])
-    return fused

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.corpus.answer import Source, attribute, citations, context_text, grounded_messages, says_not_found
-from engine.corpus.passages import PassageIndex, fuse, rank_order, word_spans
+from engine.corpus.passages import PassageIndex, word_spans
 from engine.generate import RepeatGuard, SamplingParams, generate
 
 
@@ -35,28 +35,6 @@ def test_passages_do_not_cross_pages():
     text = "\n\n".join(p.strip() for p in pages)
     index = PassageIndex([text], words=100, overlap=20, breaks=[[0, text.index("beta")]])
     assert [set(index.text(i).split()) for i in range(len(index))] == [{"alpha"}, {"beta"}, {"beta"}]
-
-
-def test_block_scores_land_on_the_passages_that_overlap_them():
-    text = " ".join(f"w{i}" for i in range(300))
-    index = PassageIndex([text, text], words=100, overlap=0)
-    # Blocks of 50 words in each document; one hot block in document 1, words 150-199.
-    starts = [text.index(f"w{i} ") for i in range(0, 300, 50)]
-    ends = [*starts[1:], len(text)]
-    entry = np.repeat([0, 1], 6)
-    tally = np.zeros(12)
-    tally[6 + 3] = 5.0
-    scores = index.from_blocks(entry, np.array(starts * 2), np.array(ends * 2), tally)
-    assert scores.tolist() == [0, 0, 0, 0, 5.0, 0]  # document 1, passage of words 100-199
-
-
-def test_rank_fusion_rewards_agreement_and_ignores_zero_scores():
-    lexical = np.array([3.0, 2.0, 0.0, 1.0])
-    heads = np.array([0.0, 5.0, 4.0, 0.0])
-    fused = fuse([lexical, heads])
-    assert int(np.argmax(fused)) == 1  # second in one list, first in the other
-    assert fused[0] > fused[3] and fused[2] > 0
-    assert rank_order(np.array([1.0, 3.0, 3.0])).tolist() == [2, 0, 1]
 
 
 def sources() -> list[Source]:
@@ -142,7 +120,6 @@ def test_generation_with_the_guard_never_repeats_an_ngram():
 def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
     from engine.bench.niah import collect_answer
     from engine.corpus.engine import Engine
-    from engine.corpus.settings import SparseSettings
     from engine.paths import models_dir
     from engine.runtime import load_model
     from tests.corpus.test_engine import FACT, QUESTION, island_document
@@ -153,9 +130,7 @@ def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
     engine = Engine(load_model(name, threads=1), cache_root=tmp_path)
     document = island_document(sentences=60)
     engine.build([document])
-    # Lexical retrieval only: measuring the retrieval heads takes minutes on one thread.
-    lexical = SparseSettings(scan_heads=0)
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40), sparse=lexical))
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
     assert "Elspeth" in answer, answer
     assert [e.number for e in evidence] == list(range(1, len(evidence) + 1))
     holding = [e for e in evidence if FACT in e.text]

