@@ -7,6 +7,8 @@ Methods:
 - "quire": Engine.ask, the default answer path (the five 200-word passages, cut at
   page edges, that BM25 ranks best over the whole scope, read as a numbered context
   with each passage's document and page; citations attributed after the answer).
+- "quire-cache": the same passages, their keys and values read from the corpus cache
+  instead of prefilled (Engine.read_cached), where the documents are cached.
 - "bm25": the way GPT4All's LocalDocs works: the top 5 chunks of 200 words by BM25 in
   the prompt before the question.
 - "embed": the way AnythingLLM works: the top 4 chunks of 150 words by cosine
@@ -43,7 +45,7 @@ from engine.generate import GenerationStats, SamplingParams
 
 log = logging.getLogger(__name__)
 
-METHODS = ("quire", "bm25", "embed", "dense")
+METHODS = ("quire", "quire-cache", "bm25", "embed", "dense")
 SCOPES = ("own", "library")
 
 # The baselines' chunking and depth, after the apps they stand for: GPT4All's
@@ -110,7 +112,7 @@ class QARunner:
             return None
         if method == "embed" and self.embedder is None:
             return None
-        result = getattr(self, f"_{method}")(question.question, keys, docs)
+        result = getattr(self, "_" + method.replace("-", "_"))(question.question, keys, docs)
         found = evidence_found(question, result.passages)
         return {
             "answer": result.answer,
@@ -132,6 +134,13 @@ class QARunner:
 
     # -- methods ---------------------------------------------------------------
 
+    def _quire_cache(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+        self.engine.read_cached = True
+        try:
+            return self._quire(question, keys, docs)
+        finally:
+            self.engine.read_cached = False
+
     def _quire(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
         started = time.perf_counter()
         answer, evidence, stats = collect_answer(self.engine.ask(question, docs, replace(self.params)))
@@ -142,6 +151,7 @@ class QARunner:
         if stats is not None:
             extra = {
                 "retrieval_seconds": round(stats.retrieval_seconds, 3),
+                "passages_from_cache": stats.passages_from_cache,
                 "citations": stats.citations,
                 "unsupported_citations": stats.unsupported_citations,
             }

@@ -31,6 +31,7 @@ import numpy as np
 
 from engine.corpus.answer import Source, attribute, citations, grounded_messages, says_not_found
 from engine.corpus.build import (
+    Manifest,
     BuildProgress,
     BuildSummary,
     CorpusBuilder,
@@ -114,11 +115,12 @@ class AskStats:
     # char, end char, share of the best block's tally). What singled blocks out,
     # for benchmarks that ask why a passage was or was not read.
     tally_top: list = field(default_factory=list)
-    # The answer path (Engine.ask): seconds to choose the passages (lexical index and
-    # the retrieval heads' pass over the cache), how many it read and their tokens
-    # (the reader's prompt), and what the answer did with them.
+    # The answer path (Engine.ask): seconds to choose the passages (BM25), how many it
+    # read (and how many of those from the corpus cache) and the reader's prompt
+    # tokens, and what the answer did with them.
     retrieval_seconds: float = 0.0
     passages_read: int = 0
+    passages_from_cache: int = 0  # read from the corpus cache, not prefilled again
     context_tokens: int = 0
     citations: int = 0
     unsupported_citations: int = 0
@@ -163,8 +165,13 @@ class Engine:
         cache_root: Path | None = None,
         cache_settings: CacheSettings | None = None,
         sparse: SparseSettings | None = None,
+        read_cached: bool = False,
     ) -> None:
         self.model = model
+        # Whether `ask` reads cached passages' keys and values instead of prefilling
+        # their text: faster to the first token, not yet shown as good (see
+        # _read_cached); off by default, measured as bench qa's "quire-cache".
+        self.read_cached = read_cached
         self.cache_settings = cache_settings or CacheSettings()
         self.sparse = sparse or SparseSettings()
         self.fingerprint = model_fingerprint(model)
@@ -175,9 +182,9 @@ class Engine:
         self.prefix_ids, self._after_memory = self._split_prompt()
         self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
         self._retrieval_heads: list[tuple[int, int]] | None = None
-        # The documents last asked: their passage index and the tokens the cache
-        # holds of them (reported as the scope's size).
-        self._passages: tuple[tuple[str, ...], PassageIndex, int] | None = None
+        # The documents last asked: their passage index and their cache manifests
+        # (None where a document is not cached).
+        self._passages: tuple[tuple[str, ...], PassageIndex, list[Manifest | None]] | None = None
         self.builder = CorpusBuilder(
             self.store,
             self.manifests,
@@ -340,8 +347,12 @@ class Engine:
         names = tuple(d.content_key for d in documents)
         if self._passages is None or self._passages[0] != names:
             index = PassageIndex([d.text for d in documents], breaks=[[start for start, _ in d.pages] for d in documents])
-            cached = (self.manifests.load(name) for name in names)
-            self._passages = (names, index, sum(m.tokens for m in cached if m is not None))
+            self._passages = (names, index, [self.manifests.load(name) for name in names])
+        else:  # a document cached since
+            manifests = self._passages[2]
+            for n, manifest in enumerate(manifests):
+                if manifest is None:
+                    manifests[n] = self.manifests.load(names[n])
         return self._passages[1]
 
     def choose_sources(self, documents: list[CorpusDocument], question: str, count: int = READ_PASSAGES) -> list[Source]:
@@ -366,10 +377,19 @@ class Engine:
         started = time.perf_counter()
         generation = GenerationStats()
         sources = self.choose_sources(documents, question)
-        prompt = self.model.encode_chat(grounded_messages(question, sources))
         retrieval_seconds = time.perf_counter() - started
+        try:
+            read = self._read_cached(question, sources, documents, params.max_new_tokens, cancel)
+        except Cancelled:
+            yield AskStats(finish_reason="cancelled")
+            return
+        if read is None:
+            prompt, cache, logits = self.model.encode_chat(grounded_messages(question, sources)), None, None
+        else:
+            prompt, cache, logits = read
+        context_seconds = time.perf_counter() - started
         answer = ""
-        for token in self.model.stream(prompt, params, cancel=cancel, stats=generation):
+        for token in self.model.stream(prompt, params, cancel=cancel, stats=generation, cache=cache, logits=logits):
             answer += token.text
             yield token
         # Inline [n] where the model wrote them, else the passages the answer's
@@ -397,18 +417,92 @@ class Engine:
             )
         yield AskStats(
             prompt_tokens=len(prompt),
-            memory_tokens=self._passages[2] if self._passages is not None else 0,
+            memory_tokens=sum(m.tokens for m in self._passages[2] if m is not None) if self._passages is not None else 0,
             generated_tokens=generation.generated_tokens,
-            time_to_first_token=retrieval_seconds + generation.time_to_first_token,
+            time_to_first_token=context_seconds + generation.time_to_first_token,
             decode_tokens_per_second=generation.decode_tokens_per_second,
             retrieval_seconds=retrieval_seconds,
             passages_read=len(sources),
+            passages_from_cache=len(sources) if read is not None else 0,
             context_tokens=len(prompt),
             citations=len(cited),
             unsupported_citations=sum(not c.supported for c in cited),
             not_found=says_not_found(answer),
             finish_reason=generation.finish_reason,
         )
+
+    def _read_cached(self, question, sources, documents, answer_tokens, cancel):
+        """The reader's context with each passage's keys and values read from the
+        corpus cache (keys re-rotated to their new places) and only the rest (chat
+        template, passage headers, question) prefilled: (prompt ids, the filled dense
+        cache, the last prompt token's logits), or None where a passage's document is
+        not cached, a segment cannot be read, or the backend cannot place stored keys.
+
+        On bench qa's 36-question subset this scored as prefilling the same text did
+        (26.2% both), with the first token at 1.98 s against 4.38 s (median, 2-core
+        box), but 10 of the 36 scores differed (lookups 16.7% against 50.0%: near
+        misses such as "4.14" for "4.16"), and SmolLM2-135M misread a test document
+        it answers when prefilled: each passage's keys and values were computed in
+        its own segment, not after the passages before it (docs/BENCHMARKS.md).
+        A passage's tokens are those starting inside its characters, plus the one
+        its first word begins in."""
+        place = getattr(self.memory, "append_stored", None) if self.read_cached else None
+        manifests = self._passages[2] if self._passages is not None else []
+        if place is None or not sources or any(manifests[s.entry] is None for s in sources):
+            return None
+        config = self.model.model.config
+        spans = []
+        for source in sources:
+            offsets = manifests[source.entry].offsets
+            first = max(0, int(np.searchsorted(offsets, source.start, side="right")) - 1)
+            spans.append((manifests[source.entry], first, max(first + 1, int(np.searchsorted(offsets, source.end, side="left")))))
+        marks = [f"\u2063QUIRE-PASSAGE-{s.number}\u2063" for s in sources]
+        text = self.model.tokenizer.apply_chat_template(
+            grounded_messages(question, [replace(s, text=mark) for s, mark in zip(sources, marks)]), add_generation_prompt=True
+        )
+        pieces = []
+        for mark in marks:
+            before, found, text = text.partition(mark)
+            if not found:
+                return None  # the template changed the passage's text
+            pieces.append(before)
+        pieces.append(text)
+        tokenizer = self.model.tokenizer
+        encoded = [tokenizer.encode(piece) for piece in pieces]
+        if tokenizer.add_bos_default and tokenizer.bos_id is not None and encoded[0][:1] != [tokenizer.bos_id]:
+            encoded[0] = [tokenizer.bos_id, *encoded[0]]
+        stored = sum(end - first for _, first, end in spans)
+        cache = self.model.model.new_cache(sum(map(len, encoded)) + stored + answer_tokens + 1)
+        try:
+            kv = [self._stored_kv(*span, config.num_hidden_layers) for span in spans]
+        except (CorruptCacheError, OSError, KeyError) as error:
+            log.warning("reading passages from the cache failed (%s); prefilling them", error)
+            return None
+        logits = None
+        for n, tokens in enumerate(encoded):
+            if tokens:
+                logits = prefill(self.model.model, tokens, cache, cancel=cancel)
+            if n < len(kv):
+                place(self.model.model, cache, kv[n])
+        if logits is None or not encoded[-1]:
+            return None
+        return list(range(cache.length)), cache, logits
+
+    def _stored_kv(self, manifest: Manifest, first: int, end: int, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every layer's keys (before RoPE) and values, (Hkv, T, D) float32, of the
+        document's tokens [first, end), from the segments that hold them."""
+        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        values: list[list[np.ndarray]] = [[] for _ in range(layers)]
+        for ref in manifest.segments:
+            lo, hi = max(first, ref.start), min(end, ref.start + ref.tokens)
+            if lo >= hi:
+                continue
+            with self.store.open(ref.key) as segment:
+                for layer in range(layers):
+                    k, v = segment.dequantize(segment.layer_slot(layer))  # KeyError: a layer not stored
+                    keys[layer].append(k[:, lo - ref.start : hi - ref.start])
+                    values[layer].append(v[:, lo - ref.start : hi - ref.start])
+        return [(np.concatenate(k, axis=1), np.concatenate(v, axis=1)) for k, v in zip(keys, values)]
 
     def _segments_sound(self, document: CorpusDocument) -> bool:
         manifest = self.manifests.load(document.content_key)

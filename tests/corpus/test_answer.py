@@ -129,8 +129,19 @@ def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
         pytest.skip(f"{name} is not installed (quire models install)")
     engine = Engine(load_model(name, threads=1), cache_root=tmp_path)
     document = island_document(sentences=60)
-    engine.build([document])
+    # Not cached yet: the passages are prefilled.
     answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    assert "Elspeth" in answer, answer
+    assert stats.passages_from_cache == 0 and stats.memory_tokens == 0
+    engine.build([document])
+    # Cached, and asked to read from the cache: the same passages come from it.
+    engine.read_cached = True
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    assert "Elspeth" in answer, answer
+    assert stats.passages_from_cache == stats.passages_read == 5 and stats.memory_tokens > 500
+    engine.read_cached = False  # the default: prefilled
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    assert stats.passages_from_cache == 0
     assert "Elspeth" in answer, answer
     assert [e.number for e in evidence] == list(range(1, len(evidence) + 1))
     holding = [e for e in evidence if FACT in e.text]
@@ -140,3 +151,104 @@ def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
     assert stats.passages_read == len(evidence) and stats.context_tokens > 0 and not stats.not_found
     assert stats.retrieval_seconds <= stats.time_to_first_token
     assert stats.tokens_scanned == 0
+
+
+@pytest.mark.slow
+def test_passages_read_from_the_cache_match_prefilling_them(tmp_path):
+    """The reference is dense attention: the shared prefix and a segment's tokens
+    prefilled as one prompt, then a question. Reading the same tokens' keys and values
+    from the corpus cache (int8, keys re-rotated) must give the question nearly the
+    same next-token distribution."""
+    import torch
+
+    from engine.corpus.engine import Engine
+    from engine.corpus.settings import CacheSettings
+    from engine.generate import prefill
+    from tests.corpus.test_engine import island_document
+
+    model = _load_small()
+    engine = Engine(model, cache_root=tmp_path, cache_settings=CacheSettings(segment_tokens=256, block_size=32))
+    document = island_document(sentences=30)
+    engine.build([document])
+    manifest = engine.manifests.load(document.content_key)
+    ids = model.tokenizer.encode(document.text)
+    assert manifest.tokens == len(ids) and len(manifest.segments) > 1
+    # Tokens 100..400 cross a segment edge (256): two segments are read.
+    first, end = 100, 400
+    question = model.tokenizer.encode(" Who kept the lighthouse?")
+    M, layers = model.model, model.config.num_hidden_layers
+
+    def after(fill) -> np.ndarray:
+        cache = M.new_cache(len(engine.prefix_ids) + end + len(question) + 1)
+        prefill(M, engine.prefix_ids, cache)
+        fill(cache)
+        return np.asarray(prefill(M, question, cache), dtype=np.float64)
+
+    # Reference: each segment's tokens prefilled after the prefix, as the build did,
+    # so both sides see the same context for every token; here the first segment's
+    # tokens from `first` and the second's up to `end`, back to back.
+    stored = engine._stored_kv(manifest, first, end, layers)
+    got = after(lambda cache: engine.memory.append_stored(M, cache, stored))
+
+    def dense(cache):
+        # The same tokens prefilled, but each segment's part computed where the build
+        # computed it (after the prefix and that segment's earlier tokens), then the
+        # keys and values placed like the stored ones: exact-precision keys.
+        for ref in manifest.segments:
+            lo, hi = max(first, ref.start), min(end, ref.start + ref.tokens)
+            if lo >= hi:
+                continue
+            scratch = M.new_cache(len(engine.prefix_ids) + ref.tokens)
+            prefill(M, engine.prefix_ids + ids[ref.start : hi], scratch)
+            at = len(engine.prefix_ids) + (lo - ref.start)
+            n = hi - lo
+            for layer in range(layers):
+                cache.keys[layer][:, :, cache.length : cache.length + n] = _rerotate(
+                    M, layer, scratch.keys[layer][:, :, at : at + n], at, cache.length)
+                cache.values[layer][:, :, cache.length : cache.length + n] = scratch.values[layer][:, :, at : at + n]
+            cache.advance(n)
+
+    want = after(dense)
+    p, q = _softmax(want), _softmax(got)
+    assert int(np.argmax(got)) == int(np.argmax(want))
+    assert float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)))) < 0.05  # KL, nats
+    # And the keys were really moved: placed without re-rotation they read differently.
+    unrotated = after(lambda cache: _place_unrotated(cache, stored, torch))
+    assert float(np.abs(unrotated - want).max()) > 10 * float(np.abs(got - want).max())
+
+
+def _load_small():
+    from engine.paths import models_dir
+    from engine.runtime import load_model
+    from tests.corpus.test_engine import MODEL
+
+    if not (models_dir() / MODEL).is_dir():
+        pytest.skip(f"{MODEL} is not installed (quire models install)")
+    return load_model(MODEL, threads=1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _rerotate(M, layer, keys, old: int, new: int):
+    """Keys (1, H, T, D) rotated for positions old.. moved to positions new..: RoPE
+    composes, so rotate by the difference."""
+    from engine.backends.torch.layers import apply_rope
+
+    rotary = M.rotary_for(layer)
+    T = keys.shape[2]
+    if new >= old:
+        shift = rotary.rotations(new - old, 1).expand(T, -1, -1)
+    else:
+        shift = rotary.rotations(old - new, 1).conj().expand(T, -1, -1)
+    return apply_rope(keys.transpose(1, 2), shift).transpose(1, 2).to(keys.dtype)
+
+
+def _place_unrotated(cache, stored, torch) -> None:
+    start, T = cache.length, stored[0][0].shape[1]
+    for layer, (k, v) in enumerate(stored):
+        cache.keys[layer][:, :, start : start + T] = torch.from_numpy(k).unsqueeze(0).to(cache.keys[layer].dtype)
+        cache.values[layer][:, :, start : start + T] = torch.from_numpy(v).unsqueeze(0).to(cache.values[layer].dtype)
+    cache.advance(T)

@@ -131,6 +131,23 @@ class SegmentPrefiller:
         return keys.cpu().numpy(), values.cpu().numpy()
 
 
+def append_stored(model: DecoderModel, cache: DenseKVCache, layers: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Append T tokens read from the corpus cache to a dense cache, as if they had been
+    prefilled there: for every layer, keys (before RoPE) and values (Hkv, T, D)
+    float32, the keys rotated to the cache's next T positions (RoPE is relative, so a
+    passage's keys read the same wherever it is placed)."""
+    start, T = cache.length, layers[0][0].shape[1]
+    if start + T > cache.capacity:
+        raise ValueError(f"KV cache full: {start + T} tokens > capacity {cache.capacity}")
+    for layer, (keys, values) in enumerate(layers):
+        target = cache.keys[layer]
+        k = torch.from_numpy(keys).to(target.device).transpose(0, 1).unsqueeze(0)  # (1, T, Hkv, D)
+        rotated = apply_rope(k, model.rotary_for(layer).rotations(start, T).to(target.device))
+        target[:, :, start : start + T] = rotated.transpose(1, 2).to(target.dtype)
+        cache.values[layer][:, :, start : start + T] = torch.from_numpy(values).to(target.device, target.dtype).unsqueeze(0)
+    cache.advance(T)
+
+
 # --- ask -----------------------------------------------------------------------
 
 
