@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl)")
     bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
     bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],
-                       choices=["quire", "bm25", "embed", "dense"], help="qa: methods to compare")
+                       choices=["quire", "quire-cache", "bm25", "embed", "dense"], help="qa: methods to compare")
     bench.add_argument("--scopes", nargs="+", default=["own", "library"], choices=["own", "library"])
     bench.add_argument("--ids", nargs="+", help="qa: only these question ids (or id prefixes)")
     bench.add_argument("--qa-kinds", nargs="+", help="qa: only these kinds")
