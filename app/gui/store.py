@@ -92,10 +92,15 @@ class LibraryStore:
         pages = self.library.pages(record.id)
         if not pages:
             return None
-        page = pages[0]
-        for candidate in pages:
-            if candidate.start <= citation.start:
-                page = candidate
+        # The page the answer cited, where the passage spans several (engine:
+        # the page holding most of the question's words); else where it starts.
+        by_index = {p.index: p for p in pages}
+        page = by_index.get(citation.page_index) if citation.page_index is not None else None
+        if page is None:
+            page = pages[0]
+            for candidate in pages:
+                if candidate.start <= citation.start:
+                    page = candidate
         start = max(0, citation.start - page.start)
         end = max(start, min(len(page.text), citation.end - page.start))
         return Passage(

@@ -14,6 +14,7 @@ BM25 and Beyond", 2009) from rank-bm25, over lowercase runs of letters and digit
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,17 @@ class PassageIndex:
     def text(self, index: int) -> str:
         p = self.passages[index]
         return self._texts[p.entry][p.start : p.end]
+
+    def weights(self, question: str) -> dict[str, float]:
+        """The question's terms and their inverse document frequency over the
+        passages, in the form that stays positive (Lucene's BM25 idf; rank-bm25's
+        goes to zero or below for a term in half the passages of a small scope)."""
+        n = len(self.passages)
+        found = {}
+        for term in set(terms(question)):
+            having = sum(term in counts for counts in self._bm25.doc_freqs)
+            found[term] = math.log(1.0 + (n - having + 0.5) / (having + 0.5)) if having else 0.0
+        return found
 
     def bm25(self, question: str) -> np.ndarray:
         """BM25 score of every passage for `question`: (n_passages,)."""

@@ -37,6 +37,23 @@ def test_passages_do_not_cross_pages():
     assert [set(index.text(i).split()) for i in range(len(index))] == [{"alpha"}, {"beta"}, {"beta"}]
 
 
+def test_a_passage_across_pages_is_cited_by_the_page_with_the_questions_rare_words():
+    from engine.corpus.build import CorpusDocument
+    from engine.corpus.engine import _page_of
+
+    first = "the harbour was quiet and the boats were in. " * 12
+    second = "the lighthouse keeper on marrow island was elspeth. "
+    text = first + second + "the end of the tale. " * 3
+    document = CorpusDocument("d", text, pages=[(0, "i"), (len(first), "ii")])
+    index = PassageIndex([text, "the harbour and the boats. " * 30], words=400, overlap=0)
+    asked = index.weights("Who was the lighthouse keeper on Marrow Island?")
+    assert asked["the"] < asked["lighthouse"] and all(w >= 0 for w in asked.values())
+    # Page i holds most of the characters; page ii the question's rare words.
+    assert _page_of(document, 0, len(text), asked) == (1, "ii")
+    assert _page_of(document, 0, len(first) - 5, asked) == (0, "i")
+    assert _page_of(CorpusDocument("e", text), 0, 10, asked) == (None, None)
+
+
 def sources() -> list[Source]:
     return [
         Source(1, 0, 0, 50, "psql", "12", "Use -X or --no-psqlrc to skip reading the startup file psqlrc.", 0.9),
