@@ -2,8 +2,7 @@
 
 A passage is a run of about PASSAGE_WORDS words of one document, cut at word
 boundaries with a little overlap, so that a sentence cut by one edge is whole in
-the next passage, and never across a page edge where the document has pages (an
-answer cites one page). BM25 over the passages' words chooses what the reader sees,
+the next passage. BM25 over the passages' words chooses what the reader sees,
 numbered, and what an answer's [n] points at. (The cache's retrieval heads, fused
 with BM25, lowered the evidence hit on `quire bench qa` and were taken out of the
 answer path: docs/BENCHMARKS.md.)
@@ -24,9 +23,9 @@ from rank_bm25 import BM25Okapi
 
 # Words per passage and words shared with the passage before. Measured on bench qa's
 # 127 answerable questions (own scope, BM25, evidence hit of the passages read):
-# 5 x 200 words 77.8% against 8 x 120 77.2% (page edges kept in both), for about
-# the same prompt; and five 200-word passages read better than eight of
-# 120 (docs/BENCHMARKS.md).
+# 5 x 200 words 79.4% against 8 x 120 77.2% (cut at page edges) for about the same
+# prompt; more passages raised the hit (8 x 200 84.9%, 12 x 200 88.9%) but not the
+# 0.5B reader's accuracy (docs/BENCHMARKS.md).
 PASSAGE_WORDS = 200
 PASSAGE_OVERLAP = 20
 
@@ -63,23 +62,12 @@ class Passage:
 
 class PassageIndex:
     """Every passage of a list of documents, in document order, with BM25 over them.
+    Passages run across page edges (the engine cites a passage by one page)."""
 
-    With `breaks` (per document, the characters where its pages start) no passage
-    crosses a page: the page an answer cites is the page that holds the passage."""
-
-    def __init__(
-        self,
-        texts: Sequence[str],
-        words: int = PASSAGE_WORDS,
-        overlap: int = PASSAGE_OVERLAP,
-        breaks: Sequence[Sequence[int]] | None = None,
-    ) -> None:
+    def __init__(self, texts: Sequence[str], words: int = PASSAGE_WORDS, overlap: int = PASSAGE_OVERLAP) -> None:
         self.passages: list[Passage] = []
         for entry, text in enumerate(texts):
-            cuts = sorted({0, *(b for b in (breaks[entry] if breaks else ()) if 0 < b < len(text)), len(text)})
-            for first, last in zip(cuts, cuts[1:]):
-                spans = word_spans(text[first:last], words, overlap)
-                self.passages += [Passage(entry, first + s, first + e) for s, e in spans]
+            self.passages += [Passage(entry, s, e) for s, e in word_spans(text, words, overlap)]
         if not self.passages:
             raise ValueError("no text to index")
         self._texts = texts

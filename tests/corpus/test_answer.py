@@ -30,13 +30,6 @@ def test_bm25_ranks_the_passage_with_the_rare_words_first():
     assert "--no-psqlrc" in index.text(best) and index.passages[best].entry == 1
 
 
-def test_passages_do_not_cross_pages():
-    pages = ["alpha " * 30, "beta " * 150]
-    text = "\n\n".join(p.strip() for p in pages)
-    index = PassageIndex([text], words=100, overlap=20, breaks=[[0, text.index("beta")]])
-    assert [set(index.text(i).split()) for i in range(len(index))] == [{"alpha"}, {"beta"}, {"beta"}]
-
-
 def test_a_passage_across_pages_is_cited_by_the_page_with_the_questions_rare_words():
     from engine.corpus.build import CorpusDocument
     from engine.corpus.engine import _page_of
