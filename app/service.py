@@ -158,10 +158,10 @@ class LocalEngine:
         return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
 
     def prepare(self, documents: list[CorpusDocument]) -> None:
-        """Open the scope of the next question (cached documents) and start loading its
-        index in the background, so the first question over a large library does not wait for it."""
+        """Build the passage index of the next question's scope (seconds over a large
+        library), so the first question does not wait for it."""
         if documents:
-            self.engine.open_scope(documents)
+            self.engine.passage_index(documents)
 
     def ask(self, question, documents, max_tokens, cancel) -> Iterator[AskEvent]:
         params = SamplingParams(max_new_tokens=max_tokens)

@@ -183,8 +183,8 @@ class EngineWorker(QObject):
         cancelled = False
         documents: list[CorpusDocument] = []
         try:
+            # No caching first: the answer reads the documents' text (engine.ask).
             documents = self._documents(request.document_ids)
-            self._build(documents)
             for event in self.engine.ask(request.question, documents, request.max_tokens, self._cancelled):
                 if isinstance(event, Token):
                     pieces.append(event.text)
