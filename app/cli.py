@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--qa-tokens", type=int, default=200, help="qa: answer length")
     bench.add_argument("--markdown", help="qa: also write the summary table here")
     bench.add_argument("--retrieval", action="store_true",
-                       help="qa: only the retrievers' evidence hit, alone and fused (no answers)")
+                       help="qa: only the evidence hit of the passages Quire and BM25-RAG would read (no answers)")
     bench.set_defaults(func=cmd_bench)
 
     from app.cli_library import register as register_library

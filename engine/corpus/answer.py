@@ -63,7 +63,7 @@ class Source:
     title: str
     page_label: str | None
     text: str
-    score: float  # retrieval score (fused), for ordering and display
+    score: float  # retrieval score (BM25), for ordering and display
     page_index: int | None = None
 
 
