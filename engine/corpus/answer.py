@@ -134,6 +134,47 @@ def attribute(answer: str, sources: Sequence[Source]) -> list[Citation]:
     return found
 
 
+# A name in a question: a word written with a capital (not the question's first word
+# or a sentence's), or with a capital, digit or underscore inside (gpuArray, RWF_APPEND,
+# HTTP2), or a dotted or hyphenated run of such parts (os.urandom, SHA-256).
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:[.-][A-Za-z0-9_]+)*")
+_NAME_PART = re.compile(r"[A-Za-z0-9_]{3,}")
+
+
+def question_names(question: str) -> list[str]:
+    """The names a question asks about (see _NAME), in order, without repeats."""
+    found: list[str] = []
+    for match in _NAME.finditer(question):
+        word = match.group(0).rstrip(".-")
+        before = question[: match.start()].rstrip()
+        opens = not before or before[-1] in ".?!:;\"'(“"
+        inner = any(c.isupper() or c.isdigit() or c == "_" for c in word[1:])
+        if (inner or (word[0].isupper() and not opens)) and len(word) >= 3 and word not in found:
+            found.append(word)
+    return found
+
+
+def missing_names(question: str, texts: Sequence[str]) -> list[str]:
+    """The question's names that none of `texts` (lowercase) mention: a name is
+    mentioned where it appears whole, or where each of its parts of three or more
+    characters appears (SHA-family: "sha" and "family"), ignoring case."""
+    missing = []
+    for name in question_names(question):
+        lowered = name.lower()
+        if any(lowered in text for text in texts):
+            continue
+        parts = [p.lower() for p in _NAME_PART.findall(name)]
+        if not parts or not all(any(p in text for text in texts) for p in parts):
+            missing.append(name)
+    return missing
+
+
+def not_mentioned(names: Sequence[str]) -> str:
+    """The answer to a question about names the documents never mention."""
+    quoted = ", ".join(f"“{n}”" for n in names)
+    return f"{NOT_FOUND} They never mention {quoted}. The closest passages are listed as evidence."
+
+
 def says_not_found(answer: str) -> bool:
     """Whether an answer says the documents do not hold what was asked."""
     return bool(_NOT_FOUND_PATTERNS.search(answer))

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.corpus.answer import Source, attribute, citations, grounded_messages, says_not_found
+from engine.corpus.answer import Source, attribute, citations, grounded_messages, missing_names, not_mentioned, says_not_found
 from engine.corpus.build import (
     Manifest,
     BuildProgress,
@@ -381,6 +381,24 @@ class Engine:
         started = time.perf_counter()
         generation = GenerationStats()
         sources = self.choose_sources(documents, question)
+        memory_tokens = sum(m.tokens for m in self._passages[2] if m is not None) if self._passages is not None else 0
+        # A question about a name the documents never mention is not answered from
+        # passages that cannot hold the answer: the 0.5B reader answered every such
+        # question of bench qa anyway (docs/BENCHMARKS.md).
+        missing = missing_names(question, [d.text.lower() for d in documents])
+        if missing:
+            answer = not_mentioned(missing)
+            yield Token(-1, answer)
+            yield from self._passage_evidence(sources, documents, [])
+            yield AskStats(
+                memory_tokens=memory_tokens,
+                time_to_first_token=time.perf_counter() - started,
+                retrieval_seconds=time.perf_counter() - started,
+                passages_read=0,
+                not_found=True,
+                finish_reason="not_mentioned",
+            )
+            return
         retrieval_seconds = time.perf_counter() - started
         try:
             read = self._read_cached(question, sources, documents, params.max_new_tokens, cancel)
@@ -399,8 +417,29 @@ class Engine:
         # Inline [n] where the model wrote them, else the passages the answer's
         # sentences share their key words with.
         cited = citations(answer, sources) or attribute(answer, sources)
-        # Each passage's share of the read passages' BM25 scores. BM25 goes below zero
-        # where a term is in most passages (small scopes): such a passage shares nothing.
+        yield from self._passage_evidence(sources, documents, cited)
+        yield AskStats(
+            prompt_tokens=len(prompt),
+            memory_tokens=memory_tokens,
+            generated_tokens=generation.generated_tokens,
+            time_to_first_token=context_seconds + generation.time_to_first_token,
+            decode_tokens_per_second=generation.decode_tokens_per_second,
+            retrieval_seconds=retrieval_seconds,
+            passages_read=len(sources),
+            passages_from_cache=len(sources) if read is not None else 0,
+            context_tokens=len(prompt),
+            citations=len(cited),
+            unsupported_citations=sum(not c.supported for c in cited),
+            not_found=says_not_found(answer),
+            finish_reason=generation.finish_reason,
+        )
+
+    @staticmethod
+    def _passage_evidence(sources: list[Source], documents: list[CorpusDocument], cited: list) -> Iterator[Evidence]:
+        """Every passage chosen, as Evidence, marked where the answer cited it. A
+        passage's weight is its share of the chosen passages' BM25 scores (BM25 goes
+        below zero where a term is in most passages of a small scope: such a passage
+        shares nothing)."""
         shares = [max(s.score, 0.0) for s in sources]
         total = sum(shares)
         for source, share in zip(sources, shares):
@@ -419,21 +458,6 @@ class Engine:
                 cited=bool(mine),
                 supported=all(c.supported for c in mine) if mine else None,
             )
-        yield AskStats(
-            prompt_tokens=len(prompt),
-            memory_tokens=sum(m.tokens for m in self._passages[2] if m is not None) if self._passages is not None else 0,
-            generated_tokens=generation.generated_tokens,
-            time_to_first_token=context_seconds + generation.time_to_first_token,
-            decode_tokens_per_second=generation.decode_tokens_per_second,
-            retrieval_seconds=retrieval_seconds,
-            passages_read=len(sources),
-            passages_from_cache=len(sources) if read is not None else 0,
-            context_tokens=len(prompt),
-            citations=len(cited),
-            unsupported_citations=sum(not c.supported for c in cited),
-            not_found=says_not_found(answer),
-            finish_reason=generation.finish_reason,
-        )
 
     def _read_cached(self, question, sources, documents, answer_tokens, cancel):
         """The reader's context with each passage's keys and values read from the

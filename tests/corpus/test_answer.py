@@ -262,3 +262,39 @@ def _place_unrotated(cache, stored, torch) -> None:
         cache.keys[layer][:, :, start : start + T] = torch.from_numpy(k).unsqueeze(0).to(cache.keys[layer].dtype)
         cache.values[layer][:, :, start : start + T] = torch.from_numpy(v).unsqueeze(0).to(cache.values[layer].dtype)
     cache.advance(T)
+
+
+def test_the_names_a_question_asks_about():
+    from engine.corpus.answer import question_names
+
+    assert question_names("How do I move a matrix to the GPU with gpuArray in Octave?") == ["GPU", "gpuArray", "Octave"]
+    assert question_names("What kernel do I need for the os.RWF_APPEND flag?") == ["os.RWF_APPEND"]
+    # The first word of a question or sentence is capitalised anyway; short words are not names.
+    assert question_names("Which flag? Where is it set in R.") == []
+
+
+def test_a_name_the_documents_never_mention_is_missing():
+    from engine.corpus.answer import missing_names, not_mentioned, says_not_found
+
+    texts = ["octave reads csv files with csvread. the sha family: sha-256. and md5.", "a second manual."]
+    assert missing_names("Which Octave function reads an Apache Parquet file?", texts) == ["Apache", "Parquet"]
+    # Found whole or by its parts, ignoring case.
+    assert missing_names("Does Octave hash with SHA-family functions like MD5?", texts) == []
+    assert missing_names("Can csvRead read it?", texts) == []
+    answer = not_mentioned(["Parquet"])
+    assert says_not_found(answer) and "“Parquet”" in answer
+
+
+@pytest.mark.slow
+def test_a_question_about_an_unmentioned_name_says_so_with_the_closest_passages(tmp_path):
+    from engine.bench.niah import collect_answer
+    from engine.corpus.engine import Engine
+    from tests.corpus.test_engine import island_document
+
+    engine = Engine(_load_small(), cache_root=tmp_path)
+    document = island_document(sentences=40)
+    answer, evidence, stats = collect_answer(engine.ask("Who kept the lighthouse on Marrow Island for the Admiralty?", [document]))
+    assert answer.startswith("Not found in these documents.") and "“Admiralty”" in answer
+    assert stats.not_found and stats.passages_read == 0 and stats.generated_tokens == 0
+    assert evidence and not any(e.cited for e in evidence)
+    assert any("Marrow Island" in e.text for e in evidence)
