@@ -7,8 +7,9 @@ streaming Token, Evidence and Stats events.
 
 `ask` reads the passages BM25 ranks best as one numbered context; it needs no cache.
 `ask_sparse`, the earlier path, attends to the selected blocks of the corpus cache
-(`engine.build(documents)` first) with block-sparse attention. For it, the prompt is the model's chat template with the user turn split in two: the part
-before the user's text is the shared prefix (attention sinks, prefilled before
+(`engine.build(documents)` first) with block-sparse attention. For it, the prompt is
+the model's chat template with the user turn split in two: the part before the user's
+text is the shared prefix (attention sinks, prefilled before
 every segment at build time), then the virtual memory region, then the question
 and the assistant header as real tokens.
 """
@@ -31,11 +32,11 @@ import numpy as np
 
 from engine.corpus.answer import Source, attribute, citations, grounded_messages, missing_names, not_mentioned, says_not_found
 from engine.corpus.build import (
-    Manifest,
     BuildProgress,
     BuildSummary,
     CorpusBuilder,
     CorpusDocument,
+    Manifest,
     ManifestStore,
     settings_tag,
     token_offsets,
@@ -182,9 +183,9 @@ class Engine:
         self.prefix_ids, self._after_memory = self._split_prompt()
         self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
         self._retrieval_heads: list[tuple[int, int]] | None = None
-        # The documents last asked: their passage index and their cache manifests
-        # (None where a document is not cached).
-        self._passages: tuple[tuple[str, ...], PassageIndex, list[Manifest | None]] | None = None
+        # The documents last asked: their passage index, their cache manifests (None
+        # where a document is not cached) and their text in lowercase (for names).
+        self._passages: tuple[tuple[str, ...], PassageIndex, list[Manifest | None], list[str]] | None = None
         self.builder = CorpusBuilder(
             self.store,
             self.manifests,
@@ -350,7 +351,8 @@ class Engine:
             # page are fragments, and the reader scored 26.6% against BM25-RAG's 40.1%
             # on the same prompt (bench qa's 36-question subset; docs/BENCHMARKS.md).
             index = PassageIndex([d.text for d in documents])
-            self._passages = (names, index, [self.manifests.load(name) for name in names])
+            lowered = [d.text.lower() for d in documents]
+            self._passages = (names, index, [self.manifests.load(name) for name in names], lowered)
         else:  # a document cached since
             manifests = self._passages[2]
             for n, manifest in enumerate(manifests):
@@ -381,19 +383,20 @@ class Engine:
         started = time.perf_counter()
         generation = GenerationStats()
         sources = self.choose_sources(documents, question)
-        memory_tokens = sum(m.tokens for m in self._passages[2] if m is not None) if self._passages is not None else 0
+        _, _, manifests, lowered = self._passages  # set by choose_sources
+        memory_tokens = sum(m.tokens for m in manifests if m is not None)
         # A question about a name the documents never mention is not answered from
         # passages that cannot hold the answer: the 0.5B reader answered every such
         # question of bench qa anyway (docs/BENCHMARKS.md).
-        missing = missing_names(question, [d.text.lower() for d in documents])
+        missing = missing_names(question, lowered)
         if missing:
-            answer = not_mentioned(missing)
-            yield Token(-1, answer)
+            yield Token(-1, not_mentioned(missing))
             yield from self._passage_evidence(sources, documents, [])
+            seconds = time.perf_counter() - started
             yield AskStats(
                 memory_tokens=memory_tokens,
-                time_to_first_token=time.perf_counter() - started,
-                retrieval_seconds=time.perf_counter() - started,
+                time_to_first_token=seconds,
+                retrieval_seconds=seconds,
                 passages_read=0,
                 not_found=True,
                 finish_reason="not_mentioned",
