@@ -4,13 +4,14 @@ the same run. This is the benchmark that decides how Quire answers
 (docs/BENCHMARKS.md, "bench qa"); `quire bench niah` is the regression check.
 
 Methods:
-- "quire": Engine.ask, the default answer path (the five 200-word passages, cut at
-  page edges, that BM25 ranks best over the whole scope, read as a numbered context
-  with each passage's document and page; citations attributed after the answer).
+- "quire": Engine.ask, the default answer path (the five 200-word passages that
+  Quire's BM25 (stemmed, common terms unweighted: engine/corpus/passages.py) ranks
+  best over the whole scope, read as a numbered context with each passage's document
+  and page; citations attributed after the answer).
 - "quire-cache": the same passages, their keys and values read from the corpus cache
   instead of prefilled (Engine.read_cached), where the documents are cached.
-- "bm25": the way GPT4All's LocalDocs works: the top 5 chunks of 200 words by BM25 in
-  the prompt before the question.
+- "bm25": the way GPT4All's LocalDocs works: the top 5 chunks of 200 words by plain
+  BM25 (lowercase words, rank-bm25's defaults) in the prompt before the question.
 - "embed": the way AnythingLLM works: the top 4 chunks of 150 words by cosine
   similarity of all-MiniLM-L6-v2 sentence embeddings, in the prompt.
 - "dense": the scope's whole text in the prompt, where it fits `dense_limit` tokens.
@@ -161,7 +162,8 @@ class QARunner:
     def _index(self, keys: list[str], words: int) -> PassageIndex:
         name = (tuple(keys), words)
         if name not in self._indexes:
-            self._indexes[name] = PassageIndex([self.documents[k].text for k in keys], words, CHUNK_OVERLAP)
+            self._indexes[name] = PassageIndex([self.documents[k].text for k in keys], words, CHUNK_OVERLAP,
+                                               stem=False, floor=0.25)
         return self._indexes[name]
 
     def _bm25(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:

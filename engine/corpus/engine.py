@@ -373,7 +373,7 @@ class Engine:
             i = int(i)
             document = documents[int(index.entry[i])]
             start, end = int(index.start[i]), int(index.end[i])
-            page_index, label = _page_of(document, start, end, asked)
+            page_index, label = _page_of(document, start, end, asked, index.analyse)
             sources.append(Source(number, int(index.entry[i]), start, end, document.title, label,
                                   document.text[start:end], float(scores[i]), page_index))
         return sources
@@ -729,10 +729,11 @@ def _scans(settings: SparseSettings, scope: CorpusScope) -> bool:
     return bool(settings.scan_heads) and _beyond_shortlist(settings, scope)
 
 
-def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float]) -> tuple[int | None, str | None]:
+def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float],
+             analyse: Callable[[str], list[str]]) -> tuple[int | None, str | None]:
     """The page a passage [start, end) is cited by, where it spans several: the one
-    whose part holds the question's rarest terms (by their weights `asked`), then
-    most of its characters."""
+    whose part holds the question's rarest terms (by their weights `asked`, over the
+    terms that `analyse` gives), then most of its characters."""
     pages = document.pages
     if not pages:
         return None, None
@@ -742,7 +743,7 @@ def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, fl
 
     def weight(i: int) -> tuple[float, int]:
         lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
-        return sum(asked.get(t, 0.0) for t in set(terms(document.text[lo:hi]))), hi - lo
+        return sum(asked.get(t, 0.0) for t in set(analyse(document.text[lo:hi]))), hi - lo
 
     index = max(range(first, last + 1), key=weight)
     return index, pages[index][1]
