@@ -160,21 +160,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_corpus(args: argparse.Namespace) -> dict | None:
     from engine.bench import niah
     from engine.corpus.engine import Engine
-    from engine.corpus.settings import CacheSettings, SparseSettings
+    from engine.corpus.settings import CacheSettings
     from engine.runtime import DEFAULT_MODEL, load_model
 
     if not args.haystack:
         _print_error(f"bench {args.what} needs --haystack DIR (a folder of .txt files)")
         return None
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    sparse = SparseSettings.from_dict(json.loads(args.sparse)) if args.sparse else SparseSettings()
-    engine = Engine(model, cache_settings=CacheSettings(precision=args.precision), sparse=sparse)
+    engine = Engine(model, cache_settings=CacheSettings(precision=args.precision))
     out = Path(args.out) if args.out else None
     if args.what == "scale":
-        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out, cold=args.cold)
+        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out)
 
     def show(case: dict) -> None:
-        line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} sparse={case['sparse']['score']:.2f}"
+        line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} quire={case['quire']['score']:.2f}"
         for method in ("bm25", "dense"):
             if method in case:
                 line += f" {method}={case[method]['score']:.2f}"
@@ -253,10 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="niah: tokens an answer may take (default per kind: 40; multi-value 128)")
     bench.add_argument("--dense-needles", type=int, help="niah: run the dense baseline for the first N needles per cell only")
     bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
-    bench.add_argument("--sparse", help='niah/scale: sparse settings as JSON, e.g. \'{"max_blocks": 32}\'')
     bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
-    bench.add_argument("--cold", action="store_true",
-                       help="scale: drop the page cache before each scope opens (Linux, as root), as after a restart")
     bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl)")
     bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
     bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],

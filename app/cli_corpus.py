@@ -5,7 +5,6 @@ the library here (the engine never imports ingest).
     quire cache build [--doc ID...] [--precision int8|int4|fp16]   progress on stderr
     quire cache status                                             what is cached, bytes
     quire cache clear                                              drop segments of removed documents
-    quire cache heads                                              measure the model's retrieval heads now
     quire ask "question" [--doc ID...]                             streams the answer, then evidence
 """
 
@@ -18,7 +17,7 @@ import time
 from dataclasses import asdict
 
 from engine.corpus.build import BuildProgress
-from engine.corpus.settings import CacheSettings, SparseSettings
+from engine.corpus.settings import CacheSettings
 from app.service import library_content_keys, scope_documents
 from ingest.library import Library
 
@@ -29,7 +28,7 @@ def open_engine(args: argparse.Namespace):
 
     model = load_model(args.model or DEFAULT_MODEL, backend=getattr(args, "backend", None) or "auto")
     cache = CacheSettings(precision=getattr(args, "precision", None) or "int8")
-    return Engine(model, cache_settings=cache, sparse=SparseSettings())
+    return Engine(model, cache_settings=cache)
 
 
 def _print_build_progress(progress: BuildProgress) -> None:
@@ -45,8 +44,6 @@ def _print_build_progress(progress: BuildProgress) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "clear":
         return cmd_cache_clear(args)
-    if args.action == "heads":
-        return cmd_cache_heads(args)
     with Library() as library:
         documents = scope_documents(library, args.doc)
     engine = open_engine(args)
@@ -65,24 +62,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
             state = "cached" if engine.is_cached(document) else "not cached"
             print(f"{document.doc_id:>5}  {state:<10}  {document.title}")
         print(f"cache: {engine.cache_bytes() / 2**20:.1f} MiB in {engine.root}")
-    return 0
-
-
-def cmd_cache_heads(args: argparse.Namespace) -> int:
-    """Measure (or read back) the model's retrieval heads, so that the first question
-    over a large library does not spend a minute on it (Ctrl-C stops it)."""
-    from engine.corpus.retrieval import retrieval_heads_known
-
-    engine = open_engine(args)
-    known = retrieval_heads_known(engine)
-    if not known:
-        print("measuring the model's retrieval heads (once per model)…", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    heads = engine.retrieval_heads()
-    settings = engine.sparse
-    best = ", ".join(f"L{layer}/h{head}" for layer, head in heads[: settings.scan_heads])
-    when = "measured before" if known else f"measured in {time.perf_counter() - started:.0f} s"
-    print(f"retrieval heads ({when}): {best}")
     return 0
 
 
@@ -146,7 +125,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     cache = subparsers.add_parser("cache", help="build or inspect the corpus cache")
-    cache.add_argument("action", choices=["build", "status", "clear", "heads"])
+    cache.add_argument("action", choices=["build", "status", "clear"])
     cache.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
     cache.add_argument("--precision", choices=["int8", "int4", "fp16"], help="cache precision (default int8)")
     cache.add_argument("--model", help="installed model name, .gguf file or model folder")

@@ -148,7 +148,6 @@ class LocalEngine:
             self.model,
             cache_root=settings.cache_root(),
             cache_settings=settings.cache_settings(),
-            sparse=settings.sparse_settings(),
         )
 
     def is_cached(self, document: CorpusDocument) -> bool:
@@ -191,7 +190,5 @@ class LocalEngine:
             "device": self.device,
             "backend": self.model.backend,
             "precision": self.settings.precision,
-            "max_blocks": self.settings.max_blocks,
-            "budget": self.settings.budget,
             "max_answer_tokens": self.settings.max_answer_tokens,
         }

@@ -1,5 +1,5 @@
 """The app's settings: which model and device, where the corpus cache lives and in
-what precision, how long answers may be and how many blocks a question may read.
+what precision, and how long answers may be.
 
 Kept as JSON in the data directory (`settings.json`), written atomically, so the
 CLI, the GUI and tests share one plain file; window geometry, which is Qt's own
@@ -15,7 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from engine.corpus.settings import CacheSettings, SparseSettings
+from engine.corpus.settings import CacheSettings
 from engine.paths import data_dir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,6 @@ class AppSettings:
     cache_dir: str = ""  # "" = <data dir>/cache
     precision: str = "int8"
     max_answer_tokens: int = 384
-    max_blocks: int = 16  # the most blocks one KV head may read per question (measured: docs/BENCHMARKS.md, session 5)
-    budget: str = "tally"  # "tally": read what the question singles out, up to max_blocks; "fixed": always max_blocks
     auto_cache: bool = True  # build the cache for new documents as soon as they are added
     theme: str = "system"
 
@@ -43,8 +41,6 @@ class AppSettings:
             "precision": self.precision in PRECISIONS,
             "theme": self.theme in THEMES,
             "max_answer_tokens": 16 <= self.max_answer_tokens <= 8192,
-            "max_blocks": 8 <= self.max_blocks <= 4096,
-            "budget": self.budget in ("tally", "fixed"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -72,15 +68,6 @@ class AppSettings:
 
     def cache_settings(self) -> CacheSettings:
         return CacheSettings(precision=self.precision)
-
-    def sparse_settings(self) -> SparseSettings:
-        defaults = SparseSettings()
-        return replace(
-            defaults,
-            max_blocks=self.max_blocks,
-            min_blocks=min(defaults.min_blocks, self.max_blocks),
-            budget=self.budget,
-        )
 
 
 def settings_path() -> Path:

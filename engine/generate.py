@@ -221,8 +221,8 @@ def generate(
     """Yield tokens as they are generated. Fills `stats` (if given) as it goes.
 
     `logits` (the last prompt token's) says the caller has already prefilled
-    `prompt_tokens` into `cache` (the corpus engine, which looks at the prompt's
-    selection before it decodes): decoding starts from them.
+    `prompt_tokens` into `cache` (the corpus engine, which places passages read from
+    the corpus cache between the prompt's pieces): decoding starts from them.
 
     Cancel is checked between prefill chunks and before every decode step; a
     cancelled generation ends quietly with finish_reason "cancelled".

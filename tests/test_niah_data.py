@@ -272,14 +272,3 @@ def test_an_answer_listing_every_value_fits_its_token_allowance(real_gguf, gguf:
     assert needed <= niah.ANSWER_TOKENS["multivalue"] * 0.75  # room for a longer preamble
     single = f"The special magic number for {key} mentioned in the provided text is: {case.expected[0]}."
     assert len(tokenizer.encode(single)) <= niah.ANSWER_TOKENS["single"] * 0.75
-
-
-def test_tally_rows_name_the_needle_whose_text_they_overlap():
-    from engine.bench.niah import _tally_needles
-    from engine.corpus.build import CorpusDocument
-
-    documents = [CorpusDocument("a", "x" * 100), CorpusDocument("b", "y" * 100)]
-    spans = [(1, 40, 60), (0, 10, 20)]  # needle 0 in "b", needle 1 in "a"
-    top = [("b", 50, 70, 1.0), ("a", 0, 10, 0.8), ("a", 15, 30, 0.5), ("b", 0, 40, 0.4), ("b", 59, 61, 0.3)]
-    # "a" 0-10 ends where needle 1 starts; "b" 0-40 ends where needle 0 starts.
-    assert _tally_needles(top, documents, spans) == [[1.0, 0], [0.8, -1], [0.5, 1], [0.4, -1], [0.3, 0]]

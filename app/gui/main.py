@@ -713,7 +713,7 @@ class MainWindow(QMainWindow):
     def apply_settings(self, chosen: AppSettings) -> None:
         engine_changed = any(
             getattr(chosen, name) != getattr(self.settings, name)
-            for name in ("model", "device", "cache_dir", "precision", "max_blocks", "budget")
+            for name in ("model", "device", "cache_dir", "precision")
         )
         self.settings = chosen
         try:

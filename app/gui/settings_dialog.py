@@ -1,7 +1,6 @@
 """Settings: model (an installed one, or a GGUF file or model folder picked on
-disk), device, cache location and precision, answer length and the attention
-budget, and the theme. Every field starts at a working default, so the first run
-needs no visit here.
+disk), device, cache location and precision, answer length, and the theme. Every
+field starts at a working default, so the first run needs no visit here.
 """
 
 from __future__ import annotations
@@ -87,18 +86,6 @@ class SettingsDialog(QDialog):
         self.max_tokens.setSingleStep(64)
         self.max_tokens.setValue(settings.max_answer_tokens)
         self.max_tokens.setSuffix(" tokens")
-        self.max_blocks = QSpinBox()
-        self.max_blocks.setRange(8, 4096)
-        self.max_blocks.setValue(settings.max_blocks)
-        self.max_blocks.setToolTip("The most 32-token blocks of the library each attention head may read per question")
-        self.budget = QComboBox()
-        self.budget.addItem("Dynamic: what the question singles out", "tally")
-        self.budget.addItem("Fixed: always the whole budget", "fixed")
-        self.budget.setCurrentIndex(max(0, self.budget.findData(settings.budget)))
-        self.budget.setToolTip(
-            "Dynamic reads the few passages the model's retrieval heads single out for the question"
-            " (more when the answer is spread), never more than the budget"
-        )
         self.auto_cache = QCheckBox("Build the cache as soon as documents are added")
         self.auto_cache.setChecked(settings.auto_cache)
         self.theme = QComboBox()
@@ -112,8 +99,6 @@ class SettingsDialog(QDialog):
         form.addRow("Cache folder", self._row(cache_row))
         form.addRow("Cache precision", self.precision)
         form.addRow("Answer length", self.max_tokens)
-        form.addRow("Attention budget", self.budget)
-        form.addRow("Most blocks per head", self.max_blocks)
         form.addRow("", self.auto_cache)
         form.addRow("Theme", self.theme)
         buttons = QDialogButtonBox(
@@ -155,8 +140,6 @@ class SettingsDialog(QDialog):
         self.cache_dir.clear()
         self.precision.setCurrentIndex(PRECISIONS.index(defaults.precision))
         self.max_tokens.setValue(defaults.max_answer_tokens)
-        self.max_blocks.setValue(defaults.max_blocks)
-        self.budget.setCurrentIndex(self.budget.findData(defaults.budget))
         self.auto_cache.setChecked(defaults.auto_cache)
         self.theme.setCurrentIndex(THEMES.index(defaults.theme))
 
@@ -172,8 +155,6 @@ class SettingsDialog(QDialog):
             cache_dir=self.cache_dir.text().strip(),
             precision=self.precision.currentData(),
             max_answer_tokens=self.max_tokens.value(),
-            max_blocks=self.max_blocks.value(),
-            budget=self.budget.currentData(),
             auto_cache=self.auto_cache.isChecked(),
             theme=self.theme.currentData(),
         )

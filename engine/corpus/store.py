@@ -7,8 +7,9 @@ into blocks of `block_size`; the last block may be partial.
 
 Keys are quantised per (layer, head, block, channel) and values per (layer, head,
 token), both asymmetric (min + code * step). The per-block key min/max are stored for
-every precision because they are also the retrieval index: they bound q·k over a block
-(Quest, Tang et al. 2024, https://arxiv.org/abs/2406.10774). They are rounded to
+every precision because they were also the retrieval index of the removed block-sparse
+answer path: they bound q·k over a block (Quest, Tang et al. 2024,
+https://arxiv.org/abs/2406.10774). The format keeps them. They are rounded to
 float16 *outwards* (min down, max up), so the stored bounds always enclose the keys and
 every code lies in [0, levels] without clipping.
 
@@ -57,8 +58,9 @@ Format 2 added `block_crc`, so that a read checks exactly the blocks it reads: a
 question over a million tokens reads a few thousand scattered blocks from hundreds
 of segments, and checking each of those segments whole first (format 1's only
 check) was most of a cold first question's wait (measured: 6.9 of 11.8 s at 1M).
-Format 1 files are still read (their payload checked whole on first read) and are
-rewritten as format 2 by `SegmentStore.upgrade`, which a scope's warm-up runs.
+Format 1 files are still read, and `SegmentStore.upgrade` rewrites one as format 2
+(the removed block-sparse path's scope warm-up ran it, after checking the payload
+whole; nothing in the app does now).
 """
 
 from __future__ import annotations
@@ -668,7 +670,7 @@ class SegmentStore:
         """Rewrite an open segment of an older format in the current one (same arrays,
         with the block checksums added) once its own checksums pass. True if the file
         is now current (or already was); False if the segment is damaged, which is
-        left to the caller (a question rebuilds what fails, `Engine.ask`).
+        left to the caller.
 
         The rename leaves the open mapping (the old file) valid until it is closed."""
         if segment.version >= FORMAT_VERSION:

@@ -173,7 +173,6 @@ def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
         assert document.text[e.char_start : e.char_end] == e.text
     assert stats.passages_read == len(evidence) and stats.context_tokens > 0 and not stats.not_found
     assert stats.retrieval_seconds <= stats.time_to_first_token
-    assert stats.tokens_scanned == 0
 
 
 @pytest.mark.slow

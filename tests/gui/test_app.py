@@ -342,16 +342,14 @@ def test_settings_are_saved_and_reload_the_engine(qtbot, home):
     dialog.model.setCurrentIndex(dialog.model.findData("smollm2-135m-instruct"))
     dialog.precision.setCurrentIndex(dialog.precision.findData("int4"))
     dialog.max_tokens.setValue(200)
-    assert dialog.budget.currentData() == "tally"
-    dialog.budget.setCurrentIndex(dialog.budget.findData("fixed"))
     window.apply_settings(dialog.chosen())
     qtbot.waitUntil(lambda: len(made) == 2 and window.engine_ready, timeout=10000)
     assert made[-1].model == "smollm2-135m-instruct" and made[-1].precision == "int4"
-    assert made[-1].sparse_settings().budget == "fixed" and made[-1].sparse_settings().max_blocks == 16
     saved = load_settings(home / "settings.json")
-    assert (saved.model, saved.precision, saved.max_answer_tokens, saved.budget) == ("smollm2-135m-instruct", "int4", 200, "fixed")
+    assert (saved.model, saved.precision, saved.max_answer_tokens) == ("smollm2-135m-instruct", "int4", 200)
     dialog._restore_defaults()
-    assert dialog.chosen().model == "" and dialog.chosen().precision == "int8" and dialog.chosen().budget == "tally"
+    chosen = dialog.chosen()
+    assert (chosen.model, chosen.precision, chosen.max_answer_tokens) == ("", "int8", AppSettings().max_answer_tokens)
     close(window)
 
 

@@ -67,7 +67,7 @@ def interleave_rotary_rows(weight: mx.array, head_dim: int) -> mx.array:
 
 
 class Rotary:
-    """RoPE for one base: contiguous positions from an offset, or any positions."""
+    """RoPE for one base: contiguous positions from an offset."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None) -> None:
         self.head_dim = head_dim
@@ -81,19 +81,6 @@ class Rotary:
             x.transpose(0, 2, 1, 3), self.head_dim, traditional=True, base=None, scale=1.0, offset=start, freqs=self.periods
         )  # (1, H, T, D)
         return rotated.transpose(0, 2, 1, 3)
-
-    def rotate_at(self, x: mx.array, positions: np.ndarray) -> mx.array:
-        """x (1, T, H, D) at arbitrary positions (T,), e.g. a prompt whose question
-        starts after a gap left for corpus memory → (1, T, H, D).
-
-        mx.fast.rope takes one offset per batch row, so each token becomes a batch
-        row of length one."""
-        _, T, H, D = x.shape
-        assert positions.shape == (T,), (positions.shape, T)
-        rows = x.reshape(T, H, 1, D)  # (T, H, 1, D): batch = token
-        offsets = mx.array(np.asarray(positions, dtype=np.int32))
-        rotated = mx.fast.rope(rows, D, traditional=True, base=None, scale=1.0, offset=offsets, freqs=self.periods)
-        return rotated.reshape(1, T, H, D)
 
 
 def attend(

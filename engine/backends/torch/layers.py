@@ -84,20 +84,6 @@ class Rotary:
             self._grow(start + length)
         return self.table[start : start + length].unsqueeze(1)
 
-    def rotations_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """(T, 1, D/2) complex rotations for arbitrary positions (T,), e.g. a prompt
-        whose question starts after a gap left for corpus memory."""
-        positions = positions.to(self.inv_freq.device)
-        if positions.numel() and int(positions.min()) < 0:
-            # Relative positions below zero (selection queries from the chat prefix,
-            # which sits before memory) rotate by their true negative angle; indexing
-            # the table would wrap them to its far end.
-            angles = torch.outer(positions.float(), self.inv_freq)  # as _grow computes the table
-            return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
-        if positions.numel() and int(positions.max()) + 1 > self.table.shape[0]:
-            self._grow(int(positions.max()) + 1)
-        return self.table[positions].unsqueeze(1)
-
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate x (1, T, H, D), interleaved pair layout, by rotations (T, 1, D/2).

@@ -190,7 +190,7 @@ class DecoderModel:
         T = x.shape[1]
         q, k, v = self.project_qkv(layer, x)
         # The cache owns positions and attention: a dense cache rotates and attends
-        # over everything it holds; the corpus cache adds selected memory blocks.
+        # over everything it holds; the build's capture cache also keeps the keys.
         out = cache.attend_layer(
             index,
             q,
