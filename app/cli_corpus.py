@@ -85,7 +85,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print("quire: nothing to ask over: add documents first (quire add PATH)", file=sys.stderr)
         return 1
     engine = open_engine(args)
-    if not all(engine.is_cached(d) for d in documents):
+    # The answer reads passages as text; only cached reading needs the cache built.
+    if engine.read_cached and not all(engine.is_cached(d) for d in documents):
         print("building the cache for documents not cached yet…", file=sys.stderr)
         engine.build(documents, on_progress=_print_build_progress)
         print(file=sys.stderr)

@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> dict | None:
     def progress(p) -> None:
         print(f"\r  caching: {p.tokens_done:,}/{p.tokens_total:,} tokens", end="", file=sys.stderr, flush=True)
 
-    engine.build([documents[k] for k in wanted], on_progress=progress)
-    print(f"\ncache ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if "quire-cache" in args.methods and not args.retrieval:  # only cached reading reads the cache
+        engine.build([documents[k] for k in wanted], on_progress=progress)
+        print(f"\ncache ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     embedder = None
     if "embed" in args.methods:
         from engine.backends.torch.embed import MiniLMEmbedder, model_folder

@@ -358,12 +358,12 @@ class Engine:
         cache, the last prompt token's logits), or None where a passage's document is
         not cached, a segment cannot be read, or the backend cannot place stored keys.
 
-        On bench qa's 36-question subset this scored as prefilling the same text did
-        (26.2% both), with the first token at 1.98 s against 4.38 s (median, 2-core
-        box), but 10 of the 36 scores differed (lookups 16.7% against 50.0%: near
-        misses such as "4.14" for "4.16"), and SmolLM2-135M misread a test document
-        it answers when prefilled: each passage's keys and values were computed in
-        its own segment, not after the passages before it (docs/BENCHMARKS.md).
+        Off by default: on bench qa's 36-question subset, with the stemmed passages,
+        it scored 35.3% against 45.9% prefilled (first token 1.45 s against 4.50 s,
+        median, 2-core box), and 37.4% with each passage's first 32 tokens prefilled
+        again (EPIC-style); SmolLM2-135M misreads a test document from the cache that
+        it answers when prefilled. Each passage's keys and values were computed in its
+        own segment, not after the passages before it (docs/BENCHMARKS.md).
         A passage's tokens are those starting inside its characters, plus the one
         its first word begins in."""
         place = getattr(self.memory, "append_stored", None) if self.read_cached else None
