@@ -114,7 +114,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
               + (f"  ({mark})" if mark else ""))
     if stats is not None:
         print(
-            f"\n[{stats.memory_tokens:,} tokens in scope, {stats.passages_read} passages read "
+            f"\n[{len(documents)} document(s) in scope, {stats.passages_read} passages read "
             f"({stats.context_tokens:,} prompt tokens, chosen in {stats.retrieval_seconds:.2f} s), "
             + (f"{stats.unsupported_citations} of {stats.citations} citations unsupported, " if stats.unsupported_citations else "")
             + f"first token {stats.time_to_first_token:.2f} s, {stats.decode_tokens_per_second:.1f} tok/s, "

@@ -32,7 +32,10 @@ class AppSettings:
     cache_dir: str = ""  # "" = <data dir>/cache
     precision: str = "int8"
     max_answer_tokens: int = 384
-    auto_cache: bool = True  # build the cache for new documents as soon as they are added
+    # Build the cache for new documents as soon as they are added. Off: answers read
+    # passages as text (engine.corpus.engine.Engine.ask), and a cache costs about an
+    # hour of prefill per 250K tokens on a 2-core machine.
+    auto_cache: bool = False
     theme: str = "system"
 
     def __post_init__(self) -> None:
