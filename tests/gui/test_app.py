@@ -39,6 +39,7 @@ def home(tmp_path, monkeypatch):
 
 def make_window(qtbot, home: Path, engine: ScriptedEngine | None = None, **settings) -> MainWindow:
     engine = engine or ScriptedEngine()
+    settings.setdefault("auto_cache", True)  # these tests drive the cache flows
     window = MainWindow(
         settings=AppSettings(**settings),
         settings_file=home / "settings.json",
@@ -117,6 +118,14 @@ def test_item_models_pass_the_model_tester(qtmodeltester, home):
 
 
 # -- library -----------------------------------------------------------------------
+
+
+def test_documents_are_not_cached_unless_asked_by_default(qtbot, home):
+    window = make_window(qtbot, home, auto_cache=AppSettings().auto_cache)
+    drop_files(window, window.library.table.viewport(), [write_book(home, "ledger.txt", SHIPS)])
+    qtbot.waitUntil(lambda: len(ready_titles(window)) == 1, timeout=15000)
+    qtbot.wait(500)  # time for a build the window should not start (the scripted one takes ~0 s)
+    assert not any(row.cached for row in window.library.model.rows)
 
 
 def test_dropping_files_anywhere_adds_them_and_reports_duplicates(qtbot, home):
