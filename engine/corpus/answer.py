@@ -67,10 +67,18 @@ class Source:
     page_index: int | None = None
 
 
+def reading_order(sources: Sequence[Source]) -> list[Source]:
+    """The order the reader sees the passages in: the best (number 1) last, next to
+    the question. On all 138 bench qa questions the 0.5B default model scored 56.9%
+    so against 53.5% with the best first (36-question subset: 51.1% against 45.9%;
+    docs/BENCHMARKS.md)."""
+    return sorted(sources, key=lambda source: source.number, reverse=True)
+
+
 def context_text(sources: Sequence[Source]) -> str:
-    """The numbered passages as the reader sees them."""
+    """The numbered passages as the reader sees them, in `reading_order`."""
     parts = []
-    for source in sources:
+    for source in reading_order(sources):
         where = source.title or "document"
         if source.page_label:
             where += f", page {source.page_label}"

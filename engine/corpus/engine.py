@@ -30,7 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.corpus.answer import Source, attribute, citations, grounded_messages, missing_names, not_mentioned, says_not_found
+from engine.corpus.answer import (
+    Source,
+    attribute,
+    citations,
+    grounded_messages,
+    missing_names,
+    not_mentioned,
+    reading_order,
+    says_not_found,
+)
 from engine.corpus.build import (
     BuildProgress,
     BuildSummary,
@@ -371,6 +380,7 @@ class Engine:
         if place is None or not sources or any(manifests[s.entry] is None for s in sources):
             return None
         config = self.model.model.config
+        sources = reading_order(sources)  # the prompt's order: its pieces alternate with them
         spans = []
         for source in sources:
             offsets = manifests[source.entry].offsets

@@ -69,7 +69,8 @@ def sources() -> list[Source]:
 
 def test_the_context_numbers_passages_with_their_document_and_page():
     text = context_text(sources())
-    assert text.startswith("Passage 1 (psql, page 12):\nUse -X") and "\n\nPassage 2 (psql, page 40):\n" in text
+    # The best passage (number 1) is read last, next to the question.
+    assert text.startswith("Passage 2 (psql, page 40):\nThe history") and "\n\nPassage 1 (psql, page 12):\nUse -X" in text
     messages = grounded_messages("Which option skips psqlrc?", sources())
     assert messages[0]["role"] == "system" and "numbered passages" in messages[0]["content"]
     assert messages[1]["content"].endswith("Question: Which option skips psqlrc?")
