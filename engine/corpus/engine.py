@@ -49,7 +49,7 @@ from engine.corpus.build import (
     ManifestStore,
     settings_tag,
 )
-from engine.corpus.passages import PassageIndex, terms
+from engine.corpus.passages import PassageIndex
 from engine.corpus.settings import CacheSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
