@@ -52,12 +52,12 @@ def run(args: argparse.Namespace) -> dict | None:
     model = load_model((args.model or [DEFAULT_MODEL])[0])
     engine = Engine(model)
     wanted = sorted({k for q in questions for k in q.docs} if args.scopes == ["own"] else set(documents))
-    started = time.perf_counter()
 
     def progress(p) -> None:
         print(f"\r  caching: {p.tokens_done:,}/{p.tokens_total:,} tokens", end="", file=sys.stderr, flush=True)
 
     if "quire-cache" in args.methods and not args.retrieval:  # only cached reading reads the cache
+        started = time.perf_counter()
         engine.build([documents[k] for k in wanted], on_progress=progress)
         print(f"\ncache ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     embedder = None

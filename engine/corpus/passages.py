@@ -113,9 +113,9 @@ class PassageIndex:
         return self._texts[p.entry][p.start : p.end]
 
     def weights(self, question: str) -> dict[str, float]:
-        """The question's terms (as `analyse` gives them) and their inverse document frequency over the
-        passages, in the form that stays positive (Lucene's BM25 idf; rank-bm25's
-        goes to zero or below for a term in half the passages of a small scope)."""
+        """The question's terms (as `analyse` gives them) and their inverse document
+        frequency over the passages, in the form that stays positive (Lucene's BM25
+        idf; rank-bm25's goes to zero or below for a term in half the passages)."""
         n = len(self.passages)
         found = {}
         for term in set(self.analyse(question)):
