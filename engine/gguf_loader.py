@@ -30,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
+from engine import quant
 from engine.config import ModelConfig, family_of
 from engine.errors import ModelFileError, UnsupportedModelError
 
@@ -120,22 +121,66 @@ class GGUFContents:
 
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF shape), one tensor dequantised at a time."""
+        for item in self._plan:
+            yield from self._float_tensor(item)
+
+    def weight_entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(safetensors name, dtype, shape) of every array `iter_weights` yields, in
+        order, known from the tensor table alone: what a streaming writer needs."""
+        entries: list[tuple[str, str, tuple[int, ...]]] = []
+        for item in self._plan:
+            shape = _tensor_shape(item.gguf)
+            kind = quant.kind_of(item.gguf)
+            if kind == "int4":
+                N, K = shape
+                entries += [
+                    (item.hf_name + ".q4", "U8", (N, K // 2)),
+                    (item.hf_name + ".q4_scale", "F16", (N, K // quant.GROUP)),
+                    (item.hf_name + ".q4_zero", "F16", (N, K // quant.GROUP)),
+                ]
+            elif kind == "int8":
+                entries += [(item.hf_name + ".q8", "I8", shape), (item.hf_name + ".q8_scale", "F32", (shape[0],))]
+            else:
+                entries.append((item.hf_name, "F32", shape))
+        return entries
+
+    def iter_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield the arrays of `weight_entries`, one tensor at a time: quantised GGUF
+        matrices kept quantised (engine/quant.py), everything else as float32."""
         family = self.config.family
         for item in self._plan:
             try:
-                values = _dequantize(item.gguf)
+                weight = quant.from_gguf(item.gguf)
             except (ValueError, NotImplementedError) as err:
                 raise ModelFileError(
                     f"{self.path.name}: cannot read tensor '{item.gguf.name}' "
                     f"({item.gguf.tensor_type.name}): {_one_line(err)}"
                 ) from None
+            if weight is None:
+                yield from self._float_tensor(item)
+                continue
             stem = item.gguf.name.split(".")
             if family in _PERMUTED_QK_FAMILIES and len(stem) == 4 and stem[2] in ("attn_q", "attn_k"):
                 heads = self.config.num_attention_heads if stem[2] == "attn_q" else self.config.num_key_value_heads
-                values = unpermute_rotary(values, heads)
-            if family in _NORM_PLUS_ONE_FAMILIES and item.gguf.name.endswith("norm.weight"):
-                values = values - np.float32(1.0)
-            yield item.hf_name, np.ascontiguousarray(values, dtype=np.float32)
+                weight = weight.rows(unpermute_rotary(np.arange(weight.shape[0]), heads))
+            yield from quant.to_arrays(item.hf_name, weight).items()
+
+    def _float_tensor(self, item: _TensorPlan) -> Iterator[tuple[str, np.ndarray]]:
+        family = self.config.family
+        try:
+            values = _dequantize(item.gguf)
+        except (ValueError, NotImplementedError) as err:
+            raise ModelFileError(
+                f"{self.path.name}: cannot read tensor '{item.gguf.name}' "
+                f"({item.gguf.tensor_type.name}): {_one_line(err)}"
+            ) from None
+        stem = item.gguf.name.split(".")
+        if family in _PERMUTED_QK_FAMILIES and len(stem) == 4 and stem[2] in ("attn_q", "attn_k"):
+            heads = self.config.num_attention_heads if stem[2] == "attn_q" else self.config.num_key_value_heads
+            values = unpermute_rotary(values, heads)
+        if family in _NORM_PLUS_ONE_FAMILIES and item.gguf.name.endswith("norm.weight"):
+            values = values - np.float32(1.0)
+        yield item.hf_name, np.ascontiguousarray(values, dtype=np.float32)
 
 
 def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:

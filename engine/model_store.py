@@ -1,23 +1,27 @@
-"""The converted-model store: GGUF files dequantised once into safetensors folders, and
+"""The converted-model store: GGUF files repacked once into safetensors folders, and
 Hugging Face model folders used as they are.
 
 A converted folder (under `engine.paths.models_dir()`) holds:
-- `model.safetensors` — fp32 tensors with Hugging Face transformers names;
+- `model.safetensors` — the weights under Hugging Face transformers names, quantised
+  matrices kept quantised (engine/quant.py: NAME.q4/.q4_scale/.q4_zero for GGUF's
+  4-bit types, NAME.q8/.q8_scale for the others) and float32 for everything else;
 - `quire_config.json` — `ModelConfig.to_dict()`;
 - `gguf_tokenizer.json` — every `tokenizer.*` GGUF metadata key, plus
   `general.architecture`, as plain JSON values;
 - `chat_template.jinja` — the GGUF's `tokenizer.chat_template`, when it has one (the
   same file name transformers uses, so both kinds of folder read it the same way);
-- `source.json` — the GGUF it came from (path, size, mtime, sha256). It is written last,
-  so a folder without it is an interrupted conversion and is converted again.
+- `source.json` — the GGUF it came from (path, size, mtime, sha256) and the layout of
+  the weights (`LAYOUT`). It is written last, so a folder without it is an interrupted
+  conversion and is converted again; one of an older layout (session 19 and before:
+  every tensor dequantised to float32, 5x the GGUF) is converted again from its GGUF.
 
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a
 crash never leaves a half-written file under the final name. The safetensors format
 (https://github.com/huggingface/safetensors) starts with a little-endian u64 header
 length and a JSON header of dtype/shape/offsets, which is all `parameter_count` reads.
-The converter writes that header itself, from the GGUF's tensor shapes, and then each
-tensor as it is dequantised, so converting never holds more than one fp32 tensor (the
-result reads back with `safetensors.safe_open` like any other file).
+The converter writes that header itself, from the GGUF's tensor table, and then each
+tensor as it is repacked, so converting never holds more than one tensor (the result
+reads back with `safetensors.safe_open` like any other file).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +52,8 @@ CONFIG_FILE = "quire_config.json"
 TOKENIZER_FILE = "gguf_tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SOURCE_FILE = "source.json"
+# The weights' layout, recorded in source.json: 2 keeps quantised matrices quantised.
+LAYOUT = 2
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -65,6 +72,9 @@ class ModelFolder:
     tokenizer_source: Path | None
     chat_template: str | None
     name: str
+    # The GGUF a converted folder came from, while it is still where it was: float
+    # dtypes read it (exact), the quantised default reads `weight_files`.
+    source_gguf: Path | None = None
     _parameters: int | None = field(default=None, repr=False, compare=False)
 
     def parameter_count(self) -> int:
@@ -92,7 +102,7 @@ def convert_gguf(
     cancel: CancelFn | None = None,
     sha256: str | None = None,
 ) -> ModelFolder:
-    """Dequantise a GGUF into a converted folder at `dest_dir` and return it.
+    """Repack a GGUF into a converted folder at `dest_dir` and return it.
 
     `progress(done, total)` is called once per tensor. `cancel()` is checked between
     tensors and raises Cancelled. `sha256`, when the caller already verified the file,
@@ -105,25 +115,37 @@ def convert_gguf(
     # Invalidate first: an interrupted reconversion must not look complete.
     (dest / SOURCE_FILE).unlink(missing_ok=True)
 
-    shapes = contents.tensor_shapes
-    total = len(shapes)
+    entries = contents.weight_entries()
+    total = len(contents.tensor_names)
     if progress is not None:
         progress(0, total)
+    # A quantised matrix is several arrays; progress counts tensors, at each one's last.
+    last_of_tensor = [i + 1 == len(entries) or _base(entries[i + 1][0]) != _base(name) for i, (name, _, _) in enumerate(entries)]
 
     def write_weights(tmp: Path) -> None:
+        done = 0
         with tmp.open("wb") as out:
-            _write_safetensors_header(out, shapes)
-            for done, ((name, values), (expected_name, shape)) in enumerate(
-                zip(contents.iter_tensors(), shapes), start=1
-            ):
+            _write_safetensors_header(out, entries)
+            for index, ((name, values), (expected_name, dtype, shape)) in enumerate(zip(contents.iter_weights(), entries)):
                 if cancel is not None and cancel():
                     raise Cancelled("conversion cancelled")
-                assert name == expected_name and values.shape == shape, (name, values.shape, shape)
-                out.write(memoryview(np.ascontiguousarray(values, dtype="<f4")).cast("B"))
-                if progress is not None:
-                    progress(done, total)
+                expected = np.dtype(_NUMPY_DTYPES[dtype]).newbyteorder("<")
+                assert name == expected_name and values.shape == shape and values.dtype == expected, (
+                    name,
+                    values.shape,
+                    values.dtype,
+                    shape,
+                    dtype,
+                )
+                out.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+                if last_of_tensor[index]:
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
 
     write_atomic(dest / WEIGHTS_FILE, write_weights)
+    # Loaded forms of the old weights (the torch backend's prepared copies) are stale.
+    shutil.rmtree(dest / "quire-prepared", ignore_errors=True)
 
     _write_json(dest / CONFIG_FILE, contents.config.to_dict())
     _write_json(dest / TOKENIZER_FILE, contents.tokenizer_meta)
@@ -139,6 +161,7 @@ def convert_gguf(
         "size": stat.st_size,
         "mtime": stat.st_mtime,
         "sha256": sha256 or sha256_file(gguf_path, cancel),
+        "layout": LAYOUT,
     }
     _write_json(dest / SOURCE_FILE, source)
     log.info("converted %s into %s (%d tensors)", gguf_path.name, dest, total)
@@ -172,7 +195,15 @@ def is_converted(folder: Path, sha256: str | None = None) -> bool:
     source = _read_source(folder)
     if source is None or not (folder / WEIGHTS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
         return False
+    if source.get("layout") != LAYOUT:
+        return False
     return sha256 is None or source.get("sha256") == sha256
+
+
+def _outdated(folder: Path) -> bool:
+    """A complete conversion in an older layout (see LAYOUT)."""
+    source = _read_source(folder)
+    return source is not None and source.get("layout") != LAYOUT and (folder / WEIGHTS_FILE).is_file()
 
 
 def model_folders() -> list[Path]:
@@ -187,7 +218,9 @@ def _looks_like_name(spec: str) -> bool:
 def _model_folders() -> list[Path]:
     root = models_dir()
     return sorted(
-        p for p in root.iterdir() if p.is_dir() and (is_converted(p) or (p / "config.json").is_file())
+        p
+        for p in root.iterdir()
+        if p.is_dir() and (is_converted(p) or _outdated(p) or (p / "config.json").is_file())
     )
 
 
@@ -203,7 +236,7 @@ def _open_gguf(gguf_path: Path) -> ModelFolder:
             and known.get("size") == stat.st_size
             and known.get("mtime") == stat.st_mtime
         ):
-            return _open_converted(folder)
+            return _open_folder(folder)
     dest = models_dir() / gguf_path.stem
     source = _read_source(dest)
     if (
@@ -219,6 +252,8 @@ def _open_gguf(gguf_path: Path) -> ModelFolder:
 
 def _open_folder(folder: Path) -> ModelFolder:
     if (folder / CONFIG_FILE).is_file():
+        if _outdated(folder):
+            return _migrate(folder)
         if not is_converted(folder):
             raise ModelFileError(f"{folder}: conversion is incomplete (no {SOURCE_FILE}); convert the GGUF again")
         return _open_converted(folder)
@@ -227,10 +262,26 @@ def _open_folder(folder: Path) -> ModelFolder:
     raise ModelFileError(f"{folder}: not a model folder (no {CONFIG_FILE} or config.json)")
 
 
+def _migrate(folder: Path) -> ModelFolder:
+    """Convert an older-layout folder again from its GGUF when that is still where
+    it was (same size); without it, the old float weights still load as they are."""
+    source = _read_source(folder) or {}
+    gguf_path = Path(str(source.get("path", "")))
+    if gguf_path.is_file() and gguf_path.stat().st_size == source.get("size"):
+        log.info("converting %s again into the quantised layout", gguf_path.name)
+        return convert_gguf(gguf_path, folder, sha256=source.get("sha256"))
+    log.info("%s: weights in an older layout and no GGUF to convert again; using them as they are", folder.name)
+    return _open_converted(folder)
+
+
 def _open_converted(folder: Path) -> ModelFolder:
     config = ModelConfig.from_dict(_read_json(folder / CONFIG_FILE))
     template_path = folder / CHAT_TEMPLATE_FILE
+    source = _read_source(folder) or {}
+    gguf_path = Path(str(source.get("path", "")))
+    present = source.get("path") and gguf_path.is_file() and gguf_path.stat().st_size == source.get("size")
     return ModelFolder(
+        source_gguf=gguf_path if present else None,
         path=folder,
         config=config,
         weight_files=[folder / WEIGHTS_FILE],
@@ -307,8 +358,20 @@ def _write_json(path: Path, value: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _write_safetensors_header(out: BinaryIO, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
-    """Write the safetensors prefix for fp32 tensors that follow back to back in order.
+def _base(name: str) -> str:
+    """The tensor an array belongs to: NAME for NAME.q4_scale and the like."""
+    for suffix in (".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+_NUMPY_DTYPES = {"F32": "f4", "F16": "f2", "U8": "u1", "I8": "i1"}
+
+
+def _write_safetensors_header(out: BinaryIO, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
+    """Write the safetensors prefix for (name, dtype, shape) tensors that follow back
+    to back in order.
 
     Layout: u64 little-endian N | N bytes of JSON (space-padded so data starts 8-byte
     aligned) | tensor bytes. Each JSON entry gives dtype, shape and [begin, end) offsets
@@ -317,9 +380,9 @@ def _write_safetensors_header(out: BinaryIO, shapes: list[tuple[str, tuple[int, 
     """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape in shapes:
-        size = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+    for name, dtype, shape in entries:
+        size = np.dtype(_NUMPY_DTYPES[dtype]).itemsize * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-(8 + len(encoded)) % 8)
@@ -336,10 +399,8 @@ def _safetensors_numel(path: Path) -> int:
         raise ModelFileError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
     total = 0
     for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        count = 1
-        for dim in entry["shape"]:
-            count *= int(dim)
-        total += count
+        if key == "__metadata__" or key.endswith((".q4_scale", ".q4_zero", ".q8_scale")):
+            continue  # a quantised matrix's scales are not weights of the model
+        count = math.prod(int(dim) for dim in entry["shape"])
+        total += 2 * count if key.endswith(".q4") else count  # two 4-bit weights a byte
     return total

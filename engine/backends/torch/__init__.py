@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from engine import quant
 from engine.backends.torch.models import FAMILIES, DecoderModel
 from engine.config import ModelConfig
 from engine.errors import ModelFileError, UnsupportedModelError
@@ -115,8 +117,12 @@ def load(
 
     dtype "auto" picks the faster of fp32 and bf16 on this CPU (`fastest_dtype`), and
     bf16 on a GPU; device "auto" a CUDA GPU where there is one (`resolve_device`).
+    Quantised weights (a converted GGUF, engine/quant.py) stay quantised on the CPU
+    when dtype is "auto", the activations in that dtype; a dtype named explicitly, or
+    a GPU, dequantises them at load into that dtype.
     """
     device = resolve_device(device)
+    keep_quantised = dtype == "auto" and device == "cpu"
     if dtype == "auto":
         dtype = fastest_dtype() if device == "cpu" else "bfloat16"
     if threads:
@@ -126,6 +132,19 @@ def load(
     except KeyError:
         raise UnsupportedModelError(f"the torch backend has no '{config.family}' family") from None
     started = time.perf_counter()
+    if weight_files and weight_files[0].suffix.lower() == ".gguf":
+        return _load_gguf(family, config, weight_files[0], DTYPES[dtype], device, started)
+    if quant.is_quantised_state(_tensor_names(weight_files)):
+        tensors = quant.from_arrays(_read_arrays(weight_files))
+        if not keep_quantised:
+            tensors = {
+                name: torch.from_numpy(t.dequantize()) if isinstance(t, quant.Int4 | quant.Int8) else t
+                for name, t in tensors.items()
+            }
+        model = family(config, tensors, DTYPES[dtype])
+        model.to(device)
+        log.info("loaded %s (%s, %s, quantised: %s) in %.2f s", config.name or config.family, dtype, device, model.quantised, time.perf_counter() - started)
+        return model
     prepared = _prepared_path(weight_files, dtype)
     model = _load_prepared(family, config, prepared, DTYPES[dtype]) if prepared else None
     if model is None:
@@ -141,6 +160,52 @@ def load(
     model.to(device)
     log.info("loaded %s (%s, %s) in %.2f s", config.name or config.family, dtype, device, time.perf_counter() - started)
     return model
+
+
+def _load_gguf(
+    family: type[DecoderModel], config: ModelConfig, path: Path, dtype: torch.dtype, device: str, started: float
+) -> DecoderModel:
+    """Float weights straight from a GGUF (gguf-py's dequantisation); the loaded form
+    is kept beside it, named after it, so the next load is a plain read."""
+    from engine.gguf_loader import read_gguf
+
+    name = str(dtype).rsplit(".", 1)[-1]
+    prepared = path.parent / "quire-prepared" / f"{path.stem}-v{PREPARED_LAYOUT}-{name}.safetensors"
+    model = _load_prepared(family, config, prepared, dtype)
+    if model is None:
+        tensors = {n: torch.from_numpy(v) for n, v in read_gguf(path).iter_tensors()}
+        model = family(config, tensors, dtype)
+        _save_prepared(model, prepared)
+    model.to(device)
+    log.info("loaded %s (%s, %s, from %s) in %.2f s", config.name or config.family, name, device, path.name, time.perf_counter() - started)
+    return model
+
+
+def _tensor_names(weight_files: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in weight_files:
+        try:
+            with safe_open(str(path), "np") as handle:
+                names += list(handle.keys())
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
+    return names
+
+
+def _read_arrays(weight_files: list[Path]) -> dict:
+    """Quantised matrices as numpy arrays (engine/quant.py packs them), float tensors
+    as torch tensors."""
+    out: dict = {}
+    for path in weight_files:
+        try:
+            with safe_open(str(path), "np") as handle:
+                for name in handle.keys():
+                    value = handle.get_tensor(name)
+                    quantised = name.endswith((".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale"))
+                    out[name] = value if quantised else torch.from_numpy(value)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
+    return out
 
 
 # Bump when the prepared layout changes (fused projections, RoPE pair order,

@@ -53,11 +53,15 @@ def interleave_rotary_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     layout lets RoPE run as one complex multiplication (see `apply_rope`).
     Works for weights (H*D, in), biases (H*D,) and per-dimension norms (D,).
     """
+    return weight.index_select(0, rotary_row_order(weight.shape[0], head_dim)).contiguous()
+
+
+def rotary_row_order(rows: int, head_dim: int) -> torch.Tensor:
+    """The row index `interleave_rotary_rows` selects (also for quantised weights)."""
     half = head_dim // 2
     order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)  # (D,)
-    heads = weight.shape[0] // head_dim
-    index = (torch.arange(heads).unsqueeze(1) * head_dim + order).reshape(-1)  # (H*D,)
-    return weight.index_select(0, index).contiguous()
+    heads = rows // head_dim
+    return (torch.arange(heads).unsqueeze(1) * head_dim + order).reshape(-1)  # (H*D,)
 
 
 class Rotary:

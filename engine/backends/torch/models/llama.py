@@ -24,19 +24,24 @@ from engine.backends.torch.layers import (
     gated_mlp,
     interleave_rotary_rows,
     rms_norm,
+    rotary_row_order,
 )
+from engine.backends.torch.qdense import QuantDense
 from engine.config import ModelConfig
 from engine.errors import ModelFileError
+from engine.quant import Int4, Int8, Quantised, concat_rows
+
+Linear = Dense | QuantDense
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: Dense  # hidden → Hq*D + 2*Hkv*D: q, k, v projections fused
-    out: Dense  # Hq*D → hidden
+    qkv: Linear  # hidden → Hq*D + 2*Hkv*D: q, k, v projections fused
+    out: Linear  # Hq*D → hidden
     post_attention_norm: torch.Tensor
-    gate_up: Dense  # hidden → 2*I: gate and up fused
-    down: Dense  # I → hidden
+    gate_up: Linear  # hidden → 2*I: gate and up fused
+    down: Linear  # I → hidden
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     pre_feedforward_norm: torch.Tensor | None = None
@@ -48,21 +53,33 @@ REQUIRED_NORMS = ("input_norm", "post_attention_norm")
 
 
 class WeightSource:
-    """Pops named tensors from a loaded state dict, failing with a clear line."""
+    """Pops named tensors from a loaded state dict, failing with a clear line.
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    A matrix may be quantised (engine/quant.py's Int4/Int8); `take_matrix` hands it
+    over as it is, `take` dequantises it.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor | Quantised], dtype: torch.dtype) -> None:
         self.tensors = tensors
         self.dtype = dtype
 
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str) -> torch.Tensor:
+    def take_matrix(self, name: str) -> torch.Tensor | Quantised:
         try:
             tensor = self.tensors.pop(name)
         except KeyError:
             raise ModelFileError(f"model weights lack tensor '{name}'") from None
+        if isinstance(tensor, Int4 | Int8):
+            return tensor
         return tensor.to(self.dtype).contiguous()
+
+    def take(self, name: str) -> torch.Tensor:
+        tensor = self.take_matrix(name)
+        if isinstance(tensor, Int4 | Int8):
+            return torch.from_numpy(tensor.dequantize()).to(self.dtype)
+        return tensor
 
     def take_optional(self, name: str) -> torch.Tensor | None:
         return self.take(name) if name in self.tensors else None
@@ -84,12 +101,14 @@ class DecoderModel:
         self.config = config
         self.dtype = dtype
         source = WeightSource(tensors, dtype)
-        self.embed = source.take("model.embed_tokens.weight")  # (V, hidden)
+        embed = source.take_matrix("model.embed_tokens.weight")  # (V, hidden)
+        # A quantised table stays quantised: rows are dequantised as tokens look them up.
+        self.embed = embed if isinstance(embed, torch.Tensor) else QuantDense(embed, None, dtype)
         self.final_norm = self._norm_weight(source.take("model.norm.weight"))
         if config.tie_word_embeddings or not source.has("lm_head.weight"):
-            self.lm_head = Dense(self.embed)
+            self.lm_head = self.embed if isinstance(self.embed, QuantDense) else Dense(self.embed)
         else:
-            self.lm_head = Dense(source.take("lm_head.weight"))
+            self.lm_head = self._linear(source.take_matrix("lm_head.weight"))
         self.layers = [self._load_layer(source, i) for i in range(config.num_hidden_layers)]
         self._setup()
 
@@ -101,6 +120,13 @@ class DecoderModel:
         self.kv_size = c.num_key_value_heads * c.head_dim
 
     # -- prepared weights: the loaded form, saved so the next load is a plain read --
+
+    @property
+    def quantised(self) -> bool:
+        """Whether any matrix is held quantised (such a model is never prepared)."""
+        return isinstance(self.lm_head, QuantDense) or any(
+            isinstance(getattr(layer, name), QuantDense) for layer in self.layers for name in DENSE_FIELDS
+        )
 
     def prepared_tensors(self) -> dict[str, torch.Tensor]:
         """Every weight in its final dtype and layout, under flat names."""
@@ -147,18 +173,31 @@ class DecoderModel:
     def _norm_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return (weight.float() + self.norm_offset).to(self.dtype) if self.norm_offset else weight
 
+    def _linear(self, weight: torch.Tensor | Quantised, bias: torch.Tensor | None = None) -> Linear:
+        return Dense(weight, bias) if isinstance(weight, torch.Tensor) else QuantDense(weight, bias, self.dtype)
+
+    def _fused(self, parts: list[torch.Tensor | Quantised], bias: torch.Tensor | None = None) -> Linear:
+        """One matrix of `parts` stacked by rows; quantised when they all are."""
+        if all(isinstance(part, Int4 | Int8) for part in parts):
+            return QuantDense(concat_rows(parts), bias, self.dtype)
+        floats = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.dequantize()).to(self.dtype) for p in parts]
+        return Dense(torch.cat(floats, dim=0), bias)
+
     def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
         D = self.config.head_dim
-        q, k, v = (source.take(attn + f"{n}_proj.weight") for n in "qkv")
+        q, k, v = (source.take_matrix(attn + f"{n}_proj.weight") for n in "qkv")
         # Queries and keys move to the interleaved RoPE layout once, here (see layers).
-        qkv = torch.cat([interleave_rotary_rows(q, D), interleave_rotary_rows(k, D), v], dim=0)
+        q, k = (
+            interleave_rotary_rows(w, D) if isinstance(w, torch.Tensor) else w.rows(rotary_row_order(w.shape[0], D).numpy())
+            for w in (q, k)
+        )
         biases = [source.take_optional(attn + f"{n}_proj.bias") for n in "qkv"]
         qkv_bias = None
         if all(b is not None for b in biases):
             qkv_bias = torch.cat([interleave_rotary_rows(biases[0], D), interleave_rotary_rows(biases[1], D), biases[2]])
-        gate_up = torch.cat([source.take(p + "mlp.gate_proj.weight"), source.take(p + "mlp.up_proj.weight")], dim=0)
+        gate_up = [source.take_matrix(p + "mlp.gate_proj.weight"), source.take_matrix(p + "mlp.up_proj.weight")]
         optional = {
             "q_norm": source.take_optional(attn + "q_norm.weight"),
             "k_norm": source.take_optional(attn + "k_norm.weight"),
@@ -171,11 +210,11 @@ class DecoderModel:
         optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
         return LayerWeights(
             input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
-            qkv=Dense(qkv, qkv_bias),
-            out=Dense(source.take(attn + "o_proj.weight")),
+            qkv=self._fused([q, k, v], qkv_bias),
+            out=self._linear(source.take_matrix(attn + "o_proj.weight")),
             post_attention_norm=self._norm_weight(source.take(p + "post_attention_layernorm.weight")),
-            gate_up=Dense(gate_up),
-            down=Dense(source.take(p + "mlp.down_proj.weight")),
+            gate_up=self._fused(gate_up),
+            down=self._linear(source.take_matrix(p + "mlp.down_proj.weight")),
             **optional,
         )
 
@@ -185,6 +224,8 @@ class DecoderModel:
         device = torch.device(device)
         if device == self.device:
             return self
+        if self.quantised or isinstance(self.embed, QuantDense):
+            raise ValueError("a model with quantised weights runs on the CPU; load it dequantised for another device")
         tied = self.lm_head.weight is self.embed
 
         def move(value: object) -> object:
@@ -215,6 +256,8 @@ class DecoderModel:
         return DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype, self.device)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, QuantDense):
+            return self.embed.embedding(ids)
         return F.embedding(ids, self.embed)
 
     def rotary_for(self, layer: int) -> Rotary:

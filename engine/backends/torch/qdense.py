@@ -1,0 +1,135 @@
+"""Quantised matrices for the torch backend: `QuantDense`, a drop-in for `Dense`
+that keeps engine/quant.py's Int4 or Int8 weights in memory and multiplies them
+with the weight-only kernels torch ships.
+
+Measured on the 2-core AVX-512 box (docs/lab/quantised-weights.md): at one row
+(decode) `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` ran 2.5-7x faster
+than a bf16 `F.linear` on the same matrix, because decode reads every weight once
+and they read a half or a quarter of the bytes. At hundreds of rows (prefill) they
+ran 2x slower than bf16's matmul, so above `PREFILL_ROWS` rows the weight is
+dequantised into a transient bf16 matrix, a slice of rows at a time, and multiplied
+with `F.linear`.
+
+The int4 CPU kernel wants its weight in torch's packed layout: for each block of 64
+output rows, for each input column k, 32 bytes, byte j holding row j in its low
+nibble and row j + 32 in its high one. `_pack_int4` builds it directly (equal to
+torch._convert_weight_to_int4pack_for_cpu, which tests/test_quant.py checks) and
+`_unpack_int4` reads it back, so only the packed copy is kept.
+
+On CUDA the weights are dequantised once, at load, to the model's dtype: torch's
+CUDA int4 kernel wants another layout, and no GPU was lent to measure it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.quant import GROUP, Int4, Int8, Quantised
+
+# Rows of input above which a matrix is dequantised and multiplied in the model's
+# dtype rather than through the weight-only kernel.
+PREFILL_ROWS = 16
+# Output rows dequantised at a time on that path (bounds the transient copy).
+DEQUANT_ROWS = 8192
+_BLOCK_N = 64
+
+
+def _pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 values 0..15, N a multiple of 64 -> torch's CPU int4 layout."""
+    N, K = values.shape
+    v = values.view(N // _BLOCK_N, _BLOCK_N, K)
+    packed = v[:, :32, :] | (v[:, 32:, :] << 4)  # (N/64, 32, K)
+    return packed.permute(0, 2, 1).contiguous().view(N, K // 2)
+
+
+def _unpack_int4(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) (multiples of 64) of a packed weight -> (rows, K) uint8."""
+    N, half = packed.shape
+    K = half * 2
+    blocks = packed.view(N // _BLOCK_N, K, 32)[start // _BLOCK_N : stop // _BLOCK_N]
+    values = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # (b, K, 64)
+    return values.permute(0, 2, 1).reshape(stop - start, K)
+
+
+class QuantDense:
+    """y = x Wᵀ + b with W held as Int4 (groups of 32) or Int8 (per row)."""
+
+    __slots__ = ("kind", "q", "scales", "bias", "rows", "columns", "dtype")
+
+    def __init__(self, weight: Quantised, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        self.rows, self.columns = weight.shape
+        self.dtype = dtype
+        self.bias = bias
+        if isinstance(weight, Int4):
+            self.kind = "int4"
+            N = self.rows
+            padded = -N % _BLOCK_N
+            values = np.empty((N + padded, self.columns), dtype=np.uint8)
+            values[:N, 0::2] = weight.q & 0x0F
+            values[:N, 1::2] = weight.q >> 4
+            values[N:] = 8
+            scale = np.pad(np.asarray(weight.scale, dtype=np.float32), ((0, padded), (0, 0)))
+            zero = np.pad(np.asarray(weight.zero, dtype=np.float32), ((0, padded), (0, 0)))
+            self.q = _pack_int4(torch.from_numpy(values))
+            # (K/32, N, 2): scale then zero, in the activations' dtype, as the kernel wants.
+            self.scales = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(dtype).contiguous()
+        elif isinstance(weight, Int8):
+            self.kind = "int8"
+            self.q = torch.from_numpy(np.ascontiguousarray(weight.q))
+            self.scales = torch.from_numpy(np.asarray(weight.scale, dtype=np.float32)).to(dtype)
+        else:
+            raise TypeError(f"not a quantised weight: {type(weight).__name__}")
+
+    def to(self, device: torch.device) -> QuantDense | torch.Tensor:
+        if torch.device(device).type == "cpu":
+            return self
+        raise ValueError("QuantDense lives on the CPU; dequantise it for other devices")
+
+    def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of W in the model's dtype."""
+        stop = self.rows if stop is None else stop
+        if self.kind == "int8":
+            return (self.q[start:stop].to(torch.float32) * self.scales[start:stop].float()[:, None]).to(self.dtype)
+        block_start = start - start % _BLOCK_N
+        block_stop = min(stop + (-stop % _BLOCK_N), self.q.shape[0])
+        values = _unpack_int4(self.q, block_start, block_stop).to(torch.float32) - 8.0
+        groups = values.view(block_stop - block_start, -1, GROUP)
+        sz = self.scales[:, block_start:block_stop].float()  # (K/32, rows, 2)
+        w = groups * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
+        return w.view(block_stop - block_start, -1)[start - block_start : stop - block_start].to(self.dtype)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W (an embedding table), in the model's dtype."""
+        if self.kind == "int8":
+            return (self.q[ids].to(torch.float32) * self.scales[ids].float()[..., None]).to(self.dtype)
+        flat = ids.reshape(-1)
+        blocks = self.q.view(-1, self.columns, 32)[flat // _BLOCK_N]  # (T, K, 32)
+        lane = (flat % _BLOCK_N) % 32
+        picked = blocks[torch.arange(flat.shape[0]), :, lane]  # (T, K)
+        values = torch.where((flat % _BLOCK_N < 32)[:, None], picked & 0x0F, picked >> 4).to(torch.float32) - 8.0
+        sz = self.scales[:, flat].float()  # (K/32, T, 2)
+        w = values.view(flat.shape[0], -1, GROUP) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
+        return w.view(*ids.shape, self.columns).to(self.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > PREFILL_ROWS:
+            parts = [
+                F.linear(x2, self.dequantize(start, min(start + DEQUANT_ROWS, self.rows)))
+                for start in range(0, self.rows, DEQUANT_ROWS)
+            ]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        elif self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2, self.q, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.q, GROUP, self.scales)[:, : self.rows]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.rows)
+
+    def nbytes(self) -> int:
+        total = self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
+        return total + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
