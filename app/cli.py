@@ -126,6 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             include_quality=not args.no_quality,
             dtypes=args.dtype or None,
             backends=args.backend,
+            include_llama_cpp=not args.no_llama_cpp,
         )
     elif args.what == "gui":
         from app.gui.bench import run_gui_bench
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                     help="auto: the faster of the two on this machine (measured)")
+                     help="auto: a GGUF's quantised matrices stay quantised, activations in the faster of "
+                          "bf16 and fp32 here (measured); float32/bfloat16: the GGUF dequantised")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
                      help="auto: MLX on Apple Silicon where installed, else torch")
     gen.set_defaults(func=cmd_generate)
@@ -232,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")
-    bench.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
-                       help="dtypes to measure (repeatable; default: bfloat16 then float32)")
+    bench.add_argument("--dtype", action="append", choices=["quantised", "bfloat16", "float32"],
+                       help="runtime: weights to measure (repeatable; default: quantised, the default load, "
+                            "then bfloat16)")
+    bench.add_argument("--no-llama-cpp", action="store_true",
+                       help="runtime: skip llama.cpp (built from PyPI's source on first use)")
     bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
     bench.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "mlx"],
                        help="runtime: backends to measure in one run, e.g. --backend torch mlx (default: auto)")

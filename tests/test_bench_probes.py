@@ -45,3 +45,25 @@ def test_report_renders_ratios_from_the_json():
     assert "| m | quire | bfloat16 | 1.00 | 300 | 30.0 | 100 |" in text
     assert "512: 1.50x" in text and "512: 3.00x" in text  # same dtype, and against fp32
     assert "2.00x" in text  # decode 30 vs fp32 15
+
+
+def test_llama_cpp_peer_ratios_and_rows():
+    """bench runtime's llama.cpp peer: ratios derived from the measurements (Quire
+    quantised has no transformers counterpart) and rendered as their own table."""
+    from engine.bench.runtime import _derive
+
+    def run(tps, decode, rss):
+        return {"load_seconds": 2.0, "prefill": {"512": {"tokens_per_second": tps, "seconds": 512 / tps}},
+                "decode": {"tokens_per_second": decode, "token_ids": [1], "bytes_per_token": 4e8},
+                "peak_rss_mb": rss, "flops_per_token_linear": 10**9, "attention_flops_coefficient": 1000}
+
+    entry = {"quire": {"quantised": run(400.0, 25.0, 900)}, "transformers": {},
+             "llama.cpp": run(160.0, 20.0, 600) | {"load_seconds": 0.5}}
+    _derive(entry, {"memory_read_gbs": 20.0, "matmul_bf16_gflops": 300.0})
+    d = entry["derived"]["quantised"]
+    assert d["prefill_vs_llama_cpp"] == {"512": 2.5}
+    assert d["decode_vs_llama_cpp"] == 1.25 and d["load_vs_llama_cpp"] == 4.0 and d["peak_rss_vs_llama_cpp"] == 1.5
+    report = {"machine": {"platform": "test", "cpu_count": 2}, "models": {"m": entry}}
+    text = runtime_markdown(report)
+    assert "| m | llama.cpp | GGUF | 0.50 | 160 | 20.0 | 600 |" in text
+    assert "| m | quantised | 512: 2.50x | 1.25x | 4.00x | 1.50x |" in text

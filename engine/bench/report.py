@@ -45,6 +45,24 @@ def runtime_markdown(report: dict) -> str:
                     f"| {name} | {impl} | {dtype} | {_fmt(r['load_seconds'], 2)} | " + " | ".join(cells)
                     + f" | {_fmt(r['decode']['tokens_per_second'], 1)} | {_fmt(r['peak_rss_mb'])} |"
                 )
+        peer = entry.get("llama.cpp")
+        if peer and "error" in peer:
+            lines.append(f"| {name} | llama.cpp | GGUF | error: {peer['error']} |" + " |" * (2 + len(lengths)))
+        elif peer:
+            cells = [_fmt(peer["prefill"].get(str(n), {}).get("tokens_per_second")) for n in lengths]
+            lines.append(
+                f"| {name} | llama.cpp | GGUF | {_fmt(peer['load_seconds'], 2)} | " + " | ".join(cells)
+                + f" | {_fmt(peer['decode']['tokens_per_second'], 1)} | {_fmt(peer['peak_rss_mb'])} |"
+            )
+    peers = [(name, dtype, d) for name, e in report["models"].items() for dtype, d in e.get("derived", {}).items()
+             if "decode_vs_llama_cpp" in d]
+    if peers:
+        lines += ["", "Quire ÷ llama.cpp (same GGUF, same token ids; above 1 Quire is faster or larger):", "",
+                  "| model | Quire dtype | prefill | decode | load time | peak RSS |", "|---|---|---|---|---|---|"]
+        for name, dtype, d in peers:
+            prefill = ", ".join(f"{k}: {v:.2f}x" for k, v in d["prefill_vs_llama_cpp"].items())
+            lines.append(f"| {name} | {dtype} | {prefill} | {d['decode_vs_llama_cpp']:.2f}x | "
+                         f"{d['load_vs_llama_cpp']:.2f}x | {d['peak_rss_vs_llama_cpp']:.2f}x |")
     lines += ["", "Ratios (Quire ÷ transformers) and fractions of the machine's limits:", ""]
     lines += ["| model | Quire dtype | prefill vs transformers same dtype | prefill vs transformers fp32 "
               "| decode vs same dtype | decode vs transformers fp32 | prefill share of matmul peak "

@@ -69,15 +69,35 @@ def _weight_bytes(model) -> tuple[int, int]:
 
 
 def _bytes_per_value(model) -> int:
+    """Bytes of one activation (and KV) value."""
     embed = model.embed
-    return embed.itemsize if hasattr(embed, "itemsize") else embed.element_size()
+    if hasattr(embed, "itemsize"):  # MLX
+        return embed.itemsize
+    import torch
+
+    return torch.empty(0, dtype=model.dtype).element_size()
+
+
+def _linear_parameters(model, weight_bytes: int) -> int:
+    """Weights multiplied per token outside the output head (for FLOPs): counted
+    from the matrices' shapes, which quantised weights do not show in bytes."""
+    if not hasattr(model, "layers") or not hasattr(model.layers[0], "qkv"):
+        return weight_bytes // _bytes_per_value(model)
+    total = 0
+    for layer in model.layers:
+        for name in ("qkv", "out", "gate_up", "down"):
+            dense = getattr(layer, name)
+            total += dense.rows * dense.columns if hasattr(dense, "rows") else dense.weight.numel()
+    return total
 
 
 def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, backend: str = "auto") -> dict:
     from engine.generate import GenerationStats, SamplingParams, prefill
     from engine.runtime import load_model
 
-    lm = load_model(model_name, dtype=dtype, backend=backend)
+    # "quantised" is the default load (dtype "auto"): quantised GGUF matrices stay
+    # quantised, activations in the faster float type of this CPU.
+    lm = load_model(model_name, dtype="auto" if dtype == "quantised" else dtype, backend=backend)
     window = lm.config.max_position_embeddings
     lengths = _fit(lengths, window)
     prompts = _prompts(lm.tokenizer, lengths)
@@ -86,6 +106,8 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, 
         "load_seconds": lm.load_seconds,
         "backend": lm.backend,
         "dtype": dtype,
+        "quantised": bool(getattr(lm.model, "quantised", False)),
+        "activations": str(getattr(lm.model, "dtype", "")).rsplit(".", 1)[-1],
         "family": lm.config.family,
         "window": window,
         "prefill": {},
@@ -117,7 +139,7 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, 
     weights, head = _weight_bytes(model)
     kv_read = DECODE_AFTER * lm.config.kv_bytes_per_token(bytes_per_value=_bytes_per_value(model))
     result["decode"]["bytes_per_token"] = weights + head + kv_read
-    result["flops_per_token_linear"] = 2 * weights // _bytes_per_value(model)
+    result["flops_per_token_linear"] = 2 * _linear_parameters(model, weights)
     c = lm.config
     result["attention_flops_coefficient"] = 2 * c.num_attention_heads * c.head_dim * len(c.global_layers)
     if quality:
@@ -223,6 +245,7 @@ def run(
     include_quality: bool = True,
     dtypes: list[str] | None = None,
     backends: list[str] | None = None,
+    include_llama_cpp: bool = True,
 ) -> dict:
     """Measure every model in every dtype and backend, Quire and transformers alike.
 
@@ -236,7 +259,7 @@ def run(
 
     lengths = lengths or [512, 2048, 8192]
     models = models or [spec.name for spec in DEFAULT_MODELS]
-    dtypes = dtypes or ["bfloat16", "float32"]
+    dtypes = dtypes or ["quantised", "bfloat16"]
     backends = list(dict.fromkeys(resolve_backend(b) for b in (backends or ["auto"])))
     machine = _spawn(["--worker", "machine"])
     if "mlx" in backends:
@@ -254,15 +277,31 @@ def run(
                      "--lengths", *map(str, lengths)]
                     + ([] if quality else ["--no-quality"])
                 )
-            if include_reference:
+            if include_reference and dtype != "quantised":  # transformers runs GGUFs dequantised
                 entry["transformers"][dtype] = _spawn(
                     ["--worker", "reference", "--model", name, "--dtype", dtype, "--lengths", *map(str, lengths)]
                 )
+        if include_llama_cpp:
+            entry["llama.cpp"] = _llama_cpp(name, lengths)
         if "quire" in entry:
             _derive(entry, machine)
         _backend_ratios(entry, backends)
         report["models"][name] = entry
     return report
+
+
+def _llama_cpp(model_name: str, lengths: list[int]) -> dict:
+    """llama.cpp on the model's GGUF, fed the same token ids as Quire."""
+    from engine.bench import llamacpp
+    from engine.model_store import open_model
+    from engine.tokenizer import load_tokenizer
+
+    folder = open_model(model_name)
+    if folder.source_gguf is None:
+        return {"error": "no GGUF for this model (llama.cpp reads GGUF files only)"}
+    lengths = _fit(lengths, folder.config.max_position_embeddings)
+    prompts = _prompts(load_tokenizer(folder.path), lengths)
+    return llamacpp.run(folder.source_gguf, prompts, lengths, DECODE_TOKENS, DECODE_AFTER, log=lambda m: print(m, file=sys.stderr))
 
 
 def _impl(backend: str) -> str:
@@ -323,6 +362,16 @@ def _derive(entry: dict, machine: dict) -> None:
             d["load_vs_same_dtype"] = refs[dtype]["load_seconds"] / ours["load_seconds"]
         if refs:
             d["decode_vs_best"] = ours["decode"]["tokens_per_second"] / max(r["decode"]["tokens_per_second"] for r in refs.values())
+        peer = entry.get("llama.cpp", {})
+        if "decode" in peer:
+            d["prefill_vs_llama_cpp"] = {
+                n: m["tokens_per_second"] / peer["prefill"][n]["tokens_per_second"]
+                for n, m in ours["prefill"].items()
+                if n in peer["prefill"]
+            }
+            d["decode_vs_llama_cpp"] = ours["decode"]["tokens_per_second"] / peer["decode"]["tokens_per_second"]
+            d["load_vs_llama_cpp"] = ours["load_seconds"] / peer["load_seconds"]
+            d["peak_rss_vs_llama_cpp"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
         bandwidth = machine.get("memory_read_gbs")
         if bandwidth:
             bound = bandwidth * 1e9 / ours["decode"]["bytes_per_token"]

@@ -129,6 +129,9 @@ def model_fingerprint(model: LoadedModel) -> str:
     # so caches built then stay valid.
     dtype = str(getattr(model.model, "dtype", "")).rsplit(".", 1)[-1]
     h.update(f"torch:torch.{dtype}:{MEMORY_LAYOUT}".encode())
+    if getattr(model.model, "quantised", False):
+        # Quantised matrices give other keys than the float ones of the same file.
+        h.update(b":quantised")
     return h.hexdigest()[:20]
 
 
