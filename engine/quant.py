@@ -24,6 +24,7 @@ float tensors keep their plain name.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -215,6 +216,62 @@ def dequantize_state(arrays: dict) -> dict[str, np.ndarray]:
         name: value.dequantize() if isinstance(value, Int4 | Int8) else value
         for name, value in from_arrays(arrays).items()
     }
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "U8": np.uint8, "I8": np.int8}
+_PARTS = (".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale")
+
+
+class LazyState:
+    """The tensors of safetensors files, read one at a time as a loader pops them:
+    `pop(name)` gives a float array, or an Int4/Int8 for a quantised matrix. Each
+    array is read straight into its own memory (no memory map whose pages would
+    count twice), so loading holds the weights once, plus the tensor in hand."""
+
+    def __init__(self, paths) -> None:
+        self._where: dict[str, tuple[object, str, tuple[int, ...], int]] = {}
+        for path in paths:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            base = 8 + length
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    start = base + entry["data_offsets"][0]
+                    self._where[name] = (path, entry["dtype"], tuple(entry["shape"]), start)
+        self._names = {_base_name(n) for n in self._where}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def _read(self, key: str) -> np.ndarray:
+        path, dtype, shape, start = self._where.pop(key)
+        if dtype not in _SAFETENSORS_DTYPES or _SAFETENSORS_DTYPES[dtype] is None:
+            raise ValueError(f"{key}: dtype {dtype} is not one a converted model holds")
+        kind = np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<")
+        count = int(np.prod(shape)) if shape else 1
+        with open(path, "rb") as handle:
+            return np.fromfile(handle, dtype=kind, count=count, offset=start).reshape(shape)
+
+    def pop(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        self._names.discard(name)
+        if name + ".q4" in self._where:
+            return Int4(self._read(name + ".q4"), self._read(name + ".q4_scale"), self._read(name + ".q4_zero"))
+        if name + ".q8" in self._where:
+            return Int8(self._read(name + ".q8"), self._read(name + ".q8_scale"))
+        return self._read(name)
+
+
+def _base_name(name: str) -> str:
+    for suffix in _PARTS:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def is_quantised_state(names) -> bool:

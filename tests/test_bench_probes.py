@@ -66,4 +66,5 @@ def test_llama_cpp_peer_ratios_and_rows():
     report = {"machine": {"platform": "test", "cpu_count": 2}, "models": {"m": entry}}
     text = runtime_markdown(report)
     assert "| m | llama.cpp | GGUF | 0.50 | 160 | 20.0 | 600 |" in text
-    assert "| m | quantised | 512: 2.50x | 1.25x | 4.00x | 1.50x |" in text
+    assert d["decode_same_tokens_as_llama_cpp"] is True
+    assert "| m | quantised | 512: 2.50x | 1.25x | 4.00x | 1.50x | True |" in text

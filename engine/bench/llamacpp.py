@@ -96,6 +96,7 @@ def worker(spec: dict) -> dict:
     import resource
     import time
 
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -115,14 +116,17 @@ def worker(spec: dict) -> dict:
         llm.eval(prompts[length])
         seconds = time.perf_counter() - t0
         result["prefill"][str(length)] = {"seconds": seconds, "tokens_per_second": length / seconds}
+    def last_logits() -> np.ndarray:  # the last evaluated token's, from llama.cpp itself
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     llm.reset()
     llm.eval(prompts[decode_after])
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits()))
     generated = []
     t0 = time.perf_counter()
     for _ in range(decode_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         generated.append(token)
     seconds = time.perf_counter() - t0
     result["decode"] = {

@@ -58,11 +58,13 @@ def runtime_markdown(report: dict) -> str:
              if "decode_vs_llama_cpp" in d]
     if peers:
         lines += ["", "Quire ÷ llama.cpp (same GGUF, same token ids; above 1 Quire is faster or larger):", "",
-                  "| model | Quire dtype | prefill | decode | load time | peak RSS |", "|---|---|---|---|---|---|"]
+                  "| model | Quire dtype | prefill | decode | load time | peak RSS | greedy tokens equal |",
+                  "|---|---|---|---|---|---|---|"]
         for name, dtype, d in peers:
             prefill = ", ".join(f"{k}: {v:.2f}x" for k, v in d["prefill_vs_llama_cpp"].items())
             lines.append(f"| {name} | {dtype} | {prefill} | {d['decode_vs_llama_cpp']:.2f}x | "
-                         f"{d['load_vs_llama_cpp']:.2f}x | {d['peak_rss_vs_llama_cpp']:.2f}x |")
+                         f"{d['load_vs_llama_cpp']:.2f}x | {d['peak_rss_vs_llama_cpp']:.2f}x | "
+                         f"{d.get('decode_same_tokens_as_llama_cpp', '–')} |")
     lines += ["", "Ratios (Quire ÷ transformers) and fractions of the machine's limits:", ""]
     lines += ["| model | Quire dtype | prefill vs transformers same dtype | prefill vs transformers fp32 "
               "| decode vs same dtype | decode vs transformers fp32 | prefill share of matmul peak "

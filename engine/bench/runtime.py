@@ -372,6 +372,7 @@ def _derive(entry: dict, machine: dict) -> None:
             d["decode_vs_llama_cpp"] = ours["decode"]["tokens_per_second"] / peer["decode"]["tokens_per_second"]
             d["load_vs_llama_cpp"] = ours["load_seconds"] / peer["load_seconds"]
             d["peak_rss_vs_llama_cpp"] = ours["peak_rss_mb"] / peer["peak_rss_mb"]
+            d["decode_same_tokens_as_llama_cpp"] = ours["decode"]["token_ids"] == peer["decode"]["token_ids"]
         bandwidth = machine.get("memory_read_gbs")
         if bandwidth:
             bound = bandwidth * 1e9 / ours["decode"]["bytes_per_token"]

@@ -135,15 +135,18 @@ def load(
     if weight_files and weight_files[0].suffix.lower() == ".gguf":
         return _load_gguf(family, config, weight_files[0], DTYPES[dtype], device, started)
     if quant.is_quantised_state(_tensor_names(weight_files)):
-        tensors = quant.from_arrays(_read_arrays(weight_files))
-        if not keep_quantised:
-            tensors = {
-                name: torch.from_numpy(t.dequantize()) if isinstance(t, quant.Int4 | quant.Int8) else t
-                for name, t in tensors.items()
-            }
+        tensors = _QuantisedSource(weight_files, dequantise=not keep_quantised)
         model = family(config, tensors, DTYPES[dtype])
         model.to(device)
-        log.info("loaded %s (%s, %s, quantised: %s) in %.2f s", config.name or config.family, dtype, device, model.quantised, time.perf_counter() - started)
+        _release_freed_memory()
+        log.info(
+            "loaded %s (%s, %s, quantised: %s) in %.2f s",
+            config.name or config.family,
+            dtype,
+            device,
+            model.quantised,
+            time.perf_counter() - started,
+        )
         return model
     prepared = _prepared_path(weight_files, dtype)
     model = _load_prepared(family, config, prepared, DTYPES[dtype]) if prepared else None
@@ -192,20 +195,38 @@ def _tensor_names(weight_files: list[Path]) -> list[str]:
     return names
 
 
-def _read_arrays(weight_files: list[Path]) -> dict:
-    """Quantised matrices as numpy arrays (engine/quant.py packs them), float tensors
-    as torch tensors."""
-    out: dict = {}
-    for path in weight_files:
+def _release_freed_memory() -> None:
+    """Hand the heap that loading freed (read buffers, repacking temporaries) back to
+    the system: glibc keeps it otherwise, and a 7B model measured 5.8 GB resident
+    after loading against 5.4 GB after this. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _QuantisedSource:
+    """A converted model's tensors for `WeightSource`, read as they are taken:
+    quantised matrices as engine/quant.py's Int4/Int8 (or dequantised, for a float
+    load), everything else as torch tensors."""
+
+    def __init__(self, weight_files: list[Path], *, dequantise: bool) -> None:
         try:
-            with safe_open(str(path), "np") as handle:
-                for name in handle.keys():
-                    value = handle.get_tensor(name)
-                    quantised = name.endswith((".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale"))
-                    out[name] = value if quantised else torch.from_numpy(value)
-        except (OSError, RuntimeError, ValueError) as error:
-            raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
-    return out
+            self.state = quant.LazyState(weight_files)
+        except (OSError, ValueError) as error:
+            raise ModelFileError(f"cannot read weights {weight_files[0].name}: {error}") from None
+        self.dequantise = dequantise
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def pop(self, name: str):
+        value = self.state.pop(name)
+        if isinstance(value, quant.Int4 | quant.Int8):
+            return torch.from_numpy(value.dequantize()) if self.dequantise else value
+        return torch.from_numpy(value)
 
 
 # Bump when the prepared layout changes (fused projections, RoPE pair order,
