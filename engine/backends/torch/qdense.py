@@ -32,7 +32,7 @@ from engine.quant import GROUP, Int4, Int8, Quantised
 # dtype rather than through the weight-only kernel.
 PREFILL_ROWS = 16
 # Output rows dequantised at a time on that path (bounds the transient copy).
-DEQUANT_ROWS = 8192
+DEQUANT_ROWS = 16384
 _BLOCK_N = 64
 
 
@@ -49,8 +49,8 @@ def _unpack_int4(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     N, half = packed.shape
     K = half * 2
     blocks = packed.view(N // _BLOCK_N, K, 32)[start // _BLOCK_N : stop // _BLOCK_N]
-    values = torch.cat([blocks & 0x0F, blocks >> 4], dim=2)  # (b, K, 64)
-    return values.permute(0, 2, 1).reshape(stop - start, K)
+    values = torch.stack([blocks & 0x0F, blocks >> 4], dim=1)  # (b, 2, K, 32): rows j, then j + 32
+    return values.permute(0, 1, 3, 2).reshape(stop - start, K)
 
 
 class QuantDense:
@@ -88,17 +88,26 @@ class QuantDense:
         raise ValueError("QuantDense lives on the CPU; dequantise it for other devices")
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of W in the model's dtype."""
+        """Rows [start, stop) of W in the model's dtype.
+
+        Computed in that dtype (bf16 here), not through float32: for a 9728 x 896
+        matrix that took int8 from 42 ms to 2.5 ms and int4 from 128 ms to 34 ms,
+        against 200 ms for the matmul of 2,048 rows it feeds. int8 loses nothing by
+        it (q is exact in bf16, the product is rounded once); int4 rounds twice
+        (q·scale, then + zero) instead of once.
+        """
         stop = self.rows if stop is None else stop
         if self.kind == "int8":
-            return (self.q[start:stop].to(torch.float32) * self.scales[start:stop].float()[:, None]).to(self.dtype)
+            return self.q[start:stop].to(self.dtype) * self.scales[start:stop, None]
         block_start = start - start % _BLOCK_N
         block_stop = min(stop + (-stop % _BLOCK_N), self.q.shape[0])
-        values = _unpack_int4(self.q, block_start, block_stop).to(torch.float32) - 8.0
-        groups = values.view(block_stop - block_start, -1, GROUP)
-        sz = self.scales[:, block_start:block_stop].float()  # (K/32, rows, 2)
-        w = groups * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
-        return w.view(block_stop - block_start, -1)[start - block_start : stop - block_start].to(self.dtype)
+        rows = block_stop - block_start
+        values = _unpack_int4(self.q, block_start, block_stop).to(self.dtype).view(rows, -1, GROUP)
+        sz = self.scales[:, block_start:block_stop].permute(1, 0, 2).float()  # (rows, K/32, 2)
+        scale = sz[..., 0:1]
+        offset = sz[..., 1:2] - 8.0 * scale  # W = q·scale + offset, q in 0..15
+        w = torch.addcmul(offset.to(self.dtype), values, scale.to(self.dtype), out=torch.empty_like(values))
+        return w.view(rows, -1)[start - block_start : stop - block_start]
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W (an embedding table), in the model's dtype."""
