@@ -34,6 +34,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -112,6 +113,38 @@ def convert_gguf(
     dest = Path(dest_dir)
     contents = read_gguf(gguf_path)
     dest.mkdir(parents=True, exist_ok=True)
+    # One conversion of a folder at a time (the app and the CLI, or two threads): a
+    # second caller waits, then finds the first one's result.
+    with _folder_lock(dest):
+        stat = gguf_path.stat()
+        done = _read_source(dest)
+        if (
+            is_converted(dest)
+            and done is not None
+            and done.get("path") == str(gguf_path)
+            and done.get("size") == stat.st_size
+            and done.get("mtime") == stat.st_mtime
+        ):
+            return _open_converted(dest)
+        return _convert_locked(contents, gguf_path, dest, progress, cancel, sha256)
+
+
+@contextmanager
+def _folder_lock(dest: Path):
+    import fcntl
+
+    # Beside the folder, not in it: the folder's files are all the model's.
+    with (dest.parent / f".{dest.name}.convert.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_locked(
+    contents, gguf_path: Path, dest: Path, progress: ProgressFn | None, cancel: CancelFn | None, sha256: str | None
+) -> ModelFolder:
     # Invalidate first: an interrupted reconversion must not look complete.
     (dest / SOURCE_FILE).unlink(missing_ok=True)
 
@@ -236,6 +269,9 @@ def _open_gguf(gguf_path: Path) -> ModelFolder:
             and known.get("size") == stat.st_size
             and known.get("mtime") == stat.st_mtime
         ):
+            if _outdated(folder):
+                log.info("converting %s again into the quantised layout", gguf_path.name)
+                return convert_gguf(gguf_path, folder, sha256=known.get("sha256"))
             return _open_folder(folder)
     dest = models_dir() / gguf_path.stem
     source = _read_source(dest)
@@ -253,25 +289,16 @@ def _open_gguf(gguf_path: Path) -> ModelFolder:
 def _open_folder(folder: Path) -> ModelFolder:
     if (folder / CONFIG_FILE).is_file():
         if _outdated(folder):
-            return _migrate(folder)
+            # Still loads (float32 weights); converting again is the installer's job,
+            # with progress (app: first-run dialog), or `open_model(the .gguf)`'s.
+            log.info("%s holds weights of an older layout; open its GGUF to convert it again", folder.name)
+            return _open_converted(folder)
         if not is_converted(folder):
             raise ModelFileError(f"{folder}: conversion is incomplete (no {SOURCE_FILE}); convert the GGUF again")
         return _open_converted(folder)
     if (folder / "config.json").is_file():
         return _open_hf(folder)
     raise ModelFileError(f"{folder}: not a model folder (no {CONFIG_FILE} or config.json)")
-
-
-def _migrate(folder: Path) -> ModelFolder:
-    """Convert an older-layout folder again from its GGUF when that is still where
-    it was (same size); without it, the old float weights still load as they are."""
-    source = _read_source(folder) or {}
-    gguf_path = Path(str(source.get("path", "")))
-    if gguf_path.is_file() and gguf_path.stat().st_size == source.get("size"):
-        log.info("converting %s again into the quantised layout", gguf_path.name)
-        return convert_gguf(gguf_path, folder, sha256=source.get("sha256"))
-    log.info("%s: weights in an older layout and no GGUF to convert again; using them as they are", folder.name)
-    return _open_converted(folder)
 
 
 def _open_converted(folder: Path) -> ModelFolder:

@@ -111,7 +111,9 @@ def test_interrupted_conversion_is_redone(quire_home: Path, tiny_gguf: tuple[Pat
 
 def test_older_layout_is_converted_again(quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]]) -> None:
     """A folder converted before weights stayed quantised (no "layout" in source.json,
-    float32 weights and prepared copies) is converted again from its GGUF on open."""
+    float32 weights and prepared copies) still opens by name as it is (listing models
+    or reading a tokenizer never converts), and is converted again when its GGUF is
+    opened, or by the installer (tests below)."""
     path, _ = tiny_gguf
     folder = open_model(path).path
     source = json.loads((folder / "source.json").read_text())
@@ -120,14 +122,34 @@ def test_older_layout_is_converted_again(quire_home: Path, tiny_gguf: tuple[Path
     (folder / "quire-prepared").mkdir()
     (folder / "quire-prepared" / "v1-float32.safetensors").write_bytes(b"old")
     assert [p.name for p in install.model_folders()] == ["tiny-model"]  # still listed
-    opened = open_model("tiny-model")
+    assert open_model("tiny-model").path == folder
+    assert "layout" not in json.loads((folder / "source.json").read_text())  # not converted by a look
+    opened = open_model(path)
     assert json.loads((folder / "source.json").read_text())["layout"] == 2
     assert any(n.endswith(".q8") for n in load_file(str(opened.weight_files[0])))
     assert not (folder / "quire-prepared").exists()
-    # Without its GGUF the old folder still opens, as it is.
-    (folder / "source.json").write_text(json.dumps(source))
-    path.unlink()
-    assert open_model("tiny-model").path == folder
+
+
+def test_conversions_of_one_folder_take_turns(quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]],
+                                              tmp_path: Path) -> None:
+    """Two conversions of the same GGUF into the same folder at once (the app and the
+    CLI): the second waits for the first and returns its result instead of writing."""
+    import threading
+
+    path, _ = tiny_gguf
+    calls: list[str] = []
+    results: list = []
+
+    def convert(name: str) -> None:
+        results.append(convert_gguf(path, tmp_path / "same", progress=lambda d, t: calls.append(name)))
+
+    threads = [threading.Thread(target=convert, args=(n,)) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0].weight_files == results[1].weight_files
+    assert len(set(calls)) == 1  # only one of them converted
 
 
 def test_open_hf_folder(quire_home: Path, tmp_path: Path) -> None:

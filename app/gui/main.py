@@ -427,16 +427,17 @@ class MainWindow(QMainWindow):
 
     @Slot(str, int, int)
     def _installing(self, stage: str, done: int, total: int) -> None:
-        """First run: the default model is copied and converted once (about a minute)."""
+        """The default model is copied and converted once (about a minute): on the
+        first run, and again when a new Quire changes the converted layout."""
         from PySide6.QtWidgets import QProgressDialog
 
         if self._install_dialog is None:
-            self._install_dialog = QProgressDialog("Preparing the default model (first run only)…", "Cancel", 0, 1000, self)
+            self._install_dialog = QProgressDialog("Preparing the model (once)…", "Cancel", 0, 1000, self)
             self._install_dialog.setWindowTitle("Quire")
             self._install_dialog.setMinimumDuration(0)
             self._install_dialog.canceled.connect(lambda: self.engine_worker.cancel())
         labels = {"download": "Downloading the model", "assemble": "Copying the model", "convert": "Converting the model for this machine"}
-        self._install_dialog.setLabelText(f"{labels.get(stage, stage)} (first run only)…")
+        self._install_dialog.setLabelText(f"{labels.get(stage, stage)} (once)…")
         self._install_dialog.setValue(int(1000 * done / total) if total else 0)
 
     def _close_install_dialog(self) -> None:

@@ -344,7 +344,8 @@ def _derive(entry: dict, machine: dict) -> None:
         if "error" in ours:
             continue
         d: dict = {"prefill_vs_same_dtype": {}, "prefill_vs_best": {}, "prefill_fraction_of_matmul_peak": {}}
-        peak = machine.get(f"matmul_{'bf16' if dtype == 'bfloat16' else 'fp32'}_gflops")
+        activations = ours.get("activations", dtype)  # quantised weights multiply in this dtype
+        peak = machine.get(f"matmul_{'bf16' if activations == 'bfloat16' else 'fp32'}_gflops")
         for length, m in ours["prefill"].items():
             n = int(length)
             same = refs.get(dtype, {}).get("prefill", {}).get(length)
