@@ -35,6 +35,8 @@ def runtime_markdown(report: dict) -> str:
                     lines.append(f"| {name} | {impl} | {dtype} | error: {r['error']} |" + " |" * (2 + len(lengths)))
                     continue
                 cells = [_fmt(r["prefill"].get(str(n), {}).get("tokens_per_second")) for n in lengths]
+                if dtype == "quantised" and r.get("quantised") is False:
+                    dtype = "quantised (none: a float folder)"  # an HF folder, or one converted by an older Quire
                 # An 8K-window model is measured at window − 64: show where that happened.
                 for i, n in enumerate(lengths):
                     if str(n) not in r["prefill"]:
