@@ -71,11 +71,9 @@ def _weight_bytes(model) -> tuple[int, int]:
 def _bytes_per_value(model) -> int:
     """Bytes of one activation (and KV) value."""
     embed = model.embed
-    if hasattr(embed, "itemsize"):  # MLX
+    if hasattr(embed, "itemsize"):  # MLX, and torch's float tables
         return embed.itemsize
-    import torch
-
-    return torch.empty(0, dtype=model.dtype).element_size()
+    return model.dtype.itemsize  # a quantised table: the activations' dtype
 
 
 def _linear_parameters(model, weight_bytes: int) -> int:

@@ -84,9 +84,15 @@ def load(
         raise UnsupportedModelError(f"the MLX backend has no '{config.family}' family") from None
     started = time.perf_counter()
     tensors: dict[str, mx.array] = {}
+    if len(weight_files) == 1 and weight_files[0].suffix.lower() == ".gguf":
+        # A float dtype named: the GGUF dequantised by gguf-py, as torch reads it then.
+        from engine.gguf_loader import read_gguf
+
+        tensors = {name: mx.array(values) for name, values in read_gguf(weight_files[0]).iter_tensors()}
+        weight_files = []
     for path in weight_files:
         if path.suffix != ".safetensors":
-            raise ModelFileError(f"the MLX backend reads converted .safetensors weights, not {path.name}")
+            raise ModelFileError(f"the MLX backend reads converted .safetensors or GGUF weights, not {path.name}")
         try:
             tensors.update(mx.load(str(path)))
         except (OSError, RuntimeError, ValueError) as error:
