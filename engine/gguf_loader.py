@@ -122,7 +122,7 @@ class GGUFContents:
     def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF shape), one tensor dequantised at a time."""
         for item in self._plan:
-            yield from self._float_tensor(item)
+            yield item.hf_name, self._read(item, keep_quantised=False)
 
     def weight_entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(safetensors name, dtype, shape) of every array `iter_weights` yields, in
@@ -147,28 +147,19 @@ class GGUFContents:
     def iter_weights(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield the arrays of `weight_entries`, one tensor at a time: quantised GGUF
         matrices kept quantised (engine/quant.py), everything else as float32."""
-        family = self.config.family
         for item in self._plan:
-            try:
-                weight = quant.from_gguf(item.gguf)
-            except (ValueError, NotImplementedError) as err:
-                raise ModelFileError(
-                    f"{self.path.name}: cannot read tensor '{item.gguf.name}' "
-                    f"({item.gguf.tensor_type.name}): {_one_line(err)}"
-                ) from None
-            if weight is None:
-                yield from self._float_tensor(item)
-                continue
-            stem = item.gguf.name.split(".")
-            if family in _PERMUTED_QK_FAMILIES and len(stem) == 4 and stem[2] in ("attn_q", "attn_k"):
-                heads = self.config.num_attention_heads if stem[2] == "attn_q" else self.config.num_key_value_heads
-                weight = weight.rows(unpermute_rotary(np.arange(weight.shape[0]), heads))
-            yield from quant.to_arrays(item.hf_name, weight).items()
+            weight = self._read(item, keep_quantised=True)
+            if isinstance(weight, np.ndarray):
+                yield item.hf_name, weight
+            else:
+                yield from quant.to_arrays(item.hf_name, weight).items()
 
-    def _float_tensor(self, item: _TensorPlan) -> Iterator[tuple[str, np.ndarray]]:
+    def _read(self, item: _TensorPlan, *, keep_quantised: bool) -> np.ndarray | quant.Quantised:
+        """One tensor in HF form: float32, or kept quantised where engine/quant.py can."""
         family = self.config.family
         try:
-            values = _dequantize(item.gguf)
+            weight = quant.from_gguf(item.gguf) if keep_quantised else None
+            values = _dequantize(item.gguf) if weight is None else weight
         except (ValueError, NotImplementedError) as err:
             raise ModelFileError(
                 f"{self.path.name}: cannot read tensor '{item.gguf.name}' "
@@ -177,10 +168,15 @@ class GGUFContents:
         stem = item.gguf.name.split(".")
         if family in _PERMUTED_QK_FAMILIES and len(stem) == 4 and stem[2] in ("attn_q", "attn_k"):
             heads = self.config.num_attention_heads if stem[2] == "attn_q" else self.config.num_key_value_heads
-            values = unpermute_rotary(values, heads)
+            if isinstance(values, np.ndarray):
+                values = unpermute_rotary(values, heads)
+            else:  # the same row order, taken from the quantised rows
+                values = values.rows(unpermute_rotary(np.arange(values.shape[0]), heads))
+        if not isinstance(values, np.ndarray):
+            return values
         if family in _NORM_PLUS_ONE_FAMILIES and item.gguf.name.endswith("norm.weight"):
             values = values - np.float32(1.0)
-        yield item.hf_name, np.ascontiguousarray(values, dtype=np.float32)
+        return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:

@@ -45,6 +45,7 @@ from engine.config import ModelConfig
 from engine.errors import Cancelled, ModelFileError, ModelNotInstalledError
 from engine.gguf_loader import read_gguf
 from engine.paths import models_dir, write_atomic
+from engine.quant import SAFETENSORS_DTYPES, SCALE_SUFFIXES, base_name
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,7 @@ def convert_gguf(
     # One conversion of a folder at a time (the app and the CLI, or two threads): a
     # second caller waits, then finds the first one's result.
     with _folder_lock(dest):
-        stat = gguf_path.stat()
-        done = _read_source(dest)
-        if (
-            is_converted(dest)
-            and done is not None
-            and done.get("path") == str(gguf_path)
-            and done.get("size") == stat.st_size
-            and done.get("mtime") == stat.st_mtime
-        ):
+        if is_converted(dest) and _came_from(_read_source(dest), gguf_path, same_path=True):
             return _open_converted(dest)
         return _convert_locked(contents, gguf_path, dest, progress, cancel, sha256)
 
@@ -153,7 +146,7 @@ def _convert_locked(
     if progress is not None:
         progress(0, total)
     # A quantised matrix is several arrays; progress counts tensors, at each one's last.
-    last_of_tensor = [i + 1 == len(entries) or _base(entries[i + 1][0]) != _base(name) for i, (name, _, _) in enumerate(entries)]
+    last_of_tensor = [i + 1 == len(entries) or base_name(entries[i + 1][0]) != base_name(name) for i, (name, _, _) in enumerate(entries)]
 
     def write_weights(tmp: Path) -> None:
         done = 0
@@ -162,7 +155,7 @@ def _convert_locked(
             for index, ((name, values), (expected_name, dtype, shape)) in enumerate(zip(contents.iter_weights(), entries)):
                 if cancel is not None and cancel():
                     raise Cancelled("conversion cancelled")
-                expected = np.dtype(_NUMPY_DTYPES[dtype]).newbyteorder("<")
+                expected = np.dtype(SAFETENSORS_DTYPES[dtype]).newbyteorder("<")
                 assert name == expected_name and values.shape == shape and values.dtype == expected, (
                     name,
                     values.shape,
@@ -258,32 +251,31 @@ def _model_folders() -> list[Path]:
 
 
 def _open_gguf(gguf_path: Path) -> ModelFolder:
-    stat = gguf_path.stat()
     # An installed default model was converted from this very file under its own
     # name: reuse that conversion rather than making a second copy.
     for folder in _model_folders():
         known = _read_source(folder)
-        if (
-            known is not None
-            and known.get("path") == str(gguf_path.resolve())
-            and known.get("size") == stat.st_size
-            and known.get("mtime") == stat.st_mtime
-        ):
+        if _came_from(known, gguf_path, same_path=True):
             if _outdated(folder):
                 log.info("converting %s again into the quantised layout", gguf_path.name)
                 return convert_gguf(gguf_path, folder, sha256=known.get("sha256"))
             return _open_folder(folder)
     dest = models_dir() / gguf_path.stem
-    source = _read_source(dest)
-    if (
-        source is not None
-        and is_converted(dest)
-        and source.get("size") == stat.st_size
-        and source.get("mtime") == stat.st_mtime
-    ):
+    if is_converted(dest) and _came_from(_read_source(dest), gguf_path, same_path=False):
         return _open_converted(dest)
     log.info("converting %s into %s", gguf_path, dest)
     return convert_gguf(gguf_path, dest)
+
+
+def _came_from(source: dict | None, gguf_path: Path, *, same_path: bool) -> bool:
+    """Whether a folder's source.json names this GGUF as it is now (size and mtime,
+    and its path when `same_path`)."""
+    if source is None:
+        return False
+    stat = gguf_path.stat()
+    if same_path and source.get("path") != str(gguf_path.resolve()):
+        return False
+    return source.get("size") == stat.st_size and source.get("mtime") == stat.st_mtime
 
 
 def _open_folder(folder: Path) -> ModelFolder:
@@ -385,17 +377,6 @@ def _write_json(path: Path, value: dict) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _base(name: str) -> str:
-    """The tensor an array belongs to: NAME for NAME.q4_scale and the like."""
-    for suffix in (".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-_NUMPY_DTYPES = {"F32": "f4", "F16": "f2", "U8": "u1", "I8": "i1"}
-
-
 def _write_safetensors_header(out: BinaryIO, entries: list[tuple[str, str, tuple[int, ...]]]) -> None:
     """Write the safetensors prefix for (name, dtype, shape) tensors that follow back
     to back in order.
@@ -408,7 +389,7 @@ def _write_safetensors_header(out: BinaryIO, entries: list[tuple[str, str, tuple
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in entries:
-        size = np.dtype(_NUMPY_DTYPES[dtype]).itemsize * math.prod(shape)
+        size = np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -426,7 +407,7 @@ def _safetensors_numel(path: Path) -> int:
         raise ModelFileError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
     total = 0
     for key, entry in header.items():
-        if key == "__metadata__" or key.endswith((".q4_scale", ".q4_zero", ".q8_scale")):
+        if key == "__metadata__" or key.endswith(SCALE_SUFFIXES):
             continue  # a quantised matrix's scales are not weights of the model
         count = math.prod(int(dim) for dim in entry["shape"])
         total += 2 * count if key.endswith(".q4") else count  # two 4-bit weights a byte

@@ -193,6 +193,20 @@ def to_arrays(name: str, weight: Quantised) -> dict[str, np.ndarray]:
     return {f"{name}.q8": np.ascontiguousarray(weight.q), f"{name}.q8_scale": weight.scale.astype(np.float32)}
 
 
+# The arrays of a quantised matrix NAME besides NAME.q4 / NAME.q8 themselves.
+SCALE_SUFFIXES = (".q4_scale", ".q4_zero", ".q8_scale")
+# safetensors dtype names of the arrays a converted model holds -> numpy type codes.
+SAFETENSORS_DTYPES = {"F32": "f4", "F16": "f2", "U8": "u1", "I8": "i1"}
+
+
+def base_name(name: str) -> str:
+    """The matrix an array belongs to: NAME for NAME.q4_scale and the like."""
+    for suffix in (".q4", ".q8", *SCALE_SUFFIXES):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def from_arrays(arrays: dict) -> dict:
     """Group a loaded state dict: NAME.q4/... and NAME.q8/... entries become one
     Int4/Int8 under NAME (arrays of whatever library loaded them); floats pass through."""
@@ -204,7 +218,7 @@ def from_arrays(arrays: dict) -> dict:
         elif key.endswith(".q8"):
             name = key[:-3]
             out[name] = Int8(value, arrays[name + ".q8_scale"])
-        elif not key.endswith((".q4_scale", ".q4_zero", ".q8_scale")):
+        elif not key.endswith(SCALE_SUFFIXES):
             out[key] = value
     return out
 
@@ -216,10 +230,6 @@ def dequantize_state(arrays: dict) -> dict[str, np.ndarray]:
         name: value.dequantize() if isinstance(value, Int4 | Int8) else value
         for name, value in from_arrays(arrays).items()
     }
-
-
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "U8": np.uint8, "I8": np.int8}
-_PARTS = (".q4", ".q4_scale", ".q4_zero", ".q8", ".q8_scale")
 
 
 class LazyState:
@@ -239,19 +249,17 @@ class LazyState:
                 if name != "__metadata__":
                     start = base + entry["data_offsets"][0]
                     self._where[name] = (path, entry["dtype"], tuple(entry["shape"]), start)
-        self._names = {_base_name(n) for n in self._where}
+        self._names = {base_name(n) for n in self._where}
+        self.quantised = is_quantised_state(self._where)
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
 
-    def names(self) -> set[str]:
-        return set(self._names)
-
     def _read(self, key: str) -> np.ndarray:
         path, dtype, shape, start = self._where.pop(key)
-        if dtype not in _SAFETENSORS_DTYPES or _SAFETENSORS_DTYPES[dtype] is None:
+        if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"{key}: dtype {dtype} is not one a converted model holds")
-        kind = np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<")
+        kind = np.dtype(SAFETENSORS_DTYPES[dtype]).newbyteorder("<")
         count = int(np.prod(shape)) if shape else 1
         with open(path, "rb") as handle:
             return np.fromfile(handle, dtype=kind, count=count, offset=start).reshape(shape)
@@ -265,13 +273,6 @@ class LazyState:
         if name + ".q8" in self._where:
             return Int8(self._read(name + ".q8"), self._read(name + ".q8_scale"))
         return self._read(name)
-
-
-def _base_name(name: str) -> str:
-    for suffix in _PARTS:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def is_quantised_state(names) -> bool:

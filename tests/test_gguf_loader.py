@@ -64,21 +64,10 @@ def tiny_llama_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_tiny_gguf(
-    path: Path,
-    arch: str = "llama",
-    skip: tuple[str, ...] = (),
-    with_output: bool = False,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """Write a tiny random model; return the HF-named fp32 tensors a reader must give.
-
-    F32 tensors for most weights, Q8_0 for every ffn_down (built byte by byte here).
-    """
-    expected = tiny_llama_tensors(seed)
-    rng = np.random.default_rng(seed + 1)
+def tiny_writer(path: Path, arch: str, name: str) -> GGUFWriter:
+    """A GGUFWriter with the tiny model's metadata and tokenizer; tensors to add."""
     writer = GGUFWriter(str(path), arch)
-    writer.add_name("tiny test model")
+    writer.add_name(name)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -92,6 +81,23 @@ def write_tiny_gguf(
     writer.add_token_types([1] * VOCAB)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    return writer
+
+
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    skip: tuple[str, ...] = (),
+    with_output: bool = False,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Write a tiny random model; return the HF-named fp32 tensors a reader must give.
+
+    F32 tensors for most weights, Q8_0 for every ffn_down (built byte by byte here).
+    """
+    expected = tiny_llama_tensors(seed)
+    rng = np.random.default_rng(seed + 1)
+    writer = tiny_writer(path, arch, "tiny test model")
     writer.add_chat_template("{{ messages }}")
 
     def add(gguf_name: str, values: np.ndarray) -> None:

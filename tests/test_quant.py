@@ -118,32 +118,17 @@ def test_concat_rows_mixed_kinds_become_int8() -> None:
 def _write_quantised_tiny(path) -> None:
     """The tiny llama of tests/test_gguf_loader.py with its matrices stored as a
     mixed GGUF would: Q4_0 attention and gate/up, Q8_0 ffn_down and embeddings."""
-    from gguf import GGUFWriter
-
-    from tests.test_gguf_loader import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, llama_cpp_permute, tiny_llama_tensors
+    from tests.test_gguf_loader import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, llama_cpp_permute, tiny_llama_tensors, tiny_writer
 
     t = tiny_llama_tensors(3)
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("tiny quantised")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(50000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"tok{i}" for i in range(VOCAB)])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer = tiny_writer(path, "llama", "tiny quantised")
 
     def add(name: str, values: np.ndarray, kind: T | None = None) -> None:
         if kind is None:
             writer.add_tensor(name, values)
         else:
-            writer.add_tensor(name, quantize(values, kind), raw_shape=quantize(values, kind).shape, raw_dtype=kind)
+            raw = quantize(values, kind)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
 
     add("token_embd.weight", t["model.embed_tokens.weight"], T.Q8_0)
     add("output_norm.weight", t["model.norm.weight"])

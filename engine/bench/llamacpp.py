@@ -80,7 +80,7 @@ def run(
     spec = {
         "gguf": str(gguf),
         "prompts": {str(n): ids for n, ids in prompts.items()},
-        "lengths": sorted(n for n in prompts if n != decode_after or n in lengths),
+        "lengths": sorted(lengths),
         "decode_tokens": decode_tokens,
         "decode_after": decode_after,
     }

@@ -29,8 +29,11 @@ def runtime_markdown(report: dict) -> str:
     header += " | decode tok/s (after 2K) | peak RSS MB |"
     lines += [header, "|" + "---|" * (6 + len(lengths))]
     for name, entry in report["models"].items():
-        for impl in ("quire", "quire-mlx", "transformers"):
-            for dtype, r in entry.get(impl, {}).items():
+        by_impl = {impl: entry.get(impl, {}) for impl in ("quire", "quire-mlx", "transformers")}
+        if "llama.cpp" in entry:  # one run, on the GGUF as it is
+            by_impl["llama.cpp"] = {"GGUF": entry["llama.cpp"]}
+        for impl, runs in by_impl.items():
+            for dtype, r in runs.items():
                 if "error" in r:
                     lines.append(f"| {name} | {impl} | {dtype} | error: {r['error']} |" + " |" * (2 + len(lengths)))
                     continue
@@ -47,15 +50,6 @@ def runtime_markdown(report: dict) -> str:
                     f"| {name} | {impl} | {dtype} | {_fmt(r['load_seconds'], 2)} | " + " | ".join(cells)
                     + f" | {_fmt(r['decode']['tokens_per_second'], 1)} | {_fmt(r['peak_rss_mb'])} |"
                 )
-        peer = entry.get("llama.cpp")
-        if peer and "error" in peer:
-            lines.append(f"| {name} | llama.cpp | GGUF | error: {peer['error']} |" + " |" * (2 + len(lengths)))
-        elif peer:
-            cells = [_fmt(peer["prefill"].get(str(n), {}).get("tokens_per_second")) for n in lengths]
-            lines.append(
-                f"| {name} | llama.cpp | GGUF | {_fmt(peer['load_seconds'], 2)} | " + " | ".join(cells)
-                + f" | {_fmt(peer['decode']['tokens_per_second'], 1)} | {_fmt(peer['peak_rss_mb'])} |"
-            )
     peers = [(name, dtype, d) for name, e in report["models"].items() for dtype, d in e.get("derived", {}).items()
              if "decode_vs_llama_cpp" in d]
     if peers:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine import quant
@@ -134,9 +133,12 @@ def load(
     started = time.perf_counter()
     if weight_files and weight_files[0].suffix.lower() == ".gguf":
         return _load_gguf(family, config, weight_files[0], DTYPES[dtype], device, started)
-    if quant.is_quantised_state(_tensor_names(weight_files)):
-        tensors = _QuantisedSource(weight_files, dequantise=not keep_quantised)
-        model = family(config, tensors, DTYPES[dtype])
+    try:
+        state = quant.LazyState(weight_files)  # the headers only
+    except (OSError, ValueError) as error:
+        raise ModelFileError(f"cannot read weights {weight_files[0].name}: {error}") from None
+    if state.quantised:
+        model = family(config, _QuantisedSource(state, dequantise=not keep_quantised), DTYPES[dtype])
         model.to(device)
         _release_freed_memory()
         log.info(
@@ -184,17 +186,6 @@ def _load_gguf(
     return model
 
 
-def _tensor_names(weight_files: list[Path]) -> list[str]:
-    names: list[str] = []
-    for path in weight_files:
-        try:
-            with safe_open(str(path), "np") as handle:
-                names += list(handle.keys())
-        except (OSError, RuntimeError, ValueError) as error:
-            raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
-    return names
-
-
 def _release_freed_memory() -> None:
     """Hand the heap that loading freed (read buffers, repacking temporaries) back to
     the system: glibc keeps it otherwise, and a 7B model measured 5.8 GB resident
@@ -212,11 +203,8 @@ class _QuantisedSource:
     quantised matrices as engine/quant.py's Int4/Int8 (or dequantised, for a float
     load), everything else as torch tensors."""
 
-    def __init__(self, weight_files: list[Path], *, dequantise: bool) -> None:
-        try:
-            self.state = quant.LazyState(weight_files)
-        except (OSError, ValueError) as error:
-            raise ModelFileError(f"cannot read weights {weight_files[0].name}: {error}") from None
+    def __init__(self, state: quant.LazyState, *, dequantise: bool) -> None:
+        self.state = state
         self.dequantise = dequantise
 
     def __contains__(self, name: str) -> bool:

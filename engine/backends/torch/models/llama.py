@@ -76,7 +76,9 @@ class WeightSource:
         return tensor.to(self.dtype).contiguous()
 
     def take(self, name: str) -> torch.Tensor:
-        tensor = self.take_matrix(name)
+        return self.as_float(self.take_matrix(name))
+
+    def as_float(self, tensor: torch.Tensor | Quantised) -> torch.Tensor:
         if isinstance(tensor, Int4 | Int8):
             return torch.from_numpy(tensor.dequantize()).to(self.dtype)
         return tensor
@@ -124,7 +126,8 @@ class DecoderModel:
     @property
     def quantised(self) -> bool:
         """Whether any matrix is held quantised (such a model is never prepared)."""
-        return isinstance(self.lm_head, QuantDense) or any(
+        heads = (self.embed, self.lm_head)
+        return any(isinstance(m, QuantDense) for m in heads) or any(
             isinstance(getattr(layer, name), QuantDense) for layer in self.layers for name in DENSE_FIELDS
         )
 
@@ -176,12 +179,13 @@ class DecoderModel:
     def _linear(self, weight: torch.Tensor | Quantised, bias: torch.Tensor | None = None) -> Linear:
         return Dense(weight, bias) if isinstance(weight, torch.Tensor) else QuantDense(weight, bias, self.dtype)
 
-    def _fused(self, parts: list[torch.Tensor | Quantised], bias: torch.Tensor | None = None) -> Linear:
+    def _fused(
+        self, source: WeightSource, parts: list[torch.Tensor | Quantised], bias: torch.Tensor | None = None
+    ) -> Linear:
         """One matrix of `parts` stacked by rows; quantised when they all are."""
         if all(isinstance(part, Int4 | Int8) for part in parts):
             return QuantDense(concat_rows(parts), bias, self.dtype)
-        floats = [p if isinstance(p, torch.Tensor) else torch.from_numpy(p.dequantize()).to(self.dtype) for p in parts]
-        return Dense(torch.cat(floats, dim=0), bias)
+        return Dense(torch.cat([source.as_float(p) for p in parts], dim=0), bias)
 
     def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
@@ -210,10 +214,10 @@ class DecoderModel:
         optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
         return LayerWeights(
             input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
-            qkv=self._fused([q, k, v], qkv_bias),
+            qkv=self._fused(source, [q, k, v], qkv_bias),
             out=self._linear(source.take_matrix(attn + "o_proj.weight")),
             post_attention_norm=self._norm_weight(source.take(p + "post_attention_layernorm.weight")),
-            gate_up=self._fused(gate_up),
+            gate_up=self._fused(source, gate_up),
             down=self._linear(source.take_matrix(p + "mlp.down_proj.weight")),
             **optional,
         )
@@ -224,7 +228,7 @@ class DecoderModel:
         device = torch.device(device)
         if device == self.device:
             return self
-        if self.quantised or isinstance(self.embed, QuantDense):
+        if self.quantised:
             raise ValueError("a model with quantised weights runs on the CPU; load it dequantised for another device")
         tied = self.lm_head.weight is self.embed
 
