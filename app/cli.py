@@ -216,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                     help="auto: a GGUF's quantised matrices stay quantised, activations in the faster of "
-                          "bf16 and fp32 here (measured); float32/bfloat16: the GGUF dequantised")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "quantised", "float32", "bfloat16"],
+                     help="auto: a GGUF's quantised matrices stay quantised on the CPU (activations in the "
+                          "faster of bf16 and fp32 here, measured) and on a GPU too small for bf16; "
+                          "quantised: always; float32/bfloat16: the GGUF dequantised")
     gen.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
                      help="auto: MLX on Apple Silicon where installed, else torch")
     gen.set_defaults(func=cmd_generate)

@@ -25,6 +25,7 @@ float tensors keep their plain name.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,6 +255,14 @@ class LazyState:
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
+
+    def parameter_count(self) -> int:
+        """Weights left to pop (a quantised matrix counts its values, not its bytes)."""
+        total = 0
+        for key, (_, _, shape, _) in self._where.items():
+            if not key.endswith(SCALE_SUFFIXES):
+                total += math.prod(shape) * (2 if key.endswith(".q4") else 1)
+        return total
 
     def _read(self, key: str) -> np.ndarray:
         path, dtype, shape, start = self._where.pop(key)

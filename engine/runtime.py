@@ -131,7 +131,9 @@ def load_model(
 
     `backend` is "auto" (see `resolve_backend`), "torch" or "mlx"; both read the same
     converted safetensors and give the same logits (tests/mlx). `device` is torch's
-    ("auto", "cpu", "cuda"); MLX picks its own."""
+    ("auto", "cpu", "cuda"); MLX picks its own. `dtype` "auto" is each backend's
+    default; "quantised" keeps a converted GGUF's quantised matrices (torch, CPU or
+    CUDA); a float dtype named reads the GGUF dequantised."""
     started = time.perf_counter()
     folder = open_model(spec)
     tokenizer = load_tokenizer(folder.path)
@@ -139,7 +141,7 @@ def load_model(
     module = importlib.import_module(f"engine.backends.{backend}")
     extra = {"device": device} if backend == "torch" else {}
     weight_files = folder.weight_files
-    if dtype != "auto" and folder.source_gguf is not None:
+    if dtype not in ("auto", "quantised") and folder.source_gguf is not None:
         # A float dtype asked for by name: the GGUF dequantised by gguf-py, exactly
         # (the converted folder's int8 matrices are requantised, see engine/quant.py).
         weight_files = [folder.source_gguf]

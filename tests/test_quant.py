@@ -105,6 +105,44 @@ def test_quantised_embedding_rows(kind: str) -> None:
     torch.testing.assert_close(got, table[ids], rtol=0, atol=1e-6)
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 40, 600])
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quant_dense_on_cuda_matches_float_matmul(kind: str, rows: int) -> None:
+    """The CUDA layout (tinygemm int4; int8 kernel or cast) gives the float product."""
+    n, k = 200, 256
+    weight = _int4(n, k) if kind == "int4" else quant.quantise_int8(weights(n, k))
+    w = torch.from_numpy(weight.dequantize())
+    bias = torch.randn(n)
+    x = torch.randn(1, rows, k)
+    expected = x @ w.T + bias
+    dense = QuantDense(weight, bias.bfloat16(), torch.bfloat16).to("cuda")
+    got = dense(x.bfloat16().cuda()).float().cpu()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantised_embedding_rows_on_cuda(kind: str) -> None:
+    weight = _int4(256, 64) if kind == "int4" else quant.quantise_int8(weights(256, 64))
+    table = torch.from_numpy(weight.dequantize())
+    ids = torch.tensor([[0, 31, 32, 63, 64, 200, 255, 5]])
+    dense = QuantDense(weight, None, torch.bfloat16).to("cuda", table=True)
+    got = dense.embedding(ids.cuda())
+    assert got.is_cuda
+    torch.testing.assert_close(got.float().cpu(), table[ids], rtol=1e-2, atol=1e-3)
+
+
+def test_quant_dense_moves_only_to_cuda() -> None:
+    dense = QuantDense(_int4(64, 64), None, torch.bfloat16)
+    assert dense.to("cpu") is dense
+    with pytest.raises(ValueError, match="CPU or a CUDA GPU"):
+        dense.to("meta")
+
+
 def test_concat_rows_mixed_kinds_become_int8() -> None:
     four, eight = _int4(64, 64), quant.quantise_int8(weights(32, 64))
     both = quant.concat_rows([four, eight])
@@ -164,18 +202,48 @@ def test_quantised_model_against_its_weights_dequantised(tmp_path, monkeypatch) 
     _write_quantised_tiny(path)
     folder = open_model(path)  # converted: quantised matrices stay quantised
     assert folder.source_gguf == path.resolve()  # what a named float dtype reads
-    model = torch_backend.load(folder.config, folder.weight_files)
-    reference = torch_backend.load(folder.config, folder.weight_files, dtype="float32")
+    assert quant.LazyState(folder.weight_files).parameter_count() == folder.parameter_count()
+    model = torch_backend.load(folder.config, folder.weight_files, device="cpu")
+    reference = torch_backend.load(folder.config, folder.weight_files, dtype="float32", device="cpu")
     assert model.quantised and isinstance(model.embed, QuantDense) and model.lm_head is model.embed
     assert (model.layers[0].qkv.kind, model.layers[0].gate_up.kind, model.layers[0].down.kind) == ("int4", "int4", "int8")
     assert model.layers[0].out.kind == "int4"  # Q4_1
     assert not reference.quantised
+    assert torch_backend.load(folder.config, folder.weight_files, dtype="quantised", device="cpu").quantised
     ids = list(range(3, 40)) * 2
     for rows in (ids, ids[:1]):  # prefill (dequantised matmuls) and one token (kernels)
         got = model.forward(rows, model.new_cache(128), last_only=False)
         expected = reference.forward(rows, reference.new_cache(128), last_only=False)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
     # The GGUF itself, dequantised by gguf-py, is what float dtypes load by name.
-    exact = torch_backend.load(folder.config, [folder.source_gguf], dtype="float32")
+    exact = torch_backend.load(folder.config, [folder.source_gguf], dtype="float32", device="cpu")
     assert not exact.quantised
     torch.testing.assert_close(exact.layers[1].gate_up.weight, reference.layers[1].gate_up.weight, rtol=0, atol=1e-6)
+
+
+@needs_cuda
+def test_quantised_model_on_cuda_against_cpu(tmp_path, monkeypatch) -> None:
+    """The quantised weights on CUDA (bf16 activations) against float32 on the CPU: no
+    further off than bf16 itself is (float weights in bf16 on the CPU; this tiny
+    random model amplifies rounding, ~12% over a prompt's rows, ~1% on one token)."""
+    import engine.backends.torch as torch_backend
+    from engine.model_store import open_model
+
+    monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch_backend, "_measured_dtype", "float32")
+    path = tmp_path / "tiny-q.gguf"
+    _write_quantised_tiny(path)
+    folder = open_model(path)
+    gpu = torch_backend.load(folder.config, folder.weight_files, device="cuda")
+    cpu = torch_backend.load(folder.config, folder.weight_files, device="cpu")
+    bf16 = torch_backend.load(folder.config, folder.weight_files, dtype="bfloat16", device="cpu")
+    assert gpu.quantised and gpu.layers[0].qkv.q.is_cuda and not bf16.quantised
+
+    def error(model, rows) -> float:
+        got = model.forward(rows, model.new_cache(128), last_only=False).float().cpu()
+        expected = cpu.forward(rows, cpu.new_cache(128), last_only=False)
+        return ((got - expected).norm() / expected.norm()).item()
+
+    ids = list(range(3, 40)) * 2
+    for rows in (ids, ids[:1]):
+        assert error(gpu, rows) <= 2 * error(bf16, rows) + 0.01

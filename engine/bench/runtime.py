@@ -93,9 +93,9 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, 
     from engine.generate import GenerationStats, SamplingParams, prefill
     from engine.runtime import load_model
 
-    # "quantised" is the default load (dtype "auto"): quantised GGUF matrices stay
-    # quantised, activations in the faster float type of this CPU.
-    lm = load_model(model_name, dtype="auto" if dtype == "quantised" else dtype, backend=backend)
+    # "quantised": a GGUF's quantised matrices stay quantised (the CPU's default load),
+    # activations in the faster float type of this CPU, bf16 on a GPU.
+    lm = load_model(model_name, dtype=dtype, backend=backend)
     window = lm.config.max_position_embeddings
     lengths = _fit(lengths, window)
     prompts = _prompts(lm.tokenizer, lengths)
@@ -111,7 +111,9 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, 
         "prefill": {},
         "parameters": lm.folder.parameter_count(),
     }
-    prefill(model, prompts[min(prompts)][:32], model.new_cache(64))  # warm-up
+    warm = model.new_cache(64)  # warm-up: a prompt's path and one decode step
+    prefill(model, prompts[min(prompts)][:32], warm)
+    model.forward(prompts[min(prompts)][32:33], warm)
     for length in lengths:
         cache = model.new_cache(length + 1)
         started = time.perf_counter()
@@ -143,6 +145,13 @@ def worker_ours(model_name: str, lengths: list[int], quality: bool, dtype: str, 
     if quality:
         result["quality"] = _quality(lm, _fit([2048, 8192], window), GenerationStats, SamplingParams)
     result["peak_rss_mb"] = _peak_rss_mb()
+    if lm.backend == "torch":
+        from engine.backends.torch import measure
+
+        result["device"] = str(model.device)
+        peak = measure.device_peak_mb(model.device)
+        if peak is not None:
+            result["peak_device_mb"] = peak
     return result
 
 

@@ -72,7 +72,7 @@ def load(
     dtype "auto" is `fastest_dtype()`. `threads` is accepted for the backend
     interface and ignored: MLX sizes its own CPU pool (and its BLAS its own).
     """
-    if dtype == "auto":
+    if dtype in ("auto", "quantised"):  # MLX dequantises a quantised folder at load
         dtype = fastest_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (choose from: auto, {', '.join(DTYPES)})")

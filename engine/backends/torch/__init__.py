@@ -116,14 +116,20 @@ def load(
 
     dtype "auto" picks the faster of fp32 and bf16 on this CPU (`fastest_dtype`), and
     bf16 on a GPU; device "auto" a CUDA GPU where there is one (`resolve_device`).
-    Quantised weights (a converted GGUF, engine/quant.py) stay quantised on the CPU
-    when dtype is "auto", the activations in that dtype; a dtype named explicitly, or
-    a GPU, dequantises them at load into that dtype.
+    Quantised weights (a converted GGUF, engine/quant.py) stay quantised when dtype
+    is "auto" on the CPU, and on a CUDA GPU where their bf16 form would not fit in
+    half its free memory (measured on an H200: quantised decodes at 0.66x bf16 there,
+    in 0.44x the memory, so a GPU with room gets bf16); dtype "quantised" keeps them
+    so on either. A float dtype named dequantises them at load into that dtype.
     """
     device = resolve_device(device)
-    keep_quantised = dtype == "auto" and device == "cpu"
-    if dtype == "auto":
-        dtype = fastest_dtype() if device == "cpu" else "bfloat16"
+    on = device.split(":")[0]
+    keep_quantised = dtype == "quantised" or (dtype == "auto" and on == "cpu")
+    if dtype == "quantised" and on not in ("cpu", "cuda"):
+        raise UnsupportedModelError(f"quantised weights run on the CPU or a CUDA GPU, not {on}")
+    auto = dtype in ("auto", "quantised")
+    if auto:
+        dtype = fastest_dtype() if on == "cpu" else "bfloat16"
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -138,6 +144,9 @@ def load(
     except (OSError, ValueError) as error:
         raise ModelFileError(f"cannot read weights {weight_files[0].name}: {error}") from None
     if state.quantised:
+        if auto and on == "cuda" and not keep_quantised:
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+            keep_quantised = state.parameter_count() * 2 > free / 2
         model = family(config, _QuantisedSource(state, dequantise=not keep_quantised), DTYPES[dtype])
         model.to(device)
         _release_freed_memory()

@@ -83,5 +83,13 @@ def transformers_run(
     return result
 
 
+def device_peak_mb(device: object) -> float | None:
+    """Peak memory torch allocated on a CUDA `device` so far (MB); None elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e6
+
+
 def threads() -> int:
     return torch.get_num_threads()

@@ -228,14 +228,16 @@ class DecoderModel:
         device = torch.device(device)
         if device == self.device:
             return self
-        if self.quantised:
-            raise ValueError("a model with quantised weights runs on the CPU; load it dequantised for another device")
-        tied = self.lm_head.weight is self.embed
+        if self.quantised and device.type != "cuda":
+            raise ValueError("a model with quantised weights runs on the CPU or a CUDA GPU; load it dequantised for another device")
+        tied = self.lm_head is self.embed or getattr(self.lm_head, "weight", None) is self.embed
 
         def move(value: object) -> object:
             if isinstance(value, torch.Tensor):
                 return value.to(device)
-            if isinstance(value, (Dense, Rotary)):
+            if isinstance(value, QuantDense) and value is self.embed:
+                return value.to(device, table=True)
+            if isinstance(value, (Dense, Rotary, QuantDense)):
                 return value.to(device)
             return value
 
@@ -247,7 +249,8 @@ class DecoderModel:
             elif name != "lm_head":
                 setattr(self, name, move(value))
         if tied:
-            self.lm_head.weight = self.embed
+            if isinstance(self.lm_head, Dense):
+                self.lm_head.weight = self.embed
         else:
             self.lm_head.to(device)
         self.device = device
