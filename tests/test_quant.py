@@ -234,7 +234,9 @@ def test_quantised_model_on_cuda_against_cpu(tmp_path, monkeypatch) -> None:
     path = tmp_path / "tiny-q.gguf"
     _write_quantised_tiny(path)
     folder = open_model(path)
-    gpu = torch_backend.load(folder.config, folder.weight_files, device="cuda")
+    gpu = torch_backend.load(folder.config, folder.weight_files, dtype="quantised", device="cuda")
+    roomy = torch_backend.load(folder.config, folder.weight_files, device="cuda")
+    assert not roomy.quantised  # "auto" on a GPU with room for bf16: dequantised
     cpu = torch_backend.load(folder.config, folder.weight_files, device="cpu")
     bf16 = torch_backend.load(folder.config, folder.weight_files, dtype="bfloat16", device="cpu")
     assert gpu.quantised and gpu.layers[0].qkv.q.is_cuda and not bf16.quantised
