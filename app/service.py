@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusDocument
+from engine.corpus.answer import HISTORY_TOKENS, Turn, recent_turns
 from engine.corpus.engine import AskStats, Evidence
 from engine.generate import GenerationStats, SamplingParams, Token
 from ingest.document import PAGE_SEPARATOR
@@ -39,7 +40,12 @@ class AnswerEngine(Protocol):
     ) -> BuildSummary: ...
 
     def ask(
-        self, question: str, documents: list[CorpusDocument], max_tokens: int, cancel: Callable[[], bool] | None
+        self,
+        question: str,
+        documents: list[CorpusDocument],
+        max_tokens: int,
+        cancel: Callable[[], bool] | None,
+        history: Sequence[Turn] = (),
     ) -> Iterator[AskEvent]: ...
 
     def cache_bytes(self) -> int: ...
@@ -162,14 +168,18 @@ class LocalEngine:
         if documents:
             self.engine.passage_index(documents)
 
-    def ask(self, question, documents, max_tokens, cancel) -> Iterator[AskEvent]:
+    def ask(self, question, documents, max_tokens, cancel, history=()) -> Iterator[AskEvent]:
         params = SamplingParams(max_new_tokens=max_tokens)
         if documents:
-            yield from self.engine.ask(question, documents, params, cancel=cancel)
+            yield from self.engine.ask(question, documents, params, history=history, cancel=cancel)
             return
         # An empty library or scope: the model alone, said plainly in the stats.
         stats = GenerationStats()
-        yield from self.model.chat([{"role": "user", "content": question}], params, cancel=cancel, stats=stats)
+        messages = []
+        for turn in recent_turns(list(history), HISTORY_TOKENS, self.count_tokens):
+            messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+        messages.append({"role": "user", "content": question})
+        yield from self.model.chat(messages, params, cancel=cancel, stats=stats)
         yield AskStats(
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generated_tokens,

@@ -35,11 +35,12 @@ from app.gui.bridge import DropCatcher, Inbox
 from app.gui.conversation import ConversationPanel
 from app.gui.evidence import EvidencePanel
 from app.gui.library_panel import ConversationsPanel, LibraryPanel
-from app.gui.store import LibraryStore, Scope
+from app.gui.store import LibraryStore, Scope, turns
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
 from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
 from app.settings import AppSettings, load_settings, save_settings
+from engine.corpus.answer import Turn
 from engine.corpus.build import BuildProgress
 from ingest.conversations import Citation
 from ingest.jobs import IngestProgress, IngestSummary
@@ -584,9 +585,10 @@ class MainWindow(QMainWindow):
             self.conversation_id = self.store.new_conversation(title, scope).id
         else:
             self.store.conversations.set_scope(self.conversation_id, scope.to_dict())
+        history = turns(self.store.messages(self.conversation_id))
         self.store.conversations.add_message(self.conversation_id, "user", question)
         self.conversation.question.clear()
-        self._send(question, scope)
+        self._send(question, scope, history)
 
     def regenerate(self) -> None:
         if self.answering or self.conversation_id is None or not self.engine_ready:
@@ -595,11 +597,12 @@ class MainWindow(QMainWindow):
         if messages and messages[-1].role == "assistant":
             self.store.conversations.delete_message(messages[-1].id)
             messages = messages[:-1]
-        questions = [m for m in messages if m.role == "user"]
-        if questions:
-            self._send(questions[-1].content, self.conversation.current_scope())
+        last = max((n for n, m in enumerate(messages) if m.role == "user"), default=None)
+        if last is not None:
+            # The question again, with the turns before it, as when it was first asked.
+            self._send(messages[last].content, self.conversation.current_scope(), turns(messages[:last]))
 
-    def _send(self, question: str, scope: Scope) -> None:
+    def _send(self, question: str, scope: Scope, history: list[Turn]) -> None:
         assert self.conversation_id is not None
         conversation = self.store.conversations.get(self.conversation_id)
         self.conversation.show_conversation(conversation.title, self.store.messages(self.conversation_id))
@@ -610,7 +613,9 @@ class MainWindow(QMainWindow):
         self.hide_error()
         self.refresh_conversations()
         self.ask_requested.emit(
-            AskRequest(self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens)
+            AskRequest(
+                self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens, history
+            )
         )
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.gui.viewer import Passage
+from engine.corpus.answer import Turn
 from ingest.conversations import Citation, Conversation, Conversations, Message
 from ingest.library import Collection, DocumentRecord, Library
 
@@ -37,6 +38,16 @@ class Scope:
             tuple(int(i) for i in value.get("document_ids") or ()),
             str(value.get("label", "All documents")),
         )
+
+
+def turns(messages: list[Message]) -> list[Turn]:
+    """A conversation's saved messages as the engine's turns: each question with the
+    answer that followed it (a question left unanswered, by an error, is dropped)."""
+    found = []
+    for message, after in zip(messages, messages[1:]):
+        if message.role == "user" and after.role == "assistant" and after.content.strip():
+            found.append(Turn(message.content, after.content))
+    return found
 
 
 class LibraryStore:

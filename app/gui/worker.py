@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
@@ -27,6 +27,7 @@ from PySide6.QtCore import QObject, Signal, Slot
 from app.service import AnswerEngine, library_content_keys, scope_documents
 from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, CorpusDocument
+from engine.corpus.answer import Turn
 from engine.corpus.engine import AskStats, Evidence
 from engine.errors import Cancelled as EngineCancelled
 from engine.generate import Token
@@ -55,6 +56,7 @@ class AskRequest:
     question: str
     document_ids: list[int] | None  # None: every ready document
     max_tokens: int
+    history: list[Turn] = field(default_factory=list)  # the conversation's earlier turns
 
 
 class EngineWorker(QObject):
@@ -185,7 +187,8 @@ class EngineWorker(QObject):
         try:
             # No caching first: the answer reads the documents' text (engine.ask).
             documents = self._documents(request.document_ids)
-            for event in self.engine.ask(request.question, documents, request.max_tokens, self._cancelled):
+            events = self.engine.ask(request.question, documents, request.max_tokens, self._cancelled, request.history)
+            for event in events:
                 if isinstance(event, Token):
                     pieces.append(event.text)
                     self.token.emit(event.text)

@@ -86,10 +86,46 @@ def context_text(sources: Sequence[Source]) -> str:
     return "\n\n".join(parts)
 
 
-def grounded_messages(question: str, sources: Sequence[Source]) -> list[dict]:
-    """Chat messages for the reader: the rules, then the passages and the question."""
+@dataclass(frozen=True)
+class Turn:
+    """One earlier exchange of a conversation: the question asked and the answer given."""
+
+    question: str
+    answer: str
+
+
+# Tokens of earlier turns the reader's prompt holds (newest kept, oldest dropped first):
+# room for two or three short answers beside the five passages.
+HISTORY_TOKENS = 1024
+
+
+def without_citations(text: str) -> str:
+    """`text` with its [n] markers removed (they number another answer's passages)."""
+    return re.sub(r"\s*" + _CITATION.pattern, "", text).strip()
+
+
+def recent_turns(history: Sequence[Turn], budget: int, count_tokens) -> list[Turn]:
+    """The newest turns whose questions and answers fit in `budget` tokens, oldest first."""
+    kept: list[Turn] = []
+    used = 0
+    for turn in reversed(history):
+        turn = Turn(turn.question.strip(), without_citations(turn.answer))
+        used += count_tokens(turn.question) + count_tokens(turn.answer)
+        if used > budget:
+            break
+        kept.append(turn)
+    return kept[::-1]
+
+
+def grounded_messages(question: str, sources: Sequence[Source], history: Sequence[Turn] = ()) -> list[dict]:
+    """Chat messages for the reader: the rules, the conversation's earlier turns (as
+    they were asked and answered, without their passages), then the passages and
+    the question."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    for turn in history:
+        messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
     user = f"Passages:\n\n{context_text(sources)}\n\nQuestion: {question.strip()}"
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    return messages + [{"role": "user", "content": user}]
 
 
 def key_words(text: str) -> set[str]:

@@ -31,14 +31,18 @@ from pathlib import Path
 import numpy as np
 
 from engine.corpus.answer import (
+    HISTORY_TOKENS,
     Source,
+    Turn,
     attribute,
     citations,
     grounded_messages,
     missing_names,
     not_mentioned,
     reading_order,
+    recent_turns,
     says_not_found,
+    without_citations,
 )
 from engine.corpus.build import (
     BuildProgress,
@@ -68,6 +72,11 @@ MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
 # reads. More passages raised the evidence hit (8: 84.9%, 12: 88.9% against 79.4%)
 # but not the 0.5B reader's accuracy (36.4%, 36.1% against 40.1%; docs/BENCHMARKS.md).
 READ_PASSAGES = 5
+# A follow-up is retrieved for together with the turn before it, whose words carry
+# what "she", "it" or "the second one" refer to: BM25 of the follow-up, plus these
+# shares of BM25 for the previous question and the previous answer.
+FOLLOW_UP_QUESTION_WEIGHT = 0.5
+FOLLOW_UP_ANSWER_WEIGHT = 0.25
 # The answer's repetition guard (SamplingParams.no_repeat_ngram): no 12-token run
 # twice. Long enough for an answer to repeat a name or a phrase, short enough to cut
 # a looping sentence after its first round.
@@ -228,18 +237,23 @@ class Engine:
         documents: list[CorpusDocument],
         params: SamplingParams | None = None,
         *,
+        history: Iterable[Turn] = (),
         cancel: Callable[[], bool] | None = None,
     ) -> Iterator[Token | Evidence | AskStats]:
         """Answer from the documents: the passages BM25 ranks best, read as one
         numbered context (engine/corpus/answer.py); stream the answer's tokens, then
         every passage read as Evidence (number, cited, supported), then statistics.
 
+        `history`: the conversation's earlier turns, oldest first. The reader sees the
+        newest of them that fit in HISTORY_TOKENS, and the passages are chosen for the
+        question together with the turn before it (`choose_sources`).
+
         The documents need not be cached. The retrieval heads' tally over the cache
         (the removed block-sparse path), fused with BM25, lowered the evidence hit on
         `quire bench qa` (77.1% against 77.8% for BM25 alone, 127 questions) and cost
         up to 39 s a question, so the answer path does not rank by the cache
         (docs/BENCHMARKS.md)."""
-        return self._answer(question, documents, params, cancel)
+        return self._answer(question, documents, params, cancel, list(history))
 
     # -- the answer path -----------------------------------------------------------
 
@@ -261,14 +275,17 @@ class Engine:
                     manifests[n] = self.manifests.load(names[n])
         return self._passages[1]
 
-    def choose_sources(self, documents: list[CorpusDocument], question: str, count: int = READ_PASSAGES) -> list[Source]:
+    def choose_sources(
+        self, documents: list[CorpusDocument], question: str, count: int = READ_PASSAGES, history: list[Turn] | None = None
+    ) -> list[Source]:
         """The `count` passages that BM25 ranks best for `question`, numbered best
         first. Neighbours that overlap stay separate sources (their shared words are
         read twice): a merged run would cite the page where it starts, not the page of
-        the passage that held the answer."""
+        the passage that held the answer. After earlier turns, the previous question
+        and answer add their BM25 scores at FOLLOW_UP_*_WEIGHT."""
         index = self.passage_index(documents)
-        scores = index.bm25(question)
-        asked = index.weights(question)
+        scores = retrieval_scores(index, question, history)
+        asked = index.weights(f"{question} {history[-1].question}" if history else question)
         sources = []
         for number, i in enumerate(np.argsort(-scores, kind="stable")[:count], 1):
             i = int(i)
@@ -279,11 +296,12 @@ class Engine:
                                   document.text[start:end], float(scores[i]), page_index))
         return sources
 
-    def _answer(self, question, documents, params, cancel):
+    def _answer(self, question, documents, params, cancel, history: list[Turn]):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
         started = time.perf_counter()
         generation = GenerationStats()
-        sources = self.choose_sources(documents, question)
+        sources = self.choose_sources(documents, question, history=history)
+        history = recent_turns(history, HISTORY_TOKENS, lambda text: len(self.model.tokenizer.encode(text)))
         _, _, manifests, lowered = self._passages  # set by choose_sources
         memory_tokens = sum(m.tokens for m in manifests if m is not None)
         # A question about a name the documents never mention is not answered from
@@ -305,12 +323,12 @@ class Engine:
             return
         retrieval_seconds = time.perf_counter() - started
         try:
-            read = self._read_cached(question, sources, documents, params.max_new_tokens, cancel)
+            read = None if history else self._read_cached(question, sources, documents, params.max_new_tokens, cancel)
         except Cancelled:
             yield AskStats(finish_reason="cancelled")
             return
         if read is None:
-            prompt, cache, logits = self.model.encode_chat(grounded_messages(question, sources)), None, None
+            prompt, cache, logits = self.model.encode_chat(grounded_messages(question, sources, history)), None, None
         else:
             prompt, cache, logits = read
         context_seconds = time.perf_counter() - started
@@ -436,6 +454,17 @@ class Engine:
                     keys[layer].append(k[:, lo - ref.start : hi - ref.start])
                     values[layer].append(v[:, lo - ref.start : hi - ref.start])
         return [(np.concatenate(k, axis=1), np.concatenate(v, axis=1)) for k, v in zip(keys, values)]
+
+def retrieval_scores(index: PassageIndex, question: str, history: list[Turn] | None = None) -> np.ndarray:
+    """BM25 of every passage for `question`; after earlier turns, plus the previous
+    question's and answer's BM25 at FOLLOW_UP_QUESTION_WEIGHT and FOLLOW_UP_ANSWER_WEIGHT."""
+    scores = index.bm25(question)
+    if history:
+        last = history[-1]
+        scores = scores + FOLLOW_UP_QUESTION_WEIGHT * index.bm25(last.question)
+        scores = scores + FOLLOW_UP_ANSWER_WEIGHT * index.bm25(without_citations(last.answer))
+    return scores
+
 
 def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float],
              analyse: Callable[[str], list[str]]) -> tuple[int | None, str | None]:

@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.corpus.answer import Source, attribute, citations, context_text, grounded_messages, says_not_found
+from engine.corpus.answer import (
+    Source,
+    Turn,
+    attribute,
+    citations,
+    context_text,
+    grounded_messages,
+    recent_turns,
+    says_not_found,
+)
 from engine.corpus.passages import PassageIndex, word_spans
 from engine.generate import RepeatGuard, SamplingParams, generate
 
@@ -74,6 +83,32 @@ def test_the_context_numbers_passages_with_their_document_and_page():
     messages = grounded_messages("Which option skips psqlrc?", sources())
     assert messages[0]["role"] == "system" and "numbered passages" in messages[0]["content"]
     assert messages[1]["content"].endswith("Question: Which option skips psqlrc?")
+
+
+def test_earlier_turns_come_before_the_passages_without_their_citations():
+    history = [Turn("Old question?", "Old answer [2]."), Turn("Which file holds the history?", "It is ~/.psql_history [2].")]
+    kept = recent_turns(history, budget=10, count_tokens=lambda text: len(text.split()))
+    assert kept == [Turn("Which file holds the history?", "It is ~/.psql_history.")]  # the oldest dropped first
+    messages = grounded_messages("Which variable changes it?", sources(), kept)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[1]["content"] == "Which file holds the history?"
+    assert messages[2]["content"] == "It is ~/.psql_history."
+    assert messages[3]["content"].startswith("Passages:") and messages[3]["content"].endswith("Which variable changes it?")
+    assert recent_turns(history, budget=100, count_tokens=lambda text: len(text.split()))[0].answer == "Old answer."
+
+
+def test_a_follow_up_is_retrieved_with_the_turn_before_it():
+    from engine.corpus.engine import retrieval_scores
+
+    filler = [f"chapter {n}: the {w} of the town changed that year, and it went on. " * 4
+              for n, w in enumerate(["mill", "bridge", "school", "harbour", "market", "church"])]
+    fact = "Irene Adler left London with her husband Godfrey Norton the next morning. " * 2
+    texts = filler[:3] + [fact] + filler[3:]
+    index = PassageIndex(texts, words=60, overlap=0)
+    follow_up = "Where did she go afterwards?"  # no word of it in the passage that answers it
+    assert not retrieval_scores(index, follow_up)[index.entry == 3].any()
+    history = [Turn("Who is Irene Adler?", "Irene Adler is a singer who outwits Sherlock Holmes [1].")]
+    assert int(index.entry[int(np.argmax(retrieval_scores(index, follow_up, history)))]) == 3
 
 
 def test_citations_are_checked_against_their_passages():

@@ -25,6 +25,7 @@ class ScriptedEngine:
         self.error = error or RuntimeError("the scripted engine broke")
         self.cached: set[str] = set()
         self.asked: list[tuple[str, list]] = []
+        self.histories: list[list[tuple[str, str]]] = []  # the earlier turns each question came with
         self.started = threading.Event()
 
     def is_cached(self, document) -> bool:
@@ -40,8 +41,9 @@ class ScriptedEngine:
             self.cached.add(document.content_key)
         return BuildSummary(documents=len(documents), tokens=done)
 
-    def ask(self, question, documents, max_tokens, cancel):
+    def ask(self, question, documents, max_tokens, cancel, history=()):
         self.asked.append((question, [d.doc_id for d in documents]))
+        self.histories.append([(turn.question, turn.answer) for turn in history])
         self.started.set()
         for number, piece in enumerate(self.pieces):
             if self.fail_after is not None and number == self.fail_after:

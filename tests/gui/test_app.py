@@ -226,6 +226,33 @@ def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(qtbot, home):
     close(window)
 
 
+def test_follow_ups_carry_the_conversation_also_after_regenerate_and_reopen(qtbot, home):
+    engine = ScriptedEngine(pieces=["Irene ", "Adler."])
+    window = make_window(qtbot, home, engine)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    ask_and_wait(qtbot, window, "Who outwitted Holmes?")
+    engine.pieces = ["She ", "left."]
+    ask_and_wait(qtbot, window, "What did she do next?")
+    assert engine.histories == [[], [("Who outwitted Holmes?", "Irene Adler.")]]
+    # Regenerate asks the last question again with the same turns before it.
+    engine.pieces = ["She ", "married."]
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.regenerate()
+    assert engine.asked[-1][0] == "What did she do next?"
+    assert engine.histories[-1] == [("Who outwitted Holmes?", "Irene Adler.")]
+    conversation = window.conversation_id
+    close(window)
+    # Reopened after a restart, the next question sees every earlier turn.
+    window = make_window(qtbot, home, engine)
+    window.open_conversation(conversation)
+    ask_and_wait(qtbot, window, "And then?")
+    assert engine.histories[-1] == [("Who outwitted Holmes?", "Irene Adler."), ("What did she do next?", "She married.")]
+    window.new_conversation()
+    ask_and_wait(qtbot, window, "A new topic")
+    assert engine.histories[-1] == []
+    close(window)
+
+
 def test_engine_failures_leave_the_window_alive(qtbot, home):
     engine = ScriptedEngine(pieces=["partial ", "text ", "never"], fail_after=2, error=MemoryError())
     window = make_window(qtbot, home, engine)
