@@ -259,10 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dense-needles", type=int, help="niah: run the dense baseline for the first N needles per cell only")
     bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
     bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
-    bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl)")
+    bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl; "
+                       "resources/bench/qa/followups.jsonl: follow-ups, each asked after its first question)")
     bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
     bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],
-                       choices=["quire", "quire-cache", "bm25", "embed", "dense"], help="qa: methods to compare")
+                       choices=["quire", "quire-alone", "quire-cache", "bm25", "embed", "dense"],
+                       help="qa: methods to compare (quire-alone: a follow-up asked without the conversation)")
     bench.add_argument("--scopes", nargs="+", default=["own", "library"], choices=["own", "library"])
     bench.add_argument("--ids", nargs="+", help="qa: only these question ids (or id prefixes)")
     bench.add_argument("--qa-kinds", nargs="+", help="qa: only these kinds")

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from engine.paths import data_dir
     from engine.runtime import DEFAULT_MODEL, load_model
 
+    firsts = {q.id: q for q in load_questions(RESOURCES / "questions.jsonl")}
     questions = load_questions(args.questions or RESOURCES / "questions.jsonl")
     if args.ids:
         questions = [q for q in questions if q.id in set(args.ids) or any(q.id.startswith(i) for i in args.ids)]
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> dict | None:
             print(f"{study['scope']}: evidence hit % over {study['n']} questions: {study['evidence_hit']}", file=sys.stderr)
         return {"retrieval": studies, "model": model.folder.name}
     methods = [m for m in METHODS if m in args.methods]
-    result = run_qa(runner, questions, methods, args.scopes, on_answer=show)
+    result = run_qa(runner, questions, methods, args.scopes, on_answer=show, firsts=firsts)
     result["model"] = model.folder.name
     result["documents"] = {k: runner.token_count(k) for k in documents}
     table = report(result["summary"])

@@ -37,6 +37,44 @@ def test_the_question_set_covers_every_kind_and_document():
     assert len({q.id for q in questions}) == len(questions)
 
 
+def test_each_follow_up_names_a_question_of_the_set_on_its_documents():
+    firsts = {q.id: q for q in load_questions(QA / "questions.jsonl")}
+    follow_ups = load_questions(QA / "followups.jsonl")
+    assert len(follow_ups) >= 20
+    for q in follow_ups:
+        assert q.after in firsts and q.docs == firsts[q.after].docs, q.id
+        assert q.evidence and {e.doc for e in q.evidence} <= set(q.docs), q.id
+        # The follow-up is not answered by its first question's accepted answers.
+        assert not any(a.lower() in " ".join(firsts[q.after].answers).lower() for a in q.answers), q.id
+
+
+def test_a_follow_up_is_asked_after_its_first_question_with_that_turn(tmp_path):
+    from engine.bench.qa import MethodResult, QARunner, run_qa
+
+    class Runner(QARunner):
+        def __init__(self) -> None:
+            self.documents, self.calls = {}, []
+
+        def _quire(self, text, keys, docs, history):
+            self.calls.append((text, [(t.question, t.answer) for t in history]))
+            return MethodResult("It is OCTAVE_HISTSIZE." if history else "1000 entries.", [], 0.1, 0.2, 10)
+
+    first = QAQuestion.from_dict({"id": "o1", "kind": "lookup", "question": "How many entries?", "docs": [],
+                                  "answers": ["1000"]})
+    follow = QAQuestion.from_dict({"id": "f1", "kind": "lookup", "question": "Which variable overrides it?",
+                                   "docs": [], "answers": ["OCTAVE_HISTSIZE"], "after": "o1"})
+    runner = Runner()
+    result = run_qa(runner, [follow], ["quire", "quire-alone"], ["own"], firsts={"o1": first})
+    assert runner.calls == [("How many entries?", []), ("Which variable overrides it?", [("How many entries?", "1000 entries.")]),
+                            ("Which variable overrides it?", [])]
+    with_turn, alone = result["records"]
+    assert (with_turn["score"], with_turn["first_score"], alone["score"]) == (1.0, 1.0, 0.0)
+    assert "first_score" not in alone
+    assert result["summary"]["own"]["quire"]["all"]["first_accuracy"] == 100.0
+    with pytest.raises(ValueError, match="first question"):
+        run_qa(runner, [follow], ["quire"], ["own"])
+
+
 def question(kind: str, **fields) -> QAQuestion:
     return QAQuestion.from_dict({"id": "x", "kind": kind, "question": "?", "docs": ["a", "b"], **fields})
 

@@ -15,6 +15,12 @@ Methods:
 - "embed": the way AnythingLLM works: the top 4 chunks of 150 words by cosine
   similarity of all-MiniLM-L6-v2 sentence embeddings, in the prompt.
 - "dense": the scope's whole text in the prompt, where it fits `dense_limit` tokens.
+Follow-ups (resources/bench/qa/followups.jsonl; each names the question asked before
+it): each method first answers that question, then the follow-up with the first
+question and its own answer as the conversation so far. "quire" retrieves with the
+turn before and shows it to the reader (Engine.ask's history); "bm25" and "embed"
+show it to the reader and retrieve for the follow-up alone, as the chat apps do;
+"quire-alone" asks the follow-up with no conversation (Quire before multi-turn).
 
 Scopes: "own" (the documents the question is about) and "library" (every document).
 
@@ -38,7 +44,7 @@ import numpy as np
 
 from engine.bench.niah import collect_answer
 from engine.bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
-from engine.corpus.answer import says_not_found
+from engine.corpus.answer import Turn, says_not_found
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import ANSWER_NO_REPEAT_NGRAM, Engine
 from engine.corpus.passages import PassageIndex
@@ -46,7 +52,7 @@ from engine.generate import GenerationStats, SamplingParams
 
 log = logging.getLogger(__name__)
 
-METHODS = ("quire", "quire-cache", "bm25", "embed", "dense")
+METHODS = ("quire", "quire-alone", "quire-cache", "bm25", "embed", "dense")
 SCOPES = ("own", "library")
 
 # The baselines' chunking and depth, after the apps they stand for: GPT4All's
@@ -106,16 +112,25 @@ class QARunner:
     def keys(self, question: QAQuestion, scope: str) -> list[str]:
         return list(question.docs) if scope == "own" else list(self.documents)
 
-    def run(self, question: QAQuestion, method: str, scope: str) -> dict | None:
+    def run(self, question: QAQuestion, method: str, scope: str, first: QAQuestion | None = None) -> dict | None:
+        """One answer; for a follow-up, `first` is the question asked before it, answered
+        first by the same method (its answer is the conversation the follow-up sees)."""
         keys = self.keys(question, scope)
         docs = [self.documents[k] for k in keys]
         if method == "dense" and sum(self.token_count(k) for k in keys) > self.dense_limit:
             return None
         if method == "embed" and self.embedder is None:
             return None
-        result = getattr(self, "_" + method.replace("-", "_"))(question.question, keys, docs)
+        history: list[Turn] = []
+        extra = {}
+        if first is not None and method != "quire-alone":
+            before = self._method(method)(first.question, keys, docs, [])
+            history = [Turn(first.question, before.answer)]
+            extra = {"first_answer": before.answer, "first_score": round(score_answer(first, before.answer), 3)}
+        result = self._method(method)(question.question, keys, docs, history)
         found = evidence_found(question, result.passages)
         return {
+            **extra,
             "answer": result.answer,
             "score": round(score_answer(question, result.answer), 3),
             "evidence_hit": (sum(found) / len(found)) if found else None,
@@ -128,6 +143,9 @@ class QARunner:
             **result.extra,
         }
 
+    def _method(self, method: str):
+        return getattr(self, "_" + ("quire" if method == "quire-alone" else method).replace("-", "_"))
+
     def token_count(self, key: str) -> int:
         if key not in self._tokens:
             self._tokens[key] = len(self.model.tokenizer.encode(self.documents[key].text))
@@ -135,16 +153,16 @@ class QARunner:
 
     # -- methods ---------------------------------------------------------------
 
-    def _quire_cache(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+    def _quire_cache(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         self.engine.read_cached = True
         try:
-            return self._quire(question, keys, docs)
+            return self._quire(question, keys, docs, history)
         finally:
             self.engine.read_cached = False
 
-    def _quire(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+    def _quire(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
-        answer, evidence, stats = collect_answer(self.engine.ask(question, docs, replace(self.params)))
+        answer, evidence, stats = collect_answer(self.engine.ask(question, docs, replace(self.params), history=history))
         key_of = {self.documents[k].doc_id: k for k in keys}
         passages = [(key_of[e.doc_id], e.text) for e in evidence]
         total = time.perf_counter() - started
@@ -166,13 +184,13 @@ class QARunner:
                                                stem=False, floor=0.25)
         return self._indexes[name]
 
-    def _bm25(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+    def _bm25(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
         index = self._index(keys, BM25_WORDS)
         best = np.argsort(-index.bm25(question), kind="stable")[:BM25_TOP]
-        return self._rag(question, keys, index, [int(i) for i in best], BM25_SYSTEM, started)
+        return self._rag(question, keys, index, [int(i) for i in best], BM25_SYSTEM, started, history)
 
-    def _embed(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+    def _embed(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
         index = self._index(keys, EMBED_WORDS)
         name = (tuple(keys), EMBED_WORDS)
@@ -187,24 +205,28 @@ class QARunner:
             self._vectors[name] = np.concatenate(parts)
         query = self.embedder.encode([question])[0]
         best = np.argsort(-(self._vectors[name] @ query), kind="stable")[:EMBED_TOP]
-        return self._rag(question, keys, index, [int(i) for i in best], EMBED_SYSTEM, started)
+        return self._rag(question, keys, index, [int(i) for i in best], EMBED_SYSTEM, started, history)
 
-    def _rag(self, question, keys, index: PassageIndex, chosen: list[int], system: str, started: float) -> MethodResult:
+    def _rag(self, question, keys, index: PassageIndex, chosen: list[int], system: str, started: float,
+             history: list[Turn]) -> MethodResult:
         texts = [index.text(i) for i in chosen]
         context = "\n\n".join(f"Excerpt {n}:\n{t.strip()}" for n, t in enumerate(texts, 1))
-        messages = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": f"{context}\n\nQuestion: {question}"},
-        ]
+        messages = [{"role": "system", "content": system}]
+        for turn in history:
+            messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+        messages.append({"role": "user", "content": f"{context}\n\nQuestion: {question}"})
         ids = self.model.encode_chat(messages)
         answer, ttft = self._stream(ids, started)
         passages = [(keys[index.passages[i].entry], t) for i, t in zip(chosen, texts)]
         return MethodResult(answer, passages, ttft, time.perf_counter() - started, len(ids))
 
-    def _dense(self, question: str, keys: list[str], docs: list[CorpusDocument]) -> MethodResult:
+    def _dense(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
         text = "\n\n".join(d.text for d in docs)
-        messages = [{"role": "user", "content": f"{text}\n\nQuestion: {question}"}]
+        messages = []
+        for turn in history:
+            messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
+        messages.append({"role": "user", "content": f"{text}\n\nQuestion: {question}"})
         ids = self.model.encode_chat(messages)
         answer, ttft = self._stream(ids, started)
         return MethodResult(answer, [(k, d.text) for k, d in zip(keys, docs)], ttft, time.perf_counter() - started, len(ids))
@@ -221,13 +243,20 @@ def run_qa(
     methods: Sequence[str],
     scopes: Sequence[str],
     on_answer: Callable[[dict], None] | None = None,
+    firsts: dict[str, QAQuestion] | None = None,
 ) -> dict:
-    """Every question × scope × method; the records and their summary."""
+    """Every question × scope × method; the records and their summary. A follow-up
+    (`after` set) is asked after its first question, found in `firsts` by id."""
     records = []
     for question in questions:
+        first = None
+        if question.after is not None:
+            if not firsts or question.after not in firsts:
+                raise ValueError(f"follow-up {question.id}: its first question {question.after} is not given")
+            first = firsts[question.after]
         for scope in scopes:
             for method in methods:
-                result = runner.run(question, method, scope)
+                result = runner.run(question, method, scope, first)
                 if result is None:
                     continue
                 record = {"id": question.id, "kind": question.kind, "scope": scope, "method": method,
@@ -260,6 +289,9 @@ def summarise(records: Sequence[dict]) -> dict:
             "total_median": round(statistics.median(r["total"] for r in rows), 2),
             "prompt_tokens_mean": round(statistics.fmean(r["prompt_tokens"] for r in rows)),
         }
+        firsts = [r["first_score"] for r in rows if "first_score" in r]
+        if firsts:  # follow-ups: how the question before them was answered
+            out[scope][method][kind]["first_accuracy"] = round(100 * statistics.fmean(firsts), 1)
     return out
 
 

@@ -45,6 +45,9 @@ class QAQuestion:
     answers: list[str] = field(default_factory=list)
     facts: list[list[str]] = field(default_factory=list)
     evidence: list[EvidenceSentence] = field(default_factory=list)
+    # A follow-up: the id of the question asked just before it, in the same
+    # conversation (resources/bench/qa/followups.jsonl). Its answer is scored alone.
+    after: str | None = None
 
     @classmethod
     def from_dict(cls, row: dict) -> QAQuestion:
@@ -53,7 +56,7 @@ class QAQuestion:
             raise ValueError(f"question {row.get('id')}: unknown kind '{kind}'")
         evidence = [EvidenceSentence(e["doc"], int(e["page"]), e["sentence"]) for e in row.get("evidence", [])]
         question = cls(row["id"], kind, row["question"], list(row["docs"]), list(row.get("answers", [])),
-                       [list(f) for f in row.get("facts", [])], evidence)
+                       [list(f) for f in row.get("facts", [])], evidence, row.get("after"))
         if kind in ("lookup", "table") and not question.answers:
             raise ValueError(f"question {question.id}: a {kind} question needs accepted answers")
         if kind in ("cross", "spread", "open") and not question.facts:
