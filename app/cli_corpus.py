@@ -6,6 +6,9 @@ the library here (the engine never imports ingest).
     quire cache status                                             what is cached, bytes
     quire cache clear                                              drop segments of removed documents
     quire ask "question" [--doc ID...]                             streams the answer, then evidence
+    quire find-all "term" [--doc ID...]                            every sentence that mentions it
+    quire summarise ID [--pages A-B]                               a cited summary, with progress
+    quire compare ID ID [ID...] "topic"                            how the documents differ on it
 """
 
 from __future__ import annotations
@@ -124,6 +127,109 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_task(events, *, show_evidence: bool, json_out: bool) -> int:
+    """Stream a whole-document task: text to stdout, progress to stderr, then evidence."""
+    from engine.corpus.engine import AskStats, Evidence
+    from engine.corpus.tasks import TaskProgress, TaskStats
+    from engine.generate import Token
+
+    evidence: list[Evidence] = []
+    stats = None
+    progress_shown = False
+    try:
+        for event in events:
+            if isinstance(event, Token):
+                if progress_shown:
+                    print(file=sys.stderr)
+                    progress_shown = False
+                print(event.text, end="", flush=True)
+            elif isinstance(event, TaskProgress):
+                left = f", about {event.eta_seconds:.0f} s left" if event.eta_seconds is not None else ""
+                print(f"\r[{event.stage}: {event.done}/{event.total}{left}]   ", end="", file=sys.stderr, flush=True)
+                progress_shown = True
+            elif isinstance(event, Evidence):
+                evidence.append(event)
+            elif isinstance(event, (TaskStats, AskStats)):
+                stats = event
+    except KeyboardInterrupt:
+        print("\n(stopped)", file=sys.stderr)
+        return 130
+    print()
+    if json_out:
+        print(json.dumps({"evidence": [asdict(e) for e in evidence], "stats": asdict(stats) if stats else None}, indent=2))
+        return 0
+    if show_evidence and evidence:
+        print("\nSources:")
+        for e in evidence:
+            page = f"p. {e.page_label}" if e.page_label else "—"
+            mark = "cited" if e.cited else ""
+            print(f"  [{e.number}] {e.title} {page}  chars {e.char_start}–{e.char_end}: “{' '.join(e.text.split())[:120]}”"
+                  + (f"  ({mark})" if mark else ""))
+    if isinstance(stats, TaskStats):
+        print(f"\n[{stats.task}: {stats.documents} document(s), {stats.characters_read:,} characters, "
+              + (f"{stats.parts} part(s), {stats.prompt_tokens:,} prompt tokens, {stats.generated_tokens:,} generated, "
+                 if stats.parts else f"{stats.found} found, ")
+              + f"{stats.seconds:.1f} s" + (", cancelled" if stats.cancelled else "") + "]", file=sys.stderr)
+    return 0
+
+
+def _documents_or_fail(ids: list[int] | None):
+    with Library() as library:
+        documents = scope_documents(library, ids)
+    if not documents:
+        print("quire: no ready documents to read: add documents first (quire add PATH)", file=sys.stderr)
+    return documents
+
+
+def cmd_find_all(args: argparse.Namespace) -> int:
+    from engine.corpus.tasks import find_all
+
+    documents = _documents_or_fail(args.doc)
+    if not documents:
+        return 1
+    return _run_task(find_all(args.term, documents), show_evidence=False, json_out=args.json)
+
+
+def _pages(text: str | None) -> tuple[int | None, int | None]:
+    if not text:
+        return None, None
+    first, _, last = text.partition("-")
+    try:
+        return int(first) if first else None, int(last) if last else (int(first) if not _ else None)
+    except ValueError:
+        raise SystemExit(f"quire: --pages wants A-B (1-based page numbers), not {text!r}") from None
+
+
+def cmd_summarise(args: argparse.Namespace) -> int:
+    from engine.generate import SamplingParams
+
+    documents = _documents_or_fail([args.id])
+    if not documents:
+        return 1
+    first, last = _pages(args.pages)
+    engine = open_engine(args)
+    try:
+        events = engine.summarise(documents[0], SamplingParams(max_new_tokens=args.max_tokens), first_page=first, last_page=last)
+        return _run_task(events, show_evidence=True, json_out=args.json)
+    except ValueError as error:
+        print(f"quire: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from engine.generate import SamplingParams
+
+    if len(args.ids) < 2:
+        print("quire: compare needs two or more document ids, then the topic", file=sys.stderr)
+        return 2
+    documents = _documents_or_fail(args.ids)
+    if len(documents) < 2:
+        return 1
+    engine = open_engine(args)
+    events = engine.compare(documents, args.topic, SamplingParams(max_new_tokens=args.max_tokens))
+    return _run_task(events, show_evidence=True, json_out=args.json)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     cache = subparsers.add_parser("cache", help="build or inspect the corpus cache")
     cache.add_argument("action", choices=["build", "status", "clear"])
@@ -142,3 +248,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--max-tokens", type=int, default=256)
     ask.add_argument("--json", action="store_true", help="evidence and statistics as JSON")
     ask.set_defaults(func=cmd_ask)
+
+    find = subparsers.add_parser("find-all", help="every sentence of the library (or --doc) that mentions a term")
+    find.add_argument("term")
+    find.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
+    find.add_argument("--json", action="store_true", help="the sentences and statistics as JSON")
+    find.set_defaults(func=cmd_find_all)
+
+    summary = subparsers.add_parser("summarise", aliases=["summarize"], help="summarise a document or a page range, cited")
+    summary.add_argument("id", type=int, help="document id (quire list)")
+    summary.add_argument("--pages", help="A-B: pages A to B (1-based, inclusive)")
+    summary.add_argument("--model", help="installed model name, .gguf file or model folder")
+    summary.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    summary.add_argument("--max-tokens", type=int, default=400, help="length of the final summary")
+    summary.add_argument("--json", action="store_true", help="sources and statistics as JSON")
+    summary.set_defaults(func=cmd_summarise)
+
+    compare = subparsers.add_parser("compare", help="how two or more documents differ on a topic, cited")
+    compare.add_argument("ids", type=int, nargs="+", help="document ids (two or more)")
+    compare.add_argument("topic")
+    compare.add_argument("--model", help="installed model name, .gguf file or model folder")
+    compare.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
+    compare.add_argument("--max-tokens", type=int, default=400)
+    compare.add_argument("--json", action="store_true", help="sources and statistics as JSON")
+    compare.set_defaults(func=cmd_compare)

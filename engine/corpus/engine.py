@@ -53,6 +53,7 @@ from engine.corpus.build import (
     ManifestStore,
     settings_tag,
 )
+from engine.corpus import tasks
 from engine.corpus.passages import PassageIndex
 from engine.corpus.settings import CacheSettings
 from engine.corpus.store import SegmentStore
@@ -255,6 +256,32 @@ class Engine:
         (docs/BENCHMARKS.md)."""
         return self._answer(question, documents, params, cancel, list(history))
 
+    # -- whole-document tasks (engine/corpus/tasks.py) -------------------------------
+
+    def find_all(self, term: str, documents: list[CorpusDocument], *, cancel: Callable[[], bool] | None = None):
+        """Every sentence of the documents that mentions `term` (exhaustive), streamed
+        as a numbered list with Evidence per sentence, then TaskStats."""
+        return tasks.find_all(term, documents, cancel)
+
+    def summarise(self, document: CorpusDocument, params: SamplingParams | None = None, *,
+                  first_page: int | None = None, last_page: int | None = None,
+                  cancel: Callable[[], bool] | None = None):
+        """A summary of the document (or of pages first_page..last_page, 1-based), its
+        points citing the parts they came from; TaskProgress with an ETA as it reads."""
+        params = replace(params or SamplingParams(max_new_tokens=400), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
+        return tasks.summarise(self.model, document, params, first_page=first_page, last_page=last_page, cancel=cancel)
+
+    def compare(self, documents: list[CorpusDocument], topic: str, params: SamplingParams | None = None, *,
+                cancel: Callable[[], bool] | None = None) -> Iterator[Token | Evidence | AskStats]:
+        """How two or more documents differ on `topic`: each document's COMPARE_PASSAGES
+        best passages for it (BM25 within that document), numbered together, read as
+        one context with a comparing question; streamed and cited as `ask` is."""
+        if len(documents) < 2:
+            raise ValueError("compare needs two or more documents")
+        question = (f"Compare what the documents say about {topic.strip()}: for each document, what it says "
+                    f"about it, then how they differ. Cite the passages.")
+        return self._answer(question, documents, params, cancel, [], per_document=tasks.COMPARE_PASSAGES)
+
     # -- the answer path -----------------------------------------------------------
 
     def passage_index(self, documents: list[CorpusDocument]) -> PassageIndex:
@@ -296,11 +323,36 @@ class Engine:
                                   document.text[start:end], float(scores[i]), page_index))
         return sources
 
-    def _answer(self, question, documents, params, cancel, history: list[Turn]):
+    def balanced_sources(self, documents: list[CorpusDocument], question: str, per_document: int) -> list[Source]:
+        """The `per_document` best passages of each document for `question`, numbered
+        together (each document's best first, the documents in turn)."""
+        index = self.passage_index(documents)
+        scores = index.bm25(question)
+        asked = index.weights(question)
+        chosen: list[list[int]] = []
+        for entry in range(len(documents)):
+            mine = np.flatnonzero(index.entry == entry)
+            chosen.append([int(i) for i in mine[np.argsort(-scores[mine], kind="stable")[:per_document]]])
+        sources = []
+        for rank in range(per_document):
+            for picks in chosen:
+                if rank < len(picks):
+                    i = picks[rank]
+                    document = documents[int(index.entry[i])]
+                    start, end = int(index.start[i]), int(index.end[i])
+                    page_index, label = _page_of(document, start, end, asked, index.analyse)
+                    sources.append(Source(len(sources) + 1, int(index.entry[i]), start, end, document.title, label,
+                                          document.text[start:end], float(scores[i]), page_index))
+        return sources
+
+    def _answer(self, question, documents, params, cancel, history: list[Turn], per_document: int = 0):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
         started = time.perf_counter()
         generation = GenerationStats()
-        sources = self.choose_sources(documents, question, history=history)
+        if per_document:
+            sources = self.balanced_sources(documents, question, per_document)
+        else:
+            sources = self.choose_sources(documents, question, history=history)
         history = recent_turns(history, HISTORY_TOKENS, lambda text: len(self.model.tokenizer.encode(text)))
         _, _, manifests, lowered = self._passages  # set by choose_sources
         memory_tokens = sum(m.tokens for m in manifests if m is not None)

@@ -1,0 +1,337 @@
+"""Whole-document tasks: what a question's five passages cannot do.
+
+- `find_all`: every sentence of the scope that mentions a term (exhaustive, not
+  top-k): the term's words in order, each word matched by its Snowball stem
+  ("interrupt" meets "interrupts" and "interrupted", not "interruptible"), and for a
+  term of several content words also any sentence holding all of them.
+- `summarise`: a document, a page range or a chapter, mapped part by part into notes
+  (each citing its part) and reduced, in a hierarchy where the notes outgrow one
+  prompt, into a summary whose points cite the parts they came from.
+- `compare`: two or more documents on one topic: each document's passages on it,
+  read side by side and numbered, and an answer that cites them.
+
+Each streams the engine's events (Token, Evidence, TaskProgress, TaskStats), stops on
+`cancel` and keeps what it has: a cancelled summary ends with the notes made so far.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.corpus.build import CorpusDocument
+from engine.corpus.passages import stems, terms
+
+# Characters searched either side of a mention for its sentence's ends.
+SENTENCE_REACH = 400
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+|\n\s*\n")
+
+
+@dataclass
+class TaskProgress:
+    """Parts done of a whole-document task, and the time left at the pace so far."""
+
+    stage: str  # "finding", "reading", "combining"
+    done: int
+    total: int
+    eta_seconds: float | None = None
+
+
+@dataclass
+class TaskStats:
+    task: str
+    documents: int = 0
+    characters_read: int = 0
+    parts: int = 0
+    found: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    cancelled: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Mention:
+    """A sentence of a document that mentions the term."""
+
+    entry: int  # document index in the scope
+    start: int  # characters in the document's text
+    end: int
+    page_index: int | None
+    page_label: str | None
+
+
+def _content_words(term: str) -> list[str]:
+    """The term's words, stemmed; for the all-words match, without the commonest."""
+    return stems(term)
+
+
+def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
+    """The sentence around [start, end): back to the previous sentence end, on to the next."""
+    lo = max(0, start - SENTENCE_REACH)
+    before = list(_SENTENCE_END.finditer(text, lo, start))
+    first = before[-1].end() if before else (0 if lo == 0 else text.find(" ", lo, start) + 1 or lo)
+    after = _SENTENCE_END.search(text, end, min(len(text), end + SENTENCE_REACH))
+    last = after.start() if after else min(len(text), end + SENTENCE_REACH)
+    if not after and last < len(text):
+        space = text.rfind(" ", end, last)
+        last = space if space > end else last
+    return first, last
+
+
+def mention_spans(text: str, term: str) -> list[tuple[int, int]]:
+    """Character spans in `text` where `term` occurs: its words in order (anything but
+    letters and digits between them), each word equal to the term's word by stem."""
+    wanted = _content_words(term)
+    if not wanted:
+        return []
+    plain = terms(term)
+    # Candidates by prefix (the shorter of the word and its stem), then checked by stem.
+    parts = [re.escape(min(w, s, key=len)) + r"[a-z0-9]*" for w, s in zip(plain, wanted)]
+    pattern = re.compile(r"(?<![a-z0-9])" + r"[^a-z0-9]{1,4}".join(f"({p})" for p in parts) + r"(?![a-z0-9])")
+    lowered = text.lower()
+    found = []
+    for match in pattern.finditer(lowered):
+        if stems(" ".join(match.groups())) == wanted:
+            found.append(match.span())
+    return found
+
+
+def find_mentions(documents: Sequence[CorpusDocument], term: str,
+                  cancel: Callable[[], bool] | None = None) -> list[Mention]:
+    """Every sentence of `documents` that mentions `term` (module docstring), in
+    document order, each once."""
+    wanted = _content_words(term)
+    mentions: list[Mention] = []
+    for entry, document in enumerate(documents):
+        if cancel is not None and cancel():
+            break
+        text = document.text
+        spans = [_sentence(text, s, e) for s, e in mention_spans(text, term)]
+        if len(set(wanted)) > 1:  # every content word in one sentence, in any order
+            first_word = mention_spans(text, term.split()[0]) if term.split() else []
+            for s, e in first_word:
+                lo, hi = _sentence(text, s, e)
+                if set(wanted) <= set(stems(text[lo:hi])):
+                    spans.append((lo, hi))
+        starts = [p for p, _ in document.pages]
+        for lo, hi in sorted(set(spans)):
+            if mentions and mentions[-1].entry == entry and lo < mentions[-1].end:
+                continue  # the same sentence, or one overlapping it
+            index = max(0, bisect.bisect_right(starts, lo) - 1) if starts else None
+            label = document.pages[index][1] if index is not None else None
+            mentions.append(Mention(entry, lo, hi, index, label))
+    return mentions
+
+
+def eta(started: float, done: int, total: int) -> float | None:
+    """Seconds left at the pace so far (None before the first part is done)."""
+    if done <= 0:
+        return None
+    return (time.perf_counter() - started) / done * (total - done)
+
+
+def progress_iter(items: Sequence, stage: str, started: float) -> Iterator[tuple[int, object, TaskProgress]]:
+    for done, item in enumerate(items):
+        yield done, item, TaskProgress(stage, done, len(items), eta(started, done, len(items)))
+
+
+# -- the tasks, run by Engine (engine/corpus/engine.py) ------------------------------
+
+# Summaries: words per part read at once (about 1,300 tokens of English prose), the
+# tokens each part's notes may take, and the notes' tokens one combining prompt holds
+# before they are combined a level further up.
+PART_WORDS = 1000
+NOTE_TOKENS = 80
+COMBINE_TOKENS = 2500
+# Comparisons: passages read per document.
+COMPARE_PASSAGES = 3
+
+NOTE_PROMPT = (
+    "Write the key points of this part of a document as two to four short sentences: "
+    "who or what, what happens or is said, with names and numbers as the text writes them. "
+    "Use only the text."
+)
+COMBINE_PROMPT = (
+    "Summarise the document from the numbered notes on its parts, in their order. "
+    "After each point, cite the notes it comes from in brackets, like [2] or [3, 4]."
+)
+
+
+def _quote(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+
+
+def find_all(term: str, documents: Sequence[CorpusDocument], cancel: Callable[[], bool] | None = None):
+    """Every sentence that mentions `term`, as a Markdown list streamed as Token text,
+    then each as Evidence (numbered, cited), then TaskStats. No model is needed."""
+    from engine.corpus.engine import Evidence
+    from engine.generate import Token
+
+    started = time.perf_counter()
+    yield TaskProgress("finding", 0, len(documents))
+    mentions = find_mentions(documents, term, cancel)
+    cancelled = bool(cancel is not None and cancel())
+    in_documents = len({m.entry for m in mentions})
+    if not mentions:
+        yield Token(-1, f"No sentence in {len(documents)} document(s) mentions “{term}”.")
+    else:
+        yield Token(-1, f"**{len(mentions)} sentence(s) mention “{term}”** in {in_documents} of {len(documents)} document(s).\n")
+        for number, m in enumerate(mentions, 1):
+            document = documents[m.entry]
+            where = f"*{document.title}*" + (f", p. {m.page_label}" if m.page_label else "")
+            yield Token(-1, f"\n{number}. {where}: “{_quote(document.text[m.start:m.end])}” [{number}]")
+    for number, m in enumerate(mentions, 1):
+        document = documents[m.entry]
+        yield Evidence(document.doc_id, document.title, m.page_label, m.page_index, m.start, m.end,
+                       document.text[m.start:m.end], 1.0 / len(mentions), number=number, cited=True, supported=True)
+    yield TaskStats("find-all", documents=len(documents), characters_read=sum(len(d.text) for d in documents),
+                    found=len(mentions), seconds=time.perf_counter() - started, cancelled=cancelled,
+                    extra={"documents_with_mentions": in_documents})
+
+
+def page_range(document: CorpusDocument, first: int | None, last: int | None) -> tuple[int, int]:
+    """Characters of pages `first`..`last` (1-based, inclusive; None: the ends)."""
+    if not document.pages or (first is None and last is None):
+        return 0, len(document.text)
+    count = len(document.pages)
+    lo = max(1, first or 1)
+    hi = min(count, last or count)
+    if lo > hi:
+        raise ValueError(f"pages {first}–{last}: the document has {count} page(s)")
+    start = document.pages[lo - 1][0]
+    end = document.pages[hi][0] if hi < count else len(document.text)
+    return start, end
+
+
+def _where(document: CorpusDocument, note: _Note) -> str:
+    label = _label_span(document, note.start, note.end)
+    if label is None:
+        return f"part {note.number}"
+    return f"pages {label}" if "–" in label else f"page {label}"
+
+
+@dataclass
+class _Note:
+    number: int
+    start: int  # characters of the document it covers
+    end: int
+    text: str
+
+
+def _label_span(document: CorpusDocument, start: int, end: int) -> str | None:
+    if not document.pages:
+        return None
+    starts = [p for p, _ in document.pages]
+    first = document.pages[max(0, bisect.bisect_right(starts, start) - 1)][1]
+    last = document.pages[max(0, bisect.bisect_right(starts, max(start, end - 1)) - 1)][1]
+    return first if first == last else f"{first}–{last}"
+
+
+def summarise(model, document: CorpusDocument, params, *, first_page: int | None = None, last_page: int | None = None,
+              cancel: Callable[[], bool] | None = None):
+    """Map the page range part by part into notes, combine them (a level more where
+    they outgrow COMBINE_TOKENS) and stream the summary; Evidence per cited part.
+    Cancelled: the notes so far, as the result."""
+    from dataclasses import replace
+
+    from engine.corpus.answer import citations
+    from engine.corpus.engine import Evidence
+    from engine.corpus.passages import word_spans
+    from engine.generate import GenerationStats, Token
+
+    started = time.perf_counter()
+    lo, hi = page_range(document, first_page, last_page)
+    spans = [(lo + s, lo + e) for s, e in word_spans(document.text[lo:hi], PART_WORDS, 0)]
+    stats = TaskStats("summarise", documents=1, characters_read=hi - lo, parts=len(spans))
+    note_params = replace(params, max_new_tokens=NOTE_TOKENS, no_repeat_ngram=params.no_repeat_ngram or 6)
+    notes: list[_Note] = []
+    count = model.tokenizer.encode
+
+    def generate(messages, sampling) -> str:
+        ids = model.encode_chat(messages)
+        stats.prompt_tokens += len(ids)
+        generation = GenerationStats()
+        text = "".join(t.text for t in model.stream(ids, sampling, cancel=cancel, stats=generation))
+        stats.generated_tokens += generation.generated_tokens
+        return text.strip()
+
+    for done, (s, e) in enumerate(spans):
+        yield TaskProgress("reading", done, len(spans), eta(started, done, len(spans)))
+        if cancel is not None and cancel():
+            break
+        where = _label_span(document, s, e)
+        heading = f"Part {done + 1} of “{document.title}”" + (f" (pages {where})" if where else "")
+        text = generate([{"role": "system", "content": NOTE_PROMPT},
+                         {"role": "user", "content": f"{heading}:\n\n{document.text[s:e].strip()}"}], note_params)
+        notes.append(_Note(done + 1, s, e, text))
+    cancelled = len(notes) < len(spans)
+    # Combine a level up while the notes do not fit one prompt.
+    level = notes
+    while not cancelled and len(level) > 1 and sum(len(count(n.text)) for n in level) > COMBINE_TOKENS:
+        groups, group, used = [], [], 0
+        for note in level:
+            size = len(count(note.text))
+            if group and used + size > COMBINE_TOKENS:
+                groups.append(group)
+                group, used = [], 0
+            group.append(note)
+            used += size
+        groups.append(group)
+        combined = []
+        for done, group in enumerate(groups):
+            yield TaskProgress("combining", done, len(groups), eta(started, len(notes) + done, len(notes) + len(groups)))
+            if cancel is not None and cancel():
+                cancelled = True
+                break
+            listing = "\n".join(f"[{k}] {n.text}" for k, n in enumerate(group, 1))
+            text = generate([{"role": "system", "content": NOTE_PROMPT},
+                             {"role": "user", "content": f"Notes on consecutive parts of “{document.title}”:\n\n{listing}"}],
+                            replace(note_params, max_new_tokens=NOTE_TOKENS * 2))
+            combined.append(_Note(len(combined) + 1, group[0].start, group[-1].end, text))
+        if cancelled:
+            break
+        level = combined
+    sources = level if not cancelled else notes
+    if cancelled:
+        # What was read so far, as it is: the notes, each citing its part.
+        yield Token(-1, f"*Stopped after {len(notes)} of {len(spans)} parts; the notes so far:*\n")
+        for note in notes:
+            yield Token(-1, f"\n- {note.text} [{note.number}]")
+        answer = "".join(f" {n.text} [{n.number}]" for n in notes)
+    else:
+        yield TaskProgress("combining", 0, 1, eta(started, len(notes), len(notes) + 1))
+        listing = "\n".join(
+            f"[{n.number}] ({_where(document, n)}) {n.text}"
+            for n in sources)
+        ids = model.encode_chat([{"role": "system", "content": COMBINE_PROMPT},
+                                 {"role": "user", "content": f"Notes on “{document.title}”:\n\n{listing}\n\nSummary:"}])
+        stats.prompt_tokens += len(ids)
+        generation = GenerationStats()
+        answer = ""
+        for token in model.stream(ids, params, cancel=cancel, stats=generation):
+            answer += token.text
+            yield token
+        stats.generated_tokens += generation.generated_tokens
+        cancelled = bool(cancel is not None and cancel())
+    from engine.corpus.answer import Source
+
+    numbered = [Source(n.number, 0, n.start, n.end, document.title, _label_span(document, n.start, n.end),
+                       n.text, 1.0) for n in sources]
+    cited = {c.number for c in citations(answer, numbered)}
+    for n in sources:
+        index = None
+        if document.pages:
+            index = max(0, bisect.bisect_right([p for p, _ in document.pages], n.start) - 1)
+        yield Evidence(document.doc_id, document.title, _label_span(document, n.start, n.end), index, n.start, n.end,
+                       document.text[n.start:n.end], 1.0 / len(sources), number=n.number,
+                       cited=n.number in cited, supported=True if n.number in cited else None)
+    stats.seconds = time.perf_counter() - started
+    stats.cancelled = cancelled
+    stats.extra = {"notes": [n.text for n in notes], "levels": 1 + (sources is not notes)}
+    yield stats
