@@ -190,23 +190,19 @@ def cmd_find_all(args: argparse.Namespace) -> int:
     return _run_task(find_all(args.term, documents), show_evidence=False, json_out=args.json)
 
 
-def _pages(text: str | None) -> tuple[int | None, int | None]:
-    if not text:
-        return None, None
-    first, _, last = text.partition("-")
-    try:
-        return int(first) if first else None, int(last) if last else (int(first) if not _ else None)
-    except ValueError:
-        raise SystemExit(f"quire: --pages wants A-B (1-based page numbers), not {text!r}") from None
-
-
 def cmd_summarise(args: argparse.Namespace) -> int:
     from engine.generate import SamplingParams
 
     documents = _documents_or_fail([args.id])
     if not documents:
         return 1
-    first, last = _pages(args.pages)
+    from engine.corpus.tasks import parse_pages
+
+    try:
+        first, last = parse_pages(args.pages or "")
+    except ValueError as error:
+        print(f"quire: {error}", file=sys.stderr)
+        return 2
     engine = open_engine(args)
     try:
         events = engine.summarise(documents[0], SamplingParams(max_new_tokens=args.max_tokens), first_page=first, last_page=last)

@@ -48,6 +48,10 @@ class AnswerEngine(Protocol):
         history: Sequence[Turn] = (),
     ) -> Iterator[AskEvent]: ...
 
+    def run_task(
+        self, task: str, documents: list[CorpusDocument], options: dict, max_tokens: int, cancel: Callable[[], bool] | None
+    ) -> Iterator[AskEvent]: ...
+
     def cache_bytes(self) -> int: ...
 
     def count_tokens(self, text: str) -> int: ...
@@ -187,6 +191,20 @@ class LocalEngine:
             decode_tokens_per_second=stats.decode_tokens_per_second,
             finish_reason=stats.finish_reason,
         )
+
+    def run_task(self, task, documents, options, max_tokens, cancel) -> Iterator[AskEvent]:
+        """A whole-document task (engine/corpus/tasks.py): "find-all" (options: term),
+        "summarise" (one document; options: first_page, last_page) or "compare"
+        (options: topic)."""
+        params = SamplingParams(max_new_tokens=max_tokens)
+        if task == "find-all":
+            return self.engine.find_all(options["term"], documents, cancel=cancel)
+        if task == "summarise":
+            return self.engine.summarise(documents[0], params, first_page=options.get("first_page"),
+                                         last_page=options.get("last_page"), cancel=cancel)
+        if task == "compare":
+            return self.engine.compare(documents, options["topic"], params, cancel=cancel)
+        raise ValueError(f"unknown task '{task}'")
 
     def cache_bytes(self) -> int:
         return self.engine.cache_bytes()

@@ -57,6 +57,7 @@ class LibraryPanel(QWidget):
     new_collection = Signal(list)  # document ids to put in it
     add_to_collection = Signal(int, list)
     ask_about = Signal(list)  # document ids: make them the scope
+    task_requested = Signal(str, list)  # "summarise" | "compare" | "find-all", document ids
     open_document = Signal(int)
     collection_filter_changed = Signal()
 
@@ -170,6 +171,11 @@ class LibraryPanel(QWidget):
             return
         menu = QMenu(self)
         menu.addAction(f"Ask about {'this document' if len(ids) == 1 else f'these {len(ids)} documents'}", lambda: self.ask_about.emit(ids))
+        if len(ids) == 1:
+            menu.addAction("Summarise…", lambda: self.task_requested.emit("summarise", ids))
+        else:
+            menu.addAction(f"Compare these {len(ids)} documents…", lambda: self.task_requested.emit("compare", ids))
+        menu.addAction("Find all mentions…", lambda: self.task_requested.emit("find-all", ids))
         collections = menu.addMenu("Add to collection")
         for collection in self.collections:
             collections.addAction(collection.name, lambda c=collection.id: self.add_to_collection.emit(c, ids))

@@ -42,6 +42,7 @@ from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker
 from app.settings import AppSettings, load_settings, save_settings
 from engine.corpus.answer import Turn
 from engine.corpus.build import BuildProgress
+from engine.corpus.tasks import parse_pages
 from ingest.conversations import Citation
 from ingest.jobs import IngestProgress, IngestSummary
 from ingest.paths import library_path as default_library_path
@@ -139,6 +140,7 @@ class MainWindow(QMainWindow):
         self.library.new_collection.connect(self.new_collection)
         self.library.add_to_collection.connect(self._add_to_collection)
         self.library.ask_about.connect(self.ask_about)
+        self.library.task_requested.connect(self.request_task)
         self.library.table.selectionModel().selectionChanged.connect(lambda *_: self.refresh_scopes())
         self.conversations.chosen.connect(self.open_conversation)
         self.conversations.search_changed.connect(lambda text: self.refresh_conversations(text))
@@ -203,6 +205,13 @@ class MainWindow(QMainWindow):
         self._action(talk, "Re&name…", lambda: self.rename_conversation(self.conversation_id), "F2")
         self._action(talk, "&Delete", lambda: self.delete_conversation(self.conversation_id), "Ctrl+Shift+Backspace")
         self._action(talk, "Focus &Question", lambda: self.conversation.question.setFocus(), "Ctrl+L")
+        talk.addSeparator()
+        self._action(talk, "&Summarise Selected Document…", lambda: self.request_task("summarise", self.library.selected_ids()),
+                     "Ctrl+Shift+S", "Summarise the document selected in the library, or a page range of it")
+        self._action(talk, "&Compare Selected Documents…", lambda: self.request_task("compare", self.library.selected_ids()),
+                     "Ctrl+Shift+C", "How the documents selected in the library differ on a topic")
+        self._action(talk, "&Find All…", lambda: self.request_task("find-all", None), "Ctrl+Shift+F",
+                     "Every sentence that mentions a term, in the conversation's scope")
         library = menus.addMenu("&Library")
         self._action(library, "&Build Cache", self.build_cache, "Ctrl+B")
         self._action(library, "&Remove Selected", lambda: self.remove_documents(self.library.selected_ids()), QKeySequence.StandardKey.Delete)
@@ -590,6 +599,61 @@ class MainWindow(QMainWindow):
         self.conversation.question.clear()
         self._send(question, scope, history)
 
+    def request_task(self, task: str, ids: list[int] | None) -> None:
+        """Ask for what a whole-document task needs (a page range, a topic, a term) and
+        run it into the conversation. `ids`: the documents (None: the current scope)."""
+        if self.answering or not self.engine_ready:
+            return
+        titles = {}
+        for i in ids or []:
+            record = self.store.document(i)
+            if record is not None:
+                titles[i] = record.display_title
+        options: dict = {}
+        if task == "summarise":
+            if len(titles) != 1:
+                self.show_error("select one document in the library to summarise")
+                return
+            pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{next(iter(titles.values()))}” "
+                                             "(e.g. 3-10; empty: the whole document):")
+            if not ok:
+                return
+            try:
+                options["first_page"], options["last_page"] = parse_pages(pages)
+            except ValueError as error:
+                self.show_error(str(error))
+                return
+            where = f", pages {pages.strip()}" if pages.strip() else ""
+            label = f"Summarise “{next(iter(titles.values()))}”{where}"
+        elif task == "compare":
+            if len(titles) < 2:
+                self.show_error("select two or more documents in the library to compare")
+                return
+            topic, ok = QInputDialog.getText(self, "Compare", "Compare the selected documents on:")
+            if not ok or not topic.strip():
+                return
+            options["topic"] = topic.strip()
+            label = f"Compare {' and '.join(f'“{t}”' for t in titles.values())} on {topic.strip()}"
+        else:
+            term, ok = QInputDialog.getText(self, "Find all", "Find every sentence that mentions:")
+            if not ok or not term.strip():
+                return
+            options["term"] = term.strip()
+            label = f"Find all mentions of “{term.strip()}”"
+        self.run_task(task, options, label, list(titles) if titles else None)
+
+    def run_task(self, task: str, options: dict, label: str, ids: list[int] | None) -> None:
+        """Run a task into the conversation: `label` is saved as the user's turn (with
+        the task, so Regenerate runs it again), the result as the answer."""
+        if self.answering or not self.engine_ready:
+            return
+        scope = Scope("documents", document_ids=tuple(ids), label=f"Selected documents ({len(ids)})") if ids else self.conversation.current_scope()
+        if self.conversation_id is None:
+            self.conversation_id = self.store.new_conversation(label if len(label) <= 60 else label[:57] + "…", scope).id
+        spec = {"task": task, "options": options, "documents": ids}
+        self.store.conversations.add_message(self.conversation_id, "user", label, stats=spec)
+        self._send(label, scope, [], spec)
+
     def regenerate(self) -> None:
         if self.answering or self.conversation_id is None or not self.engine_ready:
             return
@@ -599,10 +663,16 @@ class MainWindow(QMainWindow):
             messages = messages[:-1]
         last = max((n for n, m in enumerate(messages) if m.role == "user"), default=None)
         if last is not None:
+            spec = messages[last].stats or {}
+            if spec.get("task"):
+                ids = spec.get("documents")
+                scope = Scope("documents", document_ids=tuple(ids), label=f"Selected documents ({len(ids)})") if ids else self.conversation.current_scope()
+                self._send(messages[last].content, scope, [], spec)
+                return
             # The question again, with the turns before it, as when it was first asked.
             self._send(messages[last].content, self.conversation.current_scope(), turns(messages[:last]))
 
-    def _send(self, question: str, scope: Scope, history: list[Turn]) -> None:
+    def _send(self, question: str, scope: Scope, history: list[Turn], spec: dict | None = None) -> None:
         assert self.conversation_id is not None
         conversation = self.store.conversations.get(self.conversation_id)
         self.conversation.show_conversation(conversation.title, self.store.messages(self.conversation_id))
@@ -614,7 +684,8 @@ class MainWindow(QMainWindow):
         self.refresh_conversations()
         self.ask_requested.emit(
             AskRequest(
-                self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens, history
+                self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens, history,
+                task=(spec or {}).get("task", "ask"), options=(spec or {}).get("options", {}),
             )
         )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app.gui.viewer import Passage
 from engine.corpus.answer import Turn
+
 from ingest.conversations import Citation, Conversation, Conversations, Message
 from ingest.library import Collection, DocumentRecord, Library
 

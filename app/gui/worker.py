@@ -29,6 +29,7 @@ from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, CorpusDocument
 from engine.corpus.answer import Turn
 from engine.corpus.engine import AskStats, Evidence
+from engine.corpus.tasks import TaskProgress, TaskStats
 from engine.errors import Cancelled as EngineCancelled
 from engine.generate import Token
 from ingest.conversations import Citation, Conversations
@@ -57,6 +58,20 @@ class AskRequest:
     document_ids: list[int] | None  # None: every ready document
     max_tokens: int
     history: list[Turn] = field(default_factory=list)  # the conversation's earlier turns
+    # A whole-document task instead of a question: "find-all", "summarise", "compare",
+    # with its options (term, topic, first_page, last_page).
+    task: str = "ask"
+    options: dict = field(default_factory=dict)
+
+
+def _progress_text(progress: TaskProgress) -> str:
+    """"Reading part 3 of 40, about 2 min left" for the status bar."""
+    stage = {"finding": "Finding", "reading": "Reading part", "combining": "Combining notes"}.get(progress.stage, progress.stage)
+    text = f"{stage} {progress.done + 1} of {progress.total}" if progress.total > 1 else f"{stage}…"
+    if progress.eta_seconds is not None:
+        minutes = progress.eta_seconds / 60
+        text += f", about {minutes:.0f} min left" if minutes >= 1.5 else f", about {progress.eta_seconds:.0f} s left"
+    return text
 
 
 class EngineWorker(QObject):
@@ -187,16 +202,22 @@ class EngineWorker(QObject):
         try:
             # No caching first: the answer reads the documents' text (engine.ask).
             documents = self._documents(request.document_ids)
-            events = self.engine.ask(request.question, documents, request.max_tokens, self._cancelled, request.history)
+            if request.task == "ask":
+                events = self.engine.ask(request.question, documents, request.max_tokens, self._cancelled, request.history)
+            else:
+                events = self.engine.run_task(request.task, documents, request.options, request.max_tokens, self._cancelled)
             for event in events:
                 if isinstance(event, Token):
                     pieces.append(event.text)
                     self.token.emit(event.text)
                 elif isinstance(event, Evidence):
                     citations.append(_citation(event))
-                elif isinstance(event, AskStats):
+                elif isinstance(event, (AskStats, TaskStats)):
                     stats = event
-            cancelled = self._cancelled() or (stats is not None and stats.finish_reason == "cancelled")
+                elif isinstance(event, TaskProgress):
+                    self.busy.emit(_progress_text(event))
+            cancelled = self._cancelled() or (stats is not None and (
+                getattr(stats, "finish_reason", "") == "cancelled" or getattr(stats, "cancelled", False)))
         except EngineCancelled:
             cancelled = True
         except BaseException as error:  # noqa: BLE001

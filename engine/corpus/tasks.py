@@ -195,6 +195,22 @@ def find_all(term: str, documents: Sequence[CorpusDocument], cancel: Callable[[]
                     extra={"documents_with_mentions": in_documents})
 
 
+def parse_pages(text: str) -> tuple[int | None, int | None]:
+    """"3-10" -> (3, 10); "7" -> (7, 7); "5-" -> (5, None); "" -> (None, None)."""
+    text = text.strip().replace("–", "-").replace(" ", "")
+    if not text:
+        return None, None
+    first, dash, last = text.partition("-")
+    try:
+        lo = int(first) if first else None
+        hi = int(last) if last else (None if dash else lo)
+    except ValueError:
+        raise ValueError(f"pages “{text}”: write a range like 3-10") from None
+    if (lo is not None and lo < 1) or (lo is not None and hi is not None and hi < lo):
+        raise ValueError(f"pages “{text}”: write a range like 3-10, first page first")
+    return lo, hi
+
+
 def page_range(document: CorpusDocument, first: int | None, last: int | None) -> tuple[int, int]:
     """Characters of pages `first`..`last` (1-based, inclusive; None: the ends)."""
     if not document.pages or (first is None and last is None):
@@ -273,6 +289,7 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
     cancelled = len(notes) < len(spans)
     # Combine a level up while the notes do not fit one prompt.
     level = notes
+    levels = 1
     while not cancelled and len(level) > 1 and sum(len(count(n.text)) for n in level) > COMBINE_TOKENS:
         groups, group, used = [], [], 0
         for note in level:
@@ -297,6 +314,7 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
         if cancelled:
             break
         level = combined
+        levels += 1
     sources = level if not cancelled else notes
     if cancelled:
         # What was read so far, as it is: the notes, each citing its part.
@@ -333,5 +351,5 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
                        cited=n.number in cited, supported=True if n.number in cited else None)
     stats.seconds = time.perf_counter() - started
     stats.cancelled = cancelled
-    stats.extra = {"notes": [n.text for n in notes], "levels": 1 + (sources is not notes)}
+    stats.extra = {"notes": [n.text for n in notes], "levels": levels if not cancelled else 1}
     yield stats

@@ -26,6 +26,7 @@ class ScriptedEngine:
         self.cached: set[str] = set()
         self.asked: list[tuple[str, list]] = []
         self.histories: list[list[tuple[str, str]]] = []  # the earlier turns each question came with
+        self.tasks: list[tuple[str, dict, list]] = []
         self.started = threading.Event()
 
     def is_cached(self, document) -> bool:
@@ -60,6 +61,21 @@ class ScriptedEngine:
             yield Evidence(document.doc_id, document.title, page_label, 0, 0, end, document.text[:end], 1.0 / len(documents))
         yield AskStats(prompt_tokens=12, memory_tokens=sum(len(d.text) for d in documents), generated_tokens=len(self.pieces),
                        time_to_first_token=0.25, decode_tokens_per_second=20.0, finish_reason="stop")
+
+    def run_task(self, task, documents, options, max_tokens, cancel):
+        """Whole-document tasks: the real find-all (it needs no model); summarise and
+        compare stream the scripted pieces with progress, like ask."""
+        from engine.corpus.tasks import TaskProgress, TaskStats, find_all
+
+        self.tasks.append((task, dict(options), [d.doc_id for d in documents]))
+        if task == "find-all":
+            yield from find_all(options["term"], documents, cancel)
+            return
+        yield TaskProgress("reading", 0, 2)
+        yield TaskProgress("reading", 1, 2, 1.0)
+        for number, piece in enumerate(self.pieces):
+            yield Token(number, piece)
+        yield TaskStats(task, documents=len(documents), parts=2)
 
     def cache_bytes(self) -> int:
         return 1024 * len(self.cached)

@@ -253,6 +253,43 @@ def test_follow_ups_carry_the_conversation_also_after_regenerate_and_reopen(qtbo
     close(window)
 
 
+def test_summarise_compare_and_find_all_run_into_the_conversation(qtbot, home, monkeypatch):
+    engine = ScriptedEngine(pieces=["A summary."])
+    window = make_window(qtbot, home, engine)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS), write_book(home, "log.txt", "The Tern carried tar. " * 5)])
+    ids = sorted(window.store.scope_document_ids(window.conversation.current_scope()) or
+                 [d.id for d in window.store.library.documents(status="ready")])
+    answers = iter([("3-", True), ("tar", True), ("tar", True)])
+    monkeypatch.setattr("app.gui.main.QInputDialog.getText", lambda *a, **k: next(answers))
+    window.library.table.selectRow(0)
+    selected = window.library.selected_ids()
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.request_task("summarise", selected)
+    assert engine.tasks[-1] == ("summarise", {"first_page": 3, "last_page": None}, selected)
+    messages = window.store.messages(window.conversation_id)
+    assert messages[0].content.startswith("Summarise “") and messages[0].content.endswith(", pages 3-")
+    assert messages[1].content == "A summary."
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.request_task("compare", ids)
+    assert engine.tasks[-1] == ("compare", {"topic": "tar"}, ids)
+    window.new_conversation()
+    window.conversation.scope.setCurrentIndex(0)  # All documents
+    assert window.conversation.current_scope().kind == "all"
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.request_task("find-all", None)  # the conversation's scope
+    found = window.store.messages(window.conversation_id)[-1]
+    assert "mention “tar”" in found.content and len(found.citations) == 6  # one sentence in SHIPS, five in the log
+    assert "Find all mentions of “tar”" in window.conversation.view.toPlainText()
+    # Regenerate runs the task again, not a question.
+    with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
+        window.regenerate()
+    assert engine.tasks[-1][0] == "find-all" and len(engine.asked) == 0
+    # A task with nothing selected says what it needs.
+    window.request_task("compare", ids[:1])
+    assert "two or more" in window.last_error
+    close(window)
+
+
 def test_engine_failures_leave_the_window_alive(qtbot, home):
     engine = ScriptedEngine(pieces=["partial ", "text ", "never"], fail_after=2, error=MemoryError())
     window = make_window(qtbot, home, engine)

@@ -1,0 +1,146 @@
+"""Whole-document tasks (engine/corpus/tasks.py): find-all's mentions, page ranges,
+and summarise's map, combine and cancel, driven by a scripted model so the tests
+check the task's bookkeeping rather than a small model's prose."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from engine.corpus import tasks
+from engine.corpus.build import CorpusDocument
+from engine.corpus.engine import Evidence
+from engine.corpus.tasks import TaskProgress, TaskStats, find_all, find_mentions, page_range, parse_pages
+from engine.generate import SamplingParams, Token
+
+TEXT = (
+    "Injun Joe ran. INJUN  JOE's knife was there. The injunction was served. "
+    "Joe Harper and injun joe met.\n\nInterrupts are handled here; the interrupt handler runs. "
+    "A handler for each interrupt is set up first. Nothing else happens."
+)
+
+
+def document(text: str = TEXT, pages: int = 2) -> CorpusDocument:
+    step = len(text) // pages
+    return CorpusDocument("d", text, [(i * step, str(i + 1)) for i in range(pages)], "Tale")
+
+
+def test_mentions_match_words_by_stem_in_order_and_each_sentence_once():
+    found = [TEXT[m.start:m.end] for m in find_mentions([document()], "Injun Joe")]
+    assert found == ["Injun Joe ran.", "INJUN  JOE's knife was there.", "Joe Harper and injun joe met."]
+    # "injunction" is not "injun"; "interrupts" is "interrupt".
+    assert not find_mentions([document()], "injunctions joe")
+    assert len(find_mentions([document()], "interrupts")) == 2
+    # Several content words: also any sentence holding all of them, in any order.
+    both = [TEXT[m.start:m.end] for m in find_mentions([document()], "interrupt handler")]
+    assert both == ["Interrupts are handled here; the interrupt handler runs.", "A handler for each interrupt is set up first."]
+
+
+def test_find_all_streams_a_numbered_list_with_evidence_per_sentence():
+    docs = [document(), CorpusDocument("e", "No pirates here. Injun Joe again!", [], "Other")]
+    events = list(find_all("injun joe", docs))
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    evidence = [e for e in events if isinstance(e, Evidence)]
+    stats = events[-1]
+    assert isinstance(stats, TaskStats) and stats.found == 4 and stats.extra["documents_with_mentions"] == 2
+    assert text.startswith("**4 sentence(s) mention “injun joe”** in 2 of 2 document(s).")
+    assert [e.number for e in evidence] == [1, 2, 3, 4] and all(e.cited for e in evidence)
+    assert re.search(r"\n4\. \*Other\*: “Injun Joe again!” \[4\]$", text)
+    assert evidence[2].page_label == "1" and evidence[3].page_label is None
+    assert "No sentence" in "".join(e.text for e in find_all("kraken", docs) if isinstance(e, Token))
+
+
+def test_page_ranges():
+    assert parse_pages("3-10") == (3, 10) and parse_pages(" 7 ") == (7, 7) and parse_pages("5-") == (5, None)
+    assert parse_pages("") == (None, None) and parse_pages("2–4") == (2, 4)
+    for bad in ("x", "0-3", "9-2"):
+        with pytest.raises(ValueError):
+            parse_pages(bad)
+    doc = CorpusDocument("d", "aaaa" "bbbb" "cccc", [(0, "i"), (4, "ii"), (8, "1")], "T")
+    assert page_range(doc, 2, 3) == (4, 12) and page_range(doc, None, 1) == (0, 4) and page_range(doc, None, None) == (0, 12)
+    with pytest.raises(ValueError):
+        page_range(doc, 3, 2)
+
+
+class ScriptedModel:
+    """Counts words as tokens; each note is "note on <first word of the part>", the
+    combined summary cites every note it was given."""
+
+    class Tokenizer:
+        @staticmethod
+        def encode(text: str) -> list[int]:
+            return list(range(len(text.split())))
+
+    tokenizer = Tokenizer()
+
+    def __init__(self) -> None:
+        self.prompts: list[list[dict]] = []
+
+    def encode_chat(self, messages):
+        self.prompts.append(messages)
+        return list(range(sum(len(m["content"].split()) for m in messages)))
+
+    def stream(self, ids, params, cancel=None, stats=None):
+        user = self.prompts[-1][-1]["content"]
+        if user.startswith("Notes on “"):  # the final combination: cite every note
+            numbers = re.findall(r"^\[(\d+)\]", user, re.M)
+            text = " ".join(f"Point {n} [{n}]." for n in numbers)
+        elif user.startswith("Notes on consecutive"):
+            text = "combined " + " ".join(re.findall(r"note on (\w+)", user))
+        else:
+            first = user.split(":\n\n", 1)[1].split()[0]
+            text = f"note on {first}"
+        for n, word in enumerate(text.split(" ")):
+            yield Token(n, word + " ")
+        if stats is not None:
+            stats.generated_tokens = len(text.split())
+
+
+def long_document(parts: int) -> CorpusDocument:
+    """`parts` pages of PART_WORDS words each, so part n is page n."""
+    pages = [" ".join(f"w{n}" for n in range(p * tasks.PART_WORDS, (p + 1) * tasks.PART_WORDS)) for p in range(parts)]
+    starts = [sum(len(page) + 1 for page in pages[:p]) for p in range(parts)]
+    return CorpusDocument("book", " ".join(pages), [(s, str(p + 1)) for p, s in enumerate(starts)], "Book")
+
+
+def test_summarise_maps_parts_then_cites_the_notes(monkeypatch):
+    model = ScriptedModel()
+    events = list(tasks.summarise(model, long_document(3), SamplingParams(max_new_tokens=50)))
+    progress = [e for e in events if isinstance(e, TaskProgress)]
+    assert [(p.stage, p.done) for p in progress] == [("reading", 0), ("reading", 1), ("reading", 2), ("combining", 0)]
+    assert progress[0].eta_seconds is None and progress[2].eta_seconds is not None
+    summary = "".join(e.text for e in events if isinstance(e, Token))
+    assert summary.strip() == "Point 1 [1]. Point 2 [2]. Point 3 [3]."
+    evidence = [e for e in events if isinstance(e, Evidence)]
+    assert [(e.number, e.cited, e.page_label) for e in evidence] == [(1, True, "1"), (2, True, "2"), (3, True, "3")]
+    stats = events[-1]
+    assert stats.parts == 3 and stats.extra["notes"] == ["note on w0", "note on w1000", "note on w2000"]
+    assert stats.extra["levels"] == 1 and not stats.cancelled
+
+
+def test_summarise_combines_a_level_up_when_the_notes_outgrow_a_prompt(monkeypatch):
+    monkeypatch.setattr(tasks, "COMBINE_TOKENS", 9)  # notes of three words: three to a group
+    model = ScriptedModel()
+    events = list(tasks.summarise(model, long_document(5), SamplingParams(max_new_tokens=50)))
+    stats = events[-1]
+    assert stats.extra["levels"] == 2
+    evidence = [e for e in events if isinstance(e, Evidence)]
+    # Two combined notes (parts 1-3 and 4-5), each citing the characters of its parts.
+    assert [(e.number, e.page_label) for e in evidence] == [(1, "1–3"), (2, "4–5")]
+    assert model.prompts[-1][-1]["content"].count("combined") == 2
+
+
+def test_a_cancelled_summary_keeps_the_notes_so_far():
+    model = ScriptedModel()
+    calls = {"n": 0}
+
+    def cancel() -> bool:
+        return len(model.prompts) >= 2  # after two parts
+
+    events = list(tasks.summarise(model, long_document(4), SamplingParams(max_new_tokens=50), cancel=cancel))
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    assert text.startswith("*Stopped after 2 of 4 parts")
+    assert "note on w0 [1]" in text and "note on w1000 [2]" in text
+    stats = events[-1]
+    assert stats.cancelled and len(stats.extra["notes"]) == 2 and calls["n"] == 0
