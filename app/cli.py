@@ -142,6 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = cli_qa.run(args)
         if result is None:
             return 2
+    elif args.what == "tasks":
+        from app import cli_qa
+
+        result = cli_qa.run_tasks(args)
     elif args.what in ("niah", "scale"):
         result = _bench_corpus(args)
         if result is None:
@@ -230,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "niah", "scale", "gui"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -263,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "resources/bench/qa/followups.jsonl: follow-ups, each asked after its first question)")
     bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
     bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],
-                       choices=["quire", "quire-alone", "quire-cache", "bm25", "embed", "dense"],
+                       choices=["quire", "quire-alone", "quire-cache", "bm25", "embed", "dense"],  # tasks: quire bm25 dense
                        help="qa: methods to compare (quire-alone: a follow-up asked without the conversation)")
     bench.add_argument("--scopes", nargs="+", default=["own", "library"], choices=["own", "library"])
     bench.add_argument("--ids", nargs="+", help="qa: only these question ids (or id prefixes)")

@@ -17,6 +17,9 @@ from ingest.readers import read_document
 RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "bench" / "qa"
 
 
+ROOT_TASKS = RESOURCES.parent / "tasks"
+
+
 def qa_documents(folder: Path, manifest: dict) -> dict[str, CorpusDocument]:
     """The benchmark's documents, read as the library reads them (same text, so the
     same cache), keyed as questions.jsonl names them."""
@@ -90,4 +93,30 @@ def run(args: argparse.Namespace) -> dict | None:
     print(table, file=sys.stderr)
     if args.markdown:
         Path(args.markdown).write_text(table)
+    return result
+
+
+def run_tasks(args: argparse.Namespace) -> dict | None:
+    """`quire bench tasks`: engine/bench/tasks.py over the qa documents."""
+    from engine.bench.tasks import METHODS, TaskRunner, load_items, run_tasks as run
+    from engine.corpus.engine import Engine
+    from engine.runtime import DEFAULT_MODEL, load_model
+
+    items = load_items(args.questions or ROOT_TASKS / "tasks.jsonl")
+    if args.ids:
+        items = [i for i in items if any(i["id"].startswith(x) for x in args.ids)]
+    manifest = json.loads((RESOURCES / "documents.json").read_text())
+    documents = qa_documents(Path(args.qa_documents), manifest)
+    model = load_model((args.model or [DEFAULT_MODEL])[0])
+    runner = TaskRunner(Engine(model), documents, dense_limit=args.dense_limit)
+    methods = [m for m in METHODS if m in (args.methods or METHODS)]
+
+    def show(row: dict) -> None:
+        score = row.get("recall", row.get("coverage"))
+        print(f"{row['id']:<30} {row['method']:<6} {'-' if score is None else f'{score:.2f}'} {row['seconds']:.0f}s"
+              f" | {row.get('answer', '')[:100]!r}", file=sys.stderr, flush=True)
+
+    result = run(runner, items, methods, on_row=show)
+    result["model"] = model.folder.name
+    print(json.dumps(result["summary"], indent=1), file=sys.stderr)
     return result

@@ -120,8 +120,12 @@ def find_mentions(documents: Sequence[CorpusDocument], term: str,
                     spans.append((lo, hi))
         starts = [p for p, _ in document.pages]
         for lo, hi in sorted(set(spans)):
-            if mentions and mentions[-1].entry == entry and lo < mentions[-1].end:
-                continue  # the same sentence, or one overlapping it
+            last = mentions[-1] if mentions else None
+            if last is not None and last.entry == entry and lo < last.end:
+                # The same sentence, or one overlapping it (sentence ends are guesses): one span.
+                if hi > last.end:
+                    mentions[-1] = Mention(entry, last.start, hi, last.page_index, last.page_label)
+                continue
             index = max(0, bisect.bisect_right(starts, lo) - 1) if starts else None
             label = document.pages[index][1] if index is not None else None
             mentions.append(Mention(entry, lo, hi, index, label))
