@@ -67,7 +67,7 @@ class AskRequest:
 def _progress_text(progress: TaskProgress) -> str:
     """"Reading part 3 of 40, about 2 min left" for the status bar."""
     stage = {"finding": "Finding", "reading": "Reading part", "combining": "Combining notes"}.get(progress.stage, progress.stage)
-    text = f"{stage} {progress.done + 1} of {progress.total}" if progress.total > 1 else f"{stage}…"
+    text = f"{stage} {progress.done + 1} of {progress.total}" if progress.total > 1 else stage
     if progress.eta_seconds is not None:
         minutes = progress.eta_seconds / 60
         text += f", about {minutes:.0f} min left" if minutes >= 1.5 else f", about {progress.eta_seconds:.0f} s left"

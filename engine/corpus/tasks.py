@@ -161,7 +161,7 @@ NOTE_PROMPT = (
     "Use only the text."
 )
 COMBINE_PROMPT = (
-    "Summarise the document from the numbered notes on its parts, in their order. "
+    "Summarise a document from numbered notes on its parts, in their order, in a few sentences. "
     "After each point, cite the notes it comes from in brackets, like [2] or [3, 4]."
 )
 
@@ -189,7 +189,10 @@ def find_all(term: str, documents: Sequence[CorpusDocument], cancel: Callable[[]
         for number, m in enumerate(mentions, 1):
             document = documents[m.entry]
             where = f"*{document.title}*" + (f", p. {m.page_label}" if m.page_label else "")
-            yield Token(-1, f"\n{number}. {where}: “{_quote(document.text[m.start:m.end])}” [{number}]")
+            quote = _quote(document.text[m.start:m.end])
+            if not quote.startswith(('"', "“", "'")):  # the book's own quotation marks stay as they are
+                quote = f"“{quote}”"
+            yield Token(-1, f"\n{number}. {where}: {quote} [{number}]")
     for number, m in enumerate(mentions, 1):
         document = documents[m.entry]
         yield Evidence(document.doc_id, document.title, m.page_label, m.page_index, m.start, m.end,
@@ -328,11 +331,10 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
         answer = "".join(f" {n.text} [{n.number}]" for n in notes)
     else:
         yield TaskProgress("combining", 0, 1, eta(started, len(notes), len(notes) + 1))
-        listing = "\n".join(
-            f"[{n.number}] ({_where(document, n)}) {n.text}"
-            for n in sources)
+        listing = "\n\n".join(f"Note {n.number} ({_where(document, n)}):\n{n.text}" for n in sources)
         ids = model.encode_chat([{"role": "system", "content": COMBINE_PROMPT},
-                                 {"role": "user", "content": f"Notes on “{document.title}”:\n\n{listing}\n\nSummary:"}])
+                                 {"role": "user", "content": f"Notes on “{document.title}”:\n\n{listing}\n\n"
+                                  "Write the summary in your own words, citing the notes like [1]."}])
         stats.prompt_tokens += len(ids)
         generation = GenerationStats()
         answer = ""

@@ -84,7 +84,7 @@ class ScriptedModel:
     def stream(self, ids, params, cancel=None, stats=None):
         user = self.prompts[-1][-1]["content"]
         if user.startswith("Notes on “"):  # the final combination: cite every note
-            numbers = re.findall(r"^\[(\d+)\]", user, re.M)
+            numbers = re.findall(r"^Note (\d+) \(", user, re.M)
             text = " ".join(f"Point {n} [{n}]." for n in numbers)
         elif user.startswith("Notes on consecutive"):
             text = "combined " + " ".join(re.findall(r"note on (\w+)", user))
