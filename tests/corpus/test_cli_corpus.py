@@ -129,3 +129,22 @@ def test_the_removed_cache_heads_command_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["cache", "heads"])
     assert exit_info.value.code == 2 and "invalid choice: 'heads'" in capsys.readouterr().err
+
+
+def test_find_all_summarise_and_compare_from_the_command_line(home, island_file, tmp_path, capsys):
+    other = tmp_path / "keeper.md"
+    other.write_text("# Keepers\n\nA lighthouse keeper trims the lamp. Elspeth Varga kept the log.\n", encoding="utf-8")
+    assert quire(capsys, "add", str(island_file), str(other))[0] == 0
+    with Library() as library:
+        ids = [d.id for d in library.documents(status="ready")]
+    code, out, err = quire(capsys, "find-all", "Elspeth Varga")
+    assert code == 0 and out.startswith("**2 sentence(s) mention “Elspeth Varga”** in 2 of 2 document(s).")
+    assert FACT in out and "[2]" in out and "find-all: 2 document(s)" in err
+    code, out, err = quire(capsys, "summarise", str(ids[0]), "--pages", "9-12", "--model", MODEL)
+    assert code == 2 and "pages" in err  # a short Markdown file has fewer pages
+    code, out, err = quire(capsys, "summarise", str(ids[0]), "--model", MODEL, "--max-tokens", "24")
+    assert code == 0 and "Sources:" in out and "[summarise: 1 document(s)" in err and "part(s)" in err
+    code, out, err = quire(capsys, "compare", str(ids[0]), "lighthouse keepers", "--model", MODEL)
+    assert code == 2 and "two or more" in err
+    code, out, err = quire(capsys, "compare", *map(str, ids), "lighthouse keepers", "--model", MODEL, "--max-tokens", "24")
+    assert code == 0 and "Sources:" in out
