@@ -78,6 +78,12 @@ READ_PASSAGES = 5
 # shares of BM25 for the previous question and the previous answer.
 FOLLOW_UP_QUESTION_WEIGHT = 0.5
 FOLLOW_UP_ANSWER_WEIGHT = 0.25
+# Of a follow-up's passages, this many are ranked with the turn before; the rest for
+# the follow-up alone, so a question on a new topic still finds its own. Measured by
+# the passages read (evidence hit) on bench qa: the 26 follow-ups 96.2% (61.5% alone),
+# the 127 answerable questions after a turn about another document 84.2% (85.3%
+# with no turn before; 80.4% with all five passages ranked with the turn).
+FOLLOW_UP_JOINT = 3
 # The answer's repetition guard (SamplingParams.no_repeat_ngram): no 12-token run
 # twice. Long enough for an answer to repeat a name or a phrase, short enough to cut
 # a looping sentence after its first round.
@@ -308,13 +314,20 @@ class Engine:
         """The `count` passages that BM25 ranks best for `question`, numbered best
         first. Neighbours that overlap stay separate sources (their shared words are
         read twice): a merged run would cite the page where it starts, not the page of
-        the passage that held the answer. After earlier turns, the previous question
-        and answer add their BM25 scores at FOLLOW_UP_*_WEIGHT."""
+        the passage that held the answer. After earlier turns, the first
+        FOLLOW_UP_JOINT passages are ranked with the previous question and answer
+        (`retrieval_scores`), the rest for the question alone."""
         index = self.passage_index(documents)
-        scores = retrieval_scores(index, question, history)
+        scores = index.bm25(question)
+        order = list(np.argsort(-scores, kind="stable")[:count])
+        if history:
+            joint = retrieval_scores(index, question, history)
+            chosen = [int(i) for i in np.argsort(-joint, kind="stable")[:FOLLOW_UP_JOINT]]
+            order = chosen + [int(i) for i in np.argsort(-scores, kind="stable")[: count + len(chosen)] if i not in chosen]
+            scores = joint
         asked = index.weights(f"{question} {history[-1].question}" if history else question)
         sources = []
-        for number, i in enumerate(np.argsort(-scores, kind="stable")[:count], 1):
+        for number, i in enumerate(order[:count], 1):
             i = int(i)
             document = documents[int(index.entry[i])]
             start, end = int(index.start[i]), int(index.end[i])
