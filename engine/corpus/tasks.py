@@ -4,9 +4,9 @@
   top-k): the term's words in order, each word matched by its Snowball stem
   ("interrupt" meets "interrupts" and "interrupted", not "interruptible"), and for a
   term of several content words also any sentence holding all of them.
-- `summarise`: a document, a page range or a chapter, mapped part by part into notes
-  (each citing its part) and reduced, in a hierarchy where the notes outgrow one
-  prompt, into a summary whose points cite the parts they came from.
+- `summarise`: a document or a page range, read part by part into notes, each citing
+  its part; where the notes outgrow one prompt, groups of them are combined a level
+  up (a hierarchy), each citing the pages it covers.
 - `compare`: two or more documents on one topic: each document's passages on it,
   read side by side and numbered, and an answer that cites them.
 
@@ -146,11 +146,12 @@ def progress_iter(items: Sequence, stage: str, started: float) -> Iterator[tuple
 
 # -- the tasks, run by Engine (engine/corpus/engine.py) ------------------------------
 
-# Summaries: words per part read at once (about 1,300 tokens of English prose), the
-# tokens each part's notes may take, and the notes' tokens one combining prompt holds
-# before they are combined a level further up.
-PART_WORDS = 1000
-NOTE_TOKENS = 80
+# Summaries: words per part read at once (about 650 tokens of English prose; 1,000-word
+# parts gave notes with a quarter of the key points, docs/BENCHMARKS.md), the tokens
+# each part's notes may take, and the notes' tokens one prompt holds before groups of
+# them are combined a level up.
+PART_WORDS = 500
+NOTE_TOKENS = 100
 COMBINE_TOKENS = 2500
 # Comparisons: passages read per document.
 COMPARE_PASSAGES = 3
@@ -160,10 +161,15 @@ NOTE_PROMPT = (
     "who or what, what happens or is said, with names and numbers as the text writes them. "
     "Use only the text."
 )
-COMBINE_PROMPT = (
-    "Summarise a document from numbered notes on its parts, in their order, in a few sentences. "
-    "After each point, cite the notes it comes from in brackets, like [2] or [3, 4]."
-)
+
+
+def _whole_sentences(text: str) -> str:
+    """`text` without a last sentence cut off by the token limit (kept if it is all)."""
+    text = " ".join(text.split())
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    if text and text[-1] not in ".!?\"”" and cut > 0:
+        return text[: cut + 1]
+    return text
 
 
 def _quote(text: str, limit: int = 300) -> str:
@@ -258,12 +264,17 @@ def _label_span(document: CorpusDocument, start: int, end: int) -> str | None:
 
 def summarise(model, document: CorpusDocument, params, *, first_page: int | None = None, last_page: int | None = None,
               cancel: Callable[[], bool] | None = None):
-    """Map the page range part by part into notes, combine them (a level more where
-    they outgrow COMBINE_TOKENS) and stream the summary; Evidence per cited part.
-    Cancelled: the notes so far, as the result."""
+    """Map the page range part by part into notes and give the notes, in order, each
+    citing its part; where they outgrow COMBINE_TOKENS, groups of consecutive notes
+    are combined a level up first (each citing its parts' pages). Notes stream as they
+    are written when no combining will be needed. Cancelled: the notes so far.
+
+    Why notes rather than one combined paragraph: on bench tasks' three page ranges
+    the 0.5B default model's notes on 500-word parts held 64.4% of the key points and
+    its paragraph written from them 41.2% (1,000-word parts: 15.3%); see
+    docs/BENCHMARKS.md, "Whole-document tasks"."""
     from dataclasses import replace
 
-    from engine.corpus.answer import citations
     from engine.corpus.engine import Evidence
     from engine.corpus.passages import word_spans
     from engine.generate import GenerationStats, Token
@@ -275,6 +286,8 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
     note_params = replace(params, max_new_tokens=NOTE_TOKENS, no_repeat_ngram=params.no_repeat_ngram or 6)
     notes: list[_Note] = []
     count = model.tokenizer.encode
+    stream_now = len(spans) * NOTE_TOKENS <= COMBINE_TOKENS  # the notes will be the result as they are
+    title = f"**{document.title}**" + (f", pages {_label_span(document, lo, hi)}" if document.pages else "")
 
     def generate(messages, sampling) -> str:
         ids = model.encode_chat(messages)
@@ -282,8 +295,10 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
         generation = GenerationStats()
         text = "".join(t.text for t in model.stream(ids, sampling, cancel=cancel, stats=generation))
         stats.generated_tokens += generation.generated_tokens
-        return text.strip()
+        return _whole_sentences(text)
 
+    if stream_now and spans:
+        yield Token(-1, f"{title}, part by part:\n")
     for done, (s, e) in enumerate(spans):
         yield TaskProgress("reading", done, len(spans), eta(started, done, len(spans)))
         if cancel is not None and cancel():
@@ -292,7 +307,11 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
         heading = f"Part {done + 1} of “{document.title}”" + (f" (pages {where})" if where else "")
         text = generate([{"role": "system", "content": NOTE_PROMPT},
                          {"role": "user", "content": f"{heading}:\n\n{document.text[s:e].strip()}"}], note_params)
+        if cancel is not None and cancel() and not text:
+            break
         notes.append(_Note(done + 1, s, e, text))
+        if stream_now:
+            yield Token(-1, f"\n- {text} [{done + 1}]")
     cancelled = len(notes) < len(spans)
     # Combine a level up while the notes do not fit one prompt.
     level = notes
@@ -313,7 +332,7 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
             if cancel is not None and cancel():
                 cancelled = True
                 break
-            listing = "\n".join(f"[{k}] {n.text}" for k, n in enumerate(group, 1))
+            listing = "\n\n".join(f"Note {k} ({_where(document, n)}):\n{n.text}" for k, n in enumerate(group, 1))
             text = generate([{"role": "system", "content": NOTE_PROMPT},
                              {"role": "user", "content": f"Notes on consecutive parts of “{document.title}”:\n\n{listing}"}],
                             replace(note_params, max_new_tokens=NOTE_TOKENS * 2))
@@ -322,39 +341,24 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
             break
         level = combined
         levels += 1
-    sources = level if not cancelled else notes
+    sources = notes if cancelled else level
     if cancelled:
-        # What was read so far, as it is: the notes, each citing its part.
-        yield Token(-1, f"*Stopped after {len(notes)} of {len(spans)} parts; the notes so far:*\n")
-        for note in notes:
-            yield Token(-1, f"\n- {note.text} [{note.number}]")
-        answer = "".join(f" {n.text} [{n.number}]" for n in notes)
-    else:
-        yield TaskProgress("combining", 0, 1, eta(started, len(notes), len(notes) + 1))
-        listing = "\n\n".join(f"Note {n.number} ({_where(document, n)}):\n{n.text}" for n in sources)
-        ids = model.encode_chat([{"role": "system", "content": COMBINE_PROMPT},
-                                 {"role": "user", "content": f"Notes on “{document.title}”:\n\n{listing}\n\n"
-                                  "Write the summary in your own words, citing the notes like [1]."}])
-        stats.prompt_tokens += len(ids)
-        generation = GenerationStats()
-        answer = ""
-        for token in model.stream(ids, params, cancel=cancel, stats=generation):
-            answer += token.text
-            yield token
-        stats.generated_tokens += generation.generated_tokens
-        cancelled = bool(cancel is not None and cancel())
-    from engine.corpus.answer import Source
-
-    numbered = [Source(n.number, 0, n.start, n.end, document.title, _label_span(document, n.start, n.end),
-                       n.text, 1.0) for n in sources]
-    cited = {c.number for c in citations(answer, numbered)}
+        if stream_now:
+            yield Token(-1, f"\n\n*Stopped after {len(notes)} of {len(spans)} parts.*")
+        else:
+            yield Token(-1, f"*Stopped after {len(notes)} of {len(spans)} parts; the notes so far:*\n")
+            for note in notes:
+                yield Token(-1, f"\n- {note.text} [{note.number}]")
+    elif not stream_now:
+        yield Token(-1, f"{title}, part by part:\n")
+        for note in sources:
+            yield Token(-1, f"\n- *{_where(document, note).capitalize()}:* {note.text} [{note.number}]")
     for n in sources:
         index = None
         if document.pages:
             index = max(0, bisect.bisect_right([p for p, _ in document.pages], n.start) - 1)
         yield Evidence(document.doc_id, document.title, _label_span(document, n.start, n.end), index, n.start, n.end,
-                       document.text[n.start:n.end], 1.0 / len(sources), number=n.number,
-                       cited=n.number in cited, supported=True if n.number in cited else None)
+                       document.text[n.start:n.end], 1.0 / len(sources), number=n.number, cited=True, supported=True)
     stats.seconds = time.perf_counter() - started
     stats.cancelled = cancelled
     stats.extra = {"notes": [n.text for n in notes], "levels": levels if not cancelled else 1}

@@ -64,8 +64,8 @@ def test_page_ranges():
 
 
 class ScriptedModel:
-    """Counts words as tokens; each note is "note on <first word of the part>", the
-    combined summary cites every note it was given."""
+    """Counts words as tokens; each note is "note on <first word of the part>", a
+    combined note "combined <the notes' first words>"."""
 
     class Tokenizer:
         @staticmethod
@@ -83,14 +83,11 @@ class ScriptedModel:
 
     def stream(self, ids, params, cancel=None, stats=None):
         user = self.prompts[-1][-1]["content"]
-        if user.startswith("Notes on “"):  # the final combination: cite every note
-            numbers = re.findall(r"^Note (\d+) \(", user, re.M)
-            text = " ".join(f"Point {n} [{n}]." for n in numbers)
-        elif user.startswith("Notes on consecutive"):
-            text = "combined " + " ".join(re.findall(r"note on (\w+)", user))
+        if user.startswith("Notes on consecutive"):
+            text = "combined " + " ".join(re.findall(r"(?:note on|combined) (\w+)", user))
         else:
-            first = user.split(":\n\n", 1)[1].split()[0]
-            text = f"note on {first}"
+            part = user.split(":\n\n", 1)[1]
+            text = f"note on {part.split()[0]}"
         for n, word in enumerate(text.split(" ")):
             yield Token(n, word + " ")
         if stats is not None:
@@ -104,23 +101,24 @@ def long_document(parts: int) -> CorpusDocument:
     return CorpusDocument("book", " ".join(pages), [(s, str(p + 1)) for p, s in enumerate(starts)], "Book")
 
 
-def test_summarise_maps_parts_then_cites_the_notes(monkeypatch):
+def test_summarise_streams_a_note_per_part_each_citing_its_pages():
     model = ScriptedModel()
     events = list(tasks.summarise(model, long_document(3), SamplingParams(max_new_tokens=50)))
     progress = [e for e in events if isinstance(e, TaskProgress)]
-    assert [(p.stage, p.done) for p in progress] == [("reading", 0), ("reading", 1), ("reading", 2), ("combining", 0)]
+    assert [(p.stage, p.done) for p in progress] == [("reading", 0), ("reading", 1), ("reading", 2)]
     assert progress[0].eta_seconds is None and progress[2].eta_seconds is not None
-    summary = "".join(e.text for e in events if isinstance(e, Token))
-    assert summary.strip() == "Point 1 [1]. Point 2 [2]. Point 3 [3]."
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    w = tasks.PART_WORDS
+    assert text == f"**Book**, pages 1–3, part by part:\n\n- note on w0 [1]\n- note on w{w} [2]\n- note on w{2 * w} [3]"
     evidence = [e for e in events if isinstance(e, Evidence)]
     assert [(e.number, e.cited, e.page_label) for e in evidence] == [(1, True, "1"), (2, True, "2"), (3, True, "3")]
     stats = events[-1]
-    assert stats.parts == 3 and stats.extra["notes"] == ["note on w0", "note on w1000", "note on w2000"]
-    assert stats.extra["levels"] == 1 and not stats.cancelled
+    assert stats.parts == 3 and len(stats.extra["notes"]) == 3 and stats.extra["levels"] == 1 and not stats.cancelled
 
 
 def test_summarise_combines_a_level_up_when_the_notes_outgrow_a_prompt(monkeypatch):
     monkeypatch.setattr(tasks, "COMBINE_TOKENS", 9)  # notes of three words: three to a group
+    monkeypatch.setattr(tasks, "NOTE_TOKENS", 3)
     model = ScriptedModel()
     events = list(tasks.summarise(model, long_document(5), SamplingParams(max_new_tokens=50)))
     stats = events[-1]
@@ -128,19 +126,25 @@ def test_summarise_combines_a_level_up_when_the_notes_outgrow_a_prompt(monkeypat
     evidence = [e for e in events if isinstance(e, Evidence)]
     # Two combined notes (parts 1-3 and 4-5), each citing the characters of its parts.
     assert [(e.number, e.page_label) for e in evidence] == [(1, "1–3"), (2, "4–5")]
-    assert model.prompts[-1][-1]["content"].count("combined") == 2
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    w = tasks.PART_WORDS
+    assert text.endswith(f"- *Pages 1–3:* combined w0 w{w} w{2 * w} [1]\n- *Pages 4–5:* combined w{3 * w} w{4 * w} [2]")
 
 
 def test_a_cancelled_summary_keeps_the_notes_so_far():
     model = ScriptedModel()
-    calls = {"n": 0}
 
     def cancel() -> bool:
         return len(model.prompts) >= 2  # after two parts
 
     events = list(tasks.summarise(model, long_document(4), SamplingParams(max_new_tokens=50), cancel=cancel))
     text = "".join(e.text for e in events if isinstance(e, Token))
-    assert text.startswith("*Stopped after 2 of 4 parts")
-    assert "note on w0 [1]" in text and "note on w1000 [2]" in text
+    assert "- note on w0 [1]" in text and text.endswith("*Stopped after 2 of 4 parts.*")
     stats = events[-1]
-    assert stats.cancelled and len(stats.extra["notes"]) == 2 and calls["n"] == 0
+    assert stats.cancelled and len(stats.extra["notes"]) == 2
+    assert [e.number for e in events if isinstance(e, Evidence)] == [1, 2]
+
+
+def test_a_note_cut_by_the_token_limit_loses_its_last_half_sentence():
+    assert tasks._whole_sentences("Tom paints. Ben gives an apple. Then the") == "Tom paints. Ben gives an apple."
+    assert tasks._whole_sentences("no full stop at all") == "no full stop at all"
