@@ -45,6 +45,7 @@ from engine.bench.niah_data import (
 )
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import AskStats, Engine, Evidence
+from engine.corpus.tasks import TaskStats
 from engine.generate import GenerationStats, SamplingParams, Token
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,16 @@ def place_needles(documents: list[CorpusDocument], case: Case, sizes: list[int])
     return new, spans
 
 
-def collect_answer(events) -> tuple[str, list[Evidence], AskStats | None]:
-    """The answer text, its evidence and its statistics from `Engine.ask` events."""
+def collect_answer(events) -> tuple[str, list[Evidence], AskStats | TaskStats | None]:
+    """The text, its evidence and its statistics from `Engine.ask` events (or a
+    whole-document task's; its progress events are passed over)."""
     text, evidence, stats = "", [], None
     for event in events:
         if isinstance(event, Token):
             text += event.text
         elif isinstance(event, Evidence):
             evidence.append(event)
-        elif isinstance(event, AskStats):
+        elif isinstance(event, (AskStats, TaskStats)):
             stats = event
     return text, evidence, stats
 

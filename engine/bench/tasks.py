@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.bench.niah import collect_answer
 from engine.bench.qa import BM25_SYSTEM, BM25_TOP, BM25_WORDS, CHUNK_OVERLAP, machine
 from engine.bench.qa_data import normalise
 from engine.corpus.answer import citations
@@ -122,7 +123,7 @@ class TaskRunner:
             document = docs[0]
             first, last = item["pages"]
             if method == "quire":
-                text, evidence, stats = _collect(self.engine.summarise(document, self.params, first_page=first, last_page=last))
+                text, evidence, stats = collect_answer(self.engine.summarise(document, self.params, first_page=first, last_page=last))
                 numbers = {e.number for e in evidence}
                 cited = [c.number for c in citations(text, [])]
                 row.update(prompt_tokens=stats.prompt_tokens, parts=stats.parts,
@@ -142,7 +143,7 @@ class TaskRunner:
             if method == "dense":
                 return None
             if method == "quire":
-                text, evidence, stats = _collect(self.engine.compare(docs, item["topic"], self.params))
+                text, evidence, stats = collect_answer(self.engine.compare(docs, item["topic"], self.params))
                 row.update(prompt_tokens=stats.prompt_tokens if stats else None,
                            documents_cited=len({e.doc_id for e in evidence if e.cited}))
             else:
@@ -151,18 +152,6 @@ class TaskRunner:
             row.update(answer=text, coverage=coverage(item["points"], text), cited_sentences=_cited_sentences(text))
         row["seconds"] = round(time.perf_counter() - started, 2)
         return row
-
-
-def _collect(events) -> tuple[str, list[Evidence], object]:
-    text, evidence, stats = "", [], None
-    for event in events:
-        if isinstance(event, Token):
-            text += event.text
-        elif isinstance(event, Evidence):
-            evidence.append(event)
-        elif not hasattr(event, "stage"):  # TaskStats or AskStats (progress is skipped)
-            stats = event
-    return text, evidence, stats
 
 
 def run_tasks(runner: TaskRunner, items: Sequence[dict], methods: Sequence[str],
