@@ -7,7 +7,7 @@ the library here (the engine never imports ingest).
     quire cache clear                                              drop segments of removed documents
     quire ask "question" [--doc ID...]                             streams the answer, then evidence
     quire find-all "term" [--doc ID...]                            every sentence that mentions it
-    quire summarise ID [--pages A-B]                               a cited summary, with progress
+    quire summarise ID [--pages A-B | --chapter TITLE]             a cited summary, with progress
     quire compare ID ID [ID...] "topic"                            how the documents differ on it
 """
 
@@ -193,13 +193,18 @@ def cmd_find_all(args: argparse.Namespace) -> int:
 def cmd_summarise(args: argparse.Namespace) -> int:
     from engine.generate import SamplingParams
 
+    from app.service import chapter_pages
+    from engine.corpus.tasks import parse_pages
+
     documents = _documents_or_fail([args.id])
     if not documents:
         return 1
-    from engine.corpus.tasks import parse_pages
-
     try:
-        first, last = parse_pages(args.pages or "")
+        if args.chapter:
+            with Library() as library:
+                first, last = chapter_pages(library.get(args.id), args.chapter)
+        else:
+            first, last = parse_pages(args.pages or "")
     except ValueError as error:
         print(f"quire: {error}", file=sys.stderr)
         return 2
@@ -253,7 +258,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     summary = subparsers.add_parser("summarise", aliases=["summarize"], help="summarise a document or a page range, cited")
     summary.add_argument("id", type=int, help="document id (quire list)")
-    summary.add_argument("--pages", help="A-B: pages A to B (1-based, inclusive)")
+    span = summary.add_mutually_exclusive_group()
+    span.add_argument("--pages", help="A-B: pages A to B (1-based, inclusive)")
+    span.add_argument("--chapter", help="a chapter of the document's outline, by the start of its title")
     summary.add_argument("--model", help="installed model name, .gguf file or model folder")
     summary.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"])
     summary.add_argument("--max-tokens", type=int, default=400, help="length of the final summary")

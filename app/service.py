@@ -74,6 +74,40 @@ def scope_documents(library: Library, ids: list[int] | None) -> list[CorpusDocum
     return [corpus_document(library, r) for r in records if r.status == "ready"]
 
 
+def chapters(record: DocumentRecord) -> list[tuple[str, int, int]]:
+    """A document's top-level outline entries as (title, first page, last page), 1-based:
+    each runs to the page before the next one's first page (the same page where both
+    start on it), the last to the end. Empty without an outline."""
+    entries = [e for e in record.outline if e.page_index is not None]
+    if not entries:
+        return []
+    top = min(e.level for e in entries)
+    heads = [e for e in entries if e.level == top]
+    found = []
+    for n, entry in enumerate(heads):
+        first = entry.page_index + 1
+        if n + 1 < len(heads):
+            last = max(first, heads[n + 1].page_index)
+        else:
+            last = max(first, record.pages or first)
+        found.append((entry.title, first, last))
+    return found
+
+
+def chapter_pages(record: DocumentRecord, wanted: str) -> tuple[int, int]:
+    """The pages of the chapter whose title starts with (or else holds) `wanted`."""
+    found = chapters(record)
+    if not found:
+        raise ValueError(f"“{record.display_title}” has no outline to pick a chapter from; use --pages")
+    key = " ".join(wanted.lower().split())
+    for test in (lambda t: t.startswith(key), lambda t: key in t):
+        matches = [c for c in found if test(" ".join(c[0].lower().split()))]
+        if matches:
+            return matches[0][1], matches[0][2]
+    titles = "; ".join(c[0] for c in found[:12])
+    raise ValueError(f"no chapter of “{record.display_title}” is called “{wanted}” (chapters: {titles}…)")
+
+
 def library_content_keys(library: Library) -> set[str]:
     """Content keys of every document still in the library (what caches may keep)."""
     return {d.content_key for d in scope_documents(library, None)}

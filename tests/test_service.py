@@ -39,3 +39,21 @@ def test_mlx_when_installed_else_a_clear_error():
     else:
         backend, device = resolve_device("mlx")
         assert backend == "mlx" and device in ("cpu", "gpu")
+
+
+def test_chapters_come_from_the_top_level_of_the_outline():
+    from types import SimpleNamespace
+
+    from app.service import chapter_pages, chapters
+    from ingest.document import OutlineEntry
+
+    record = SimpleNamespace(display_title="Manual", pages=40, outline=[
+        OutlineEntry("Preface", 0, 0), OutlineEntry("1 Introduction", 2, 0), OutlineEntry("1.1 Scope", 3, 1),
+        OutlineEntry("2 Simple manipulations", 9, 0), OutlineEntry("Index", None, 0), OutlineEntry("3 Objects", 9, 0)])
+    assert chapters(record) == [("Preface", 1, 2), ("1 Introduction", 3, 9), ("2 Simple manipulations", 10, 10),
+                                ("3 Objects", 10, 40)]
+    assert chapter_pages(record, "2 simple") == (10, 10) and chapter_pages(record, "introduction") == (3, 9)
+    with pytest.raises(ValueError, match="no chapter"):
+        chapter_pages(record, "Appendix")
+    with pytest.raises(ValueError, match="no outline"):
+        chapter_pages(SimpleNamespace(display_title="Tale", pages=3, outline=[]), "1")

@@ -36,6 +36,7 @@ from app.gui.conversation import ConversationPanel
 from app.gui.evidence import EvidencePanel
 from app.gui.library_panel import ConversationsPanel, LibraryPanel
 from app.gui.store import LibraryStore, Scope, turns
+from app.service import chapters
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
 from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
@@ -614,17 +615,32 @@ class MainWindow(QMainWindow):
             if len(titles) != 1:
                 self.show_error("select one document in the library to summarise")
                 return
-            pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{next(iter(titles.values()))}” "
-                                             "(e.g. 3-10; empty: the whole document):")
-            if not ok:
-                return
+            title = next(iter(titles.values()))
+            record = self.store.document(next(iter(titles)))
+            parts = chapters(record) if record is not None else []
+            pages, where = "", ""
+            if parts:
+                whole, by_pages = "The whole document", "Pages…"
+                names = [f"{name} (pages {a}–{b})" for name, a, b in parts]
+                choice, ok = QInputDialog.getItem(self, "Summarise", f"Summarise “{title}”:", [whole, *names, by_pages], 0, False)
+                if not ok:
+                    return
+                if choice in names:
+                    name, first, last = parts[names.index(choice)]
+                    pages, where = f"{first}-{last}", f", {name}"
+                elif choice == by_pages:
+                    pages = None
+            if pages is None or not parts:
+                pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{title}” (e.g. 3-10; empty: the whole document):")
+                if not ok:
+                    return
+                where = f", pages {pages.strip()}" if pages.strip() else ""
             try:
                 options["first_page"], options["last_page"] = parse_pages(pages)
             except ValueError as error:
                 self.show_error(str(error))
                 return
-            where = f", pages {pages.strip()}" if pages.strip() else ""
-            label = f"Summarise “{next(iter(titles.values()))}”{where}"
+            label = f"Summarise “{title}”{where}"
         elif task == "compare":
             if len(titles) < 2:
                 self.show_error("select two or more documents in the library to compare")
