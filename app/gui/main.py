@@ -621,7 +621,7 @@ class MainWindow(QMainWindow):
             pages, where = "", ""
             if parts:
                 whole, by_pages = "The whole document", "Pages…"
-                names = [f"{name} (pages {a}–{b})" for name, a, b in parts]
+                names = [name for name, _, _ in parts]  # printed page labels may differ from the file's pages
                 choice, ok = QInputDialog.getItem(self, "Summarise", f"Summarise “{title}”:", [whole, *names, by_pages], 0, False)
                 if not ok:
                     return
@@ -631,7 +631,8 @@ class MainWindow(QMainWindow):
                 elif choice == by_pages:
                     pages = None
             if pages is None or not parts:
-                pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{title}” (e.g. 3-10; empty: the whole document):")
+                pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{title}”, counted from the file's first page "
+                                                 "(e.g. 3-10; empty: the whole document):")
                 if not ok:
                     return
                 where = f", pages {pages.strip()}" if pages.strip() else ""
