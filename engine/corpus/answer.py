@@ -120,7 +120,8 @@ def recent_turns(history: Sequence[Turn], budget: int, count_tokens) -> list[Tur
 def grounded_messages(question: str, sources: Sequence[Source], history: Sequence[Turn] = ()) -> list[dict]:
     """Chat messages for the reader: the rules, the conversation's earlier turns (as
     they were asked and answered, without their passages), then the passages and
-    the question."""
+    the question. The turns as chat messages, not as "Earlier question/answer" lines
+    before the question: 53.8% against 42.3% on bench qa's 26 follow-ups."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for turn in history:
         messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
