@@ -35,15 +35,14 @@ from app.gui.bridge import DropCatcher, Inbox
 from app.gui.conversation import ConversationPanel
 from app.gui.evidence import EvidencePanel
 from app.gui.library_panel import ConversationsPanel, LibraryPanel
+from app.gui import task_dialogs
 from app.gui.store import LibraryStore, Scope, turns
-from app.service import chapters
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
 from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
 from app.settings import AppSettings, load_settings, save_settings
 from engine.corpus.answer import Turn
 from engine.corpus.build import BuildProgress
-from engine.corpus.tasks import parse_pages
 from ingest.conversations import Citation
 from ingest.jobs import IngestProgress, IngestSummary
 from ingest.paths import library_path as default_library_path
@@ -601,63 +600,19 @@ class MainWindow(QMainWindow):
         self._send(question, scope, history)
 
     def request_task(self, task: str, ids: list[int] | None) -> None:
-        """Ask for what a whole-document task needs (a page range, a topic, a term) and
-        run it into the conversation. `ids`: the documents (None: the current scope)."""
+        """Ask for what a whole-document task needs (app/gui/task_dialogs.py) and run it
+        into the conversation. `ids`: the documents (None: the current scope)."""
         if self.answering or not self.engine_ready:
             return
-        titles = {}
-        for i in ids or []:
-            record = self.store.document(i)
-            if record is not None:
-                titles[i] = record.display_title
-        options: dict = {}
-        if task == "summarise":
-            if len(titles) != 1:
-                self.show_error("select one document in the library to summarise")
-                return
-            title = next(iter(titles.values()))
-            record = self.store.document(next(iter(titles)))
-            parts = chapters(record) if record is not None else []
-            pages, where = "", ""
-            if parts:
-                whole, by_pages = "The whole document", "Pages…"
-                names = [name for name, _, _ in parts]  # printed page labels may differ from the file's pages
-                choice, ok = QInputDialog.getItem(self, "Summarise", f"Summarise “{title}”:", [whole, *names, by_pages], 0, False)
-                if not ok:
-                    return
-                if choice in names:
-                    name, first, last = parts[names.index(choice)]
-                    pages, where = f"{first}-{last}", f", {name}"
-                elif choice == by_pages:
-                    pages = None
-            if pages is None or not parts:
-                pages, ok = QInputDialog.getText(self, "Summarise", f"Pages of “{title}”, counted from the file's first page "
-                                                 "(e.g. 3-10; empty: the whole document):")
-                if not ok:
-                    return
-                where = f", pages {pages.strip()}" if pages.strip() else ""
-            try:
-                options["first_page"], options["last_page"] = parse_pages(pages)
-            except ValueError as error:
-                self.show_error(str(error))
-                return
-            label = f"Summarise “{title}”{where}"
-        elif task == "compare":
-            if len(titles) < 2:
-                self.show_error("select two or more documents in the library to compare")
-                return
-            topic, ok = QInputDialog.getText(self, "Compare", "Compare the selected documents on:")
-            if not ok or not topic.strip():
-                return
-            options["topic"] = topic.strip()
-            label = f"Compare {' and '.join(f'“{t}”' for t in titles.values())} on {topic.strip()}"
-        else:
-            term, ok = QInputDialog.getText(self, "Find all", "Find every sentence that mentions:")
-            if not ok or not term.strip():
-                return
-            options["term"] = term.strip()
-            label = f"Find all mentions of “{term.strip()}”"
-        self.run_task(task, options, label, list(titles) if titles else None)
+        records = [r for r in (self.store.document(i) for i in ids or []) if r is not None]
+        try:
+            asked = task_dialogs.ask_options(self, task, records)
+        except ValueError as error:
+            self.show_error(str(error))
+            return
+        if asked is not None:
+            options, label = asked
+            self.run_task(task, options, label, [r.id for r in records] or None)
 
     def run_task(self, task: str, options: dict, label: str, ids: list[int] | None) -> None:
         """Run a task into the conversation: `label` is saved as the user's turn (with

@@ -5,7 +5,7 @@ the snippet-RAG prompt and, where the text fits, a dense prompt in the same run.
 - "summarise" (a page range): coverage = the share of the range's key points the
   summary names (a point counts when any of its accepted strings is in the text,
   lower-cased, whitespace collapsed); citations = the share of the summary's
-  sentences that cite a part, and whether each cited number exists.
+  sentences that cite a passage or part.
 - "find-all" (a term): recall = the share of the term's occurrences (its surface
   forms, listed by hand, found by a plain case-insensitive search) that lie inside a
   reported sentence; for RAG, inside its five chunks.
@@ -30,7 +30,6 @@ import numpy as np
 from engine.bench.niah import collect_answer
 from engine.bench.qa import BM25_SYSTEM, BM25_TOP, BM25_WORDS, CHUNK_OVERLAP, machine
 from engine.bench.qa_data import normalise
-from engine.corpus.answer import citations
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import Engine, Evidence
 from engine.corpus.passages import PassageIndex
@@ -123,11 +122,8 @@ class TaskRunner:
             document = docs[0]
             first, last = item["pages"]
             if method == "quire":
-                text, evidence, stats = collect_answer(self.engine.summarise(document, self.params, first_page=first, last_page=last))
-                numbers = {e.number for e in evidence}
-                cited = [c.number for c in citations(text, [])]
-                row.update(prompt_tokens=stats.prompt_tokens, parts=stats.parts,
-                           cited_numbers_valid=(sum(n in numbers for n in cited) / len(cited)) if cited else None)
+                text, _, stats = collect_answer(self.engine.summarise(document, self.params, first_page=first, last_page=last))
+                row.update(prompt_tokens=stats.prompt_tokens, parts=stats.parts)
             elif method == "bm25":
                 text, prompt, _ = self._rag(keys, item["request"])
                 row.update(prompt_tokens=prompt)

@@ -15,6 +15,7 @@ no manifest that points at a missing one.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -50,6 +51,13 @@ class CorpusDocument:
     @property
     def content_key(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def page_at(self, char: int) -> tuple[int | None, str | None]:
+        """(index, label) of the page holding character `char`; (None, None) without pages."""
+        if not self.pages:
+            return None, None
+        index = max(0, bisect.bisect_right([start for start, _ in self.pages], char) - 1)
+        return index, self.pages[index][1]
 
 
 @dataclass

@@ -18,7 +18,6 @@ retrieval heads, was removed: it lost to BM25 passages on `quire bench qa`
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import importlib
 import json
@@ -319,16 +318,21 @@ class Engine:
         (`retrieval_scores`), the rest for the question alone."""
         index = self.passage_index(documents)
         scores = index.bm25(question)
-        order = list(np.argsort(-scores, kind="stable")[:count])
-        if history:
-            joint = retrieval_scores(index, question, history)
-            chosen = [int(i) for i in np.argsort(-joint, kind="stable")[:FOLLOW_UP_JOINT]]
-            order = chosen + [int(i) for i in np.argsort(-scores, kind="stable")[: count + len(chosen)] if i not in chosen]
-            scores = joint
-        asked = index.weights(f"{question} {history[-1].question}" if history else question)
+        ranked = [int(i) for i in np.argsort(-scores, kind="stable")[: count + FOLLOW_UP_JOINT]]
+        if not history:
+            return self._numbered(documents, index, ranked[:count], scores, index.weights(question))
+        scores = scores + turn_scores(index, history)
+        chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:FOLLOW_UP_JOINT]]
+        order = chosen + [i for i in ranked if i not in chosen]
+        return self._numbered(documents, index, order[:count], scores, index.weights(f"{question} {history[-1].question}"))
+
+    @staticmethod
+    def _numbered(documents: list[CorpusDocument], index: PassageIndex, order: list[int], scores: np.ndarray,
+                  asked: dict[str, float]) -> list[Source]:
+        """Passages `order` of `index` as Sources numbered 1.. in that order, each cited
+        by the page that holds the question's rarest terms (`_page_of`)."""
         sources = []
-        for number, i in enumerate(order[:count], 1):
-            i = int(i)
+        for number, i in enumerate(order, 1):
             document = documents[int(index.entry[i])]
             start, end = int(index.start[i]), int(index.end[i])
             page_index, label = _page_of(document, start, end, asked, index.analyse)
@@ -341,22 +345,12 @@ class Engine:
         together (each document's best first, the documents in turn)."""
         index = self.passage_index(documents)
         scores = index.bm25(question)
-        asked = index.weights(question)
         chosen: list[list[int]] = []
         for entry in range(len(documents)):
             mine = np.flatnonzero(index.entry == entry)
             chosen.append([int(i) for i in mine[np.argsort(-scores[mine], kind="stable")[:per_document]]])
-        sources = []
-        for rank in range(per_document):
-            for picks in chosen:
-                if rank < len(picks):
-                    i = picks[rank]
-                    document = documents[int(index.entry[i])]
-                    start, end = int(index.start[i]), int(index.end[i])
-                    page_index, label = _page_of(document, start, end, asked, index.analyse)
-                    sources.append(Source(len(sources) + 1, int(index.entry[i]), start, end, document.title, label,
-                                          document.text[start:end], float(scores[i]), page_index))
-        return sources
+        order = [picks[rank] for rank in range(per_document) for picks in chosen if rank < len(picks)]
+        return self._numbered(documents, index, order, scores, index.weights(question))
 
     def _answer(self, question, documents, params, cancel, history: list[Turn], per_document: int = 0):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
@@ -388,7 +382,7 @@ class Engine:
             return
         retrieval_seconds = time.perf_counter() - started
         try:
-            read = None if history else self._read_cached(question, sources, documents, params.max_new_tokens, cancel)
+            read = self._read_cached(question, sources, documents, params.max_new_tokens, cancel, history)
         except Cancelled:
             yield AskStats(finish_reason="cancelled")
             return
@@ -446,7 +440,7 @@ class Engine:
                 supported=all(c.supported for c in mine) if mine else None,
             )
 
-    def _read_cached(self, question, sources, documents, answer_tokens, cancel):
+    def _read_cached(self, question, sources, documents, answer_tokens, cancel, history: list[Turn]):
         """The reader's context with each passage's keys and values read from the
         corpus cache (keys re-rotated to their new places) and only the rest (chat
         template, passage headers, question) prefilled: (prompt ids, the filled dense
@@ -474,7 +468,8 @@ class Engine:
             spans.append((manifests[source.entry], first, max(first + 1, int(np.searchsorted(offsets, source.end, side="left")))))
         marks = [f"\u2063QUIRE-PASSAGE-{s.number}\u2063" for s in sources]
         text = self.model.tokenizer.apply_chat_template(
-            grounded_messages(question, [replace(s, text=mark) for s, mark in zip(sources, marks)]), add_generation_prompt=True
+            grounded_messages(question, [replace(s, text=mark) for s, mark in zip(sources, marks)], history),
+            add_generation_prompt=True,
         )
         pieces = []
         for mark in marks:
@@ -520,15 +515,18 @@ class Engine:
                     values[layer].append(v[:, lo - ref.start : hi - ref.start])
         return [(np.concatenate(k, axis=1), np.concatenate(v, axis=1)) for k, v in zip(keys, values)]
 
+def turn_scores(index: PassageIndex, history: list[Turn]) -> np.ndarray:
+    """What the turn before adds to a follow-up's BM25: the previous question's and
+    answer's BM25 at FOLLOW_UP_QUESTION_WEIGHT and FOLLOW_UP_ANSWER_WEIGHT."""
+    last = history[-1]
+    return (FOLLOW_UP_QUESTION_WEIGHT * index.bm25(last.question)
+            + FOLLOW_UP_ANSWER_WEIGHT * index.bm25(without_citations(last.answer)))
+
+
 def retrieval_scores(index: PassageIndex, question: str, history: list[Turn] | None = None) -> np.ndarray:
-    """BM25 of every passage for `question`; after earlier turns, plus the previous
-    question's and answer's BM25 at FOLLOW_UP_QUESTION_WEIGHT and FOLLOW_UP_ANSWER_WEIGHT."""
+    """BM25 of every passage for `question`, plus `turn_scores` after earlier turns."""
     scores = index.bm25(question)
-    if history:
-        last = history[-1]
-        scores = scores + FOLLOW_UP_QUESTION_WEIGHT * index.bm25(last.question)
-        scores = scores + FOLLOW_UP_ANSWER_WEIGHT * index.bm25(without_citations(last.answer))
-    return scores
+    return scores + turn_scores(index, history) if history else scores
 
 
 def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float],
@@ -539,8 +537,8 @@ def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, fl
     pages = document.pages
     if not pages:
         return None, None
-    first = _page_at(pages, start)[0]
-    last = _page_at(pages, max(start, end - 1))[0]
+    first = document.page_at(start)[0]
+    last = document.page_at(max(start, end - 1))[0]
     bounds = [p for p, _ in pages] + [max(end, pages[-1][0])]
 
     def weight(i: int) -> tuple[float, int]:
@@ -548,13 +546,6 @@ def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, fl
         return sum(asked.get(t, 0.0) for t in set(analyse(document.text[lo:hi]))), hi - lo
 
     index = max(range(first, last + 1), key=weight)
-    return index, pages[index][1]
-
-
-def _page_at(pages: list[tuple[int, str]], char: int) -> tuple[int | None, str | None]:
-    if not pages:
-        return None, None
-    index = max(0, bisect.bisect_right([start for start, _ in pages], char) - 1)
     return index, pages[index][1]
 
 

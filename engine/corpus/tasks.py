@@ -2,8 +2,9 @@
 
 - `find_all`: every sentence of the scope that mentions a term (exhaustive, not
   top-k): the term's words in order, each word matched by its Snowball stem
-  ("interrupt" meets "interrupts" and "interrupted", not "interruptible"), and for a
-  term of several content words also any sentence holding all of them.
+  ("interrupt" meets "interrupts", "interrupted" and "interruption"; "injun" does
+  not meet "injunction"), and for a term of several words also any sentence holding
+  all of them.
 - `summarise`: a document or a page range, read part by part into notes, each citing
   its part; where the notes outgrow one prompt, groups of them are combined a level
   up (a hierarchy), each citing the pages it covers.
@@ -16,10 +17,9 @@ Each streams the engine's events (Token, Evidence, TaskProgress, TaskStats), sto
 
 from __future__ import annotations
 
-import bisect
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.corpus.build import CorpusDocument
@@ -65,11 +65,6 @@ class Mention:
     page_label: str | None
 
 
-def _content_words(term: str) -> list[str]:
-    """The term's words, stemmed; for the all-words match, without the commonest."""
-    return stems(term)
-
-
 def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
     """The sentence around [start, end): back to the previous sentence end, on to the next."""
     lo = max(0, start - SENTENCE_REACH)
@@ -86,7 +81,7 @@ def _sentence(text: str, start: int, end: int) -> tuple[int, int]:
 def mention_spans(text: str, term: str) -> list[tuple[int, int]]:
     """Character spans in `text` where `term` occurs: its words in order (anything but
     letters and digits between them), each word equal to the term's word by stem."""
-    wanted = _content_words(term)
+    wanted = stems(term)
     if not wanted:
         return []
     plain = terms(term)
@@ -105,7 +100,7 @@ def find_mentions(documents: Sequence[CorpusDocument], term: str,
                   cancel: Callable[[], bool] | None = None) -> list[Mention]:
     """Every sentence of `documents` that mentions `term` (module docstring), in
     document order, each once."""
-    wanted = _content_words(term)
+    wanted = stems(term)
     mentions: list[Mention] = []
     for entry, document in enumerate(documents):
         if cancel is not None and cancel():
@@ -118,7 +113,6 @@ def find_mentions(documents: Sequence[CorpusDocument], term: str,
                 lo, hi = _sentence(text, s, e)
                 if set(wanted) <= set(stems(text[lo:hi])):
                     spans.append((lo, hi))
-        starts = [p for p, _ in document.pages]
         for lo, hi in sorted(set(spans)):
             last = mentions[-1] if mentions else None
             if last is not None and last.entry == entry and lo < last.end:
@@ -126,9 +120,7 @@ def find_mentions(documents: Sequence[CorpusDocument], term: str,
                 if hi > last.end:
                     mentions[-1] = Mention(entry, last.start, hi, last.page_index, last.page_label)
                 continue
-            index = max(0, bisect.bisect_right(starts, lo) - 1) if starts else None
-            label = document.pages[index][1] if index is not None else None
-            mentions.append(Mention(entry, lo, hi, index, label))
+            mentions.append(Mention(entry, lo, hi, *document.page_at(lo)))
     return mentions
 
 
@@ -137,11 +129,6 @@ def eta(started: float, done: int, total: int) -> float | None:
     if done <= 0:
         return None
     return (time.perf_counter() - started) / done * (total - done)
-
-
-def progress_iter(items: Sequence, stage: str, started: float) -> Iterator[tuple[int, object, TaskProgress]]:
-    for done, item in enumerate(items):
-        yield done, item, TaskProgress(stage, done, len(items), eta(started, done, len(items)))
 
 
 # -- the tasks, run by Engine (engine/corpus/engine.py) ------------------------------
@@ -256,9 +243,7 @@ class _Note:
 def _label_span(document: CorpusDocument, start: int, end: int) -> str | None:
     if not document.pages:
         return None
-    starts = [p for p, _ in document.pages]
-    first = document.pages[max(0, bisect.bisect_right(starts, start) - 1)][1]
-    last = document.pages[max(0, bisect.bisect_right(starts, max(start, end - 1)) - 1)][1]
+    first, last = document.page_at(start)[1], document.page_at(max(start, end - 1))[1]
     return first if first == last else f"{first}–{last}"
 
 
@@ -354,11 +339,9 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
         for note in sources:
             yield Token(-1, f"\n- *{_where(document, note).capitalize()}:* {note.text} [{note.number}]")
     for n in sources:
-        index = None
-        if document.pages:
-            index = max(0, bisect.bisect_right([p for p, _ in document.pages], n.start) - 1)
-        yield Evidence(document.doc_id, document.title, _label_span(document, n.start, n.end), index, n.start, n.end,
-                       document.text[n.start:n.end], 1.0 / len(sources), number=n.number, cited=True, supported=True)
+        yield Evidence(document.doc_id, document.title, _label_span(document, n.start, n.end), document.page_at(n.start)[0],
+                       n.start, n.end, document.text[n.start:n.end], 1.0 / len(sources), number=n.number, cited=True,
+                       supported=True)
     stats.seconds = time.perf_counter() - started
     stats.cancelled = cancelled
     stats.extra = {"notes": [n.text for n in notes], "levels": levels if not cancelled else 1}
