@@ -55,7 +55,7 @@ class Inbox(QObject):
     cache_progress = Signal(object)
     cache_finished = Signal(str)
     cache_states = Signal(object)
-    cache_bytes = Signal(int)
+    cache_bytes = Signal(object)  # an int over 2 GiB: Signal(int) is a C++ int and overflows
     token = Signal(str)
     evidence = Signal(list)
     answer_finished = Signal(object)

@@ -456,9 +456,9 @@ class MainWindow(QMainWindow):
             self._install_dialog.deleteLater()
             self._install_dialog = None
 
-    @Slot(int)
+    @Slot(object)
     def _cache_bytes(self, size: int) -> None:
-        self.cache_label.setText(f"Cache: {size / 2**20:,.1f} MiB")
+        self.cache_label.setText(f"Cache: {cache_size(size)}")
 
     @Slot(object)
     def _engine_ready(self, info: dict) -> None:
@@ -809,6 +809,13 @@ class MainWindow(QMainWindow):
             thread.wait(30000)
         self.store.close()
         super().closeEvent(event)
+
+
+def cache_size(size: int) -> str:
+    """A byte count as the status bar shows it: MiB below a GiB, GiB above."""
+    if size >= 2**30:
+        return f"{size / 2**30:,.2f} GiB"
+    return f"{size / 2**20:,.1f} MiB"
 
 
 def run_app(argv: list[str], model_spec: str | None = None, paths: list[str] | None = None) -> int:

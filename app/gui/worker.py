@@ -81,7 +81,7 @@ class EngineWorker(QObject):
     cache_progress = Signal(object)  # BuildProgress
     cache_finished = Signal(str)  # a one-line summary ("" when cancelled)
     cache_states = Signal(object)  # {document id: cached?}
-    cache_bytes = Signal(int)
+    cache_bytes = Signal(object)  # bytes; a Python int, since a cache passes 2 GiB
     answer_started = Signal(int)  # conversation id
     token = Signal(str)
     evidence = Signal(list)  # list[Citation]

@@ -6,10 +6,11 @@ each page's raw text and lets go of the page's decoded content at once (only
 strings are kept); the second finds running headers/footers across all pages and normalises
 each page (`ingest.normalize`), releasing its raw text as it goes.
 
-pypdf reports recoverable damage through the `logging` module (logger "pypdf"); a
-NullHandler keeps it off stderr when the application configured no logging, and
-while a document is read its warnings are also collected into the document's
-report (per thread, so parallel imports do not mix their warnings).
+pypdf reports recoverable damage through the `logging` module (logger "pypdf").
+Its records do not propagate to the application's handlers: a real PDF can raise
+hundreds of them (a missing-fontTools warning per font, say), which flooded the
+terminal of `quire gui`. While a document is read they are collected into the
+document's report instead (per thread, so parallel imports do not mix them).
 
 References: ISO 32000-2:2020 (PDF 2.0) §12.4.2 "Page labels", §12.3.3 "Document
 outline", §7.6 "Encryption"; pypdf documentation, https://pypdf.readthedocs.io/
@@ -36,6 +37,7 @@ from ingest.readers.common import Progress, finish
 
 log = logging.getLogger(__name__)
 logging.getLogger("pypdf").addHandler(logging.NullHandler())
+logging.getLogger("pypdf").propagate = False
 
 SPARSE_FRACTION = 0.1  # a page with under 10% of the median page's characters is sparse …
 SPARSE_MIN_MEDIAN = 200  # … when the median page holds real prose

@@ -24,6 +24,7 @@ class ScriptedEngine:
         self.fail_after = fail_after
         self.error = error or RuntimeError("the scripted engine broke")
         self.cached: set[str] = set()
+        self.bytes_per_document = 1024
         self.asked: list[tuple[str, list]] = []
         self.histories: list[list[tuple[str, str]]] = []  # the earlier turns each question came with
         self.tasks: list[tuple[str, dict, list]] = []
@@ -78,7 +79,7 @@ class ScriptedEngine:
         yield TaskStats(task, documents=len(documents), parts=2)
 
     def cache_bytes(self) -> int:
-        return 1024 * len(self.cached)
+        return self.bytes_per_document * len(self.cached)
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

@@ -128,6 +128,18 @@ def test_documents_are_not_cached_unless_asked_by_default(qtbot, home):
     assert not any(row.cached for row in window.library.model.rows)
 
 
+def test_a_cache_over_2_gib_shows_its_size(qtbot, home):
+    # Signal(int) is a C++ int: 3 GiB came out as a negative size, with an
+    # OverflowError on the terminal.
+    engine = ScriptedEngine()
+    engine.bytes_per_document = 3 * 2**30 + 2**29
+    engine.cached.add("any")
+    window = make_window(qtbot, home, engine)
+    qtbot.waitUntil(lambda: "GiB" in window.cache_label.text(), timeout=5000)
+    assert window.cache_label.text() == "Cache: 3.50 GiB"
+    close(window)
+
+
 def test_dropping_files_anywhere_adds_them_and_reports_duplicates(qtbot, home):
     window = make_window(qtbot, home)
     first = write_book(home, "ledger.txt", SHIPS)
