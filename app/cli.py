@@ -7,6 +7,7 @@
     quire bench qa                 real questions on real documents: Quire against RAG (app/cli_qa.py)
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
+    quire doctor [--json]          what a support request needs, PASS/WARN/FAIL (app/cli_doctor.py)
     quire gui                      the desktop app
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
@@ -286,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli_corpus import register as register_corpus
 
     register_corpus(sub)
+
+    from app.cli_doctor import register as register_doctor
+
+    register_doctor(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
