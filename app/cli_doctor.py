@@ -40,7 +40,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from app.settings import AppSettings, load_settings
-from ingest.ocr_probe import ocr_engines
+from ingest.ocr import HOW_TO_ENABLE, installed as ocr_engines
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 
@@ -54,10 +54,7 @@ _HASH_CHUNK = 8 << 20
 # Failed documents named one by one in the report; the rest are counted.
 _FAILURES_SHOWN = 5
 
-NO_OCR = (
-    "no OCR engine: pages without a text layer stay empty; install tesseract-ocr (apt) "
-    "or `pip install rapidocr-onnxruntime`"
-)
+NO_OCR = f"no OCR engine: pages without a text layer stay empty; to read them, {HOW_TO_ENABLE}"
 
 
 @dataclass(frozen=True)

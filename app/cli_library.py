@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ingest.ocr import HOW_TO_ENABLE, engine_names
 from ingest.errors import IngestError
 from ingest.jobs import IngestProgress, ingest_paths
 from ingest.library import DocumentRecord, Library
@@ -128,9 +129,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"updated:     {record.updated_at}",
         "extraction report:",
         f"  encrypted:        {'yes' if report.encrypted else 'no'}",
-        f"  pages needing OCR: {_pages_list(report.needs_ocr)}",
+        f"  pages needing OCR: {_pages_list(report.needs_ocr)}"
+        + (f" (no OCR engine installed: {HOW_TO_ENABLE})" if report.needs_ocr and not engine_names() else ""),
         f"  sparse pages:     {_pages_list(report.sparse_pages)}",
     ]
+    if record.format == "pdf":
+        lines.append(f"  read by pypdf:    {report.pages - len(report.pdfium_pages) - len(report.ocr_pages)} pages")
+        if report.pdfium_pages:
+            lines.append(f"  read by PDFium:   {_pages_list(report.pdfium_pages)} (pypdf failed or found no text)")
+        if report.ocr_pages:
+            confidences = ", ".join(
+                f"{index + 1} ({confidence:.0%})" for index, confidence in zip(report.ocr_pages[:20], report.ocr_confidence)
+            )
+            more = f" … ({len(report.ocr_pages)} in all)" if len(report.ocr_pages) > 20 else ""
+            lines.append(f"  OCR ({report.ocr_engine}): pages {confidences}{more}")
     lines.extend(f"  warning: {warning}" for warning in report.warnings)
     print("\n".join(lines))
     return 0

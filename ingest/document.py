@@ -45,10 +45,32 @@ class ExtractionReport:
     pages: int = 0
     characters: int = 0
     encrypted: bool = False
-    needs_ocr: list[int] = field(default_factory=list)  # page indexes with no text layer
+    needs_ocr: list[int] = field(default_factory=list)  # pictures without a text layer, not OCR'd
     sparse_pages: list[int] = field(default_factory=list)  # suspiciously little text
     warnings: list[str] = field(default_factory=list)
     chars_per_page: list[int] = field(default_factory=list)
+    # Who read which page: every page not listed here was read by the format's
+    # reader (pypdf for a PDF).
+    pdfium_pages: list[int] = field(default_factory=list)  # pypdf failed or found nothing; PDFium read it
+    ocr_pages: list[int] = field(default_factory=list)  # read by OCR
+    ocr_confidence: list[float] = field(default_factory=list)  # 0..1, one per entry of ocr_pages
+    ocr_engine: str | None = None  # "tesseract 5.3.0"
+
+    def engine_of(self, index: int, reader: str = "pypdf") -> str:
+        if index in self.ocr_pages:
+            return f"OCR ({self.ocr_engine})"
+        if index in self.pdfium_pages:
+            return "PDFium"
+        return reader
+
+    def notice(self) -> str:
+        """What a library row says about this document's text, or "" when all is well."""
+        if self.needs_ocr:
+            count = len(self.needs_ocr)
+            return f"{count} page{'s' if count != 1 else ''} need{'s' if count == 1 else ''} OCR"
+        if self.pages and not any(self.chars_per_page):
+            return "no text found"
+        return ""
 
 
 @dataclass

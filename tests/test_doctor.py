@@ -24,7 +24,7 @@ from engine.model_store import convert_gguf
 from engine.runtime import DEFAULT_MODEL
 from ingest.jobs import ingest_paths
 from ingest.library import Library
-from ingest.ocr_probe import ocr_engines
+from ingest.ocr import installed as ocr_engines
 from tests.corpus.test_store import make_kv
 from tests.test_gguf_loader import write_tiny_gguf
 
@@ -198,7 +198,6 @@ def _fake_tesseract(folder: Path, version_line: str) -> None:
 
 @pytest.mark.skipif(os.name == "nt", reason="a shell script stands in for tesseract")
 def test_ocr_engines_found_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # import fails
     _fake_tesseract(tmp_path / "bin", "tesseract 9.8.7")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert ocr_engines() == ["tesseract 9.8.7"]
@@ -207,18 +206,9 @@ def test_ocr_engines_found_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_no_ocr_engine_is_a_warning(quire_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     _, checks, _ = doctor(capsys)
     assert checks["ocr"] == {"check": "ocr", "status": WARN, "detail": NO_OCR}
-
-
-def test_rapidocr_counts_when_it_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = type(sys)("rapidocr_onnxruntime")
-    module.__version__ = "1.2.3"
-    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", module)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert ocr_engines() == ["rapidocr_onnxruntime 1.2.3"]
 
 
 def test_doctor_exit_status_follows_the_worst_line(tiny_model: Path, quire_home: Path, capsys) -> None:

@@ -358,11 +358,28 @@ class MainWindow(QMainWindow):
             notes.append(f"Already in the library, not added again: {names}{'…' if len(summary.duplicates) > 3 else ''}")
         if summary.failed:
             notes.append("Could not be read: " + "; ".join(f"{Path(o.path).name} ({o.message})" for o in summary.failed[:3]))
+        notes.extend(self._text_notices(summary))
         self.library.show_notice("\n".join(notes))
         self.statusBar().showMessage(summary.describe(), 8000)
         new_ids = [o.document_id for o in summary.added + summary.updated if o.document_id is not None]
         if new_ids and self.settings.auto_cache and self.engine_ready:
             self.build_requested.emit(new_ids)
+
+    def _text_notices(self, summary: IngestSummary) -> list[str]:
+        """A line per document just added whose text is incomplete, and how to
+        enable OCR where that is why."""
+        from ingest.ocr import HOW_TO_ENABLE, engine_names
+
+        lines, need_ocr = [], False
+        for outcome in summary.added + summary.updated:
+            record = self.store.document(outcome.document_id) if outcome.document_id is not None else None
+            notice = record.report.notice() if record is not None and record.report_json else ""
+            if notice:
+                lines.append(f"{record.display_title}: {notice}")
+                need_ocr = need_ocr or bool(record.report.needs_ocr)
+        if need_ocr and not engine_names():
+            lines.append(f"No OCR engine is installed. To read pages that are pictures, {HOW_TO_ENABLE}.")
+        return lines
 
     def remove_documents(self, ids: list[int]) -> None:
         if not ids:

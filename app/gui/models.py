@@ -26,6 +26,23 @@ class DocumentRow:
     reading: float | None = None  # ingest progress of this file
     caching: float | None = None  # cache build progress of this document
     cached: bool | None = None  # None: not known yet (no engine loaded)
+    notice: str = ""  # what the extraction report says about the text ("3 pages need OCR")
+
+    def __post_init__(self) -> None:
+        if self.record.status == "ready" and self.record.report_json:
+            self.notice = self.record.report.notice()
+
+
+def _notice_help(record: DocumentRecord) -> str:
+    """The tooltip of a document whose text is incomplete: why, and what to do."""
+    from ingest.ocr import HOW_TO_ENABLE, engine_names
+
+    report = record.report
+    if report.needs_ocr and not engine_names():
+        return f"Pages without a text layer stay empty: no OCR engine is installed. To read them, {HOW_TO_ENABLE}."
+    if report.needs_ocr:
+        return "OCR failed on some pages: see the extraction report (quire show) for each page's reason."
+    return "; ".join(report.warnings[:3]) or "No text was found in this document."
 
 
 def _count(value: int | None) -> str:
@@ -169,6 +186,8 @@ class LibraryModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.ToolTipRole:
             if column == self.STATUS and record.error:
                 return record.error
+            if column == self.STATUS and row.notice:
+                return _notice_help(record)
             return record.path
         if role == Qt.ItemDataRole.TextAlignmentRole:
             return int(self.COLUMNS[column].align | Qt.AlignmentFlag.AlignVCenter)
@@ -176,6 +195,10 @@ class LibraryModel(QAbstractTableModel):
             from PySide6.QtGui import QColor
 
             return QColor("#c62828")
+        if role == Qt.ItemDataRole.ForegroundRole and column == self.STATUS and row.notice and row.reading is None:
+            from PySide6.QtGui import QColor
+
+            return QColor("#b26a00")
         return None
 
     def _display(self, row: DocumentRow, column: int) -> str:
@@ -187,7 +210,7 @@ class LibraryModel(QAbstractTableModel):
                 return f"reading {row.reading:.0%}"
             if record.status == "failed":
                 return f"failed: {record.error or 'unknown error'}"
-            return record.status
+            return f"{record.status} · {row.notice}" if row.notice else record.status
         if column == self.PAGES:
             return _count(record.pages)
         if column == self.TOKENS:

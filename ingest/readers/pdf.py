@@ -1,6 +1,14 @@
 """PDF reader on pypdf: text per physical page, printed page labels, the outline,
 document metadata, and a report of pages that need OCR or look too thin.
 
+A page that pypdf cannot read (a content stream with syntax errors makes it raise)
+or reads as empty is read again by PDFium (pypdfium2: the engine behind Chrome's
+and QtPdf's viewers, far more forgiving of broken streams). A page still empty
+that shows a picture is a scan: an OCR engine reads it where one is installed
+(`ingest.ocr`), and it is listed as needing OCR where none is. The report names
+every page that pypdf did not read, and each OCR'd page's confidence. pypdf stays
+the first reader because the normalisation and its tests were built on its text.
+
 Two passes keep memory bounded on a book of thousands of pages: the first extracts
 each page's raw text and lets go of the page's decoded content at once (only
 strings are kept); the second finds running headers/footers across all pages and normalises
@@ -20,8 +28,11 @@ from __future__ import annotations
 
 import logging
 import statistics
+import os
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +44,7 @@ from pypdf.generic import ArrayObject, Destination, EncodedStreamObject
 from ingest.document import Document, OutlineEntry, Page
 from ingest.errors import Cancelled, CorruptDocumentError, EncryptedDocumentError
 from ingest.normalize import find_running_lines, inline_compounds, normalize
+from ingest.ocr import HOW_TO_ENABLE, OcrEngine, OcrError, OcrResult, best_engine, render_page
 from ingest.readers.common import Progress, finish
 
 log = logging.getLogger(__name__)
@@ -42,6 +54,7 @@ logging.getLogger("pypdf").propagate = False
 SPARSE_FRACTION = 0.1  # a page with under 10% of the median page's characters is sparse …
 SPARSE_MIN_MEDIAN = 200  # … when the median page holds real prose
 MAX_REPORTED_WARNINGS = 20
+OCR_WORKERS = os.cpu_count() or 1  # Tesseract processes at once, each on one thread
 
 
 class _ThreadWarnings(logging.Handler):
@@ -168,7 +181,137 @@ def _labels(reader: PdfReader, count: int, document: Document) -> list[str]:
     return [str(index + 1) for index in range(count)]
 
 
-def read_pdf(path: str | Path, *, password: str | None = None, progress: Progress | None = None) -> Document:
+class _Pdfium:
+    """The same PDF opened in PDFium on first use, for the pages pypdf misses."""
+
+    def __init__(self, path: Path, password: str | None) -> None:
+        self.path = path
+        self.password = password
+        self._document: object | None = None
+        self.failed: str | None = None
+
+    def _open(self):  # noqa: ANN202 - pypdfium2.PdfDocument, imported lazily
+        if self._document is None and self.failed is None:
+            try:
+                import pypdfium2
+
+                self._document = pypdfium2.PdfDocument(str(self.path), password=self.password)
+            except Exception as error:  # PDFium cannot open it either: pypdf's text stands
+                self.failed = str(error)
+        return self._document
+
+    def text(self, index: int) -> tuple[str, bool]:
+        """Page `index`'s text, and whether the page shows a picture."""
+        document = self._open()
+        if document is None:
+            return "", False
+        import pypdfium2.raw as pdfium_c
+
+        page = document[index]  # type: ignore[index]
+        try:
+            textpage = page.get_textpage()
+            text = textpage.get_text_range().replace("\r\n", "\n").replace("\r", "\n")
+            textpage.close()
+            picture = any(True for _ in page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE], max_depth=2))
+        finally:
+            page.close()
+        return text, picture
+
+    def close(self) -> None:
+        if self._document is not None:
+            self._document.close()  # type: ignore[attr-defined]
+            self._document = None
+
+
+_AUTO_ENGINE: list[OcrEngine | None] = []
+
+
+def _auto_ocr() -> OcrEngine | None:
+    """The best installed OCR engine, looked for once per process."""
+    if not _AUTO_ENGINE:
+        _AUTO_ENGINE.append(best_engine())
+    return _AUTO_ENGINE[0]
+
+
+def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: str) -> str:  # noqa: ANN001
+    """One page's raw text: pypdf's, else PDFium's; a picture without text is
+    listed in `report.needs_ocr`."""
+    failure: Exception | None = None
+    scanned = False
+    text = ""
+    try:
+        page = reader.pages[index]
+        text = page.extract_text()
+        scanned = not text.strip() and _looks_scanned(page)
+        _release_contents(page)
+        del page
+    except (Cancelled, MemoryError):
+        raise
+    except Exception as error:  # one unreadable page must not lose the book
+        failure = error
+    if not text.strip():
+        try:
+            fallback, picture = pdfium.text(index)
+        except Exception as error:  # PDFium failing on a page is as recoverable as pypdf failing
+            fallback, picture = "", False
+            report.warnings.append(f"page {label}: PDFium could not read it either ({error})")
+        if fallback.strip():
+            report.pdfium_pages.append(index)
+            return fallback
+        if failure is not None:
+            report.warnings.append(f"page {label}: text could not be extracted ({failure})")
+        if scanned or picture:
+            report.needs_ocr.append(index)
+    return text
+
+
+def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: list[str | None], report,  # noqa: ANN001
+               labels: list[str], progress: Progress | None) -> None:
+    """Read the pages in `report.needs_ocr` with `engine`. Pages are rendered here
+    (PDFium is not thread-safe) and read on one thread per core where the engine
+    allows it; results are taken in page order, and progress counts them on after
+    the pages already read, so a cancel from `progress` stops within a page or two."""
+    pages = list(report.needs_ocr)
+    report.ocr_engine = engine.name
+    workers = OCR_WORKERS if getattr(engine, "parallel", False) else 1
+    done = len(raw_pages)
+    pending: deque[tuple[int, Future[OcrResult]]] = deque()
+    finished = 0
+
+    def take() -> None:
+        nonlocal finished
+        index, future = pending.popleft()
+        try:
+            result = future.result()
+        except OcrError as error:
+            report.warnings.append(f"page {labels[index]}: OCR failed ({error})")
+        else:
+            raw_pages[index] = result.text
+            report.needs_ocr.remove(index)
+            report.ocr_pages.append(index)
+            report.ocr_confidence.append(round(result.confidence if result.text.strip() else 0.0, 3))
+        finished += 1
+        if progress is not None:
+            progress(done + finished, done + len(pages))
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="ocr") as pool:
+        try:
+            for index in pages:
+                pending.append((index, pool.submit(engine.read, render_page(path, index, password=password))))
+                while len(pending) >= workers:
+                    take()
+            while pending:
+                take()
+        except BaseException:
+            for _, future in pending:
+                future.cancel()
+            raise
+
+
+def read_pdf(path: str | Path, *, password: str | None = None, progress: Progress | None = None,
+             ocr: OcrEngine | None | str = "auto") -> Document:
+    """`ocr`: an engine for pages without a text layer, None for none, or "auto"
+    for the best one installed (`ingest.ocr.best_engine`)."""
     path = Path(path)
     document = Document(path=str(path), format="pdf", pages=[])
     report = document.report
@@ -186,24 +329,21 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         _outline(reader, document)
 
         raw_pages: list[str | None] = []
+        pdfium = _Pdfium(path, password)
+        try:
+            for index in range(count):
+                text = _read_page(reader, index, pdfium, report, labels[index])
+                raw_pages.append(text)
+                if progress is not None:
+                    progress(index + 1, count + len(report.needs_ocr))
+        finally:
+            pdfium.close()
+        engine = _auto_ocr() if ocr == "auto" else ocr
+        if report.needs_ocr and engine is not None and not isinstance(engine, str):
+            _ocr_pages(path, password, engine, raw_pages, report, labels, progress)
         compounds: set[str] = set()
-        for index in range(count):
-            try:
-                page = reader.pages[index]
-                text = page.extract_text()
-                if not text.strip() and _looks_scanned(page):
-                    report.needs_ocr.append(index)
-                _release_contents(page)
-                del page
-            except (Cancelled, MemoryError):
-                raise
-            except Exception as error:  # one unreadable page must not lose the book
-                report.warnings.append(f"page {labels[index]}: text could not be extracted ({error})")
-                text = ""
-            raw_pages.append(text)
-            compounds |= inline_compounds(text)
-            if progress is not None:
-                progress(index + 1, count)
+        for text in raw_pages:
+            compounds |= inline_compounds(text or "")
 
     running = find_running_lines([text or "" for text in raw_pages], labels)
     chapter: str | None = None
@@ -227,6 +367,14 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         report.sparse_pages = [
             index for index, length in enumerate(report.chars_per_page) if 0 < length < SPARSE_FRACTION * median
         ]
+    if not any(report.chars_per_page):
+        if report.needs_ocr:
+            report.warnings.append(f"no text: {len(report.needs_ocr)} pages are pictures without a text layer; "
+                                   f"to read them, {HOW_TO_ENABLE}")
+        elif report.ocr_pages:
+            report.warnings.append(f"no text: OCR ({report.ocr_engine}) found none on {len(report.ocr_pages)} pages")
+        else:
+            report.warnings.append("no text: the pages carry no text layer or picture that could be read")
     if pypdf_warnings:
         unique = list(dict.fromkeys(pypdf_warnings))
         report.warnings.extend(f"pypdf: {message}" for message in unique[:MAX_REPORTED_WARNINGS])

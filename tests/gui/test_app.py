@@ -173,6 +173,27 @@ def test_a_file_that_cannot_be_read_shows_its_reason(qtbot, home):
     close(window)
 
 
+def test_pages_needing_ocr_are_shown_with_how_to_enable_it(qtbot, home, monkeypatch):
+    import ingest.ocr
+    import ingest.readers.pdf
+    from tests.ingest.builders import write_pdf
+
+    monkeypatch.setattr(ingest.readers.pdf, "_AUTO_ENGINE", [None])  # as on a machine without Tesseract
+    monkeypatch.setattr(ingest.ocr, "engine_names", lambda: [])
+    scan = write_pdf(home / "scan.pdf", [["Typed words."], [], []], header=None, footer_numbers=False, scanned=[1, 2],
+                     title="Harbour scans")
+    window = make_window(qtbot, home)
+    window.add_paths([str(scan)])
+    qtbot.waitUntil(lambda: "need OCR" in window.library.notice.text(), timeout=15000)
+    assert "Harbour scans: 2 pages need OCR" in window.library.notice.text()
+    assert "No OCR engine is installed" in window.library.notice.text()
+    assert "tesseract" in window.library.notice.text()
+    status = window.library.model.index(0, LibraryModel.STATUS)
+    assert status.data() == "ready · 2 pages need OCR"
+    assert "no OCR engine is installed" in status.data(Qt.ItemDataRole.ToolTipRole)
+    close(window)
+
+
 # -- asking ------------------------------------------------------------------------
 
 

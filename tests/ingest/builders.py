@@ -83,6 +83,60 @@ def encrypt_pdf(source: Path, target: Path, password: str) -> Path:
     return target
 
 
+def write_raw_pdf(path: Path, contents: Sequence[bytes]) -> Path:
+    """A PDF written byte by byte, one page per content stream, with Helvetica as
+    /F1: the way to get content streams with the syntax errors real files have,
+    which no PDF library writes."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>"]
+    kids = " ".join(f"{3 + 2 * n} 0 R" for n in range(len(contents))).encode()
+    objects.append(b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(contents)))
+    font = 3 + 2 * len(contents)
+    for number, content in enumerate(contents):
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 300] /Contents %d 0 R "
+                       b"/Resources << /Font << /F1 %d 0 R >> >> >>" % (4 + 2 * number, font))
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content))
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number + 1, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def write_scanned_pdf(path: Path, pages: Sequence[Sequence[str]], *, dpi: int = 200) -> Path:
+    """A scan of typed pages: each page is set in Helvetica with reportlab, rendered to
+    a greyscale picture by PDFium, slightly rotated and blurred as a photocopier
+    does, and placed as the only content of a page (no text layer)."""
+    import pypdfium2
+    from PIL import ImageFilter
+
+    typed = write_pdf(path.with_suffix(".typed.pdf"), pages, header=None, footer_numbers=False)
+    document = pypdfium2.PdfDocument(str(typed))
+    pictures = []
+    for page in document:
+        picture = page.render(scale=dpi / 72, grayscale=True).to_pil()
+        pictures.append(picture.rotate(0.5, fillcolor=255).filter(ImageFilter.GaussianBlur(0.6)))
+        page.close()
+    document.close()
+    typed.unlink()
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A5)
+    width, height = A5
+    for picture in pictures:
+        pdf.drawImage(ImageReader(picture), 0, 0, width=width, height=height)
+        pdf.showPage()
+    pdf.save()
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
 CONTAINER_XML = """<?xml version="1.0" encoding="UTF-8"?>
 <container version="1.0" xmlns="urn:oasis:names:tc:opendocument:xmlns:container">
   <rootfiles><rootfile full-path="OEBPS/content.opf" media-type="application/oebps-package+xml"/></rootfiles>

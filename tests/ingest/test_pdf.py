@@ -12,7 +12,10 @@ import pytest
 from ingest.document import PAGE_SEPARATOR, Document
 from ingest.errors import CorruptDocumentError, EncryptedDocumentError, UnsupportedFormatError
 from ingest.readers import read_document
-from tests.ingest.builders import RUNNING_HEADER, encrypt_pdf, write_pdf
+from ingest.errors import Cancelled
+from ingest.ocr import OcrResult, best_engine
+from ingest.readers.pdf import read_pdf
+from tests.ingest.builders import RUNNING_HEADER, encrypt_pdf, write_pdf, write_raw_pdf, write_scanned_pdf
 from tests.ingest.conftest import BOOK_PAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,13 +78,100 @@ def test_raw_offsets_point_into_the_page_text(book_pdf: Path) -> None:
     assert raw[page.raw_offsets[where + 6] - 2 : page.raw_offsets[where + 6]] == "-\n"
 
 
-def test_pages_without_text_need_ocr(tmp_path: Path) -> None:
+def test_pages_without_text_need_ocr_where_no_engine_is_installed(tmp_path: Path) -> None:
     pages = [["Real text on the first page."], [], ["More real text on page three."], []]
     path = write_pdf(tmp_path / "scan.pdf", pages, header=None, footer_numbers=False, scanned=[1, 3])
-    document = read_document(path)
+    document = read_pdf(path, ocr=None)
     assert document.report.needs_ocr == [1, 3]
+    assert document.report.notice() == "2 pages need OCR"
     assert [page.text for page in document.pages] == ["Real text on the first page.", "", "More real text on page three.", ""]
     assert_offsets_consistent(document)
+
+
+def test_a_pdf_of_only_pictures_says_why_it_has_no_text(tmp_path: Path) -> None:
+    path = write_pdf(tmp_path / "scan.pdf", [[], []], header=None, footer_numbers=False, scanned=[0, 1])
+    report = read_pdf(path, ocr=None).report
+    assert report.chars_per_page == [0, 0]
+    assert report.notice() == "2 pages need OCR"
+    assert any(w.startswith("no text: 2 pages are pictures") and "tesseract" in w for w in report.warnings)
+
+
+class ScriptedOcr:
+    """An OCR engine that reads every picture as the next of its texts."""
+
+    name = "scripted 1.0"
+
+    def __init__(self, texts: list[str], cancel_after: int | None = None) -> None:
+        self.texts = list(texts)
+        self.sizes: list[tuple[int, int]] = []
+
+    def read(self, image) -> OcrResult:  # noqa: ANN001
+        self.sizes.append(image.size)
+        return OcrResult(self.texts.pop(0), 0.875)
+
+
+def test_ocr_fills_the_pictured_pages_and_reports_them(tmp_path: Path) -> None:
+    pages = [["Typed text on the first page."], [], ["Typed text on page three."], []]
+    path = write_pdf(tmp_path / "scan.pdf", pages, header=None, footer_numbers=False, scanned=[1, 3])
+    engine = ScriptedOcr(["Scanned words of page two.", ""])
+    calls: list[tuple[int, int]] = []
+    document = read_pdf(path, ocr=engine, progress=lambda done, total: calls.append((done, total)))
+    report = document.report
+    assert [page.text for page in document.pages][1:3] == ["Scanned words of page two.", "Typed text on page three."]
+    assert document.pages[3].text == ""
+    assert report.ocr_pages == [1, 3] and report.ocr_confidence == [0.875, 0.0]  # nothing read is no confidence
+    assert report.needs_ocr == [] and report.notice() == ""
+    assert report.ocr_engine == "scripted 1.0" and report.engine_of(1) == "OCR (scripted 1.0)"
+    assert report.engine_of(0) == "pypdf"
+    assert engine.sizes[0] == (1749, 2481)  # A5 (5.83 x 8.27 in) rendered at 300 dpi
+    assert calls[-2:] == [(5, 6), (6, 6)]  # the two OCR'd pages counted after the four read
+    assert_offsets_consistent(document)
+
+
+def test_cancel_during_ocr_stops_the_read(tmp_path: Path) -> None:
+    path = write_pdf(tmp_path / "scan.pdf", [[], [], []], header=None, footer_numbers=False, scanned=[0, 1, 2])
+
+    def progress(done: int, total: int) -> None:
+        if done > 4:
+            raise Cancelled("stop")
+
+    engine = ScriptedOcr(["one", "two", "three"])
+    with pytest.raises(Cancelled):
+        read_pdf(path, ocr=engine, progress=progress)
+    assert len(engine.sizes) == 2
+
+
+@pytest.mark.skipif(best_engine() is None, reason="Tesseract is not installed")
+def test_a_scanned_page_is_read_by_the_installed_ocr_engine(tmp_path: Path) -> None:
+    lines = ["The harbour master kept a ledger of ships.", "The brig Osprey arrived on the ninth of March", "carrying forty barrels of tar."]
+    path = write_scanned_pdf(tmp_path / "scanned.pdf", [lines])
+    document = read_pdf(path)
+    report = document.report
+    assert report.ocr_pages == [0] and report.needs_ocr == []
+    words = document.pages[0].text.split()
+    expected = " ".join(lines).split()
+    assert sum(word in words for word in expected) >= 0.9 * len(expected), document.pages[0].text
+    assert 0.6 < report.ocr_confidence[0] <= 1.0
+
+
+# Content streams with the syntax errors of real damaged files: pypdf raises on
+# each, PDFium reads past the damage.
+DAMAGED_STREAMS = {
+    "bad hex string": b"BT /F1 12 Tf 20 200 Td <zz> Tj (Harbour ledger) Tj ET",
+    "stray closing brackets": b"] } >> BT /F1 12 Tf 20 200 Td (Harbour ledger) Tj ET",
+    "unbalanced parenthesis": b"BT /F1 12 Tf 20 200 Td (Harbour ledger) Tj ET BT (x Tj ET",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_STREAMS))
+def test_a_page_pypdf_cannot_parse_is_read_by_pdfium(tmp_path: Path, damage: str) -> None:
+    healthy = b"BT /F1 12 Tf 20 200 Td (A healthy first page) Tj ET"
+    path = write_raw_pdf(tmp_path / "damaged.pdf", [healthy, DAMAGED_STREAMS[damage]])
+    document = read_pdf(path, ocr=None)
+    assert [page.text for page in document.pages] == ["A healthy first page", "Harbour ledger"]
+    assert document.report.pdfium_pages == [1]
+    assert document.report.engine_of(1) == "PDFium" and document.report.engine_of(0) == "pypdf"
+    assert document.report.notice() == ""
 
 
 def test_sparse_pages_are_reported(tmp_path: Path) -> None:
