@@ -70,6 +70,13 @@ class DocumentRecord:
         return self.title or Path(self.path).name
 
     @property
+    def locked(self) -> bool:
+        """Whether it failed for want of its password (ingest.readers.pdf's
+        EncryptedDocumentError messages), so a password would open it."""
+        error = self.error or ""
+        return self.status == "failed" and ("password-protected" in error or "wrong password" in error)
+
+    @property
     def report(self) -> ExtractionReport:
         if not self.report_json:
             return ExtractionReport()

@@ -59,6 +59,7 @@ class LibraryPanel(QWidget):
     ask_about = Signal(list)  # document ids: make them the scope
     task_requested = Signal(str, list)  # "summarise" | "compare" | "find-all", document ids
     open_document = Signal(int)
+    password_requested = Signal(int)  # a locked document to open with a password
     collection_filter_changed = Signal()
 
     def __init__(self, parent=None) -> None:
@@ -170,6 +171,10 @@ class LibraryPanel(QWidget):
         if not ids:
             return
         menu = QMenu(self)
+        locked = [row.record.id for row in self.model.rows if row.record.id in ids and row.record.locked]
+        if len(locked) == 1:
+            menu.addAction("Enter Password…", lambda: self.password_requested.emit(locked[0]))
+            menu.addSeparator()
         menu.addAction(f"Ask about {'this document' if len(ids) == 1 else f'these {len(ids)} documents'}", lambda: self.ask_about.emit(ids))
         if len(ids) == 1:
             menu.addAction("Summarise…", lambda: self.task_requested.emit("summarise", ids))

@@ -184,6 +184,8 @@ class LibraryModel(QAbstractTableModel):
                 return row.caching
             return None
         if role == Qt.ItemDataRole.ToolTipRole:
+            if column == self.STATUS and record.locked:
+                return f"{record.error}. Right-click › Enter Password… to open it."
             if column == self.STATUS and record.error:
                 return record.error
             if column == self.STATUS and row.notice:
@@ -208,6 +210,8 @@ class LibraryModel(QAbstractTableModel):
         if column == self.STATUS:
             if row.reading is not None:
                 return f"reading {row.reading:.0%}"
+            if record.locked:
+                return "locked: needs its password" if "wrong" not in (record.error or "") else "locked: wrong password"
             if record.status == "failed":
                 return f"failed: {record.error or 'unknown error'}"
             return f"{record.status} · {row.notice}" if row.notice else record.status

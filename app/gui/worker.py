@@ -315,6 +315,15 @@ class IngestWorker(QObject):
 
     @Slot(list)
     def ingest(self, paths: list[str]) -> None:
+        self._ingest(paths, None)
+
+    @Slot(list, str)
+    def ingest_locked(self, paths: list[str], password: str) -> None:
+        """Read encrypted documents with the password the user typed. It is tried
+        once and kept nowhere (not in the library, not in the settings)."""
+        self._ingest(paths, password)
+
+    def _ingest(self, paths: list[str], password: str | None) -> None:
         self._cancel.clear()
         self.busy.emit(f"Adding {len(paths)} item(s)…")
         try:
@@ -322,6 +331,7 @@ class IngestWorker(QObject):
                 self._job = IngestJob(
                     library, [Path(p) for p in paths], tokenize=self.token_counter(),
                     progress=self.progress.emit, cancel=self._cancel.is_set,
+                    password_for=(lambda _path: password) if password is not None else None,
                 )
                 summary: IngestSummary = self._job.run()
             self.finished.emit(summary)

@@ -194,6 +194,34 @@ def test_pages_needing_ocr_are_shown_with_how_to_enable_it(qtbot, home, monkeypa
     close(window)
 
 
+def test_a_locked_pdf_opens_with_its_password_which_is_kept_nowhere(qtbot, home, monkeypatch):
+    from PySide6.QtWidgets import QInputDialog
+
+    from tests.ingest.builders import encrypt_pdf, write_pdf
+
+    plain = write_pdf(home / "plain.pdf", [["The ledger of the brig Osprey."]], title="Ledger")
+    locked = encrypt_pdf(plain, home / "locked.pdf", "harbour-7")
+    window = make_window(qtbot, home)
+    window.add_paths([str(locked)])
+    status = lambda: window.library.model.index(0, LibraryModel.STATUS).data()  # noqa: E731
+    qtbot.waitUntil(lambda: bool(window.library.model.rows) and status() == "locked: needs its password", timeout=15000)
+    document_id = window.library.model.rows[0].record.id
+    assert "Enter Password" in window.library.model.index(0, LibraryModel.STATUS).data(Qt.ItemDataRole.ToolTipRole)
+
+    typed = iter([("wrong-guess", True), ("harbour-7", True)])
+    monkeypatch.setattr(QInputDialog, "getText", lambda *args, **kwargs: next(typed))
+    window.enter_password(document_id)
+    qtbot.waitUntil(lambda: status() == "locked: wrong password", timeout=15000)
+    assert "wrong password" in window.library.notice.text()
+    window.enter_password(document_id)
+    qtbot.waitUntil(lambda: status() == "ready", timeout=15000)
+    record = window.store.document(document_id)
+    assert record.pages == 1 and record.error is None
+    close(window)
+    stored = b"".join(path.read_bytes() for path in home.rglob("*") if path.is_file() and path.suffix != ".pdf")
+    assert b"harbour-7" not in stored and b"wrong-guess" not in stored
+
+
 # -- asking ------------------------------------------------------------------------
 
 
