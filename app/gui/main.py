@@ -35,6 +35,7 @@ from app.gui.bridge import DropCatcher, Inbox
 from app.gui.conversation import ConversationPanel
 from app.gui.evidence import EvidencePanel
 from app.gui.library_panel import ConversationsPanel, LibraryPanel
+from app.gui.search_panel import SearchPanel
 from app.gui import task_dialogs
 from app.gui.store import LibraryStore, Scope, turns
 from app.gui.theme import apply_theme
@@ -112,9 +113,11 @@ class MainWindow(QMainWindow):
         self.conversations = ConversationsPanel()
         self.evidence = EvidencePanel()
         self.viewer = SourceViewer()
+        self.search = SearchPanel(self.store)
         tabs = QTabWidget()
         tabs.addTab(self.library, "Library")
         tabs.addTab(self.conversations, "Conversations")
+        tabs.addTab(self.search, "Search")
         self.left_tabs = tabs
         self.library_dock = self._dock("Library", tabs, Qt.DockWidgetArea.LeftDockWidgetArea, "libraryDock")
         self.evidence_dock = self._dock("Evidence", self.evidence, Qt.DockWidgetArea.RightDockWidgetArea, "evidenceDock")
@@ -148,6 +151,8 @@ class MainWindow(QMainWindow):
         self.conversations.delete_requested.connect(self.delete_conversation)
         self.conversations.new_requested.connect(self.new_conversation)
         self.evidence.open_citation.connect(self.open_citation)
+        self.search.open_passage.connect(self.viewer.open_passage)
+        self.search.open_passage.connect(lambda _passage: self._show(self.viewer_dock))
 
     def _dock(self, title: str, widget, area: Qt.DockWidgetArea, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -217,6 +222,7 @@ class MainWindow(QMainWindow):
         self._action(library, "&Remove Selected", lambda: self.remove_documents(self.library.selected_ids()), QKeySequence.StandardKey.Delete)
         self._action(library, "New &Collection from Selection…", lambda: self.new_collection(self.library.selected_ids()))
         self._action(library, "&Cancel Running Task", self.cancel_work, "Escape")
+        self._action(library, "&Search Pages", self.focus_search, "Ctrl+K", "Find the pages that contain words or a phrase")
         view = menus.addMenu("&View")
         self._action(view, "Show &Library", lambda: self._show(self.library_dock, self.left_tabs, 0), "Ctrl+1")
         self._action(view, "Show C&onversations", lambda: self._show(self.library_dock, self.left_tabs, 1), "Ctrl+2")
@@ -235,6 +241,10 @@ class MainWindow(QMainWindow):
         if tabs is not None:
             tabs.setCurrentIndex(tab)
             tabs.currentWidget().setFocus()
+
+    def focus_search(self) -> None:
+        self._show(self.library_dock, self.left_tabs, self.left_tabs.indexOf(self.search))
+        self.search.field.selectAll()
 
     def _start_workers(self, engine_factory: EngineFactory | None, prepare: Prepare | None) -> None:
         if engine_factory is None:

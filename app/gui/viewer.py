@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 # A window of this many letters/digits rarely occurs twice on one page by chance.
 MIN_ANCHOR_CHARS = 12
+# A passage shorter than this (a searched word) is found inside its surroundings
+# first: such a word often recurs on the page, and the position hint is only a
+# proportion, too coarse to tell neighbouring occurrences apart.
+CONTEXT_CHARS = 80
 ZOOM_STEP = 1.25
 ZOOM_RANGE = (0.25, 6.0)
 # Multiplied onto the page, like a highlighter pen: white paper turns yellow and
@@ -181,6 +185,24 @@ def locate_passage(layer_text: str, passage_text: str, position_hint: float = 0.
         complete = head[0] == 0 and last[0] + size >= len(words)
         return TextMatch(origin[head[1]], origin[last[2] - 1] + 1, complete)
     return None
+
+
+def locate_span(layer_text: str, page_text: str, start: int, end: int) -> TextMatch | None:
+    """Find `page_text[start:end]` in `layer_text`. A short span is located by its
+    surrounding text first and then at its exact place inside that, so of a word
+    that recurs on the page the intended occurrence is found."""
+    passage = page_text[start:end]
+    if len(passage) < CONTEXT_CHARS:
+        left, right = max(0, start - CONTEXT_CHARS), min(len(page_text), end + CONTEXT_CHARS)
+        around = locate_passage(layer_text, page_text[left:right], left / max(len(page_text), 1))
+        if around is not None and around.complete:
+            # The layer's slice normalises to the context's letters, so the span's
+            # offset among them is exact.
+            before, context = _normalise(page_text[left:start])[0], _normalise(page_text[left:right])[0]
+            inside = locate_passage(layer_text[around.start : around.end], passage, len(before) / max(len(context), 1))
+            if inside is not None:
+                return TextMatch(around.start + inside.start, around.start + inside.end, inside.complete)
+    return locate_passage(layer_text, passage, start / max(len(page_text), 1))
 
 
 def _utf16_offset(text: str, index: int) -> int:
@@ -545,8 +567,7 @@ class SourceViewer(QWidget):
         layer = self._document.getAllText(page).text() if count else ""
         match = None
         if end > start:
-            hint = start / max(len(passage.page_text), 1)
-            match = locate_passage(layer, passage.page_text[start:end], hint)
+            match = locate_span(layer, passage.page_text, start, end)
         shown = self._document.pageLabel(page) or str(page + 1)
         if match is None:
             why = "" if layer.strip() else " (this page has no text layer; it may be a scan)"
