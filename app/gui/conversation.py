@@ -212,4 +212,8 @@ class ConversationPanel(QWidget):
                 note = " <small style='color:gray'>(stopped)</small>"
             elif stats.get("error"):
                 note = f" <small style='color:#c62828'>(failed: {html.escape(str(stats['error']))})</small>"
+            if stats.get("not_in_yet"):
+                names = ", ".join(stats["not_in_yet"][:3]) + (" …" if len(stats["not_in_yet"]) > 3 else "")
+                note += (f" <small style='color:#b26a00'>(not in yet, still being read: {html.escape(names)};"
+                         " ask again when they are ready)</small>")
         return f"<p style='margin-top:8px'><b>Quire</b>{note}</p>{render_markdown(text)}{citation_links(key, citations)}"

@@ -11,6 +11,7 @@ bar; the window stays usable.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import replace
@@ -24,6 +25,7 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QInputDialog,
     QLabel,
+    QLineEdit,
     QMainWindow,
     QMessageBox,
     QProgressBar,
@@ -59,6 +61,7 @@ class MainWindow(QMainWindow):
     ask_requested = Signal(object)
     states_requested = Signal()
     ingest_requested = Signal(list)
+    ingest_locked_requested = Signal(list, str)  # paths, the password typed for them
     warm_requested = Signal()
     remove_requested = Signal(list, str)
 
@@ -88,6 +91,14 @@ class MainWindow(QMainWindow):
         self.cache_states: dict[int, bool] = {}
         self.last_error = ""
         self._install_dialog = None
+        # Work that must survive a quit or a crash is noted in qsettings while it runs
+        # (UNFINISHED_*) and resumed at the next start; a question pauses a cache
+        # build, which goes on after the answer.
+        self._ingest_jobs: list[list[str]] = []  # the paths of each ingest job sent, in order
+        self._cache_running = False
+        self._cache_resume = False
+        self._cache_ids: list[int] | None = None
+        self._closing = False
         self.setWindowTitle("Quire")
         self.resize(1280, 800)
         self.setAcceptDrops(True)
@@ -96,6 +107,7 @@ class MainWindow(QMainWindow):
         self._build_status_bar()
         self._build_actions()
         self._start_workers(engine_factory, engine_prepare)
+        QTimer.singleShot(0, self._resume_ingest)
         self._restore_layout()
         QApplication.instance().installEventFilter(self._drop_catcher)
         self.refresh_library()
@@ -144,6 +156,7 @@ class MainWindow(QMainWindow):
         self.library.add_to_collection.connect(self._add_to_collection)
         self.library.ask_about.connect(self.ask_about)
         self.library.task_requested.connect(self.request_task)
+        self.library.password_requested.connect(self.enter_password)
         self.library.table.selectionModel().selectionChanged.connect(lambda *_: self.refresh_scopes())
         self.conversations.chosen.connect(self.open_conversation)
         self.conversations.search_changed.connect(lambda text: self.refresh_conversations(text))
@@ -220,6 +233,8 @@ class MainWindow(QMainWindow):
         library = menus.addMenu("&Library")
         self._action(library, "&Build Cache", self.build_cache, "Ctrl+B")
         self._action(library, "&Remove Selected", lambda: self.remove_documents(self.library.selected_ids()), QKeySequence.StandardKey.Delete)
+        self._action(library, "Enter &Password…", self._enter_selected_password, None,
+                     "Open the selected password-protected document")
         self._action(library, "New &Collection from Selection…", lambda: self.new_collection(self.library.selected_ids()))
         self._action(library, "&Cancel Running Task", self.cancel_work, "Escape")
         self._action(library, "&Search Pages", self.focus_search, "Ctrl+K", "Find the pages that contain words or a phrase")
@@ -267,6 +282,7 @@ class MainWindow(QMainWindow):
         self.ask_requested.connect(engine.ask)
         self.states_requested.connect(engine.refresh_cache_states)
         self.ingest_requested.connect(ingest.ingest)
+        self.ingest_locked_requested.connect(ingest.ingest_locked)
         self.warm_requested.connect(ingest.warm)
         self.remove_requested.connect(ingest.remove)
         for name in ("loading", "installing", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
@@ -348,7 +364,28 @@ class MainWindow(QMainWindow):
     def add_paths(self, paths: list[str]) -> None:
         self.library.show_notice(f"Adding {len(paths)} item(s)…")
         self._show(self.library_dock, self.left_tabs, 0)
+        self._ingest_jobs.append(list(paths))
+        self._save_unfinished_ingest()
         self.ingest_requested.emit(list(paths))
+
+    def _save_unfinished_ingest(self) -> None:
+        paths = list(dict.fromkeys(path for job in self._ingest_jobs for path in job))
+        self.qsettings.setValue(UNFINISHED_INGEST, json.dumps(paths))
+        self.qsettings.sync()
+
+    def _resume_ingest(self) -> None:
+        """Re-add what was being added when the app last closed or crashed, and the
+        documents left half-read in the library: files done already come back as
+        unchanged at once, so only the unfinished ones are read."""
+        try:
+            paths = json.loads(self.qsettings.value(UNFINISHED_INGEST, "[]") or "[]")
+        except (TypeError, ValueError):
+            paths = []
+        paths += [r.path for r in self.store.documents() if r.status in ("pending", "ingesting")]
+        paths = [p for p in dict.fromkeys(paths) if Path(p).exists()]
+        if paths:
+            self.add_paths(paths)
+            self.library.show_notice(f"Resuming: adding {len(paths)} item(s) left unfinished…")
 
     @Slot(object)
     def _ingest_progress(self, progress: IngestProgress) -> None:
@@ -360,6 +397,9 @@ class MainWindow(QMainWindow):
 
     @Slot(object)
     def _ingest_finished(self, summary: IngestSummary) -> None:
+        if self._ingest_jobs and not self._closing:
+            self._ingest_jobs.pop(0)
+            self._save_unfinished_ingest()
         self.library.model.clear_reading()
         self.refresh_library()
         notes = [summary.describe()]
@@ -373,7 +413,7 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(summary.describe(), 8000)
         new_ids = [o.document_id for o in summary.added + summary.updated if o.document_id is not None]
         if new_ids and self.settings.auto_cache and self.engine_ready:
-            self.build_requested.emit(new_ids)
+            self.request_cache(new_ids)
 
     def _text_notices(self, summary: IngestSummary) -> list[str]:
         """A line per document just added whose text is incomplete, and how to
@@ -390,6 +430,26 @@ class MainWindow(QMainWindow):
         if need_ocr and not engine_names():
             lines.append(f"No OCR engine is installed. To read pages that are pictures, {HOW_TO_ENABLE}.")
         return lines
+
+    def _enter_selected_password(self) -> None:
+        locked = [i for i in self.library.selected_ids() if (r := self.store.document(i)) is not None and r.locked]
+        if not locked:
+            self.library.show_notice("Select a document marked “locked” to enter its password.")
+            return
+        self.enter_password(locked[0])
+
+    def enter_password(self, document_id: int) -> None:
+        """Ask for a locked document's password and read it again with it. The
+        password goes to that one read and is kept nowhere."""
+        record = self.store.document(document_id)
+        if record is None or not record.locked:
+            return
+        password, ok = QInputDialog.getText(
+            self, "Enter Password", f"Password for {Path(record.path).name}:", QLineEdit.EchoMode.Password
+        )
+        if ok and password:
+            self.library.show_notice(f"Opening {Path(record.path).name}…")
+            self.ingest_locked_requested.emit([record.path], password)
 
     def remove_documents(self, ids: list[int]) -> None:
         if not ids:
@@ -436,7 +496,14 @@ class MainWindow(QMainWindow):
         if not self.engine_ready:
             self.show_error("the model is not loaded yet")
             return
-        self.build_requested.emit(None)
+        self.qsettings.setValue(UNFINISHED_CACHE, True)  # asked for: resumed at the next start until done
+        self.qsettings.sync()
+        self.request_cache(None)
+
+    def request_cache(self, ids: list[int] | None) -> None:
+        self._cache_running = True
+        self._cache_ids = ids
+        self.build_requested.emit(ids)
 
     @Slot(object)
     def _cache_progress(self, progress: BuildProgress) -> None:
@@ -449,6 +516,12 @@ class MainWindow(QMainWindow):
     @Slot(str)
     def _cache_finished(self, summary: str) -> None:
         self.library.model.set_caching(None, None)
+        self._cache_running = False
+        if self._cache_resume:
+            self.statusBar().showMessage("Caching paused for the question; it goes on after the answer.", 8000)
+            return
+        if not self._closing:
+            self.qsettings.setValue(UNFINISHED_CACHE, False)  # done, or cancelled by the user
         self.statusBar().showMessage(summary or "Cache build cancelled; it resumes where it stopped.", 8000)
 
     @Slot(object)
@@ -495,8 +568,9 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"Model: {info.get('model')} · {str(info.get('device', '')).upper()}")
         self.hide_error()
         self._update_buttons()
-        if self.settings.auto_cache and self.store.documents():
-            self.build_requested.emit(None)
+        unfinished = self.qsettings.value(UNFINISHED_CACHE, False) in (True, "true")
+        if (self.settings.auto_cache or unfinished) and self.store.documents():
+            self.request_cache(None)
 
     @Slot(str, str)
     def _engine_failed(self, task: str, message: str) -> None:
@@ -504,6 +578,8 @@ class MainWindow(QMainWindow):
             self._close_install_dialog()
             self.engine_ready = False
             self.model_label.setText("Model: not loaded")
+        if task == "cache":
+            self._cache_running = False
         self.show_error(message)
         self._update_buttons()
 
@@ -681,6 +757,11 @@ class MainWindow(QMainWindow):
         self._update_buttons()
         self.hide_error()
         self.refresh_conversations()
+        if self._cache_running:
+            # One engine thread: a question sent now would wait for the whole build.
+            # The build stops at its next segment and goes on after the answer.
+            self._cache_resume = True
+            self.engine_worker.cancel()
         self.ask_requested.emit(
             AskRequest(
                 self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens, history,
@@ -700,6 +781,9 @@ class MainWindow(QMainWindow):
     @Slot(object)
     def _answer_finished(self, info: dict) -> None:
         self.answering = False
+        if self._cache_resume:
+            self._cache_resume = False
+            self.request_cache(self._cache_ids)
         stats = info.get("stats") or {}
         if stats.get("time_to_first_token"):
             self.speed_label.setText(
@@ -827,6 +911,7 @@ class MainWindow(QMainWindow):
     # -- shutdown ----------------------------------------------------------------
 
     def closeEvent(self, event) -> None:  # noqa: N802
+        self._closing = True  # unfinished work stays noted for the next start
         self._save_layout()
         QApplication.instance().removeEventFilter(self._drop_catcher)
         self.engine_worker.cancel()
@@ -836,6 +921,10 @@ class MainWindow(QMainWindow):
             thread.wait(30000)
         self.store.close()
         super().closeEvent(event)
+
+
+UNFINISHED_INGEST = "work/unfinishedIngest"  # JSON list of the paths being added
+UNFINISHED_CACHE = "work/unfinishedCache"  # a cache build asked for and not finished
 
 
 def cache_size(size: int) -> str:

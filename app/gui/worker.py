@@ -231,6 +231,7 @@ class EngineWorker(QObject):
             cancelled=cancelled,
             error=error_message or None,
             documents=[d.doc_id for d in documents],
+            not_in_yet=self._not_in_yet(request.document_ids),
             corpus_hash=corpus_hash(documents),
             engine=self.engine.settings_summary(),
         )
@@ -253,6 +254,15 @@ class EngineWorker(QObject):
 
     def _documents(self, document_ids: list[int] | None) -> list[CorpusDocument]:
         return scope_documents(self._db(), document_ids)
+
+    def _not_in_yet(self, document_ids: list[int] | None) -> list[str]:
+        """The scope's documents still being read (the answer could not use them)."""
+        try:
+            library = self._db()
+            records = library.documents() if document_ids is None else [library.get(i) for i in document_ids]
+        except BaseException:  # noqa: BLE001 — a note on the answer is not worth failing it
+            return []
+        return [r.display_title for r in records if r.status in ("pending", "ingesting")]
 
 
 def corpus_hash(documents: list[CorpusDocument]) -> str | None:

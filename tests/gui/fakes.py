@@ -1,7 +1,7 @@
 """A scripted engine for GUI tests where the model is not the point: it streams a
 fixed answer (optionally slowly, or failing part-way), cites the first passage of
-each document in scope, and "caches" documents instantly, with real progress
-events. Same methods as app.service.AnswerEngine."""
+each document in scope, and "caches" documents (instantly, or `build_delay`
+seconds each, checking cancel between them), with real progress events. Same methods as app.service.AnswerEngine."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 
 from engine.corpus.build import BuildProgress, BuildSummary
 from engine.corpus.engine import AskStats, Evidence
+from engine.errors import Cancelled
 from engine.generate import Token
 
 
@@ -25,6 +26,8 @@ class ScriptedEngine:
         self.error = error or RuntimeError("the scripted engine broke")
         self.cached: set[str] = set()
         self.bytes_per_document = 1024
+        self.build_delay = 0.0
+        self.builds: list[list[int]] = []  # the documents each build was asked to cache
         self.asked: list[tuple[str, list]] = []
         self.histories: list[list[tuple[str, str]]] = []  # the earlier turns each question came with
         self.tasks: list[tuple[str, dict, list]] = []
@@ -36,7 +39,11 @@ class ScriptedEngine:
     def build(self, documents, on_progress, cancel) -> BuildSummary:
         total = sum(len(d.text) for d in documents)
         done = 0
+        self.builds.append([d.doc_id for d in documents])
         for index, document in enumerate(documents):
+            if cancel and cancel():
+                raise Cancelled("cache build cancelled")
+            time.sleep(self.build_delay)
             if on_progress:
                 on_progress(BuildProgress(index, len(documents), done, total, index, 0, 0.0, document.doc_id, 0.5))
             done += len(document.text)

@@ -381,6 +381,58 @@ def test_a_model_that_cannot_load_is_reported(qtbot, home):
     close(window)
 
 
+def test_a_question_pauses_caching_which_goes_on_after_the_answer(qtbot, home):
+    engine = ScriptedEngine()
+    engine.build_delay = 0.4
+    window = make_window(qtbot, home, engine, auto_cache=False)
+    books = [write_book(home, f"book{n}.txt", SHIPS + f" Volume {n}.") for n in range(6)]
+    add_and_wait(qtbot, window, books)
+    window.build_cache()
+    qtbot.waitUntil(lambda: len(engine.cached) >= 1, timeout=10000)
+    ask_and_wait(qtbot, window, "Which ship carried tar?")
+    # The answer came while documents were still uncached: it did not wait for the build.
+    assert len(engine.cached) < 6
+    assert "**42**" in window.conversation.view.toPlainText() or "42" in window.conversation.view.toPlainText()
+    qtbot.waitUntil(lambda: len(engine.cached) == 6, timeout=15000)
+    assert len(engine.builds) == 2  # stopped for the question, then resumed
+    assert set(engine.builds[1]) < set(engine.builds[0])  # the resumed build skips what was cached
+    close(window)
+
+
+def test_unfinished_adding_and_caching_resume_at_the_next_start(qtbot, home):
+    books = [write_book(home, f"book{n}.txt", SHIPS + f" Volume {n}.") for n in range(3)]
+    window = make_window(qtbot, home, ScriptedEngine(), auto_cache=False)
+    add_and_wait(qtbot, window, books[:2])
+    close(window)
+    # What a crash leaves: the third book being added, a cache build asked for.
+    layout = QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat)
+    layout.setValue("work/unfinishedIngest", json.dumps([str(books[2])]))
+    layout.setValue("work/unfinishedCache", True)
+    layout.sync()
+    engine = ScriptedEngine()
+    window = make_window(qtbot, home, engine, auto_cache=False)
+    qtbot.waitUntil(lambda: len(ready_titles(window)) == 3, timeout=15000)
+    qtbot.waitUntil(lambda: len(engine.cached) >= 2, timeout=15000)
+    qtbot.waitUntil(lambda: not window._cache_running, timeout=15000)
+    close(window)
+    layout = QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat)
+    assert json.loads(layout.value("work/unfinishedIngest")) == []
+    assert layout.value("work/unfinishedCache") in (False, "false")
+
+
+def test_an_answer_says_which_documents_are_not_in_yet(qtbot, home):
+    window = make_window(qtbot, home)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    with Library(home / "library.db") as library:  # a document whose reading has begun
+        library.db.execute("INSERT INTO documents (path, title, status, added_at, updated_at) "
+                           "VALUES (?, ?, 'ingesting', '2026-12-04', '2026-12-04')", [str(home / "atlas.pdf"), "Harbour Atlas"])
+    ask_and_wait(qtbot, window, "Which ship carried tar?")
+    view = window.conversation.view.toPlainText()
+    assert "not in yet, still being read: Harbour Atlas" in view
+    assert window.store.messages(window.conversation_id)[-1].stats["not_in_yet"] == ["Harbour Atlas"]
+    close(window)
+
+
 def test_scope_limits_the_documents_asked(qtbot, home):
     window = make_window(qtbot, home)
     add_and_wait(qtbot, window, [write_book(home, "a.txt", SHIPS), write_book(home, "b.txt", "Lighthouses of the coast.")])
