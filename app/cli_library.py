@@ -1,6 +1,7 @@
 """`quire` library commands, each a few lines over `ingest.library` / `ingest.jobs`.
 
     quire add PATH... [--password P]   ingest files and folders (progress on stderr)
+    quire watch add|remove|list|scan [FOLDER...]   watched folders (ingest/watch.py)
     quire list [--json]                the documents and their status
     quire show ID                      metadata and extraction report of one document
     quire remove ID                    remove a document (pages, index, collection links)
@@ -120,7 +121,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"date:        {record.date or '-'}",
         f"format:      {record.format or '-'}",
         f"path:        {record.path}",
-        f"status:      {record.status}" + (f" ({record.error})" if record.error else ""),
+        f"status:      {record.status}" + (f" ({record.error})" if record.error else "")
+        + (f"; file missing since {record.missing_since}" if record.missing_since else ""),
         f"pages:       {record.pages}",
         f"characters:  {record.characters}",
         f"tokens:      {record.tokens if record.tokens is not None else '-'}",
@@ -185,6 +187,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+@_reports_errors
+def cmd_watch(args: argparse.Namespace) -> int:
+    from ingest.watch import scan
+
+    with Library() as library:
+        if args.action == "add":
+            for folder in args.folders:
+                print(f"watching {library.watch(folder)}")
+        elif args.action == "remove":
+            for folder in args.folders:
+                known = library.unwatch(folder)
+                print(f"{'stopped watching' if known else 'was not watching'} {Path(folder).expanduser().resolve()}")
+        elif args.action == "list":
+            for folder in library.watched():
+                print(f"{folder}{'' if folder.is_dir() else '  (not reachable)'}")
+        if args.action in ("add", "scan"):
+            summary = scan(library, progress=_print_progress, tokenize=_token_counter())
+            print(summary.describe())
+            for record in summary.missing:
+                print(f"missing: #{record.id} {record.display_title} ({record.path}); `quire remove {record.id}` removes it")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the library commands to the `quire` parser's subcommands."""
     add = subparsers.add_parser("add", help="add books and folders to the library")
@@ -203,6 +228,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     remove = subparsers.add_parser("remove", help="remove a document from the library")
     remove.add_argument("id", type=int)
     remove.set_defaults(func=cmd_remove)
+
+    watch = subparsers.add_parser("watch", help="folders whose new and changed files come in by themselves")
+    watch.add_argument("action", choices=["add", "remove", "list", "scan"],
+                       help="add/remove watched folders, list them, or scan them once now")
+    watch.add_argument("folders", nargs="*", type=Path, metavar="FOLDER")
+    watch.set_defaults(func=cmd_watch)
 
     search = subparsers.add_parser("search", help="full-text search of the library")
     search.add_argument("phrase")

@@ -46,6 +46,8 @@ class ExtractionReport:
     characters: int = 0
     encrypted: bool = False
     needs_ocr: list[int] = field(default_factory=list)  # pictures without a text layer, not OCR'd
+    blank_pages: list[int] = field(default_factory=list)  # no text and no picture: nothing to read
+    unread_pages: list[int] = field(default_factory=list)  # both PDF readers failed (reason in warnings)
     sparse_pages: list[int] = field(default_factory=list)  # suspiciously little text
     warnings: list[str] = field(default_factory=list)
     chars_per_page: list[int] = field(default_factory=list)

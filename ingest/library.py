@@ -60,10 +60,12 @@ class DocumentRecord:
     file_mtime: float | None
     report_json: str | None
     outline_json: str | None
+    missing_since: str | None = None  # when a watched folder found its file gone
 
     @classmethod
     def from_row(cls, row: dict[str, object]) -> DocumentRecord:
-        return cls(**{field.name: row[field.name] for field in fields(cls)})  # type: ignore[arg-type]
+        # A column a later migration added is absent while an older schema is open.
+        return cls(**{field.name: row[field.name] for field in fields(cls) if field.name in row})  # type: ignore[arg-type]
 
     @property
     def display_title(self) -> str:
@@ -146,6 +148,32 @@ class Library:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- watched folders (ingest/watch.py) ----------------------------------------
+
+    def watch(self, folder: Path | str) -> Path:
+        folder = Path(folder).expanduser().resolve()
+        if not folder.is_dir():
+            raise LibraryError(f"{folder} is not a folder")
+        with self.db.atomic():
+            self.db.execute("INSERT OR IGNORE INTO watched_folders (path, added_at) VALUES (?, ?)", [str(folder), utc_now()])
+        return folder
+
+    def unwatch(self, folder: Path | str) -> bool:
+        """Stop watching `folder` (its documents stay). Whether it was watched."""
+        folder = Path(folder).expanduser().resolve()
+        with self.db.atomic():
+            cursor = self.db.execute("DELETE FROM watched_folders WHERE path = ?", [str(folder)])
+        return cursor.rowcount > 0
+
+    def watched(self) -> list[Path]:
+        return [Path(row["path"]) for row in self.db.query("SELECT path FROM watched_folders ORDER BY path")]
+
+    def set_missing(self, document_id: int, missing: bool) -> None:
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE documents SET missing_since = ? WHERE id = ?", [utc_now() if missing else None, document_id]
+            )
 
     # -- documents -------------------------------------------------------------
 

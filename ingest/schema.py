@@ -165,8 +165,18 @@ def m002_evidence_citation(db: sqlite_utils.Database) -> None:
         )
 
 
+def m003_watched_folders(db: sqlite_utils.Database) -> None:
+    # Folders whose new and changed files come in by themselves (ingest/watch.py). A
+    # document whose file has gone is marked missing, not removed: its text, cache
+    # and citations stay until the user removes it.
+    _run(db, [
+        "CREATE TABLE watched_folders (path TEXT PRIMARY KEY, added_at TEXT NOT NULL)",
+        "ALTER TABLE documents ADD COLUMN missing_since TEXT",
+    ])
+
+
 # Append only. See the module docstring.
-MIGRATIONS: list[Migration] = [m001_initial, m002_evidence_citation]
+MIGRATIONS: list[Migration] = [m001_initial, m002_evidence_citation, m003_watched_folders]
 
 
 def applied_migrations(db: sqlite_utils.Database) -> list[str]:

@@ -66,3 +66,4 @@ class Inbox(QObject):
     ingest_removed = Signal(list, int)
     ingest_failed = Signal(str)
     ingest_busy = Signal(str)
+    ingest_watched = Signal(object)

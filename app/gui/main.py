@@ -62,6 +62,7 @@ class MainWindow(QMainWindow):
     states_requested = Signal()
     ingest_requested = Signal(list)
     ingest_locked_requested = Signal(list, str)  # paths, the password typed for them
+    watch_scan_requested = Signal()
     warm_requested = Signal()
     remove_requested = Signal(list, str)
 
@@ -108,6 +109,7 @@ class MainWindow(QMainWindow):
         self._build_actions()
         self._start_workers(engine_factory, engine_prepare)
         QTimer.singleShot(0, self._resume_ingest)
+        self._start_watching()
         self._restore_layout()
         QApplication.instance().installEventFilter(self._drop_catcher)
         self.refresh_library()
@@ -233,6 +235,9 @@ class MainWindow(QMainWindow):
         library = menus.addMenu("&Library")
         self._action(library, "&Build Cache", self.build_cache, "Ctrl+B")
         self._action(library, "&Remove Selected", lambda: self.remove_documents(self.library.selected_ids()), QKeySequence.StandardKey.Delete)
+        self._action(library, "&Watch Folder…", self.choose_watched_folder, None,
+                     "New and changed files in a folder come into the library by themselves")
+        self._action(library, "Stop &Watching a Folder…", self.stop_watching_folder)
         self._action(library, "Enter &Password…", self._enter_selected_password, None,
                      "Open the selected password-protected document")
         self._action(library, "New &Collection from Selection…", lambda: self.new_collection(self.library.selected_ids()))
@@ -283,14 +288,16 @@ class MainWindow(QMainWindow):
         self.states_requested.connect(engine.refresh_cache_states)
         self.ingest_requested.connect(ingest.ingest)
         self.ingest_locked_requested.connect(ingest.ingest_locked)
+        self.watch_scan_requested.connect(ingest.scan_watched)
         self.warm_requested.connect(ingest.warm)
         self.remove_requested.connect(ingest.remove)
         for name in ("loading", "installing", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
                      "token", "evidence", "answer_finished", "failed"):
             getattr(engine, name).connect(getattr(inbox, name))
         engine.busy.connect(inbox.engine_busy)
-        for name in ("progress", "finished", "removed", "failed", "busy"):
+        for name in ("progress", "finished", "removed", "failed", "busy", "watched"):
             getattr(ingest, name).connect(getattr(inbox, f"ingest_{name}"))
+        inbox.ingest_watched.connect(self._watched)
         inbox.loading.connect(self._engine_loading)
         inbox.installing.connect(self._installing)
         inbox.ready.connect(self._engine_ready)
@@ -430,6 +437,72 @@ class MainWindow(QMainWindow):
         if need_ocr and not engine_names():
             lines.append(f"No OCR engine is installed. To read pages that are pictures, {HOW_TO_ENABLE}.")
         return lines
+
+    # -- watched folders (ingest/watch.py) -------------------------------------------
+
+    def _start_watching(self) -> None:
+        """A pass when a watched folder changes (after WATCH_SETTLE_MS, so a file
+        being copied is read once, whole) and every WATCH_RESCAN_MS (the file-system
+        watcher does not see into subfolders, nor files that change in place on
+        every platform)."""
+        from PySide6.QtCore import QFileSystemWatcher
+
+        self._folder_watcher = QFileSystemWatcher(self)
+        self._watch_settle = QTimer(self, singleShot=True, interval=WATCH_SETTLE_MS)
+        self._watch_settle.timeout.connect(self.watch_scan_requested.emit)
+        self._folder_watcher.directoryChanged.connect(lambda _path: self._watch_settle.start())
+        self._watch_timer = QTimer(self, interval=WATCH_RESCAN_MS)
+        self._watch_timer.timeout.connect(self.watch_scan_requested.emit)
+        self._watch_timer.start()
+        self._follow_watched()
+        self.watch_scan_requested.emit()  # what changed while the app was closed
+
+    def _follow_watched(self) -> None:
+        folders = [str(f) for f in self.store.library.watched() if f.is_dir()]
+        current = self._folder_watcher.directories()
+        if current:
+            self._folder_watcher.removePaths(current)
+        if folders:
+            self._folder_watcher.addPaths(folders)
+
+    def choose_watched_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Watch a folder")
+        if folder:
+            self.watch_folder(folder)
+
+    def watch_folder(self, folder: str) -> None:
+        try:
+            path = self.store.library.watch(folder)
+        except Exception as error:  # noqa: BLE001 — e.g. not a folder
+            self.show_error(str(error))
+            return
+        self._follow_watched()
+        self.library.show_notice(f"Watching {path}: its files come in now, and new or changed ones as they appear.")
+        self.watch_scan_requested.emit()
+
+    def stop_watching_folder(self) -> None:
+        folders = [str(f) for f in self.store.library.watched()]
+        if not folders:
+            self.library.show_notice("No folder is watched. Library › Watch Folder… adds one.")
+            return
+        folder, ok = QInputDialog.getItem(self, "Stop watching", "Folder (its documents stay in the library):",
+                                          folders, 0, False)
+        if ok and folder:
+            self.store.library.unwatch(folder)
+            self._follow_watched()
+            self.library.show_notice(f"Stopped watching {folder}; its documents stay in the library.")
+
+    @Slot(object)
+    def _watched(self, summary) -> None:  # noqa: ANN001 - ingest.watch.WatchSummary
+        self.library.model.clear_reading()
+        self.refresh_library()
+        if summary.to_read or summary.missing or summary.returned or summary.unreachable:
+            self.library.show_notice(f"Watched folders: {summary.describe()}")
+        self._follow_watched()
+        added = summary.ingest.added + summary.ingest.updated if summary.ingest is not None else []
+        new_ids = [o.document_id for o in added if o.document_id is not None]
+        if new_ids and self.settings.auto_cache and self.engine_ready:
+            self.request_cache(new_ids)
 
     def _enter_selected_password(self) -> None:
         locked = [i for i in self.library.selected_ids() if (r := self.store.document(i)) is not None and r.locked]
@@ -923,6 +996,8 @@ class MainWindow(QMainWindow):
         super().closeEvent(event)
 
 
+WATCH_SETTLE_MS = 2000
+WATCH_RESCAN_MS = 5 * 60 * 1000
 UNFINISHED_INGEST = "work/unfinishedIngest"  # JSON list of the paths being added
 UNFINISHED_CACHE = "work/unfinishedCache"  # a cache build asked for and not finished
 

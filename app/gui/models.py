@@ -29,7 +29,9 @@ class DocumentRow:
     notice: str = ""  # what the extraction report says about the text ("3 pages need OCR")
 
     def __post_init__(self) -> None:
-        if self.record.status == "ready" and self.record.report_json:
+        if self.record.missing_since:
+            self.notice = "file missing"
+        elif self.record.status == "ready" and self.record.report_json:
             self.notice = self.record.report.notice()
 
 
@@ -188,6 +190,9 @@ class LibraryModel(QAbstractTableModel):
                 return f"{record.error}. Right-click › Enter Password… to open it."
             if column == self.STATUS and record.error:
                 return record.error
+            if column == self.STATUS and record.missing_since:
+                return (f"{record.path} was not found in its watched folder (since {record.missing_since}). "
+                        "Its text stays in the library until you remove it.")
             if column == self.STATUS and row.notice:
                 return _notice_help(record)
             return record.path

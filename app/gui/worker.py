@@ -294,6 +294,7 @@ class IngestWorker(QObject):
     removed = Signal(list, int)  # document ids, cache bytes freed
     failed = Signal(str)
     busy = Signal(str)
+    watched = Signal(object)  # WatchSummary of a pass over the watched folders
 
     def __init__(self, library_path: Path, token_counter: Callable[[], Callable[[str], int] | None]) -> None:
         super().__init__()
@@ -352,6 +353,27 @@ class IngestWorker(QObject):
             self._job = None
             self.busy.emit("")
 
+
+    @Slot()
+    def scan_watched(self) -> None:
+        """One pass over the watched folders (ingest/watch.py): missing files marked,
+        new and changed ones read, with the same progress and cancel as adding."""
+        from ingest.watch import scan
+
+        self._cancel.clear()
+        try:
+            with Library(self.library_path) as library:
+                if not library.watched():
+                    return
+                self.busy.emit("Checking watched folders…")
+                summary = scan(library, progress=self.progress.emit, cancel=self._cancel.is_set,
+                               tokenize=self.token_counter())
+            self.watched.emit(summary)
+        except BaseException as error:  # noqa: BLE001
+            log.error("watched folders failed: %s", traceback.format_exc())
+            self.failed.emit(f"checking watched folders failed: {describe_failure(error)}")
+        finally:
+            self.busy.emit("")
 
     @Slot(list, str)
     def remove(self, document_ids: list[int], cache_root: str) -> None:

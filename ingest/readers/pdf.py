@@ -262,6 +262,10 @@ def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: st
             report.warnings.append(f"page {label}: text could not be extracted ({failure})")
         if scanned or picture:
             report.needs_ocr.append(index)
+        elif failure is None:
+            report.blank_pages.append(index)
+        else:
+            report.unread_pages.append(index)
     return text
 
 
@@ -306,6 +310,25 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
             for _, future in pending:
                 future.cancel()
             raise
+
+
+def page_accounting(report) -> dict[str, int]:  # noqa: ANN001 - an ExtractionReport
+    """How each page of a PDF came by its text, or why it has none; "unaccounted"
+    counts pages with no text that no list explains (0 unless the reader is wrong)."""
+    ocr_empty = sum(1 for confidence in report.ocr_confidence if confidence == 0)
+    empty = {index for index, length in enumerate(report.chars_per_page) if not length}
+    explained = set(report.needs_ocr) | set(report.blank_pages) | set(report.unread_pages) | set(report.ocr_pages)
+    return {
+        "pages": report.pages,
+        "text": report.pages - len(empty | set(report.pdfium_pages) | set(report.ocr_pages)),
+        "pdfium": len(report.pdfium_pages),
+        "ocr": len(report.ocr_pages) - ocr_empty,
+        "ocr_found_nothing": ocr_empty,
+        "needs_ocr": len(report.needs_ocr),
+        "blank": len(report.blank_pages),
+        "unread": len(report.unread_pages),
+        "unaccounted": len(empty - explained),
+    }
 
 
 def read_pdf(path: str | Path, *, password: str | None = None, progress: Progress | None = None,
@@ -359,6 +382,9 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         document.pages.append(
             Page(index=index, text=normalized.text, label=labels[index], title=chapter, raw_offsets=normalized.raw_offsets)
         )
+        if raw.strip() and not normalized.text:
+            report.blank_pages.append(index)  # nothing but a running header or page number
+    report.blank_pages.sort()
 
     finish(document, drop_empty=False)
     non_empty = [length for length in report.chars_per_page if length]

@@ -222,6 +222,24 @@ def test_a_locked_pdf_opens_with_its_password_which_is_kept_nowhere(qtbot, home,
     assert b"harbour-7" not in stored and b"wrong-guess" not in stored
 
 
+def test_a_watched_folder_brings_files_in_and_marks_gone_ones_missing(qtbot, home):
+    folder = home / "watched"
+    folder.mkdir()
+    first = write_book(folder, "ledger.txt", SHIPS)
+    window = make_window(qtbot, home)
+    window.watch_folder(str(folder))
+    qtbot.waitUntil(lambda: ready_titles(window) == ["ledger.txt"], timeout=15000)
+    assert str(folder.resolve()) in window._folder_watcher.directories()
+    write_book(folder, "tides.txt", "Tide tables of Valdmere for the year.")
+    qtbot.waitUntil(lambda: len(ready_titles(window)) == 2, timeout=15000)  # seen by the watcher, no rescan asked
+    first.unlink()
+    window.watch_scan_requested.emit()
+    status = lambda: window.library.model.index(window.library.model.row_of_path(str(first.resolve())), LibraryModel.STATUS).data()  # noqa: E731
+    qtbot.waitUntil(lambda: status() == "ready · file missing", timeout=15000)
+    assert "Watched folders:" in window.library.notice.text() and "1 missing: ledger.txt" in window.library.notice.text()
+    close(window)
+
+
 # -- asking ------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from ingest.errors import CorruptDocumentError, EncryptedDocumentError, Unsuppor
 from ingest.readers import read_document
 from ingest.errors import Cancelled
 from ingest.ocr import OcrResult, best_engine
-from ingest.readers.pdf import read_pdf
+from ingest.readers.pdf import page_accounting, read_pdf
 from tests.ingest.builders import RUNNING_HEADER, encrypt_pdf, write_pdf, write_raw_pdf, write_scanned_pdf
 from tests.ingest.conftest import BOOK_PAGES
 
@@ -86,6 +86,15 @@ def test_pages_without_text_need_ocr_where_no_engine_is_installed(tmp_path: Path
     assert document.report.notice() == "2 pages need OCR"
     assert [page.text for page in document.pages] == ["Real text on the first page.", "", "More real text on page three.", ""]
     assert_offsets_consistent(document)
+
+
+def test_every_page_is_accounted_for(tmp_path: Path) -> None:
+    path = write_pdf(tmp_path / "mixed.pdf", [["Typed text."], [], [], ["More text."]], header=None,
+                     footer_numbers=False, scanned=[1])
+    report = read_pdf(path, ocr=None).report
+    assert (report.needs_ocr, report.blank_pages, report.unread_pages) == ([1], [2], [])
+    assert page_accounting(report) == {"pages": 4, "text": 2, "pdfium": 0, "ocr": 0, "ocr_found_nothing": 0,
+                                       "needs_ocr": 1, "blank": 1, "unread": 0, "unaccounted": 0}
 
 
 def test_a_pdf_of_only_pictures_says_why_it_has_no_text(tmp_path: Path) -> None:
