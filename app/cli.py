@@ -5,6 +5,7 @@
     quire bench runtime            speed, memory and quality of the runtime (JSON)
     quire bench gui                event-loop latency of the window while it reads, caches, answers
     quire bench search             full-text search latency over 5,000 generated pages
+    quire bench ocr SOURCE.pdf     OCR pages/s and word error rate on a scan made from a real PDF
     quire bench qa                 real questions on real documents: Quire against RAG (app/cli_qa.py)
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
@@ -122,6 +123,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ingest.bench import bench_search
 
         result = bench_search()
+    elif args.what == "ocr":
+        from ingest.bench_ocr import bench_ocr
+
+        if not args.input:
+            _print_error("bench ocr needs a PDF with a text layer to scan: quire bench ocr SOURCE.pdf [--pages N]")
+            return 2
+        result = bench_ocr(Path(args.input), pages=args.pages, first=args.first_page - 1)
     elif args.what == "runtime":
         from engine.bench import runtime as bench_runtime
 
@@ -240,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search"])
+    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search", "ocr"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
+    bench.add_argument("--pages", type=int, default=1000, help="ocr: pages of SOURCE to scan and read")
+    bench.add_argument("--first-page", type=int, default=1, help="ocr: the first page of SOURCE (1-based)")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
     bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     bench.add_argument("--no-reference", action="store_true", help="skip transformers")

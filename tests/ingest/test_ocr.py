@@ -1,0 +1,58 @@
+"""The OCR module's own parts: Tesseract's TSV read into lines, paragraphs and a
+length-weighted confidence; the OCR benchmark's error rates; the benchmark itself
+on two scanned pages where Tesseract is installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ingest.bench_ocr import bench_ocr, error_rates
+from ingest.ocr import best_engine, parse_tsv
+from tests.ingest.builders import write_pdf
+
+HEADER = "level\tpage_num\tblock_num\tpar_num\tline_num\tword_num\tleft\ttop\twidth\theight\tconf\ttext"
+
+
+def row(level: int, block: int, paragraph: int, line: int, word: int, conf: float, text: str) -> str:
+    return f"{level}\t1\t{block}\t{paragraph}\t{line}\t{word}\t0\t0\t10\t10\t{conf}\t{text}"
+
+
+def test_tsv_becomes_lines_and_paragraphs_with_a_weighted_confidence() -> None:
+    tsv = "\n".join([
+        HEADER,
+        row(1, 0, 0, 0, 0, -1, ""),  # page, block, paragraph and line rows carry no word
+        row(4, 1, 1, 1, 0, -1, ""),
+        row(5, 1, 1, 1, 1, 96, "Harbour"),
+        row(5, 1, 1, 1, 2, 90, "ledger"),
+        row(5, 1, 1, 2, 1, 80, "of"),
+        row(5, 1, 1, 2, 2, 50, " "),  # an empty word is dropped
+        row(5, 2, 1, 1, 1, 40, "tar."),
+    ])
+    result = parse_tsv(tsv)
+    assert result.text == "Harbour ledger\nof\n\ntar."
+    # (7*0.96 + 6*0.90 + 2*0.80 + 4*0.40) / 19
+    assert result.confidence == pytest.approx((7 * 0.96 + 6 * 0.90 + 2 * 0.80 + 4 * 0.40) / 19)
+    assert parse_tsv(HEADER).text == "" and parse_tsv(HEADER).confidence == 0.0
+
+
+def test_error_rates_count_words_out_of_order_and_words_never_read() -> None:
+    assert error_rates("the brig Osprey carried tar", "the brig Osprey carried tar") == (0.0, 0.0)
+    assert error_rates("the brig Osprey carried tar", "the brig 0sprey carried tar") == pytest.approx((0.2, 0.2))
+    # Every word read, one out of order: in order 4 of 5 match, none is missing.
+    assert error_rates("a b c d e", "a b d c e") == (pytest.approx(0.2), 0.0)
+
+
+@pytest.mark.skipif(best_engine() is None, reason="Tesseract is not installed")
+def test_bench_ocr_reads_a_scan_of_typed_pages(tmp_path: Path) -> None:
+    lines = ["The harbour master kept a ledger of every ship that came in to Valdmere,",
+             "with the day it arrived, its cargo, and the name of its captain, for many",
+             "years, until the ledger was lost in the great storm of the autumn."]
+    source = write_pdf(tmp_path / "typed.pdf", [lines, lines[::-1]], header=None, footer_numbers=False)
+    result = bench_ocr(source, pages=2)
+    assert result["pages"] == 2 and result["ocr_pages"] == 2 and result["still_need_ocr"] == 0
+    assert result["scored_pages"] == 2 and result["words_missed"] < 0.15
+    assert result["pages_per_second"] > 0
+    json.dumps(result)  # what quire bench prints
