@@ -137,6 +137,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     ]
     if record.format == "pdf":
         lines.append(f"  read by pypdf:    {report.pages - len(report.pdfium_pages) - len(report.ocr_pages)} pages")
+        if report.blank_pages:
+            lines.append(f"  blank pages:      {_pages_list(report.blank_pages)} (no text, no picture)")
+        if report.unread_pages:
+            lines.append(f"  unreadable pages: {_pages_list(report.unread_pages)} (see the warnings)")
         if report.pdfium_pages:
             lines.append(f"  read by PDFium:   {_pages_list(report.pdfium_pages)} (pypdf failed or found no text)")
         if report.ocr_pages:

@@ -54,6 +54,7 @@ logging.getLogger("pypdf").propagate = False
 SPARSE_FRACTION = 0.1  # a page with under 10% of the median page's characters is sparse …
 SPARSE_MIN_MEDIAN = 200  # … when the median page holds real prose
 MAX_REPORTED_WARNINGS = 20
+PLACEHOLDER_TITLES = {"untitled", "untitled document", "(anonymous)", "anonymous"}
 OCR_WORKERS = os.cpu_count() or 1  # Tesseract processes at once, each on one thread
 
 
@@ -114,7 +115,9 @@ def _metadata(reader: PdfReader, document: Document) -> None:
         return
     if info is None:
         return
-    document.title = (info.title or "").strip() or None
+    title = (info.title or "").strip()
+    # Writers that were given no title fill in a placeholder (reportlab: "untitled").
+    document.title = None if title.lower() in PLACEHOLDER_TITLES else title or None
     document.author = (info.author or "").strip() or None
     try:
         document.date = _date(info.creation_date)

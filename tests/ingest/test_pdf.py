@@ -284,3 +284,9 @@ def test_bench_ingest_reports_both_runs(book_pdf: Path) -> None:
     assert isinstance(result["ratio_to_bare"], float) and result["ratio_to_bare"] > 0
     assert isinstance(result["peak_rss_mib"], float) and 10 < result["peak_rss_mib"] < 1024
     assert isinstance(result["bare_peak_rss_mib"], float) and result["bare_peak_rss_mib"] > 10
+
+
+def test_a_placeholder_title_is_no_title(tmp_path: Path) -> None:
+    # reportlab writes "untitled" where it was given no title; the file name is better.
+    assert read_pdf(write_pdf(tmp_path / "a.pdf", [["Text."]], title="Untitled"), ocr=None).title is None
+    assert read_pdf(write_pdf(tmp_path / "b.pdf", [["Text."]], title="Harbour Ledger"), ocr=None).title == "Harbour Ledger"
