@@ -108,7 +108,7 @@ class LibraryPanel(QWidget):
         header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
         header.setSectionResizeMode(LibraryModel.TITLE, QHeaderView.ResizeMode.Stretch)
         metrics = self.fontMetrics()
-        for column, sample in ((LibraryModel.STATUS, "reading 99%"), (LibraryModel.PAGES, "9,999"),
+        for column, sample in ((LibraryModel.STATUS, "9 pages need OCR"), (LibraryModel.PAGES, "9,999"),
                                (LibraryModel.TOKENS, "999,999"), (LibraryModel.CACHE, "caching 99%")):
             header.resizeSection(column, metrics.horizontalAdvance(sample) + 10)
         self.empty = QLabel("Drop books and PDFs anywhere on this window,\nor use Add… (PDF, EPUB, TXT, MD, HTML, DOCX).")

@@ -216,10 +216,10 @@ class LibraryModel(QAbstractTableModel):
             if row.reading is not None:
                 return f"reading {row.reading:.0%}"
             if record.locked:
-                return "locked: needs its password" if "wrong" not in (record.error or "") else "locked: wrong password"
+                return "locked" if "wrong" not in (record.error or "") else "wrong password"
             if record.status == "failed":
                 return f"failed: {record.error or 'unknown error'}"
-            return f"{record.status} · {row.notice}" if row.notice else record.status
+            return row.notice or record.status  # a ready document's notice says more than "ready"
         if column == self.PAGES:
             return _count(record.pages)
         if column == self.TOKENS:
