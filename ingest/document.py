@@ -25,6 +25,9 @@ class Page:
     # of `text`, when normalisation changed it (ligatures, hyphenation); None when
     # the text is the raw text unchanged. Lets the viewer highlight in the original.
     raw_offsets: list[int] | None = None
+    # Where OCR found each word on the page, in reading order (ingest.ocr.OcrWord);
+    # None for a page with a text layer.
+    ocr_words: list[tuple[str, float, float, float, float]] | None = None
 
     @property
     def end(self) -> int:

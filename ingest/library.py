@@ -137,6 +137,7 @@ class Library:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.db.execute("PRAGMA busy_timeout = 10000")
             self.applied_migrations = apply_migrations(self.db, migrations)
+            self._has_ocr_words = self.db["ocr_words"].exists()  # absent only under a test's older schema
         except sqlite3.DatabaseError as error:
             raise LibraryError(f"{self.path} is not a usable library database: {error}") from error
 
@@ -217,6 +218,17 @@ class Library:
             for row in rows
         ]
 
+    def _drop_ocr_words(self, document_id: int) -> None:
+        if self._has_ocr_words:
+            self.db.execute("DELETE FROM ocr_words WHERE document_id = ?", [document_id])
+
+    def ocr_words(self, document_id: int, page_index: int) -> list[tuple[str, float, float, float, float]]:
+        """Where OCR found each word of a scanned page (empty for a page with a text layer)."""
+        rows = list(self.db.query(
+            "SELECT words_json FROM ocr_words WHERE document_id = ? AND page_index = ?", [document_id, page_index]
+        ))
+        return [tuple(word) for word in json.loads(rows[0]["words_json"])] if rows else []  # type: ignore[misc]
+
     def begin_document(
         self,
         *,
@@ -253,6 +265,7 @@ class Library:
                 if previous.content_hash != content_hash and previous.status == "ready":
                     replaced = (document_id, previous.content_hash)
                 self.db.execute("DELETE FROM pages WHERE document_id = ?", [document_id])
+                self._drop_ocr_words(document_id)
                 self.db["documents"].update(document_id, {**values, "pages": 0, "characters": 0, "tokens": None})
         if replaced:
             self._notify_removed(*replaced)
@@ -279,6 +292,12 @@ class Library:
                 raise LibraryError(f"document {document_id} is '{current.status}', not 'ingesting'")
             self.db.execute("DELETE FROM pages WHERE document_id = ?", [document_id])
             self.db["pages"].insert_all(rows, batch_size=200)
+            self._drop_ocr_words(document_id)
+            self.db["ocr_words"].insert_all(
+                ({"document_id": document_id, "page_index": page.index, "words_json": json.dumps(page.ocr_words)}
+                 for page in document.pages if page.ocr_words),
+                batch_size=200,
+            )
             self.db["documents"].update(document_id, {
                 "format": document.format,
                 "title": document.title,
@@ -307,6 +326,7 @@ class Library:
         with self.db.atomic():
             self.get(document_id)
             self.db.execute("DELETE FROM pages WHERE document_id = ?", [document_id])
+            self._drop_ocr_words(document_id)
             self.db["documents"].update(document_id, {
                 "status": status, "error": error, "pages": 0, "characters": 0, "updated_at": utc_now(),
             })

@@ -23,7 +23,7 @@ import io
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,10 +43,16 @@ class OcrError(RuntimeError):
     """An OCR engine failed on a page (the page stays without text)."""
 
 
+# A word read by OCR and where it lies on the page, in PDF points from the top-left
+# corner: (word, left, top, right, bottom). The viewer highlights with these.
+OcrWord = tuple[str, float, float, float, float]
+
+
 @dataclass
 class OcrResult:
     text: str
     confidence: float  # 0..1, weighted by the length of the words or lines
+    words: list[OcrWord] = field(default_factory=list)  # in reading order
 
 
 class OcrEngine(Protocol):
@@ -99,14 +105,17 @@ class Tesseract:
             raise OcrError(f"tesseract took over {TESSERACT_TIMEOUT_S} s on one page") from error
         if result.returncode != 0:
             raise OcrError(f"tesseract failed: {result.stderr.decode(errors='replace').strip()[:200]}")
-        return parse_tsv(result.stdout.decode("utf-8", errors="replace"))
+        dpi = image.info.get("dpi", (RENDER_DPI, RENDER_DPI))[0] or RENDER_DPI
+        return parse_tsv(result.stdout.decode("utf-8", errors="replace"), points_per_pixel=72 / dpi)
 
 
-def parse_tsv(tsv: str) -> OcrResult:
+def parse_tsv(tsv: str, points_per_pixel: float = 72 / RENDER_DPI) -> OcrResult:
     """Tesseract's TSV (level, page, block, paragraph, line, word, box, conf, text) as
-    text with a line break per line and a blank line per paragraph."""
+    text with a line break per line and a blank line per paragraph, and each word's
+    box in points."""
     lines: dict[tuple[int, int, int], list[str]] = {}
     words: list[tuple[str, float]] = []
+    boxes: list[OcrWord] = []
     for row in tsv.splitlines()[1:]:
         fields = row.split("\t")
         if len(fields) < 12 or fields[0] != "5":
@@ -117,6 +126,8 @@ def parse_tsv(tsv: str) -> OcrResult:
         key = (int(fields[2]), int(fields[3]), int(fields[4]))
         lines.setdefault(key, []).append(text)
         words.append((text, max(0.0, float(fields[10])) / 100))
+        left, top, width, height = (float(value) * points_per_pixel for value in fields[6:10])
+        boxes.append((text, round(left, 1), round(top, 1), round(left + width, 1), round(top + height, 1)))
     out: list[str] = []
     previous: tuple[int, int] | None = None
     for (block, paragraph, _line), line_words in lines.items():
@@ -124,7 +135,7 @@ def parse_tsv(tsv: str) -> OcrResult:
             out.append("")
         out.append(" ".join(line_words))
         previous = (block, paragraph)
-    return OcrResult("\n".join(out), _weighted(words))
+    return OcrResult("\n".join(out), _weighted(words), boxes)
 
 
 def engine_names() -> list[str]:
@@ -170,6 +181,8 @@ def render_page(path: str | Path, index: int, *, password: str | None = None, dp
     try:
         page = document[index]
         bitmap = page.render(scale=dpi / 72, grayscale=True)
-        return bitmap.to_pil()
+        picture = bitmap.to_pil()
+        picture.info["dpi"] = (dpi, dpi)  # so word boxes can be given in points
+        return picture
     finally:
         document.close()

@@ -175,8 +175,22 @@ def m003_watched_folders(db: sqlite_utils.Database) -> None:
     ])
 
 
+def m004_ocr_words(db: sqlite_utils.Database) -> None:
+    # Where OCR found each word of a scanned page (JSON [[word, left, top, right,
+    # bottom], …] in points), so the viewer can highlight a passage on the scan. Kept
+    # apart from `pages`: only OCR'd pages have them, and they are read one page at a time.
+    _run(db, [
+        """CREATE TABLE ocr_words (
+            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            page_index INTEGER NOT NULL,
+            words_json TEXT NOT NULL,
+            PRIMARY KEY (document_id, page_index)
+        )""",
+    ])
+
+
 # Append only. See the module docstring.
-MIGRATIONS: list[Migration] = [m001_initial, m002_evidence_citation, m003_watched_folders]
+MIGRATIONS: list[Migration] = [m001_initial, m002_evidence_citation, m003_watched_folders, m004_ocr_words]
 
 
 def applied_migrations(db: sqlite_utils.Database) -> list[str]:

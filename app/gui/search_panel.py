@@ -345,6 +345,7 @@ class SearchPanel(QWidget):
             page_text=page.text,
             start=start,
             end=end,
+            ocr_words=tuple(self.store.library.ocr_words(record.id, page.index)),
         )
 
     # -- keys --------------------------------------------------------------------

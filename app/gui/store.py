@@ -124,6 +124,7 @@ class LibraryStore:
             page_text=page.text,
             start=start,
             end=end,
+            ocr_words=tuple(self.library.ocr_words(record.id, page.index)),
         )
 
     # -- conversations -----------------------------------------------------------

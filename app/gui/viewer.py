@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, QUrl
@@ -92,6 +92,9 @@ class Passage:
     page_text: str  # the library's extracted, normalised text of that page/section
     start: int  # the passage as offsets into page_text; clamped if out of range
     end: int
+    # A scanned page's words with their boxes in points (ingest.ocr.OcrWord): the
+    # highlight where the PDF has no text layer to find the passage in.
+    ocr_words: tuple[tuple[str, float, float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,31 @@ def locate_span(layer_text: str, page_text: str, start: int, end: int) -> TextMa
             if inside is not None:
                 return TextMatch(around.start + inside.start, around.start + inside.end, inside.complete)
     return locate_passage(layer_text, passage, start / max(len(page_text), 1))
+
+
+def ocr_rects(words: Sequence[tuple[str, float, float, float, float]], page_text: str, start: int,
+              end: int) -> tuple[list[QRectF], bool] | None:
+    """The boxes of the OCR'd words that `page_text[start:end]` was read from, one
+    rectangle per line (words side by side on a line joined), and whether all of the
+    passage matched; None where it is not found among the words."""
+    layer, spans = "", []
+    for word, *_ in words:
+        spans.append((len(layer), len(layer) + len(word)))
+        layer += word + " "
+    match = locate_span(layer, page_text, start, end)
+    if match is None:
+        return None
+    rects: list[QRectF] = []
+    for (first, last), (_, left, top, right, bottom) in zip(spans, words):
+        if last <= match.start or first >= match.end:
+            continue
+        box = QRectF(left, top, right - left, bottom - top)
+        previous = rects[-1] if rects else None
+        if previous is not None and abs(previous.center().y() - box.center().y()) < box.height() / 2:
+            rects[-1] = previous.united(box)
+        else:
+            rects.append(box)
+    return rects, match.complete
 
 
 def _utf16_offset(text: str, index: int) -> int:
@@ -569,7 +597,13 @@ class SourceViewer(QWidget):
         if end > start:
             match = locate_span(layer, passage.page_text, start, end)
         shown = self._document.pageLabel(page) or str(page + 1)
-        if match is None:
+        scanned = ocr_rects(passage.ocr_words, passage.page_text, start, end) if match is None and end > start else None
+        if scanned is not None:
+            self._pdf_rects, complete = scanned
+            self._pdf_highlight_text = passage.page_text[start:end]
+            notes.append("This page is a scan: the highlight is placed from OCR."
+                         + ("" if complete else " Only part of the passage matched the OCR'd words."))
+        elif match is None:
             why = "" if layer.strip() else " (this page has no text layer; it may be a scan)"
             notes.append(f"Passage not found in the PDF's text layer{why}; showing page {shown}.")
         else:

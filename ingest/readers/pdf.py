@@ -273,12 +273,14 @@ def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: st
 
 
 def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: list[str | None], report,  # noqa: ANN001
-               labels: list[str], progress: Progress | None) -> None:
+               labels: list[str], progress: Progress | None) -> dict[int, list]:
     """Read the pages in `report.needs_ocr` with `engine`. Pages are rendered here
     (PDFium is not thread-safe) and read on one thread per core where the engine
     allows it; results are taken in page order, and progress counts them on after
-    the pages already read, so a cancel from `progress` stops within a page or two."""
+    the pages already read, so a cancel from `progress` stops within a page or two.
+    Returns each OCR'd page's word boxes."""
     pages = list(report.needs_ocr)
+    boxes: dict[int, list] = {}
     report.ocr_engine = engine.name
     workers = OCR_WORKERS if getattr(engine, "parallel", False) else 1
     done = len(raw_pages)
@@ -294,6 +296,7 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
             report.warnings.append(f"page {labels[index]}: OCR failed ({error})")
         else:
             raw_pages[index] = result.text
+            boxes[index] = result.words
             report.needs_ocr.remove(index)
             report.ocr_pages.append(index)
             report.ocr_confidence.append(round(result.confidence if result.text.strip() else 0.0, 3))
@@ -313,6 +316,7 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
             for _, future in pending:
                 future.cancel()
             raise
+    return boxes
 
 
 def page_accounting(report) -> dict[str, int]:  # noqa: ANN001 - an ExtractionReport
@@ -365,8 +369,9 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         finally:
             pdfium.close()
         engine = _auto_ocr() if ocr == "auto" else ocr
+        ocr_words: dict[int, list] = {}
         if report.needs_ocr and engine is not None and not isinstance(engine, str):
-            _ocr_pages(path, password, engine, raw_pages, report, labels, progress)
+            ocr_words = _ocr_pages(path, password, engine, raw_pages, report, labels, progress)
         compounds: set[str] = set()
         for text in raw_pages:
             compounds |= inline_compounds(text or "")
@@ -383,7 +388,8 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         normalized = normalize(raw, join_hyphens=True, drop_spans=running[index], keep_compounds=compounds)
         chapter = starts.get(index, chapter)
         document.pages.append(
-            Page(index=index, text=normalized.text, label=labels[index], title=chapter, raw_offsets=normalized.raw_offsets)
+            Page(index=index, text=normalized.text, label=labels[index], title=chapter, raw_offsets=normalized.raw_offsets,
+                 ocr_words=ocr_words.get(index))
         )
         if raw.strip() and not normalized.text:
             report.blank_pages.append(index)  # nothing but a running header or page number

@@ -234,7 +234,7 @@ def test_m002_upgrades_a_library_created_with_m001_only(tmp_path):
         old.remove(gone)
 
     with Library(path) as upgraded:
-        assert upgraded.applied_migrations == ["m002_evidence_citation", "m003_watched_folders"]
+        assert upgraded.applied_migrations == ["m002_evidence_citation", "m003_watched_folders", "m004_ocr_words"]
         assert applied_migrations(upgraded.db) == [m.__name__ for m in MIGRATIONS]
         assert {"title", "page_label"} <= set(upgraded.db["evidence"].columns_dict)
         conversations = Conversations(upgraded)

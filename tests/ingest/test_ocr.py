@@ -56,3 +56,40 @@ def test_bench_ocr_reads_a_scan_of_typed_pages(tmp_path: Path) -> None:
     assert result["scored_pages"] == 2 and result["words_missed"] < 0.15
     assert result["pages_per_second"] > 0
     json.dumps(result)  # what quire bench prints
+
+
+def test_tsv_words_carry_their_boxes_in_points() -> None:
+    tsv = "\n".join([HEADER, "5\t1\t1\t1\t1\t1\t300\t150\t600\t75\t91\tHarbour"])
+    [word] = parse_tsv(tsv, points_per_pixel=72 / 300).words
+    assert word == ("Harbour", 72.0, 36.0, 216.0, 54.0)
+
+
+def test_a_passage_on_a_scan_is_highlighted_from_the_ocr_boxes() -> None:
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from app.gui.viewer import ocr_rects
+
+    words = [("The", 40, 50, 60, 60), ("brig", 64, 50, 90, 60), ("Osprey", 94, 50, 140, 60),
+             ("carried", 40, 66, 80, 76), ("tar.", 84, 66, 104, 76)]
+    page_text = "The brig Osprey\ncarried tar."
+    start = page_text.index("Osprey")
+    rects, complete = ocr_rects(words, page_text, start, page_text.index("tar.") + 4)
+    assert complete
+    # One rectangle per line: "Osprey" alone on the first, "carried tar." joined on the second.
+    assert [(r.left(), r.top(), r.right(), r.bottom()) for r in rects] == [(94, 50, 140, 60), (40, 66, 104, 76)]
+    assert ocr_rects(words, "Nothing like it at all on this page", 0, 20) is None
+
+
+@pytest.mark.skipif(best_engine() is None, reason="Tesseract is not installed")
+def test_tesseract_boxes_land_where_the_words_were_typed(tmp_path: Path) -> None:
+    from ingest.readers.pdf import read_pdf
+    from tests.ingest.builders import write_scanned_pdf
+
+    lines = ["The harbour master kept a ledger of ships.", "The brig Osprey arrived on the ninth of March"]
+    document = read_pdf(write_scanned_pdf(tmp_path / "scan.pdf", [lines]))
+    words = document.pages[0].ocr_words
+    osprey = next(word for word in words if word[0] == "Osprey")
+    # write_pdf sets the second line's baseline 75 pt below the top of the page, at x = 40 pt.
+    _, left, top, right, bottom = osprey
+    assert 60 < top < bottom < 80 and 40 < left < right < 300
