@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -110,6 +111,20 @@ class Collection:
     name: str
     created_at: str
     document_ids: list[int]
+
+
+_TERMS = re.compile(r'"([^"]*)"|(\S+)')
+
+
+def fts_query(text: str) -> str:
+    """What a person typed as an FTS5 query: every word required, anywhere on the
+    page, and "words in quotes" as a phrase. Each term is quoted, so a user's
+    hyphens, colons or `OR` are searched for, never parsed as query syntax."""
+    terms = []
+    for match in _TERMS.finditer(text):
+        phrase, word = match.groups()
+        terms.append(phrase if phrase is not None else word)
+    return " ".join(fts_phrase(term.strip()) for term in terms if term.strip()) or fts_phrase(text)
 
 
 def fts_phrase(phrase: str) -> str:
@@ -386,12 +401,13 @@ class Library:
         context_tokens: int = 16,
         document_ids: Iterable[int] | None = None,
     ) -> list[SearchHit]:
-        """Pages containing `phrase` (words in this order, case and accents ignored),
-        best first, each with a snippet where the match is wrapped in `mark`."""
+        """Pages containing every word of `phrase` ("quoted words" as a phrase; case
+        and accents ignored), best first, each with a snippet where the matches are
+        wrapped in `mark`."""
         if not phrase.strip():
             raise LibraryError("nothing to search for: the phrase is empty")
         scope = ""
-        params: list[object] = [mark[0], mark[1], max(1, min(context_tokens, 64)), fts_phrase(phrase)]
+        params: list[object] = [mark[0], mark[1], max(1, min(context_tokens, 64)), fts_query(phrase)]
         if document_ids is not None:
             ids = [int(document_id) for document_id in document_ids]
             if not ids:
@@ -420,7 +436,8 @@ class Library:
                 path=row["path"],
                 page_index=row["page_index"],
                 page_label=row["label"],
-                snippet=row["snippet"],
+                # Words matched side by side read as one mark: "[white whale]".
+                snippet=row["snippet"].replace(f"{mark[1]} {mark[0]}", " "),
                 rank=row["rank"],
             )
             for row in rows

@@ -5,8 +5,8 @@ snippet with the matched words in bold. Typing searches after a short pause, Ent
 at once; Down moves into the list, and Enter or a double-click on a hit opens its
 page in the source viewer with the match highlighted.
 
-The search is `Library.search` (SQLite FTS5, one phrase: the words in this order,
-case and accents ignored), run through the window's `LibraryStore` connection on
+The search is `Library.search` (SQLite FTS5: every word, anywhere on the page;
+"quoted words" as a phrase; case and accents ignored), run through the window's `LibraryStore` connection on
 the GUI thread: over 5,000 pages it takes a few milliseconds (`quire bench search`,
 ingest/bench.py), far under the 100 ms a keystroke may cost, so a worker round
 trip would only add latency.
@@ -69,7 +69,7 @@ ELLIPSIS = "…"  # what Library.search puts where a snippet cuts the page
 # Title line plus three lines of snippet: a hit on an index page (all dot leaders
 # and numbers) must not fill the list.
 ROW_LINES = 4
-HINT = "Type words to find the pages that contain them (the words in this order; case and accents are ignored)."
+HINT = 'Type words to find the pages that contain them all ("quotes" for an exact phrase; case and accents are ignored).'
 
 Index = QModelIndex | QPersistentModelIndex
 

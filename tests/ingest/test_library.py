@@ -124,9 +124,13 @@ def test_search_marks_the_phrase_and_finds_its_page(library):
     first = add(library, "a.txt", "nothing here", "the white whale swam past the Pequod", content_hash="h1", title="Moby")
     second = add(library, "b.txt", "A whale, white as snow; Café society.", content_hash="h2", title="Other", labels=["7"])
 
-    hits = library.search("white whale")
+    hits = library.search('"white whale"')  # quoted: the words in this order
     assert [(hit.document_id, hit.title, hit.page_index, hit.page_label) for hit in hits] == [(first, "Moby", 1, None)]
     assert hits[0].snippet == "the [white whale] swam past the Pequod"
+    # Unquoted: every word, anywhere on the page.
+    assert {hit.document_id for hit in library.search("white whale")} == {first, second}
+    assert [hit.document_id for hit in library.search("whale snow")] == [second]
+    assert [hit.document_id for hit in library.search('snow "white whale"')] == []
 
     # Case and accents are ignored; marks are configurable.
     hits = library.search("CAFE", mark=("<b>", "</b>"))
