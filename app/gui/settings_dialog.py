@@ -1,13 +1,16 @@
-"""Settings: model (an installed one, or a GGUF file or model folder picked on
-disk), device, cache location and precision, answer length, and the theme. Every
+"""Settings: model (an installed one, a GGUF that Ollama, LM Studio or the Hugging
+Face cache already holds, or a GGUF file or model folder picked on disk), device, cache location and precision, answer length, and the theme. Every
 field starts at a working default, so the first run needs no visit here.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
+    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDialog,
@@ -15,13 +18,20 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QHeaderView,
+    QLabel,
     QLineEdit,
     QPushButton,
     QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
     QWidget,
 )
 
 from app.settings import DEVICES, PRECISIONS, THEMES, AppSettings
+
+if TYPE_CHECKING:
+    from engine.model_discovery import FoundModel
 
 DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA (NVIDIA GPU)", "mps": "MPS (Apple GPU, torch)", "mlx": "MLX (Apple Silicon)"}
 
@@ -35,8 +45,21 @@ def installed_model_names() -> list[str]:
         return []
 
 
+def found_models() -> list[FoundModel]:
+    """GGUFs other tools downloaded (engine.model_discovery.FoundModel): headers only,
+    milliseconds a file."""
+    try:
+        from engine.model_discovery import find_models
+
+        return find_models()
+    except Exception:  # noqa: BLE001 — an unreadable store must not block the dialog
+        return []
+
+
 class SettingsDialog(QDialog):
-    def __init__(self, settings: AppSettings, parent=None, *, models: list[str] | None = None) -> None:
+    def __init__(
+        self, settings: AppSettings, parent=None, *, models: list[str] | None = None, found: list[FoundModel] | None = None
+    ) -> None:
         super().__init__(parent)
         self.setWindowTitle("Quire Settings")
         self.original = settings
@@ -49,10 +72,12 @@ class SettingsDialog(QDialog):
         for name in models if models is not None else installed_model_names():
             if name != DEFAULT_MODEL:
                 self.model.addItem(name, name)
+        self.found = found_models() if found is None else found
         if settings.model:
             index = self.model.findData(settings.model)
             if index < 0:
-                self.model.addItem(settings.model, settings.model)
+                known = next((m for m in self.found if str(m.path) == settings.model), None)
+                self.model.addItem(f"{known.name} ({known.source})" if known else settings.model, settings.model)
                 index = self.model.count() - 1
             self.model.setCurrentIndex(index)
         pick_file = QPushButton("GGUF file…")
@@ -63,6 +88,7 @@ class SettingsDialog(QDialog):
         model_row.addWidget(self.model, 1)
         model_row.addWidget(pick_file)
         model_row.addWidget(pick_folder)
+        self.found_list = self._found_list()
 
         self.device = QComboBox()
         for device in DEVICES:
@@ -95,6 +121,7 @@ class SettingsDialog(QDialog):
 
         form = QFormLayout(self)
         form.addRow("Model", self._row(model_row))
+        form.addRow("On this machine", self.found_list)
         form.addRow("Device", self.device)
         form.addRow("Cache folder", self._row(cache_row))
         form.addRow("Cache precision", self.precision)
@@ -108,6 +135,57 @@ class SettingsDialog(QDialog):
         buttons.rejected.connect(self.reject)
         buttons.button(QDialogButtonBox.StandardButton.RestoreDefaults).clicked.connect(self._restore_defaults)
         form.addRow(buttons)
+
+    def _found_list(self) -> QWidget:
+        """The GGUFs other tools downloaded; picking a loadable one makes it the model
+        (converted into Quire's data folder on first use, the GGUF left where it is)."""
+        from app.gui.main import cache_size
+
+        if not self.found:
+            label = QLabel("No models from Ollama, LM Studio or the Hugging Face cache")
+            label.setEnabled(False)
+            return label
+        tree = QTreeWidget()
+        tree.setHeaderLabels(["Model", "From", "Family", "Size", "Quant", "Quire can load it"])
+        tree.setRootIsDecorated(False)
+        tree.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        for found in self.found:
+            family = found.family or found.architecture or "?"
+            size = cache_size(found.size) + (f" · {found.size_label}" if found.size_label else "")
+            item = QTreeWidgetItem([found.name, found.source, family, size, found.quantisation,
+                                    "yes" if found.loadable else f"no: {found.reason}"])
+            item.setData(0, Qt.ItemDataRole.UserRole, str(found.path))
+            item.setToolTip(0, str(found.path))
+            item.setToolTip(5, "yes" if found.loadable else found.reason)
+            if not found.loadable:
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsSelectable)
+                for column in range(tree.columnCount()):
+                    item.setForeground(column, self.palette().placeholderText())
+            tree.addTopLevelItem(item)
+        header = tree.header()
+        header.setStretchLastSection(True)
+        for column in range(5):
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
+        # Wide enough for every column but the reason, which elides (whole in its tooltip).
+        tree.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        tree.setTextElideMode(Qt.TextElideMode.ElideRight)
+        widths = sum(tree.sizeHintForColumn(column) for column in range(5))
+        tree.setMinimumWidth(min(widths + 220, 1000))
+        rows = min(len(self.found), 5)
+        tree.setFixedHeight(header.sizeHint().height() + rows * tree.sizeHintForRow(0) + 2 * tree.frameWidth() + 4)
+        tree.itemClicked.connect(self._use_found)
+        return tree
+
+    def _use_found(self, item: QTreeWidgetItem) -> None:
+        path = item.data(0, Qt.ItemDataRole.UserRole)
+        found = next((m for m in self.found if str(m.path) == path), None)
+        if found is None or not found.loadable:
+            return
+        index = self.model.findData(path)
+        if index < 0:
+            self.model.addItem(f"{found.name} ({found.source})", path)
+            index = self.model.count() - 1
+        self.model.setCurrentIndex(index)
 
     @staticmethod
     def _row(layout) -> QWidget:
