@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -29,9 +30,14 @@ def open_engine(args: argparse.Namespace):
     from engine.corpus.engine import Engine
     from engine.runtime import DEFAULT_MODEL, load_model
 
-    model = load_model(args.model or DEFAULT_MODEL, backend=getattr(args, "backend", None) or "auto")
+    from engine.reader import make_reader
+
+    backend = getattr(args, "backend", None) or "auto"
+    model = load_model(args.model or DEFAULT_MODEL, backend=backend)
     cache = CacheSettings(precision=getattr(args, "precision", None) or "int8")
-    return Engine(model, cache_settings=cache)
+    reader = make_reader(getattr(args, "reader", None) or "", api_key=getattr(args, "reader_key", None) or "",
+                         backend=backend)
+    return Engine(model, cache_settings=cache, reader=reader)
 
 
 def _print_build_progress(progress: BuildProgress) -> None:
@@ -247,6 +253,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="auto: MLX on Apple Silicon where installed, else torch (the cache is shared)")
     ask.add_argument("--precision", choices=["int8", "int4", "fp16"])
     ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--reader", help="who writes the answer: a second local model (name, .gguf or folder) or "
+                     "URL/MODEL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1/qwen2.5:7b")
+    ask.add_argument("--reader-key", default=os.environ.get("QUIRE_READER_KEY", ""),
+                     help="API key of the reader's server (default: $QUIRE_READER_KEY)")
     ask.add_argument("--json", action="store_true", help="evidence and statistics as JSON")
     ask.set_defaults(func=cmd_ask)
 

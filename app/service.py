@@ -188,10 +188,16 @@ class LocalEngine:
         backend, self.device = resolve_device(settings.device)
         self.model = load_model(settings.model_spec(), backend=backend, device=self.device)
         self.model_name = self.model.folder.name
+        from engine.reader import make_reader
+
+        self.reader = make_reader(settings.reader, api_key=settings.reader_api_key, backend=backend, device=self.device)
+        if self.reader is not None:
+            self.model_name = f"{self.model_name} + {self.reader.name}"
         self.engine = Engine(
             self.model,
             cache_root=settings.cache_root(),
             cache_settings=settings.cache_settings(),
+            reader=self.reader,
         )
 
     def is_cached(self, document: CorpusDocument) -> bool:
@@ -249,6 +255,7 @@ class LocalEngine:
     def settings_summary(self) -> dict:
         return {
             "model": self.model_name,
+            "reader": self.reader.name if self.reader is not None else None,
             "device": self.device,
             "backend": self.model.backend,
             "precision": self.settings.precision,

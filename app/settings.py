@@ -28,6 +28,11 @@ THEMES = ("system", "light", "dark")
 @dataclass(frozen=True)
 class AppSettings:
     model: str = ""  # installed model name, .gguf file or model folder; "" = the default model
+    # Who writes answers from the chosen passages (engine/reader.py): "" = the model
+    # above; a model name, .gguf or folder = a second local model; URL/v1/MODEL = a
+    # model on an OpenAI-compatible server (Ollama, vLLM, LM Studio, llama.cpp).
+    reader: str = ""
+    reader_api_key: str = ""
     device: str = "auto"
     cache_dir: str = ""  # "" = <data dir>/cache
     precision: str = "int8"

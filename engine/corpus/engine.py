@@ -59,6 +59,7 @@ from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
 from engine.generate import GenerationStats, SamplingParams, Token, prefill
 from engine.paths import data_dir
+from engine.reader import LocalReader, Reader
 from engine.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,12 @@ class Engine:
         cache_root: Path | None = None,
         cache_settings: CacheSettings | None = None,
         read_cached: bool = False,
+        reader: Reader | None = None,
     ) -> None:
         self.model = model
+        # Who writes answers and summaries from the chosen passages (engine/reader.py):
+        # the cache's own model unless another is given.
+        self.reader: Reader = reader if reader is not None else LocalReader(model)
         # Whether `ask` reads cached passages' keys and values instead of prefilling
         # their text: faster to the first token, not yet shown as good (see
         # _read_cached); off by default, measured as bench qa's "quire-cache".
@@ -274,7 +279,7 @@ class Engine:
         """A summary of the document (or of pages first_page..last_page, 1-based), its
         points citing the parts they came from; TaskProgress with an ETA as it reads."""
         params = replace(params or SamplingParams(max_new_tokens=400), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
-        return tasks.summarise(self.model, document, params, first_page=first_page, last_page=last_page, cancel=cancel)
+        return tasks.summarise(self.reader, document, params, first_page=first_page, last_page=last_page, cancel=cancel)
 
     def compare(self, documents: list[CorpusDocument], topic: str, params: SamplingParams | None = None, *,
                 cancel: Callable[[], bool] | None = None) -> Iterator[Token | Evidence | AskStats]:
@@ -360,7 +365,7 @@ class Engine:
             sources = self.balanced_sources(documents, question, per_document)
         else:
             sources = self.choose_sources(documents, question, history=history)
-        history = recent_turns(history, HISTORY_TOKENS, lambda text: len(self.model.tokenizer.encode(text)))
+        history = recent_turns(history, HISTORY_TOKENS, self.reader.count_tokens)
         _, _, manifests, lowered = self._passages  # set by choose_sources
         memory_tokens = sum(m.tokens for m in manifests if m is not None)
         # A question about a name the documents never mention is not answered from
@@ -387,12 +392,14 @@ class Engine:
             yield AskStats(finish_reason="cancelled")
             return
         if read is None:
-            prompt, cache, logits = self.model.encode_chat(grounded_messages(question, sources, history)), None, None
+            tokens = self.reader.chat(grounded_messages(question, sources, history), params, cancel=cancel,
+                                      stats=generation)
         else:
             prompt, cache, logits = read
+            tokens = self.model.stream(prompt, params, cancel=cancel, stats=generation, cache=cache, logits=logits)
         context_seconds = time.perf_counter() - started
         answer = ""
-        for token in self.model.stream(prompt, params, cancel=cancel, stats=generation, cache=cache, logits=logits):
+        for token in tokens:
             answer += token.text
             yield token
         # Inline [n] where the model wrote them, else the passages the answer's
@@ -400,7 +407,7 @@ class Engine:
         cited = citations(answer, sources) or attribute(answer, sources)
         yield from self._passage_evidence(sources, documents, cited)
         yield AskStats(
-            prompt_tokens=len(prompt),
+            prompt_tokens=generation.prompt_tokens,
             memory_tokens=memory_tokens,
             generated_tokens=generation.generated_tokens,
             time_to_first_token=context_seconds + generation.time_to_first_token,
@@ -408,7 +415,7 @@ class Engine:
             retrieval_seconds=retrieval_seconds,
             passages_read=len(sources),
             passages_from_cache=len(sources) if read is not None else 0,
-            context_tokens=len(prompt),
+            context_tokens=generation.prompt_tokens,
             citations=len(cited),
             unsupported_citations=sum(not c.supported for c in cited),
             not_found=says_not_found(answer),
@@ -455,7 +462,9 @@ class Engine:
         own segment, not after the passages before it (docs/BENCHMARKS.md).
         A passage's tokens are those starting inside its characters, plus the one
         its first word begins in."""
-        place = getattr(self.memory, "append_stored", None) if self.read_cached else None
+        # Stored keys and values are the cache model's own: only it can read them.
+        own = isinstance(self.reader, LocalReader) and self.reader.model is self.model
+        place = getattr(self.memory, "append_stored", None) if self.read_cached and own else None
         manifests = self._passages[2] if self._passages is not None else []
         if place is None or not sources or any(manifests[s.entry] is None for s in sources):
             return None

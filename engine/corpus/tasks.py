@@ -247,7 +247,7 @@ def _label_span(document: CorpusDocument, start: int, end: int) -> str | None:
     return first if first == last else f"{first}–{last}"
 
 
-def summarise(model, document: CorpusDocument, params, *, first_page: int | None = None, last_page: int | None = None,
+def summarise(reader, document: CorpusDocument, params, *, first_page: int | None = None, last_page: int | None = None,
               cancel: Callable[[], bool] | None = None):
     """Map the page range part by part into notes and give the notes, in order, each
     citing its part; where they outgrow COMBINE_TOKENS, groups of consecutive notes
@@ -270,15 +270,14 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
     stats = TaskStats("summarise", documents=1, characters_read=hi - lo, parts=len(spans))
     note_params = replace(params, max_new_tokens=NOTE_TOKENS, no_repeat_ngram=params.no_repeat_ngram or 6)
     notes: list[_Note] = []
-    count = model.tokenizer.encode
+    count = reader.count_tokens
     stream_now = len(spans) * NOTE_TOKENS <= COMBINE_TOKENS  # the notes will be the result as they are
     title = f"**{document.title}**" + (f", pages {_label_span(document, lo, hi)}" if document.pages else "")
 
     def generate(messages, sampling) -> str:
-        ids = model.encode_chat(messages)
-        stats.prompt_tokens += len(ids)
         generation = GenerationStats()
-        text = "".join(t.text for t in model.stream(ids, sampling, cancel=cancel, stats=generation))
+        text = "".join(t.text for t in reader.chat(messages, sampling, cancel=cancel, stats=generation))
+        stats.prompt_tokens += generation.prompt_tokens
         stats.generated_tokens += generation.generated_tokens
         return _whole_sentences(text)
 
@@ -301,10 +300,10 @@ def summarise(model, document: CorpusDocument, params, *, first_page: int | None
     # Combine a level up while the notes do not fit one prompt.
     level = notes
     levels = 1
-    while not cancelled and len(level) > 1 and sum(len(count(n.text)) for n in level) > COMBINE_TOKENS:
+    while not cancelled and len(level) > 1 and sum(count(n.text) for n in level) > COMBINE_TOKENS:
         groups, group, used = [], [], 0
         for note in level:
-            size = len(count(note.text))
+            size = count(note.text)
             if group and used + size > COMBINE_TOKENS:
                 groups.append(group)
                 group, used = [], 0

@@ -81,6 +81,16 @@ class ScriptedModel:
         self.prompts.append(messages)
         return list(range(sum(len(m["content"].split()) for m in messages)))
 
+    # The reader's side (engine/reader.py): chat messages in, tokens out.
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def chat(self, messages, params, cancel=None, stats=None):
+        ids = self.encode_chat(messages)
+        if stats is not None:
+            stats.prompt_tokens = len(ids)
+        return self.stream(ids, params, cancel=cancel, stats=stats)
+
     def stream(self, ids, params, cancel=None, stats=None):
         user = self.prompts[-1][-1]["content"]
         if user.startswith("Notes on consecutive"):
