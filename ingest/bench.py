@@ -183,7 +183,8 @@ def bench_search(
         "frequent word": vocabulary[0],
         "middling word": vocabulary[100],
         "rare word": vocabulary[3000],
-        "phrase": PLANTED_PHRASE,
+        "two words": PLANTED_PHRASE,
+        "phrase": f'"{PLANTED_PHRASE}"',
         "absent word": "zzyzx",
     }
     result: dict[str, object] = {"pages": pages, "documents": -(-pages // pages_per_document), "words_per_page": words_per_page,
