@@ -11,6 +11,7 @@
     quire add|list|show|remove|search   the library (app/cli_library.py)
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
     quire doctor [--json]          what a support request needs, PASS/WARN/FAIL (app/cli_doctor.py)
+    quire serve                    the library behind an OpenAI-compatible HTTP API (app/cli_serve.py)
     quire gui                      the desktop app
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
@@ -332,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli_doctor import register as register_doctor
 
     register_doctor(sub)
+
+    from app.cli_serve import register as register_serve
+
+    register_serve(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
