@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 LIBRARY_MODELS = ("quire", "quire-library")
+# The model alone, without the library: the messages go to it as they are (system
+# messages and all). For another program — or another Quire, as its reader
+# (engine/reader.py) — that wants Quire's model and not its documents.
+MODEL_ALONE = "quire-model"
 COLLECTION_PREFIX = "quire/collection/"
 DOCUMENTS_PREFIX = "quire/docs/"
 SOURCES_HEADING = "\n\nSources:\n"
@@ -108,7 +112,10 @@ def _unknown_model(model: str) -> ApiError:
 
 
 def resolve_scope(library: Library, model: str) -> list[int] | None:
-    """The document ids a model name asks over (None: every ready document)."""
+    """The document ids a model name asks over (None: every ready document; [] for
+    the model alone)."""
+    if model == MODEL_ALONE:
+        return []
     if model in LIBRARY_MODELS:
         return None
     if model.startswith(COLLECTION_PREFIX):
@@ -143,7 +150,8 @@ def _epoch(iso: str) -> int:
 
 def list_models(library: Library) -> list[dict]:
     """The library as a model, then one model per collection, in OpenAI's shape."""
-    models = [{"id": LIBRARY_MODELS[0], "object": "model", "created": 0, "owned_by": "quire"}]
+    models = [{"id": LIBRARY_MODELS[0], "object": "model", "created": 0, "owned_by": "quire"},
+              {"id": MODEL_ALONE, "object": "model", "created": 0, "owned_by": "quire"}]
     for collection in library.collections():
         models.append({
             "id": COLLECTION_PREFIX + collection.name, "object": "model",
@@ -163,6 +171,7 @@ class ChatRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    messages: list[dict] = field(default_factory=list)  # as sent, text only: for MODEL_ALONE
 
 
 def _content_text(content: object, index: int) -> str:
@@ -232,9 +241,11 @@ def parse_chat_request(body: bytes, default_max_tokens: int) -> ChatRequest:
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise ApiError(HTTPStatus.BAD_REQUEST, "'max_tokens' must be a positive integer", param="max_tokens")
     options = payload.get("stream_options") or {}
+    plain = [{"role": m["role"], "content": _content_text(m.get("content"), i)} for i, m in enumerate(messages)
+             if m["role"] in ("system", "user", "assistant")]
     return ChatRequest(
         model=model, question=question, history=history, max_tokens=max_tokens, stream=bool(payload.get("stream")),
-        include_usage=isinstance(options, dict) and bool(options.get("include_usage")),
+        include_usage=isinstance(options, dict) and bool(options.get("include_usage")), messages=plain,
     )
 
 
@@ -261,6 +272,7 @@ class AnswerJob:
     document_ids: list[int] | None
     max_tokens: int
     history: list[Turn] = field(default_factory=list)
+    messages: list[dict] | None = None  # the model alone: these messages, no library
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -338,8 +350,12 @@ class AnswerQueue:
 
     def _answer(self, job: AnswerJob, library: Library) -> None:
         try:
-            documents = scope_documents(library, job.document_ids)
-            for event in self.engine.ask(job.question, documents, job.max_tokens, job.cancelled.is_set, job.history):
+            if job.messages is not None:
+                events = self.engine.chat(job.messages, job.max_tokens, job.cancelled.is_set)
+            else:
+                documents = scope_documents(library, job.document_ids)
+                events = self.engine.ask(job.question, documents, job.max_tokens, job.cancelled.is_set, job.history)
+            for event in events:
                 job.events.put(event)
         except Exception as error:  # noqa: BLE001 — one failed answer must not stop the server
             log.exception("the answer failed")
@@ -557,7 +573,8 @@ class _Handler(BaseHTTPRequestHandler):
         request = parse_chat_request(body, quire.max_tokens)
         with Library(quire.library_path) as library:
             document_ids = resolve_scope(library, request.model)
-        job = AnswerJob(request.question, document_ids, request.max_tokens, request.history)
+        job = AnswerJob(request.question, document_ids, request.max_tokens, request.history,
+                        messages=request.messages if request.model == MODEL_ALONE else None)
         quire.answers.submit(job)
         try:
             if request.stream:

@@ -48,6 +48,10 @@ class AnswerEngine(Protocol):
         history: Sequence[Turn] = (),
     ) -> Iterator[AskEvent]: ...
 
+    def chat(self, messages: list[dict], max_tokens: int, cancel: Callable[[], bool] | None) -> Iterator[AskEvent]:
+        """The reader alone on chat messages, no library: tokens, then AskStats."""
+        ...
+
     def run_task(
         self, task: str, documents: list[CorpusDocument], options: dict, max_tokens: int, cancel: Callable[[], bool] | None
     ) -> Iterator[AskEvent]: ...
@@ -218,12 +222,15 @@ class LocalEngine:
             yield from self.engine.ask(question, documents, params, history=history, cancel=cancel)
             return
         # An empty library or scope: the model alone, said plainly in the stats.
-        stats = GenerationStats()
         messages = []
         for turn in recent_turns(list(history), HISTORY_TOKENS, self.count_tokens):
             messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
         messages.append({"role": "user", "content": question})
-        yield from self.model.chat(messages, params, cancel=cancel, stats=stats)
+        yield from self.chat(messages, max_tokens, cancel)
+
+    def chat(self, messages, max_tokens, cancel) -> Iterator[AskEvent]:
+        stats = GenerationStats()
+        yield from self.engine.reader.chat(messages, SamplingParams(max_new_tokens=max_tokens), cancel=cancel, stats=stats)
         yield AskStats(
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generated_tokens,

@@ -10,7 +10,10 @@ import threading
 import pytest
 
 from engine.generate import GenerationStats, SamplingParams
+from engine.paths import models_dir
 from engine.reader import ReaderError, RemoteReader, RemoteSpec, make_reader
+
+SMALL_MODEL = models_dir() / "smollm2-135m-instruct"  # resolved before a test moves QUIRE_HOME
 
 
 def test_a_remote_reader_is_named_url_slash_model() -> None:
@@ -48,3 +51,87 @@ def test_a_server_that_never_answers_times_out() -> None:
         reader = RemoteReader(f"http://127.0.0.1:{port}/v1/m", timeout=0.5)
         with pytest.raises(ReaderError, match=r"did not answer within 0.5 s"):
             ask(reader)
+
+
+# -- against a real server: `quire serve` --------------------------------------------
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """`quire serve` on a free port over an empty library, a scripted engine behind it."""
+    from app.server import QuireServer
+    from tests.gui.fakes import ScriptedEngine
+
+    monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
+    engine = ScriptedEngine(pieces=("Elspeth ", "Varga ", "kept ", "it [1]."))
+    server = QuireServer(engine, port=0, api_key="k3y").start()
+    try:
+        yield server, engine
+    finally:
+        server.close()
+
+
+def test_quire_model_writes_from_the_messages_as_sent(served) -> None:
+    server, engine = served
+    reader = RemoteReader(f"{server.url}/quire-model", api_key="k3y", timeout=30)
+    stats = GenerationStats()
+    messages = [{"role": "system", "content": "Answer from the passages."}, {"role": "user", "content": "Who kept it?"}]
+    text = "".join(t.text for t in reader.chat(messages, SamplingParams(max_new_tokens=16), stats=stats))
+    assert text == "Elspeth Varga kept it [1]."
+    assert engine.chats == [messages]  # the system message too: the model alone reads them as they are
+    assert stats.generated_tokens == 4 and stats.prompt_tokens == 7 and stats.finish_reason == "stop"
+    reader.check()
+
+
+def test_a_wrong_model_or_key_is_one_line(served) -> None:
+    server, _ = served
+    with pytest.raises(ReaderError, match=r"has no model 'qwen2.5:7b' \(it has: quire, quire-model\)"):
+        ask(RemoteReader(f"{server.url}/qwen2.5:7b", api_key="k3y", timeout=30))
+    with pytest.raises(ReaderError, match="refused the API key"):
+        ask(RemoteReader(f"{server.url}/quire-model", api_key="wrong", timeout=30))
+
+
+def test_quire_chooses_the_passages_and_the_remote_reader_writes(served, tmp_path) -> None:
+    from engine.bench.niah import collect_answer
+    from engine.corpus.engine import Engine
+    from engine.runtime import load_model
+    from tests.corpus.test_engine import FACT, QUESTION, island_document
+
+    if not SMALL_MODEL.is_dir():
+        pytest.skip("smollm2-135m-instruct is not installed (quire models install)")
+    server, remote = served
+    engine = Engine(load_model(SMALL_MODEL, threads=1), cache_root=tmp_path / "cache",
+                    reader=RemoteReader(f"{server.url}/quire-model", api_key="k3y", timeout=30))
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [island_document(sentences=40)],
+                                                        SamplingParams(max_new_tokens=16)))
+    assert answer == "Elspeth Varga kept it [1]."
+    # The remote model was sent Quire's grounded prompt: the numbered passages, the fact among them.
+    sent = "\n".join(m["content"] for m in remote.chats[-1])
+    assert "Passage 1 (" in sent and FACT in sent and QUESTION in sent
+    # Evidence and citations work as with the local reader: passage 1 is cited.
+    assert [e.number for e in evidence if e.cited] == [1]
+    assert any(FACT in e.text for e in evidence)
+    assert stats.passages_read == len(evidence) and stats.prompt_tokens > 0
+
+
+def test_settings_check_the_reader_off_the_window_thread(served, qtbot) -> None:
+    import os
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from app.gui.settings_dialog import SettingsDialog
+    from app.settings import AppSettings
+
+    server, _ = served
+    dialog = SettingsDialog(AppSettings(), models=["smollm2-135m-instruct"], found=[])
+    qtbot.addWidget(dialog)
+    dialog.reader.setText(f"{server.url}/quire-model")
+    dialog.reader_key.setText("k3y")
+    dialog._check_reader()
+    qtbot.waitUntil(lambda: dialog.reader_status.text().startswith("✓"), timeout=10000)
+    assert dialog.reader_status.text() == f"✓ quire-model at {server.url} answers."
+    dialog.reader.setText(f"{server.url}/nope")
+    dialog._check_reader()
+    qtbot.waitUntil(lambda: dialog.reader_status.text().startswith("✗"), timeout=10000)
+    assert "has no model 'nope'" in dialog.reader_status.text()
+    chosen = dialog.chosen()
+    assert (chosen.reader, chosen.reader_api_key) == (f"{server.url}/nope", "k3y")

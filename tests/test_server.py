@@ -99,7 +99,7 @@ BOTH = expected_sources(("harbour.txt", HARBOUR), ("mill.txt", MILL))
 def test_models_are_the_library_and_its_collections(documents):
     with serving(ScriptedEngine()) as server:
         models = client(server).models.list()
-        assert [m.id for m in models.data] == ["quire", "quire/collection/Harbours"]
+        assert [m.id for m in models.data] == ["quire", "quire-model", "quire/collection/Harbours"]
         assert client(server).models.retrieve("quire/collection/Harbours").id == "quire/collection/Harbours"
 
 

@@ -5,10 +5,11 @@ field starts at a working default, so the first run needs no visit here.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -56,7 +57,12 @@ def found_models() -> list[FoundModel]:
         return []
 
 
+READER_CHECK_TIMEOUT_S = 5.0
+
+
 class SettingsDialog(QDialog):
+    reader_checked = Signal(str)  # the result of Check, from its thread
+
     def __init__(
         self, settings: AppSettings, parent=None, *, models: list[str] | None = None, found: list[FoundModel] | None = None
     ) -> None:
@@ -114,6 +120,26 @@ class SettingsDialog(QDialog):
         self.max_tokens.setSuffix(" tokens")
         self.auto_cache = QCheckBox("Build the cache as soon as documents are added")
         self.auto_cache.setChecked(settings.auto_cache)
+        self.reader = QLineEdit(settings.reader)
+        self.reader.setPlaceholderText("the model above; or a .gguf; or http://127.0.0.1:11434/v1/MODEL")
+        self.reader.setToolTip(
+            "Who writes the answers from the passages Quire chooses: the model above (empty), a second local "
+            "model (a name, .gguf file or folder), or a model on an OpenAI-compatible server (Ollama, vLLM, "
+            "LM Studio, llama.cpp's server) as URL/v1/MODEL. Nothing is sent anywhere unless you name a server."
+        )
+        self.reader_key = QLineEdit(settings.reader_api_key)
+        self.reader_key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.reader_key.setPlaceholderText("API key, if the server wants one")
+        self.reader_status = QLabel("")
+        self.reader_status.setWordWrap(True)
+        check = QPushButton("Check")
+        check.setToolTip("Ask the server whether it answers and has that model")
+        check.clicked.connect(self._check_reader)
+        self.reader_checked.connect(self.reader_status.setText)
+        reader_row = QHBoxLayout()
+        reader_row.addWidget(self.reader, 1)
+        reader_row.addWidget(self.reader_key)
+        reader_row.addWidget(check)
         self.theme = QComboBox()
         for theme in THEMES:
             self.theme.addItem(theme.capitalize(), theme)
@@ -126,6 +152,8 @@ class SettingsDialog(QDialog):
         form.addRow("Cache folder", self._row(cache_row))
         form.addRow("Cache precision", self.precision)
         form.addRow("Answer length", self.max_tokens)
+        form.addRow("Reader", self._row(reader_row))
+        form.addRow("", self.reader_status)
         form.addRow("", self.auto_cache)
         form.addRow("Theme", self.theme)
         buttons = QDialogButtonBox(
@@ -206,6 +234,27 @@ class SettingsDialog(QDialog):
             self.model.addItem(path, path)
             self.model.setCurrentIndex(self.model.count() - 1)
 
+    def _check_reader(self) -> None:
+        """Whether the reader's server answers and has the model, checked on a thread
+        (a server that does not answer takes the timeout) and said below the field."""
+        spec, key = self.reader.text().strip(), self.reader_key.text().strip()
+        if "://" not in spec:
+            self.reader_status.setText("A local reader is checked when it loads." if spec else "Answers are written by the model above.")
+            return
+        self.reader_status.setText("Checking…")
+
+        def check() -> None:
+            from engine.reader import ReaderError, RemoteReader
+
+            try:
+                reader = RemoteReader(spec, key, timeout=READER_CHECK_TIMEOUT_S)
+                reader.check()
+                self.reader_checked.emit(f"✓ {reader.name} answers.")
+            except ReaderError as error:
+                self.reader_checked.emit(f"✗ {error}")
+
+        threading.Thread(target=check, name="reader-check", daemon=True).start()
+
     def _pick_cache(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Choose where the corpus cache is kept")
         if path:
@@ -220,6 +269,8 @@ class SettingsDialog(QDialog):
         self.max_tokens.setValue(defaults.max_answer_tokens)
         self.auto_cache.setChecked(defaults.auto_cache)
         self.theme.setCurrentIndex(THEMES.index(defaults.theme))
+        self.reader.clear()
+        self.reader_key.clear()
 
     def chosen(self) -> AppSettings:
         # The combo is editable: a typed name or path that matches no item is used as is.
@@ -235,4 +286,6 @@ class SettingsDialog(QDialog):
             max_answer_tokens=self.max_tokens.value(),
             auto_cache=self.auto_cache.isChecked(),
             theme=self.theme.currentData(),
+            reader=self.reader.text().strip(),
+            reader_api_key=self.reader_key.text().strip(),
         )

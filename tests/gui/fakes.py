@@ -31,6 +31,7 @@ class ScriptedEngine:
         self.asked: list[tuple[str, list]] = []
         self.histories: list[list[tuple[str, str]]] = []  # the earlier turns each question came with
         self.tasks: list[tuple[str, dict, list]] = []
+        self.chats: list[list[dict]] = []  # the messages of each chat() (the model alone)
         self.started = threading.Event()
 
     def is_cached(self, document) -> bool:
@@ -49,6 +50,17 @@ class ScriptedEngine:
             done += len(document.text)
             self.cached.add(document.content_key)
         return BuildSummary(documents=len(documents), tokens=done)
+
+    def chat(self, messages, max_tokens, cancel):
+        """The model alone: echoes the last user message's first words after the pieces."""
+        self.chats.append(messages)
+        for number, piece in enumerate(self.pieces):
+            if cancel and cancel():
+                yield AskStats(generated_tokens=number, finish_reason="cancelled")
+                return
+            yield Token(number, piece)
+        yield AskStats(prompt_tokens=sum(len(m["content"].split()) for m in messages), generated_tokens=len(self.pieces),
+                       finish_reason="stop")
 
     def ask(self, question, documents, max_tokens, cancel, history=()):
         self.asked.append((question, [d.doc_id for d in documents]))
