@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
     bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search", "ocr"])
     bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
+    bench.add_argument("--reader", help="qa, tasks: who writes the answers (every method alike): a second local "
+                       "model, or URL/v1/MODEL of an OpenAI-compatible server; default: the model itself")
+    bench.add_argument("--reader-key", default=os.environ.get("QUIRE_READER_KEY", ""), help="qa, tasks: the reader's API key")
     bench.add_argument("--pages", type=int, default=1000, help="ocr: pages of SOURCE to scan and read")
     bench.add_argument("--first-page", type=int, default=1, help="ocr: the first page of SOURCE (1-based)")
     bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")

@@ -35,6 +35,13 @@ def qa_documents(folder: Path, manifest: dict) -> dict[str, CorpusDocument]:
     return documents
 
 
+def _reader(args: argparse.Namespace):  # noqa: ANN202 - engine.reader.Reader | None
+    """--reader: who writes the answers (all methods alike); None for the model itself."""
+    from engine.reader import make_reader
+
+    return make_reader(getattr(args, "reader", None) or "", api_key=getattr(args, "reader_key", None) or "")
+
+
 def run(args: argparse.Namespace) -> dict | None:
     from engine.bench.qa import METHODS, QARunner, report, run_qa
     from engine.bench.qa_data import load_questions
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> dict | None:
     print(f"reading {len(manifest['documents'])} documents", file=sys.stderr, flush=True)
     documents = qa_documents(Path(args.qa_documents), manifest)
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    engine = Engine(model)
+    engine = Engine(model, reader=_reader(args))
     wanted = sorted({k for q in questions for k in q.docs} if args.scopes == ["own"] else set(documents))
 
     def progress(p) -> None:
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> dict | None:
     methods = [m for m in METHODS if m in args.methods]
     result = run_qa(runner, questions, methods, args.scopes, on_answer=show, firsts=firsts)
     result["model"] = model.folder.name
+    result["reader"] = engine.reader.name
     result["documents"] = {k: runner.token_count(k) for k in documents}
     table = report(result["summary"])
     print(table, file=sys.stderr)
@@ -108,7 +116,7 @@ def run_tasks(args: argparse.Namespace) -> dict | None:
     manifest = json.loads((RESOURCES / "documents.json").read_text())
     documents = qa_documents(Path(args.qa_documents), manifest)
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    runner = TaskRunner(Engine(model), documents, dense_limit=args.dense_limit)
+    runner = TaskRunner(Engine(model, reader=_reader(args)), documents, dense_limit=args.dense_limit)
     methods = [m for m in METHODS if m in (args.methods or METHODS)]
 
     def show(row: dict) -> None:

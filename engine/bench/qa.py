@@ -215,10 +215,9 @@ class QARunner:
         for turn in history:
             messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
         messages.append({"role": "user", "content": f"{context}\n\nQuestion: {question}"})
-        ids = self.model.encode_chat(messages)
-        answer, ttft = self._stream(ids, started)
+        answer, ttft, prompt = self._chat(messages, started)
         passages = [(keys[index.passages[i].entry], t) for i, t in zip(chosen, texts)]
-        return MethodResult(answer, passages, ttft, time.perf_counter() - started, len(ids))
+        return MethodResult(answer, passages, ttft, time.perf_counter() - started, prompt)
 
     def _dense(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
@@ -227,14 +226,15 @@ class QARunner:
         for turn in history:
             messages += [{"role": "user", "content": turn.question}, {"role": "assistant", "content": turn.answer}]
         messages.append({"role": "user", "content": f"{text}\n\nQuestion: {question}"})
-        ids = self.model.encode_chat(messages)
-        answer, ttft = self._stream(ids, started)
-        return MethodResult(answer, [(k, d.text) for k, d in zip(keys, docs)], ttft, time.perf_counter() - started, len(ids))
+        answer, ttft, prompt = self._chat(messages, started)
+        return MethodResult(answer, [(k, d.text) for k, d in zip(keys, docs)], ttft, time.perf_counter() - started, prompt)
 
-    def _stream(self, ids: list[int], started: float) -> tuple[str, float]:
+    def _chat(self, messages: list[dict], started: float) -> tuple[str, float, int]:
+        """The baselines' answer from the engine's reader (the same one Quire's path
+        uses): (answer, time to first token, prompt tokens)."""
         stats = GenerationStats()
-        answer = "".join(t.text for t in self.model.stream(ids, self.params, stats=stats))
-        return answer, (time.perf_counter() - started) - stats.decode_seconds
+        answer = "".join(t.text for t in self.engine.reader.chat(messages, self.params, stats=stats))
+        return answer, (time.perf_counter() - started) - stats.decode_seconds, stats.prompt_tokens
 
 
 def run_qa(

@@ -83,10 +83,9 @@ class TaskRunner:
         return self._indexes[keys]
 
     def _generate(self, messages: list[dict]) -> tuple[str, int]:
-        ids = self.model.encode_chat(messages)
         stats = GenerationStats()
-        text = "".join(t.text for t in self.model.stream(ids, self.params, stats=stats))
-        return text, len(ids)
+        text = "".join(t.text for t in self.engine.reader.chat(messages, self.params, stats=stats))
+        return text, stats.prompt_tokens
 
     def _rag(self, keys: tuple[str, ...], request: str) -> tuple[str, int, list[tuple[int, int, int]]]:
         index = self._index(keys)
