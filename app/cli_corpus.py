@@ -27,17 +27,20 @@ from ingest.library import Library
 
 
 def open_engine(args: argparse.Namespace):
+    """The engine the app would open, from the app's settings (app/settings.py: model,
+    cache folder and precision, reader), each overridden by a flag given to this command."""
+    from app.settings import load_settings
     from engine.corpus.engine import Engine
-    from engine.runtime import DEFAULT_MODEL, load_model
-
     from engine.reader import make_reader
+    from engine.runtime import load_model
 
+    settings = load_settings()
     backend = getattr(args, "backend", None) or "auto"
-    model = load_model(args.model or DEFAULT_MODEL, backend=backend)
-    cache = CacheSettings(precision=getattr(args, "precision", None) or "int8")
-    reader = make_reader(getattr(args, "reader", None) or "", api_key=getattr(args, "reader_key", None) or "",
-                         backend=backend)
-    return Engine(model, cache_settings=cache, reader=reader)
+    model = load_model(getattr(args, "model", None) or settings.model_spec(), backend=backend)
+    cache = CacheSettings(precision=getattr(args, "precision", None) or settings.precision)
+    reader = make_reader(getattr(args, "reader", None) or settings.reader,
+                         api_key=getattr(args, "reader_key", None) or settings.reader_api_key, backend=backend)
+    return Engine(model, cache_root=settings.cache_root(), cache_settings=cache, reader=reader)
 
 
 def _print_build_progress(progress: BuildProgress) -> None:
@@ -75,11 +78,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from app.settings import load_settings
     from engine.corpus.engine import prune_caches
 
     with Library() as library:
         keep = library_content_keys(library)
-    freed = prune_caches(keep)
+    freed = prune_caches(keep, load_settings().cache_root())
     print(f"freed {freed / 2**20:.1f} MiB")
     return 0
 

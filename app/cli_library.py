@@ -164,12 +164,13 @@ def _pages_list(indexes: list[int]) -> str:
 @_reports_errors
 def cmd_remove(args: argparse.Namespace) -> int:
     from app.service import library_content_keys
+    from app.settings import load_settings
     from engine.corpus.engine import prune_caches
 
     with Library() as library:
         record = library.remove(args.id)
         keep = library_content_keys(library)
-    freed = prune_caches(keep)
+    freed = prune_caches(keep, load_settings().cache_root())
     cached = f", {freed / 2**20:.1f} MiB of cache freed" if freed else ""
     print(f"removed #{record.id} {record.display_title}{cached}")
     return 0

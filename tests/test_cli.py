@@ -49,3 +49,31 @@ def test_models_on_an_empty_data_directory(tmp_path):
     done = run_cli("models", env_home=tmp_path)
     assert done.returncode == 0
     assert "no models installed" in done.stdout
+
+
+def test_the_command_line_opens_the_engine_the_app_would(tmp_path, monkeypatch):
+    """`quire ask` and friends read the app's settings.json (model, cache folder and
+    precision, reader); a flag overrides a setting for one command."""
+    import argparse
+    import json
+
+    from app.cli_corpus import open_engine
+    from engine.paths import models_dir
+    from engine.reader import RemoteReader
+
+    model = models_dir() / "smollm2-135m-instruct"
+    if not model.is_dir():
+        pytest.skip("smollm2-135m-instruct is not installed (quire models install)")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("QUIRE_HOME", str(home))
+    (home / "settings.json").write_text(json.dumps({
+        "model": str(model), "cache_dir": str(tmp_path / "elsewhere"), "precision": "int4",
+        "reader": "http://127.0.0.1:9/v1/qwen2.5:7b",
+    }))
+    engine = open_engine(argparse.Namespace())
+    assert engine.root.parent == tmp_path / "elsewhere"
+    assert engine.cache_settings.precision == "int4"
+    assert isinstance(engine.reader, RemoteReader) and engine.reader.spec.model == "qwen2.5:7b"
+    engine = open_engine(argparse.Namespace(precision="int8", reader="http://127.0.0.1:9/v1/other"))
+    assert engine.cache_settings.precision == "int8" and engine.reader.spec.model == "other"
