@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ingest.ocr import HOW_TO_ENABLE, engine_names
+from app.extraction import report_lines
 from ingest.errors import IngestError
 from ingest.jobs import IngestProgress, ingest_paths
 from ingest.library import DocumentRecord, Library
@@ -113,7 +113,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with Library() as library:
         record = library.get(args.id)
-    report = record.report
     lines = [
         f"id:          {record.id}",
         f"title:       {record.display_title}",
@@ -129,36 +128,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"sha256:      {record.content_hash or '-'}",
         f"added:       {record.added_at}",
         f"updated:     {record.updated_at}",
-        "extraction report:",
-        f"  encrypted:        {'yes' if report.encrypted else 'no'}",
-        f"  pages needing OCR: {_pages_list(report.needs_ocr)}"
-        + (f" (no OCR engine installed: {HOW_TO_ENABLE})" if report.needs_ocr and not engine_names() else ""),
-        f"  sparse pages:     {_pages_list(report.sparse_pages)}",
     ]
-    if record.format == "pdf":
-        lines.append(f"  read by pypdf:    {report.pages - len(report.pdfium_pages) - len(report.ocr_pages)} pages")
-        if report.blank_pages:
-            lines.append(f"  blank pages:      {_pages_list(report.blank_pages)} (no text, no picture)")
-        if report.unread_pages:
-            lines.append(f"  unreadable pages: {_pages_list(report.unread_pages)} (see the warnings)")
-        if report.pdfium_pages:
-            lines.append(f"  read by PDFium:   {_pages_list(report.pdfium_pages)} (pypdf failed or found no text)")
-        if report.ocr_pages:
-            confidences = ", ".join(
-                f"{index + 1} ({confidence:.0%})" for index, confidence in zip(report.ocr_pages[:20], report.ocr_confidence)
-            )
-            more = f" … ({len(report.ocr_pages)} in all)" if len(report.ocr_pages) > 20 else ""
-            lines.append(f"  OCR ({report.ocr_engine}): pages {confidences}{more}")
-    lines.extend(f"  warning: {warning}" for warning in report.warnings)
+    lines += ["extraction report:", *(f"  {line}" for line in report_lines(record))]
     print("\n".join(lines))
     return 0
-
-
-def _pages_list(indexes: list[int]) -> str:
-    if not indexes:
-        return "none"
-    shown = ", ".join(str(index + 1) for index in indexes[:20])
-    return shown + (f" … ({len(indexes)} in all)" if len(indexes) > 20 else "")
 
 
 @_reports_errors

@@ -60,6 +60,7 @@ class LibraryPanel(QWidget):
     task_requested = Signal(str, list)  # "summarise" | "compare" | "find-all", document ids
     open_document = Signal(int)
     password_requested = Signal(int)  # a locked document to open with a password
+    report_requested = Signal(int)  # show a document's extraction report
     collection_filter_changed = Signal()
 
     def __init__(self, parent=None) -> None:
@@ -187,6 +188,8 @@ class LibraryPanel(QWidget):
         collections.addSeparator()
         collections.addAction("New collection…", lambda: self.new_collection.emit(ids))
         menu.addSeparator()
+        if len(ids) == 1:
+            menu.addAction("Extraction Report…", lambda: self.report_requested.emit(ids[0]))
         menu.addAction("Remove from library", lambda: self.remove_documents.emit(ids))
         menu.exec(self.table.viewport().mapToGlobal(position))
 

@@ -159,6 +159,7 @@ class MainWindow(QMainWindow):
         self.library.ask_about.connect(self.ask_about)
         self.library.task_requested.connect(self.request_task)
         self.library.password_requested.connect(self.enter_password)
+        self.library.report_requested.connect(self.show_report)
         self.library.table.selectionModel().selectionChanged.connect(lambda *_: self.refresh_scopes())
         self.conversations.chosen.connect(self.open_conversation)
         self.conversations.search_changed.connect(lambda text: self.refresh_conversations(text))
@@ -503,6 +504,20 @@ class MainWindow(QMainWindow):
         new_ids = [o.document_id for o in added if o.document_id is not None]
         if new_ids and self.settings.auto_cache and self.engine_ready:
             self.request_cache(new_ids)
+
+    def show_report(self, document_id: int) -> None:
+        """How a document's pages were read (pypdf, PDFium, OCR and its confidence)
+        and what is missing: the same lines as `quire show`."""
+        from app.extraction import report_lines
+
+        record = self.store.document(document_id)
+        if record is None:
+            return
+        box = QMessageBox(QMessageBox.Icon.Information, "Extraction Report", record.display_title, parent=self)
+        box.setInformativeText("\n".join(report_lines(record)))
+        box.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self._report_box = box  # kept for tests and for the box to stay open
+        box.open()
 
     def _enter_selected_password(self) -> None:
         locked = [i for i in self.library.selected_ids() if (r := self.store.document(i)) is not None and r.locked]

@@ -191,6 +191,10 @@ def test_pages_needing_ocr_are_shown_with_how_to_enable_it(qtbot, home, monkeypa
     status = window.library.model.index(0, LibraryModel.STATUS)
     assert status.data() == "2 pages need OCR"
     assert "no OCR engine is installed" in status.data(Qt.ItemDataRole.ToolTipRole)
+    window.show_report(window.library.model.rows[0].record.id)
+    report = window._report_box.informativeText()
+    assert "pages needing OCR: 2, 3 (no OCR engine installed" in report and "read by pypdf:    3 pages" in report
+    window._report_box.close()
     close(window)
 
 
