@@ -121,7 +121,7 @@ class SettingsDialog(QDialog):
         self.auto_cache = QCheckBox("Build the cache as soon as documents are added")
         self.auto_cache.setChecked(settings.auto_cache)
         self.reader = QLineEdit(settings.reader)
-        self.reader.setPlaceholderText("the model above; or a .gguf; or http://127.0.0.1:11434/v1/MODEL")
+        self.reader.setPlaceholderText("the model above (or a .gguf, or http://host:port/v1/MODEL)")
         self.reader.setToolTip(
             "Who writes the answers from the passages Quire chooses: the model above (empty), a second local "
             "model (a name, .gguf file or folder), or a model on an OpenAI-compatible server (Ollama, vLLM, "
@@ -129,13 +129,15 @@ class SettingsDialog(QDialog):
         )
         self.reader_key = QLineEdit(settings.reader_api_key)
         self.reader_key.setEchoMode(QLineEdit.EchoMode.Password)
-        self.reader_key.setPlaceholderText("API key, if the server wants one")
+        self.reader_key.setPlaceholderText("API key")
+        self.reader_key.setMaximumWidth(self.fontMetrics().horizontalAdvance("API key, if any") + 24)
         self.reader_status = QLabel("")
         self.reader_status.setWordWrap(True)
+        self.reader_status.hide()  # shown with Check's result
         check = QPushButton("Check")
         check.setToolTip("Ask the server whether it answers and has that model")
         check.clicked.connect(self._check_reader)
-        self.reader_checked.connect(self.reader_status.setText)
+        self.reader_checked.connect(self._show_reader_status)
         reader_row = QHBoxLayout()
         reader_row.addWidget(self.reader, 1)
         reader_row.addWidget(self.reader_key)
@@ -234,14 +236,19 @@ class SettingsDialog(QDialog):
             self.model.addItem(path, path)
             self.model.setCurrentIndex(self.model.count() - 1)
 
+    def _show_reader_status(self, text: str) -> None:
+        self.reader_status.setText(text)
+        self.reader_status.setVisible(bool(text))
+        self.adjustSize()  # room for the line, without clipping it
+
     def _check_reader(self) -> None:
         """Whether the reader's server answers and has the model, checked on a thread
         (a server that does not answer takes the timeout) and said below the field."""
         spec, key = self.reader.text().strip(), self.reader_key.text().strip()
         if "://" not in spec:
-            self.reader_status.setText("A local reader is checked when it loads." if spec else "Answers are written by the model above.")
+            self._show_reader_status("A local reader is checked when it loads." if spec else "Answers are written by the model above.")
             return
-        self.reader_status.setText("Checking…")
+        self._show_reader_status("Checking…")
 
         def check() -> None:
             from engine.reader import ReaderError, RemoteReader
