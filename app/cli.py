@@ -12,6 +12,7 @@
     quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
     quire doctor [--json]          what a support request needs, PASS/WARN/FAIL (app/cli_doctor.py)
     quire serve                    the library behind an OpenAI-compatible HTTP API (app/cli_serve.py)
+    quire config [KEY [VALUE]]     the app's settings, which the window and these commands read (app/cli_config.py)
     quire gui                      the desktop app
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
@@ -341,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.cli_serve import register as register_serve
 
     register_serve(sub)
+
+    from app.cli_config import register as register_config
+
+    register_config(sub)
 
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
