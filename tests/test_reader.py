@@ -135,3 +135,23 @@ def test_settings_check_the_reader_off_the_window_thread(served, qtbot) -> None:
     assert "has no model 'nope'" in dialog.reader_status.text()
     chosen = dialog.chosen()
     assert (chosen.reader, chosen.reader_api_key) == (f"{server.url}/nope", "k3y")
+
+
+def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
+    from engine.bench.niah import collect_answer
+    from engine.corpus.engine import Engine
+    from engine.reader import LocalReader
+    from engine.runtime import load_model
+    from tests.corpus.test_engine import QUESTION, island_document
+
+    if not SMALL_MODEL.is_dir():
+        pytest.skip("smollm2-135m-instruct is not installed (quire models install)")
+    reader = make_reader(str(SMALL_MODEL))
+    assert isinstance(reader, LocalReader) and reader.name == "smollm2-135m-instruct"
+    cache_model = load_model(SMALL_MODEL, threads=1)
+    assert reader.model is not cache_model  # two models: one owns the cache, the other writes
+    engine = Engine(cache_model, cache_root=tmp_path / "cache", reader=reader)
+    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [island_document(sentences=30)],
+                                                        SamplingParams(max_new_tokens=12)))
+    assert answer.strip() and evidence and stats.generated_tokens > 0
+    assert stats.prompt_tokens == stats.context_tokens > 100
