@@ -7,9 +7,12 @@
     quire bench gui                event-loop latency of the window while it reads, caches, answers
     quire bench search             full-text search latency over 5,000 generated pages
     quire bench ocr SOURCE.pdf     OCR pages/s and word error rate on a scan made from a real PDF
-    quire bench qa                 real questions on real documents: Quire against RAG (app/cli_qa.py)
-    quire add|list|show|remove|search   the library (app/cli_library.py)
-    quire cache build|status|clear, quire ask   the corpus cache (app/cli_corpus.py)
+    quire bench qa|tasks           real questions and whole-document tasks on real documents, against RAG (app/cli_qa.py)
+    quire bench niah|scale         needle-in-a-haystack recall and speed (the regression check)
+    quire bench ingest FILE, quire bench report FILE   reading speed; a runtime JSON as Markdown
+    quire add|list|show|remove|search|watch   the library (app/cli_library.py)
+    quire ask, find-all, summarise, compare   questions and whole-document tasks (app/cli_corpus.py)
+    quire cache build|status|clear the corpus cache (app/cli_corpus.py)
     quire doctor [--json]          what a support request needs, PASS/WARN/FAIL (app/cli_doctor.py)
     quire serve                    the library behind an OpenAI-compatible HTTP API (app/cli_serve.py)
     quire config [KEY [VALUE]]     the app's settings, which the window and these commands read (app/cli_config.py)

@@ -1,6 +1,8 @@
-"""`quire` corpus commands: build the corpus cache for library documents and ask
-questions over it. Each is a few lines over `engine.corpus.engine.Engine`, wired to
-the library here (the engine never imports ingest).
+"""`quire` corpus commands: questions and whole-document tasks over the library's
+documents (read as text: passages chosen by BM25, written by the reader), and the
+corpus cache. Each is a few lines over `engine.corpus.engine.Engine`, opened from the
+app's settings (`open_engine`) and wired to the library here (the engine never
+imports ingest).
 
     quire cache build [--doc ID...] [--precision int8|int4|fp16]   progress on stderr
     quire cache status                                             what is cached, bytes
@@ -28,18 +30,25 @@ from ingest.library import Library
 
 def open_engine(args: argparse.Namespace):
     """The engine the app would open, from the app's settings (app/settings.py: model,
-    cache folder and precision, reader), each overridden by a flag given to this command."""
+    device, cache folder and precision, reader), each overridden by a flag given to
+    this command."""
+    from app.service import resolve_device
     from app.settings import load_settings
     from engine.corpus.engine import Engine
     from engine.reader import make_reader
     from engine.runtime import load_model
 
     settings = load_settings()
-    backend = getattr(args, "backend", None) or "auto"
-    model = load_model(getattr(args, "model", None) or settings.model_spec(), backend=backend)
+    flag = getattr(args, "backend", None)
+    try:
+        backend, device = (flag, "auto") if flag and flag != "auto" else resolve_device(settings.device)
+    except ValueError as error:  # the settings name a device this machine lacks
+        raise SystemExit(f"quire: error: {error} (quire config device auto)") from None
+    model = load_model(getattr(args, "model", None) or settings.model_spec(), backend=backend, device=device)
     cache = CacheSettings(precision=getattr(args, "precision", None) or settings.precision)
     reader = make_reader(getattr(args, "reader", None) or settings.reader,
-                         api_key=getattr(args, "reader_key", None) or settings.reader_api_key, backend=backend)
+                         api_key=getattr(args, "reader_key", None) or settings.reader_api_key, backend=backend,
+                         device=device)
     return Engine(model, cache_root=settings.cache_root(), cache_settings=cache, reader=reader)
 
 
@@ -106,7 +115,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     evidence: list[Evidence] = []
     stats = None
     started = time.perf_counter()
-    for event in engine.ask(args.question, documents, SamplingParams(max_new_tokens=args.max_tokens)):
+    from app.settings import load_settings
+
+    max_tokens = args.max_tokens or load_settings().max_answer_tokens
+    for event in engine.ask(args.question, documents, SamplingParams(max_new_tokens=max_tokens)):
         if isinstance(event, Token):
             print(event.text, end="", flush=True)
         elif isinstance(event, Evidence):
@@ -245,7 +257,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache = subparsers.add_parser("cache", help="build or inspect the corpus cache")
     cache.add_argument("action", choices=["build", "status", "clear"])
     cache.add_argument("--doc", type=int, action="append", help="document id (repeatable; default: all ready)")
-    cache.add_argument("--precision", choices=["int8", "int4", "fp16"], help="cache precision (default int8)")
+    cache.add_argument("--precision", choices=["int8", "int4", "fp16"], help="cache precision (default: the settings')")
     cache.add_argument("--model", help="installed model name, .gguf file or model folder")
     cache.set_defaults(func=cmd_cache)
 
@@ -256,7 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--backend", default="auto", choices=["auto", "torch", "mlx"],
                      help="auto: MLX on Apple Silicon where installed, else torch (the cache is shared)")
     ask.add_argument("--precision", choices=["int8", "int4", "fp16"])
-    ask.add_argument("--max-tokens", type=int, default=256)
+    ask.add_argument("--max-tokens", type=int, help="answer length (default: the settings' max_answer_tokens)")
     ask.add_argument("--reader", help="who writes the answer: a second local model (name, .gguf or folder) or "
                      "URL/MODEL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1/qwen2.5:7b")
     ask.add_argument("--reader-key", default=os.environ.get("QUIRE_READER_KEY", ""),

@@ -1,7 +1,8 @@
 """Export a conversation as a transcript: Markdown, HTML, JSON or PDF.
 
 A `Transcript` is a stored conversation (`ingest.conversations`) plus what is needed
-to reproduce it: the model, the settings (cache precision, budget, max tokens) and a
+to reproduce it: the model, the settings (model, reader, device, cache precision, max
+tokens: `settings_summary()`) and a
 hash naming the documents in scope. Each answer's citations become numbered notes,
 numbered once across the whole transcript so that every format agrees on them:
 Markdown footnotes (`[^N]`, the GitHub/Pandoc extension), an HTML list with
@@ -48,7 +49,7 @@ class Transcript:
     title: str
     exported_at: str  # ISO 8601 UTC
     model: str | None
-    settings: dict  # cache precision, budget, max tokens...
+    settings: dict  # the engine's settings_summary(): model, reader, device, precision, max tokens
     corpus_hash: str | None  # identifies the documents in scope
     scope: dict | None
     messages: list[Message]

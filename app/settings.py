@@ -1,5 +1,7 @@
-"""The app's settings: which model and device, where the corpus cache lives and in
-what precision, and how long answers may be.
+"""The app's settings: which model and device, who writes the answers (the reader:
+the model itself, a second local model, or a server, and its API key), where the
+corpus cache lives and in what precision, whether it is built as documents come in,
+how long answers may be, and the theme.
 
 Kept as JSON in the data directory (`settings.json`), written atomically, so the
 CLI, the GUI and tests share one plain file; window geometry, which is Qt's own

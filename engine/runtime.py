@@ -94,9 +94,9 @@ class LoadedModel:
         cache: object | None = None,
         logits: object | None = None,
     ) -> Iterator[Token]:
-        """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache (the
-        corpus engine passes its memory-attention cache, and with `logits` one it
-        has already prefilled with the prompt)."""
+        """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache
+        (cached reading, engine/corpus/engine.py `_read_cached`, passes one filled
+        from the corpus cache, with the `logits` of its last prompt token)."""
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
         params = dataclasses.replace(params, stop_token_ids=stop_ids)
         yield from generate(

@@ -6,7 +6,7 @@ metadata keys (`tokenizer.ggml.model`, `.tokens`, `.token_type`, `.merges`, `.sc
 https://github.com/ggml-org/ggml/blob/master/docs/gguf.md). Two families are built:
 
 * `tokenizer.ggml.model == "gpt2"` — byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2).
-  Built as a `tiktoken.Encoding` (the fast path named in DESIGN.md): mergeable ranks are
+  Built as a `tiktoken.Encoding` (tiktoken's BPE is the fast path): mergeable ranks are
   keyed by each token's raw bytes (the GPT-2 byte-to-unicode spelling undone) and ranked
   by the merge that first produces them, so tiktoken's "merge the lowest-ranked pair"
   loop takes the same steps as HF's merge list. The split regex comes from

@@ -40,7 +40,7 @@ class Citation:
     page_label: str | None
     start: int  # character offsets in the document's full text (Document.text)
     end: int
-    weight: float  # the passage's share of the answer's attention to the library
+    weight: float  # the passage's share of the chosen passages' BM25 scores
     quote: str
 
 

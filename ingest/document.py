@@ -23,7 +23,7 @@ class Page:
     title: str | None = None  # chapter/heading title where the format has one
     # Offsets into the reader's raw extracted text for this page, one per character
     # of `text`, when normalisation changed it (ligatures, hyphenation); None when
-    # the text is the raw text unchanged. Lets the viewer highlight in the original.
+    # the text is the raw text unchanged. Not stored in the library.
     raw_offsets: list[int] | None = None
     # Where OCR found each word on the page, in reading order (ingest.ocr.OcrWord);
     # None for a page with a text layer.

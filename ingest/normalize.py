@@ -3,8 +3,9 @@
 Readers hand over the *raw* text they extracted (pypdf's `extract_text()`, the text
 of an XHTML chapter, a decoded TXT section); this module tidies it for reading and
 for the model, and returns with it `raw_offsets`: for each output character, the
-offset in the raw text it was taken from. The viewer uses that map to place a
-highlight found in the normalised text back on the original page.
+offset in the raw text it was taken from. The map lives only while a document is
+read (the library stores the normalised text alone; the viewer finds a passage
+again in the PDF's own text layer, app/gui/viewer.py `locate_span`).
 
 Rules, in the order they are applied:
 

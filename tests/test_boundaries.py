@@ -1,4 +1,4 @@
-"""Import contract (STYLE.md): engine and ingest never import app, Qt or each other;
+"""Import contract (the house style): engine and ingest never import app, Qt or each other;
 torch and mlx are imported only inside engine/backends/<name>/."""
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Settings: model (an installed one, a GGUF that Ollama, LM Studio or the Hugging
-Face cache already holds, or a GGUF file or model folder picked on disk), device, cache location and precision, answer length, and the theme. Every
+Face cache already holds, or a GGUF file or model folder picked on disk), device, cache
+location and precision, answer length, the reader (with a Check of a server), caching
+as documents come in, and the theme. Every
 field starts at a working default, so the first run needs no visit here.
 """
 

@@ -82,7 +82,6 @@ class EngineWorker(QObject):
     cache_finished = Signal(str)  # a one-line summary ("" when cancelled)
     cache_states = Signal(object)  # {document id: cached?}
     cache_bytes = Signal(object)  # bytes; a Python int, since a cache passes 2 GiB
-    answer_started = Signal(int)  # conversation id
     token = Signal(str)
     evidence = Signal(list)  # list[Citation]
     answer_finished = Signal(object)  # conversation_id, message_id, stats, cancelled
@@ -190,7 +189,6 @@ class EngineWorker(QObject):
             self.failed.emit("ask", "no model is loaded (see Settings)")
             return
         self._cancel.clear()
-        self.answer_started.emit(request.conversation_id)
         self.busy.emit("Answering…")
         pieces: list[str] = []
         citations: list[Citation] = []

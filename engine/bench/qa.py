@@ -1,7 +1,7 @@
 """`quire bench qa`: real questions about real documents, answered by Quire and by
 the retrieval-augmented prompts people use today, on the same model and text, in
 the same run. This is the benchmark that decides how Quire answers
-(docs/BENCHMARKS.md, "bench qa"); `quire bench niah` is the regression check.
+(docs/BENCHMARKS.md, "Answers on real documents (issue 23)"); `quire bench niah` is the regression check.
 
 Methods:
 - "quire": Engine.ask, the default answer path (the five 200-word passages that

@@ -257,7 +257,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
     Why notes rather than one combined paragraph: on bench tasks' three page ranges
     the 0.5B default model's notes on 500-word parts held 64.4% of the key points and
     its paragraph written from them 41.2% (1,000-word parts: 15.3%); see
-    docs/BENCHMARKS.md, "Whole-document tasks"."""
+    docs/BENCHMARKS.md, "Conversations and whole-document tasks (issue 24)"."""
     from dataclasses import replace
 
     from engine.corpus.engine import Evidence

@@ -1,5 +1,7 @@
 """Build small real documents for the ingest tests: PDFs with reportlab (then page
-labels and encryption with pypdf), EPUBs with zipfile, DOCX with python-docx."""
+labels and encryption with pypdf), PDFs byte by byte (damaged content streams),
+scans (typed pages rendered by PDFium into picture-only PDFs) and EPUBs with zipfile.
+DOCX files are built in the tests that read them, with python-docx."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ Silicon (Metal, unified memory) and, for testing, MLX's CPU build on Linux.
 and engine/backends/mlx/memory.py gives it the corpus cache, exactly as for torch.
 Weights are the converted safetensors of the model store: GGUF files are
 dequantised once with gguf-py, and `mx.load` never reads a GGUF (on Q4_K it
-returned values matching gguf-py for only half of each super-block; DESIGN.md,
-"Models").
+returned values matching gguf-py for only half of each super-block, when this
+backend was written).
 
 Reference: MLX (https://ml-explore.github.io/mlx/), mlx-lm's model layout.
 """

@@ -5,7 +5,8 @@ Everything here is functional (plain tensors, no nn.Module): at batch size 1 the
 per-call overhead of modules is a visible part of decode time on a 2-core CPU.
 
 References: RMSNorm (Zhang & Sennrich 2019); RoPE (Su et al. 2021, "RoFormer"),
-applied in the split-halves layout that Hugging Face checkpoints use; Llama 3.1's
+applied to interleaved pairs (the q/k rows of Hugging Face's split-halves layout are
+reordered at load, `interleave_rotary_rows`); Llama 3.1's
 frequency-dependent RoPE scaling; GQA (Ainslie et al. 2023).
 """
 
