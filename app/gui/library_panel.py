@@ -176,6 +176,10 @@ class LibraryPanel(QWidget):
         if len(locked) == 1:
             menu.addAction("Enter Password…", lambda: self.password_requested.emit(locked[0]))
             menu.addSeparator()
+        if len(locked) == len(ids):  # nothing to ask about or summarise until it opens
+            menu.addAction("Remove from library", lambda: self.remove_documents.emit(ids))
+            menu.exec(self.table.viewport().mapToGlobal(position))
+            return
         menu.addAction(f"Ask about {'this document' if len(ids) == 1 else f'these {len(ids)} documents'}", lambda: self.ask_about.emit(ids))
         if len(ids) == 1:
             menu.addAction("Summarise…", lambda: self.task_requested.emit("summarise", ids))

@@ -346,6 +346,7 @@ class MainWindow(QMainWindow):
         tokens = sum(r.tokens or 0 for r in ready)
         self.corpus_label.setText(f"Corpus: {len(ready)} document(s), {tokens:,} tokens")
         self.refresh_scopes()
+        self.search.library_changed()
 
     def refresh_scopes(self, current: Scope | None = None) -> None:
         """Rebuild the scope choices, keeping `current` (else the one shown) selected."""

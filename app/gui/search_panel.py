@@ -264,6 +264,12 @@ class SearchPanel(QWidget):
     def _typed(self, _text: str) -> None:
         self._timer.start()
 
+    def library_changed(self) -> None:
+        """Documents came or went: the hits shown are searched again (after the usual
+        pause, so a burst of changes while files are added costs one search)."""
+        if self.query.strip():
+            self._timer.start()
+
     def search_now(self) -> None:
         """Search for the field's text now (Enter, or the pause after typing)."""
         self._timer.stop()

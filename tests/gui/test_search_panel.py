@@ -208,3 +208,13 @@ def test_unsearchable_text_gives_a_plain_message(qtbot, window):
     panel.field.clear()
     panel.search_now()
     assert panel.model.rows == [] and panel.message.text().startswith("Type words")
+
+
+def test_hits_follow_the_library_as_documents_come_and_go(qtbot, window, home):
+    search_for(qtbot, window, "caravan")
+    assert [row.hit.title for row in window.search.model.rows] == ["Field notes"]
+    more = home / "journey.md"
+    more.write_text("# Journey\n\nA second caravan crossed the dunes at night.\n", encoding="utf-8")
+    window.add_paths([str(more)])
+    qtbot.waitUntil(lambda: len(window.search.model.rows) == 2, timeout=20000)
+    assert {row.hit.title for row in window.search.model.rows} == {"Field notes", "Journey"}
