@@ -297,11 +297,12 @@ class IngestJob:
     def _page_reporter(self, path: Path, index: int, bytes_done: int, size: int) -> PageProgress:
         """The reader's page callback: progress within the file, and the cancel check."""
 
-        def on_page(done: int, pages: int) -> None:
+        def on_page(done: int, pages: int, what: str | None = None) -> None:
             if self.cancelled:
                 raise Cancelled(f"cancelled while reading {path.name}")
             within = done / pages if pages else 0.0
-            self._report(path, index, bytes_done + size * within, f"{path.name}: page {done} of {pages}", False, within)
+            step = what or f"page {done} of {pages}"
+            self._report(path, index, bytes_done + size * within, f"{path.name}: {step}", False, within)
 
         return on_page
 

@@ -16,7 +16,20 @@ log = logging.getLogger(__name__)
 
 # progress(done, total): called between pages/sections; it may raise
 # ingest.errors.Cancelled to stop reading (the jobs layer does that for its cancel flag).
+# A callback that also takes the keyword `what` gets a description of the step where
+# the count alone would mislead ("OCR page 3 of 120" while done/total run on past
+# the pages already read); `takes_what` tells.
 Progress = Callable[[int, int], None]
+
+
+def takes_what(progress: Callable[..., object]) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):  # builtins such as list.append
+        return False
+    return any(p.name == "what" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 SECTION_MIN_CHARS = 3000
 SECTION_MAX_CHARS = 6000

@@ -45,7 +45,7 @@ from ingest.document import Document, OutlineEntry, Page
 from ingest.errors import Cancelled, CorruptDocumentError, EncryptedDocumentError
 from ingest.normalize import find_running_lines, inline_compounds, normalize
 from ingest.ocr import HOW_TO_ENABLE, OcrEngine, OcrError, OcrResult, best_engine, render_page
-from ingest.readers.common import Progress, finish
+from ingest.readers.common import Progress, finish, takes_what
 
 log = logging.getLogger(__name__)
 logging.getLogger("pypdf").addHandler(logging.NullHandler())
@@ -286,6 +286,7 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
     done = len(raw_pages)
     pending: deque[tuple[int, Future[OcrResult]]] = deque()
     finished = 0
+    describe = progress is not None and takes_what(progress)
 
     def take() -> None:
         nonlocal finished
@@ -302,7 +303,10 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
             report.ocr_confidence.append(round(result.confidence if result.text.strip() else 0.0, 3))
         finished += 1
         if progress is not None:
-            progress(done + finished, done + len(pages))
+            if describe:
+                progress(done + finished, done + len(pages), what=f"OCR page {finished} of {len(pages)}")
+            else:
+                progress(done + finished, done + len(pages))
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ocr") as pool:
         try:

@@ -364,3 +364,22 @@ def test_sigkill_inside_the_pages_transaction(tmp_path):
         fourth = library.find_by_path(corpus / "book03.txt")
         assert (fourth.status, fourth.pages, library.pages(fourth.id)) == ("ingesting", 0, [])
     assert_consistent_and_resumable(db, corpus)
+
+
+def test_ocr_progress_says_which_ocr_page(library, tmp_path):
+    import functools
+
+    from ingest.readers.pdf import read_pdf
+    from tests.ingest.builders import write_pdf
+    from tests.ingest.test_pdf import ScriptedOcr
+
+    scan = write_pdf(tmp_path / "scan.pdf", [["Typed."], [], []], header=None, footer_numbers=False, scanned=[1, 2])
+    reader = functools.partial(read_pdf, ocr=ScriptedOcr(["one", "two"]))
+    reports: list[IngestProgress] = []
+    summary = ingest_paths(library, [scan], reader=reader, extensions={".pdf"}, progress=reports.append)
+    assert len(summary.added) == 1
+    messages = [r.message for r in reports]
+    assert "scan.pdf: page 1 of 3" in messages  # the first page, before any is known to need OCR
+    assert messages[-3:-1] == ["scan.pdf: OCR page 1 of 2", "scan.pdf: OCR page 2 of 2"]
+    fractions = [r.file_fraction for r in reports if not r.file_done]
+    assert fractions == sorted(fractions)  # the bar never runs back when OCR starts

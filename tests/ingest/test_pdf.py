@@ -125,6 +125,9 @@ def test_ocr_fills_the_pictured_pages_and_reports_them(tmp_path: Path) -> None:
     engine = ScriptedOcr(["Scanned words of page two.", ""])
     calls: list[tuple[int, int]] = []
     document = read_pdf(path, ocr=engine, progress=lambda done, total: calls.append((done, total)))
+    steps: list[str | None] = []
+    read_pdf(path, ocr=ScriptedOcr(["a", "b"]), progress=lambda done, total, what=None: steps.append(what))
+    assert steps[-2:] == ["OCR page 1 of 2", "OCR page 2 of 2"] and steps[0] is None
     report = document.report
     assert [page.text for page in document.pages][1:3] == ["Scanned words of page two.", "Typed text on page three."]
     assert document.pages[3].text == ""
