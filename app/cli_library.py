@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from app.extraction import report_lines
+from app.settings import apply_ocr_languages, load_settings
 from ingest.errors import IngestError
 from ingest.jobs import IngestProgress, ingest_paths
 from ingest.library import DocumentRecord, Library
@@ -58,6 +59,7 @@ def _print_progress(progress: IngestProgress) -> None:
 
 @_reports_errors
 def cmd_add(args: argparse.Namespace) -> int:
+    apply_ocr_languages(load_settings(), override=False)
     password_for = (lambda path: args.password) if args.password else None
     with Library() as library:
         summary = ingest_paths(
@@ -169,6 +171,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from ingest.watch import scan
 
+    apply_ocr_languages(load_settings(), override=False)
     with Library() as library:
         if args.action == "add":
             for folder in args.folders:

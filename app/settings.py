@@ -44,6 +44,9 @@ class AppSettings:
     # hour of prefill per 250K tokens on a 2-core machine.
     auto_cache: bool = False
     theme: str = "system"
+    # The languages OCR reads scanned pages in, Tesseract's codes joined by "+"
+    # ("eng+deu"); "" = English where its data is installed (ingest/ocr.py).
+    ocr_languages: str = ""
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +81,21 @@ class AppSettings:
 
     def cache_settings(self) -> CacheSettings:
         return CacheSettings(precision=self.precision)
+
+
+def apply_ocr_languages(settings: AppSettings, *, override: bool = True) -> None:
+    """Hand the OCR languages to ingest (which never imports app) through its
+    environment variable; `override` False keeps one a person set in the shell."""
+    import os
+
+    from ingest.ocr import LANGUAGES_ENV
+
+    if not override and os.environ.get(LANGUAGES_ENV):
+        return
+    if settings.ocr_languages.strip():
+        os.environ[LANGUAGES_ENV] = settings.ocr_languages.strip()
+    else:
+        os.environ.pop(LANGUAGES_ENV, None)
 
 
 def settings_path() -> Path:

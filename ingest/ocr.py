@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 RENDER_DPI = 300  # Tesseract's documented sweet spot for body text
+LANGUAGES_ENV = "QUIRE_OCR_LANGUAGES"  # Tesseract's "eng+deu"; the app sets it from its settings
 VERSION_TIMEOUT_S = 10  # `tesseract --version` answers at once; one that hangs is absent
 TESSERACT_TIMEOUT_S = 120  # one page; a hung process must not hold the import forever
 HOW_TO_ENABLE = (
@@ -74,9 +75,12 @@ class Tesseract:
 
     parallel = True  # read() may run on several threads at once
 
-    def __init__(self, binary: str, language: str = "eng") -> None:
+    def __init__(self, binary: str, languages: str | None = None) -> None:
+        """`languages`: Tesseract's "eng+deu" form; None reads LANGUAGES_ENV at each
+        page (the app sets it from its settings), else English where installed."""
         self.binary = binary
-        self.language = language
+        self._languages = languages
+        self._installed: list[str] | None = None
         try:
             result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as error:
@@ -90,14 +94,46 @@ class Tesseract:
             if len(words) >= 2 and words[0].lower() == "tesseract":
                 version = words[1]
                 break
-        self.name = f"tesseract {version}"
+        self.version = version
+
+    @property
+    def name(self) -> str:
+        return f"tesseract {self.version} ({self.languages()})"
+
+    def installed_languages(self) -> list[str]:
+        """The language data installed for Tesseract (`--list-langs`), without "osd"."""
+        if self._installed is None:
+            try:
+                result = subprocess.run([self.binary, "--list-langs"], capture_output=True, text=True,
+                                        timeout=VERSION_TIMEOUT_S)
+                lines = (result.stdout + "\n" + result.stderr).splitlines()
+            except (OSError, subprocess.SubprocessError):
+                lines = []
+            # After the line "List of available languages in "…" (N):", one code a line.
+            start = next((n + 1 for n, line in enumerate(lines) if line.startswith("List of available languages")), len(lines))
+            self._installed = [line.strip() for line in lines[start:] if line.strip() and line.strip() != "osd"]
+        return self._installed
+
+    def languages(self) -> str:
+        wanted = self._languages if self._languages is not None else os.environ.get(LANGUAGES_ENV, "")
+        wanted = "+".join(part for part in wanted.replace(",", "+").split("+") if part.strip())
+        if wanted:
+            return wanted
+        installed = self.installed_languages()
+        return "eng" if "eng" in installed or not installed else "+".join(installed)
 
     def read(self, image: Image) -> OcrResult:
+        languages = self.languages()
+        missing = [code for code in languages.split("+") if code not in self.installed_languages()]
+        if missing and self.installed_languages():
+            raise OcrError(f"Tesseract has no data for {', '.join(missing)} (installed: "
+                           f"{', '.join(self.installed_languages())}); on Debian/Ubuntu: sudo apt install "
+                           + " ".join(f"tesseract-ocr-{code}" for code in missing))
         picture = io.BytesIO()
         image.save(picture, format="PNG")
         try:
             result = subprocess.run(
-                [self.binary, "-", "-", "-l", self.language, "tsv"],
+                [self.binary, "-", "-", "-l", languages, "tsv"],
                 input=picture.getvalue(), capture_output=True, timeout=TESSERACT_TIMEOUT_S,
                 env={**os.environ, "OMP_THREAD_LIMIT": "1"},
             )

@@ -200,7 +200,7 @@ def _fake_tesseract(folder: Path, version_line: str) -> None:
 def test_ocr_engines_found_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_tesseract(tmp_path / "bin", "tesseract 9.8.7")
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    assert ocr_engines() == ["tesseract 9.8.7"]
+    assert ocr_engines() == ["tesseract 9.8.7 (eng)"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert ocr_engines() == []
 

@@ -43,7 +43,7 @@ from app.gui.store import LibraryStore, Scope, turns
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
 from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
-from app.settings import AppSettings, load_settings, save_settings
+from app.settings import AppSettings, apply_ocr_languages, load_settings, save_settings
 from engine.corpus.answer import Turn
 from engine.corpus.build import BuildProgress
 from ingest.conversations import Citation
@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self._build_panels()
         self._build_status_bar()
         self._build_actions()
+        apply_ocr_languages(self.settings)
         self._start_workers(engine_factory, engine_prepare)
         QTimer.singleShot(0, self._resume_ingest)
         self._start_watching()
@@ -962,9 +963,10 @@ class MainWindow(QMainWindow):
     def apply_settings(self, chosen: AppSettings) -> None:
         engine_changed = any(
             getattr(chosen, name) != getattr(self.settings, name)
-            for name in ("model", "device", "cache_dir", "precision")
+            for name in ("model", "device", "cache_dir", "precision", "reader", "reader_api_key")
         )
         self.settings = chosen
+        apply_ocr_languages(chosen)
         try:
             save_settings(chosen, self.settings_file)
         except OSError as error:

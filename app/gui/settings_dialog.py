@@ -62,6 +62,19 @@ def found_models() -> list[FoundModel]:
 READER_CHECK_TIMEOUT_S = 5.0
 
 
+def _ocr_languages_help() -> str:
+    """What OCR can read here: Tesseract's installed languages, or how to get it."""
+    from ingest.ocr import HOW_TO_ENABLE, best_engine
+
+    engine = best_engine()
+    if engine is None:
+        return f"No OCR engine is installed: to read scanned pages, {HOW_TO_ENABLE}."
+    installed = getattr(engine, "installed_languages", lambda: [])()
+    return ("The languages scanned pages are written in, as Tesseract's codes. Installed here: "
+            + (", ".join(installed) or "none") + ". More: sudo apt install tesseract-ocr-<code> (Debian/Ubuntu), "
+            "brew install tesseract-lang (macOS).")
+
+
 class SettingsDialog(QDialog):
     reader_checked = Signal(str)  # the result of Check, from its thread
 
@@ -144,6 +157,9 @@ class SettingsDialog(QDialog):
         reader_row.addWidget(self.reader, 1)
         reader_row.addWidget(self.reader_key)
         reader_row.addWidget(check)
+        self.ocr_languages = QLineEdit(settings.ocr_languages)
+        self.ocr_languages.setPlaceholderText("English (eng); several joined by +, e.g. eng+deu")
+        self.ocr_languages.setToolTip(_ocr_languages_help())
         self.theme = QComboBox()
         for theme in THEMES:
             self.theme.addItem(theme.capitalize(), theme)
@@ -159,6 +175,7 @@ class SettingsDialog(QDialog):
         form.addRow("Reader", self._row(reader_row))
         form.addRow("", self.reader_status)
         form.addRow("", self.auto_cache)
+        form.addRow("OCR languages", self.ocr_languages)
         form.addRow("Theme", self.theme)
         buttons = QDialogButtonBox(
             QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel | QDialogButtonBox.StandardButton.RestoreDefaults
@@ -280,6 +297,7 @@ class SettingsDialog(QDialog):
         self.theme.setCurrentIndex(THEMES.index(defaults.theme))
         self.reader.clear()
         self.reader_key.clear()
+        self.ocr_languages.clear()
 
     def chosen(self) -> AppSettings:
         # The combo is editable: a typed name or path that matches no item is used as is.
@@ -296,5 +314,6 @@ class SettingsDialog(QDialog):
             auto_cache=self.auto_cache.isChecked(),
             theme=self.theme.currentData(),
             reader=self.reader.text().strip(),
+            ocr_languages=self.ocr_languages.text().strip(),
             reader_api_key=self.reader_key.text().strip(),
         )

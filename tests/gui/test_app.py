@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -558,6 +559,13 @@ def test_settings_are_saved_and_reload_the_engine(qtbot, home):
     dialog._restore_defaults()
     chosen = dialog.chosen()
     assert (chosen.model, chosen.precision, chosen.max_answer_tokens) == ("", "int8", AppSettings().max_answer_tokens)
+    # A new reader is a new engine too (it writes every answer).
+    window.apply_settings(replace(window.settings, reader="http://127.0.0.1:11434/v1/qwen2.5:7b", ocr_languages="eng+deu"))
+    qtbot.waitUntil(lambda: len(made) == 3 and window.engine_ready, timeout=10000)
+    assert made[-1].reader == "http://127.0.0.1:11434/v1/qwen2.5:7b"
+    assert os.environ["QUIRE_OCR_LANGUAGES"] == "eng+deu"
+    window.apply_settings(replace(window.settings, ocr_languages=""))
+    assert "QUIRE_OCR_LANGUAGES" not in os.environ
     close(window)
 
 

@@ -93,3 +93,34 @@ def test_tesseract_boxes_land_where_the_words_were_typed(tmp_path: Path) -> None
     # write_pdf sets the second line's baseline 75 pt below the top of the page, at x = 40 pt.
     _, left, top, right, bottom = osprey
     assert 60 < top < bottom < 80 and 40 < left < right < 300
+
+
+@pytest.mark.skipif(best_engine() is None, reason="Tesseract is not installed")
+def test_ocr_languages_come_from_the_setting_and_a_missing_one_says_how_to_install_it(monkeypatch) -> None:
+    from PIL import Image
+
+    from ingest.ocr import LANGUAGES_ENV, OcrError
+
+    engine = best_engine()
+    monkeypatch.delenv(LANGUAGES_ENV, raising=False)
+    assert engine.languages() == "eng" and engine.name.endswith("(eng)")
+    monkeypatch.setenv(LANGUAGES_ENV, "eng,deu")
+    assert engine.languages() == "eng+deu"
+    monkeypatch.setenv(LANGUAGES_ENV, "eng+xyz")
+    with pytest.raises(OcrError, match=r"no data for xyz .*sudo apt install tesseract-ocr-xyz"):
+        engine.read(Image.new("L", (200, 100), 255))
+
+
+def test_the_apps_ocr_languages_reach_ingest(monkeypatch) -> None:
+    import os
+
+    from app.settings import AppSettings, apply_ocr_languages
+    from ingest.ocr import LANGUAGES_ENV
+
+    monkeypatch.setenv(LANGUAGES_ENV, "fra")  # set in the shell
+    apply_ocr_languages(AppSettings(ocr_languages="eng+deu"), override=False)
+    assert os.environ[LANGUAGES_ENV] == "fra"  # the command line keeps the shell's
+    apply_ocr_languages(AppSettings(ocr_languages="eng+deu"))
+    assert os.environ[LANGUAGES_ENV] == "eng+deu"  # the window applies its settings
+    apply_ocr_languages(AppSettings())
+    assert LANGUAGES_ENV not in os.environ
