@@ -9,7 +9,7 @@
     quire bench ocr SOURCE.pdf     OCR pages/s and word error rate on a scan made from a real PDF
     quire bench qa|tasks           real questions and whole-document tasks on real documents, against RAG (app/cli_qa.py)
     quire bench niah|scale         needle-in-a-haystack recall and speed (the regression check)
-    quire bench ingest FILE, quire bench report FILE   reading speed; a runtime JSON as Markdown
+    quire bench ingest FILE, quire bench report FILE   reading speed; docs/results.json or a runtime JSON as Markdown
     quire add|list|show|remove|search|watch   the library (app/cli_library.py)
     quire ask, find-all, summarise, compare   questions and whole-document tasks (app/cli_corpus.py)
     quire cache build|status|clear the corpus cache (app/cli_corpus.py)
@@ -136,12 +136,14 @@ def _print_found(as_json: bool) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "report":
-        from engine.bench.report import runtime_markdown
+        from engine.bench.report import record_markdown, runtime_markdown
 
         if not args.input:
-            _print_error("bench report needs the JSON file: quire bench report FILE")
+            _print_error("bench report needs the JSON file: quire bench report docs/results.json (or a runtime JSON)")
             return 2
-        print(runtime_markdown(json.loads(Path(args.input).read_text())), end="")
+        report = json.loads(Path(args.input).read_text())
+        # A list of rows is the results registry (docs/BENCHMARKS.md); an object is one runtime run.
+        print(record_markdown(report) if isinstance(report, list) else runtime_markdown(report), end="")
         return 0
     if args.what == "ingest":
         from ingest.bench import bench_ingest
@@ -281,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
     bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search", "ocr"])
-    bench.add_argument("input", nargs="?", help="ingest: a document to read; report: a runtime JSON file")
+    bench.add_argument("input", nargs="?",
+                       help="ingest: a document to read; report: docs/results.json or a runtime JSON file")
     bench.add_argument("--reader", help="qa, tasks: who writes the answers (every method alike): a second local "
                        "model, or URL/v1/MODEL of an OpenAI-compatible server; default: the model itself")
     bench.add_argument("--reader-key", default=os.environ.get("QUIRE_READER_KEY", ""), help="qa, tasks: the reader's API key")

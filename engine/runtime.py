@@ -151,5 +151,5 @@ def load_model(
     return LoadedModel(folder, folder.config, tokenizer, backend, model, seconds)
 
 # The model `quire generate` and the app use when none is chosen. Chosen by the
-# measurements of `quire bench runtime` (docs/BENCHMARKS.md): see the README.
+# measurements of `quire bench runtime` (docs/lab/runtime.md): see the README.
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"

@@ -15,7 +15,7 @@ Per case: Quire's answer (Engine.ask, recorded as "quire"), whether a needle is 
 the top evidence passages, and in the same run the baselines: BM25 top-k chunks in a
 chat prompt (desktop RAG), and the dense prompt where the context fits `dense_limit`.
 Results recorded before the block-sparse path was removed name its answers "sparse"
-(docs/BENCHMARKS.md).
+(docs/lab/corpus-cache-and-sparse-attention.md).
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def grid(cases: list[dict], method: str, kind: str) -> dict[tuple[int, float], f
 
 
 def report(result: dict, heatmap: Path | None) -> str:
-    """Markdown tables (and heatmap PNGs) for docs/BENCHMARKS.md."""
+    """Markdown tables (and heatmap PNGs) for the studies in docs/lab/."""
     lines = []
     for kind in sorted({c["kind"] for c in result["cases"]}):
         for method in ("quire", "bm25", "dense"):

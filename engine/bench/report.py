@@ -1,9 +1,51 @@
-"""Render a `quire bench runtime` JSON file as the Markdown tables in
-docs/BENCHMARKS.md, so the document always shows what the JSON holds."""
+"""Render benchmark JSON as Markdown, so the documents show what the JSON holds.
+
+`record_markdown` renders docs/results.json, the registry of current figures (one row
+per target of each issue), as docs/BENCHMARKS.md; `runtime_markdown` renders a
+`quire bench runtime` JSON file as its tables (the studies in docs/lab/ quote them)."""
 
 from __future__ import annotations
 
 from engine.bench import probes
+
+RECORD_KEYS = ("area", "target", "figure", "met", "command", "machine", "date", "study")
+MET_VALUES = ("met", "missed", "recorded", "not measured")
+
+_RECORD_INTRO = """\
+# Benchmarks
+
+The current figure for each target, one row per target of each issue. Generated from
+docs/results.json by `quire bench report docs/results.json > docs/BENCHMARKS.md`: edit
+the JSON, not this file. Re-run a row's command on its machine to check a figure; how
+each figure was reached, and every earlier one, is in the study linked under its area
+(docs/lab/)."""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def record_markdown(rows: list[dict[str, str]]) -> str:
+    """docs/BENCHMARKS.md from the rows of docs/results.json, areas in their first order."""
+    for row in rows:
+        missing = [key for key in RECORD_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"a results row lacks {', '.join(missing)}: {row.get('target', row)}")
+        if row["met"] not in MET_VALUES:
+            raise ValueError(f"met must be one of {', '.join(MET_VALUES)}, not {row['met']!r}: {row['target']}")
+    areas: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        areas.setdefault(row["area"], []).append(row)
+    lines = [_RECORD_INTRO]
+    for area, area_rows in areas.items():
+        studies = list(dict.fromkeys(row["study"] for row in area_rows))
+        links = ", ".join(f"[{study.split('#')[0]}]({study})" for study in studies)
+        lines += ["", f"## {area}", "", f"Study: {links}", "",
+                  "| target | figure | met? | command | machine | date |", "|---|---|---|---|---|---|"]
+        for row in area_rows:
+            cells = [row["target"], row["figure"], row["met"], f"`{row['command']}`", row["machine"], row["date"]]
+            lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:

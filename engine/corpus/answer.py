@@ -3,7 +3,7 @@ grounded prompt, and the answer's [n] citations checked against their passages.
 
 Why a plain, numbered context: on real documents a small model read independently
 prefilled cache blocks, placed at positions it never saw in training, far less well
-than it read the same text as a prompt (docs/BENCHMARKS.md, bench qa). The passages
+than it read the same text as a prompt (docs/lab/answers-bench-qa.md). The passages
 are numbered so the answer can cite them inline, and each [n] maps back to a
 document, page and characters.
 
@@ -24,7 +24,7 @@ NOT_FOUND = "Not found in these documents."
 # The reader is told neither to cite nor to say "not found": with either rule the
 # 0.5B default model answered "[1]", "[1] [2]" or listed the passages' headers in
 # place of an answer (9 of 36 bench-qa answers), or answered "not found" with the
-# answer in passage [1] (docs/BENCHMARKS.md, bench qa). Which passages an answer
+# answer in passage [1] (docs/lab/answers-bench-qa.md). Which passages an answer
 # drew on is found after it (`attribute`), by the words they share.
 SYSTEM_PROMPT = (
     "Answer the user's question from the numbered passages of their documents. "
@@ -71,7 +71,7 @@ def reading_order(sources: Sequence[Source]) -> list[Source]:
     """The order the reader sees the passages in: the best (number 1) last, next to
     the question. On all 138 bench qa questions the 0.5B default model scored 56.9%
     so against 53.5% with the best first (36-question subset: 51.1% against 45.9%;
-    docs/BENCHMARKS.md)."""
+    docs/lab/answers-bench-qa.md)."""
     return sorted(sources, key=lambda source: source.number, reverse=True)
 
 

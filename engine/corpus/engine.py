@@ -13,7 +13,7 @@ prefilling their text (`read_cached`).
 
 The earlier answer path, block-sparse attention over the whole cache with the model's
 retrieval heads, was removed: it lost to BM25 passages on `quire bench qa`
-(docs/BENCHMARKS.md).
+(docs/lab/answers-bench-qa.md).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
 
 # Passages the reader gets (engine/corpus/passages.py): 5 of 200 words, as BM25-RAG
 # reads. More passages raised the evidence hit (8: 84.9%, 12: 88.9% against 79.4%)
-# but not the 0.5B reader's accuracy (36.4%, 36.1% against 40.1%; docs/BENCHMARKS.md).
+# but not the 0.5B reader's accuracy (36.4%, 36.1% against 40.1%; docs/lab/answers-bench-qa.md).
 READ_PASSAGES = 5
 # A follow-up is retrieved for together with the turn before it, whose words carry
 # what "she", "it" or "the second one" refer to: BM25 of the follow-up, plus these
@@ -263,7 +263,7 @@ class Engine:
         (the removed block-sparse path), fused with BM25, lowered the evidence hit on
         `quire bench qa` (77.1% against 77.8% for BM25 alone, 127 questions) and cost
         up to 39 s a question, so the answer path does not rank by the cache
-        (docs/BENCHMARKS.md)."""
+        (docs/lab/answers-bench-qa.md)."""
         return self._answer(question, documents, params, cancel, list(history))
 
     # -- whole-document tasks (engine/corpus/tasks.py) -------------------------------
@@ -301,7 +301,7 @@ class Engine:
         if self._passages is None or self._passages[0] != names:
             # Passages run across page edges: cut at them, the passages that end a
             # page are fragments, and the reader scored 26.6% against BM25-RAG's 40.1%
-            # on the same prompt (bench qa's 36-question subset; docs/BENCHMARKS.md).
+            # on the same prompt (bench qa's 36-question subset; docs/lab/answers-bench-qa.md).
             index = PassageIndex([d.text for d in documents])
             lowered = [d.text.lower() for d in documents]
             self._passages = (names, index, [self.manifests.load(name) for name in names], lowered)
@@ -370,7 +370,7 @@ class Engine:
         memory_tokens = sum(m.tokens for m in manifests if m is not None)
         # A question about a name the documents never mention is not answered from
         # passages that cannot hold the answer: the 0.5B reader answered every such
-        # question of bench qa anyway (docs/BENCHMARKS.md).
+        # question of bench qa anyway (docs/lab/answers-bench-qa.md).
         missing = missing_names(question, lowered)
         if missing:
             yield Token(-1, not_mentioned(missing))
@@ -459,7 +459,7 @@ class Engine:
         median, 2-core box), and 37.4% with each passage's first 32 tokens prefilled
         again (EPIC-style); SmolLM2-135M misreads a test document from the cache that
         it answers when prefilled. Each passage's keys and values were computed in its
-        own segment, not after the passages before it (docs/BENCHMARKS.md).
+        own segment, not after the passages before it (docs/lab/answers-bench-qa.md).
         A passage's tokens are those starting inside its characters, plus the one
         its first word begins in."""
         # Stored keys and values are the cache model's own: only it can read them.

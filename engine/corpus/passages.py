@@ -5,7 +5,7 @@ boundaries with a little overlap, so that a sentence cut by one edge is whole in
 the next passage. BM25 over the passages' words chooses what the reader sees,
 numbered, and what an answer's [n] points at. (The cache's retrieval heads, fused
 with BM25, lowered the evidence hit on `quire bench qa` and were taken out of the
-answer path: docs/BENCHMARKS.md.)
+answer path: docs/lab/answers-bench-qa.md.)
 
 BM25 is Okapi BM25 (Robertson and Zaragoza, "The Probabilistic Relevance Framework:
 BM25 and Beyond", 2009) from rank-bm25. Quire's index reads lowercase runs of letters
@@ -15,7 +15,7 @@ and digits, stemmed by the Snowball English stemmer ("installs", "installing" an
 "of" and "how" outvoted the question's own words). Measured on bench qa's 127
 answerable questions (own scope, 5 passages of 200 words, evidence hit): 79.4% as
 plain words, 82.8% with the zero floor, 85.3% stemmed as well; the whole library
-78.9% against 84.0% (docs/BENCHMARKS.md). The BM25-RAG baseline keeps plain words
+78.9% against 84.0% (docs/lab/answers-bench-qa.md). The BM25-RAG baseline keeps plain words
 and rank-bm25's defaults (stem=False, floor=0.25).
 """
 
@@ -34,7 +34,7 @@ from rank_bm25 import BM25Okapi
 # 127 answerable questions (own scope, BM25, evidence hit of the passages read):
 # 5 x 200 words 79.4% against 8 x 120 77.2% (cut at page edges) for about the same
 # prompt; more passages raised the hit (8 x 200 84.9%, 12 x 200 88.9%) but not the
-# 0.5B reader's accuracy (docs/BENCHMARKS.md).
+# 0.5B reader's accuracy (docs/lab/answers-bench-qa.md).
 PASSAGE_WORDS = 200
 PASSAGE_OVERLAP = 20
 

@@ -1,6 +1,6 @@
 """Settings of the corpus cache (how segments are built and stored), a plain
 dataclass that both backends read. Defaults are the measured choices recorded in
-docs/BENCHMARKS.md.
+docs/lab/corpus-cache-and-sparse-attention.md.
 """
 
 from __future__ import annotations

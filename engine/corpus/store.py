@@ -582,10 +582,10 @@ class SegmentStore:
             if _RANDOM is not None:
                 # Reads are a few KB here and there (a page at each end and the index
                 # on opening, a block's rows, one head's keys): no read-ahead on a
-                # fault, which reads up to read_ahead_kb around it (8 MB on the machine
-                # of docs/BENCHMARKS.md, most of a segment: from a cold disk 1M's 1,122
-                # segments opened in 7-10 s, against 1.2 s so). Whoever reads more asks
-                # for it ahead (`Segment.prefetch`).
+                # fault, which reads up to read_ahead_kb around it (8 MB on the machine of
+                # docs/lab/corpus-cache-and-sparse-attention.md, session 9, most of a segment:
+                # from a cold disk 1M's 1,122 segments opened in 7-10 s, against 1.2 s so).
+                # Whoever reads more asks for it ahead (`Segment.prefetch`).
                 mapping.madvise(_RANDOM)
             try:
                 with memoryview(mapping) as buffer:

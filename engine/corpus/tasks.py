@@ -134,7 +134,7 @@ def eta(started: float, done: int, total: int) -> float | None:
 # -- the tasks, run by Engine (engine/corpus/engine.py) ------------------------------
 
 # Summaries: words per part read at once (about 650 tokens of English prose; 1,000-word
-# parts gave notes with a quarter of the key points, docs/BENCHMARKS.md), the tokens
+# parts gave notes with a quarter of the key points, docs/lab/conversations-and-tasks.md), the tokens
 # each part's notes may take, and the notes' tokens one prompt holds before groups of
 # them are combined a level up.
 PART_WORDS = 500
@@ -257,7 +257,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
     Why notes rather than one combined paragraph: on bench tasks' three page ranges
     the 0.5B default model's notes on 500-word parts held 64.4% of the key points and
     its paragraph written from them 41.2% (1,000-word parts: 15.3%); see
-    docs/BENCHMARKS.md, "Conversations and whole-document tasks (issue 24)"."""
+    docs/lab/conversations-and-tasks.md, "Figures as recorded in BENCHMARKS.md"."""
     from dataclasses import replace
 
     from engine.corpus.engine import Evidence
