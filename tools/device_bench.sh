@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quire's large benchmarks on a lent GPU machine (docs/BENCHMARKS.md, "On a GPU").
+# Quire's large benchmarks on a lent GPU machine (docs/lab/corpus-cache-and-sparse-attention.md, "Session 5").
 #
 # The machine starts bare and reaches no network; each call of the workplace's
 # `device` tool sends the working tree plus at most 64 MiB of ignored folders, so
