@@ -92,8 +92,8 @@ class MainWindow(QMainWindow):
         self.cache_states: dict[int, bool] = {}
         self.last_error = ""
         self._install_dialog = None
-        # Work that must survive a quit or a crash is noted in qsettings while it runs
-        # (UNFINISHED_*) and resumed at the next start; a question pauses a cache
+        # Work that must survive a quit or a crash is noted beside the library while it
+        # runs (UNFINISHED_FILE) and resumed at the next start; a question pauses a cache
         # build, which goes on after the answer.
         self._ingest_jobs: list[list[str]] = []  # the paths of each ingest job sent, in order
         self._cache_running = False
@@ -109,7 +109,7 @@ class MainWindow(QMainWindow):
         self._build_actions()
         apply_ocr_languages(self.settings)
         self._start_workers(engine_factory, engine_prepare)
-        QTimer.singleShot(0, self._resume_ingest)
+        self._resume_ingest()  # before anything else is added, so only what was left is resumed
         self._start_watching()
         self._restore_layout()
         QApplication.instance().installEventFilter(self._drop_catcher)
@@ -378,19 +378,38 @@ class MainWindow(QMainWindow):
         self._save_unfinished_ingest()
         self.ingest_requested.emit(list(paths))
 
+    # Unfinished work is noted in a file beside the library (it belongs to that
+    # library, not to the user's Qt settings, which every library shares).
+
+    @property
+    def _unfinished_file(self) -> Path:
+        return self.library_path.with_name(UNFINISHED_FILE)
+
+    def _unfinished(self) -> dict:
+        try:
+            noted = json.loads(self._unfinished_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return noted if isinstance(noted, dict) else {}
+
+    def _note_unfinished(self, **changes: object) -> None:
+        from engine.paths import write_atomic
+
+        noted = {**self._unfinished(), **changes}
+        text = json.dumps(noted)
+        try:
+            write_atomic(self._unfinished_file, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        except OSError as error:  # losing the note costs a re-add after a crash, nothing more
+            log.warning("could not note unfinished work in %s: %s", self._unfinished_file, error)
+
     def _save_unfinished_ingest(self) -> None:
-        paths = list(dict.fromkeys(path for job in self._ingest_jobs for path in job))
-        self.qsettings.setValue(UNFINISHED_INGEST, json.dumps(paths))
-        self.qsettings.sync()
+        self._note_unfinished(ingest=list(dict.fromkeys(path for job in self._ingest_jobs for path in job)))
 
     def _resume_ingest(self) -> None:
         """Re-add what was being added when the app last closed or crashed, and the
         documents left half-read in the library: files done already come back as
         unchanged at once, so only the unfinished ones are read."""
-        try:
-            paths = json.loads(self.qsettings.value(UNFINISHED_INGEST, "[]") or "[]")
-        except (TypeError, ValueError):
-            paths = []
+        paths = [p for p in self._unfinished().get("ingest", []) if isinstance(p, str)]
         paths += [r.path for r in self.store.documents() if r.status in ("pending", "ingesting")]
         paths = [p for p in dict.fromkeys(paths) if Path(p).exists()]
         if paths:
@@ -586,8 +605,7 @@ class MainWindow(QMainWindow):
         if not self.engine_ready:
             self.show_error("the model is not loaded yet")
             return
-        self.qsettings.setValue(UNFINISHED_CACHE, True)  # asked for: resumed at the next start until done
-        self.qsettings.sync()
+        self._note_unfinished(cache=True)  # asked for: resumed at the next start until done
         self.request_cache(None)
 
     def request_cache(self, ids: list[int] | None) -> None:
@@ -611,7 +629,7 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Caching paused for the question; it goes on after the answer.", 8000)
             return
         if not self._closing:
-            self.qsettings.setValue(UNFINISHED_CACHE, False)  # done, or cancelled by the user
+            self._note_unfinished(cache=False)  # done, or cancelled by the user
         self.statusBar().showMessage(summary or "Cache build cancelled; it resumes where it stopped.", 8000)
 
     @Slot(object)
@@ -658,7 +676,7 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"Model: {info.get('model')} · {str(info.get('device', '')).upper()}")
         self.hide_error()
         self._update_buttons()
-        unfinished = self.qsettings.value(UNFINISHED_CACHE, False) in (True, "true")
+        unfinished = self._unfinished().get("cache") is True
         if (self.settings.auto_cache or unfinished) and self.store.documents():
             self.request_cache(None)
 
@@ -1016,8 +1034,8 @@ class MainWindow(QMainWindow):
 
 WATCH_SETTLE_MS = 2000
 WATCH_RESCAN_MS = 5 * 60 * 1000
-UNFINISHED_INGEST = "work/unfinishedIngest"  # JSON list of the paths being added
-UNFINISHED_CACHE = "work/unfinishedCache"  # a cache build asked for and not finished
+# Beside library.db: {"ingest": [paths being added], "cache": a build asked for and not finished}
+UNFINISHED_FILE = "unfinished-work.json"
 
 
 def cache_size(size: int) -> str:

@@ -428,19 +428,33 @@ def test_unfinished_adding_and_caching_resume_at_the_next_start(qtbot, home):
     add_and_wait(qtbot, window, books[:2])
     close(window)
     # What a crash leaves: the third book being added, a cache build asked for.
-    layout = QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat)
-    layout.setValue("work/unfinishedIngest", json.dumps([str(books[2])]))
-    layout.setValue("work/unfinishedCache", True)
-    layout.sync()
+    (home / "unfinished-work.json").write_text(json.dumps({"ingest": [str(books[2])], "cache": True}))
     engine = ScriptedEngine()
     window = make_window(qtbot, home, engine, auto_cache=False)
     qtbot.waitUntil(lambda: len(ready_titles(window)) == 3, timeout=15000)
     qtbot.waitUntil(lambda: len(engine.cached) >= 2, timeout=15000)
     qtbot.waitUntil(lambda: not window._cache_running, timeout=15000)
     close(window)
-    layout = QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat)
-    assert json.loads(layout.value("work/unfinishedIngest")) == []
-    assert layout.value("work/unfinishedCache") in (False, "false")
+    assert json.loads((home / "unfinished-work.json").read_text()) == {"ingest": [], "cache": False}
+
+
+def test_files_given_at_start_are_added_once_not_resumed(qtbot, home):
+    book = write_book(home, "ledger.txt", SHIPS)
+    added: list[list[str]] = []
+    window = MainWindow(
+        settings=AppSettings(), settings_file=home / "settings.json", library_path=home / "library.db",
+        engine_factory=lambda _settings: ScriptedEngine(),
+        qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+    )
+    qtbot.addWidget(window)
+    window.ingest_requested.connect(added.append)
+    window.show()
+    window.add_paths([str(book)])  # as run_app does for `quire gui PATH`, before the event loop runs
+    qtbot.waitUntil(lambda: ready_titles(window) == ["ledger.txt"], timeout=15000)
+    qtbot.wait(200)
+    assert added == [[str(book)]]  # once: not again as "left unfinished"
+    assert "Resuming" not in window.library.notice.text()
+    close(window)
 
 
 def test_an_answer_says_which_documents_are_not_in_yet(qtbot, home):
