@@ -433,7 +433,7 @@ def test_unfinished_adding_and_caching_resume_at_the_next_start(qtbot, home):
     window = make_window(qtbot, home, engine, auto_cache=False)
     qtbot.waitUntil(lambda: len(ready_titles(window)) == 3, timeout=15000)
     qtbot.waitUntil(lambda: len(engine.cached) >= 2, timeout=15000)
-    qtbot.waitUntil(lambda: not window._cache_running, timeout=15000)
+    qtbot.waitUntil(lambda: not window._cache_running and not window._ingest_jobs, timeout=15000)
     close(window)
     assert json.loads((home / "unfinished-work.json").read_text()) == {"ingest": [], "cache": False}
 
