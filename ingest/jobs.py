@@ -126,7 +126,8 @@ class IngestSummary:
             f"{len(self.unchanged)} unchanged, {len(self.failed)} failed; {self.pages} pages in {self.seconds:.1f} s"
         )
         if self.cancelled:
-            text += f"; cancelled with {len(self.remaining)} files left"
+            left = len(self.remaining)
+            text += f"; cancelled with {left} file{'s' if left != 1 else ''} left"
         return text
 
 
