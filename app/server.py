@@ -44,6 +44,7 @@ import logging
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -444,6 +445,15 @@ def client_gone(connection: socket.socket) -> bool:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     quire: QuireServer
+
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001 - socketserver's signature
+        """A client that hangs up before its request is read is not an error worth a
+        traceback on the terminal (socketserver prints one); anything else is logged."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, error)
+            return
+        log.exception("request from %s failed", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
