@@ -31,7 +31,6 @@ model's tokenizer): ingest never imports the engine.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import threading
@@ -44,6 +43,7 @@ from typing import Protocol
 from ingest.document import Document
 from ingest.errors import Cancelled, EncryptedDocumentError, IngestError
 from ingest.library import Library
+from ingest.readers.common import accepts_keyword
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +184,6 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def _accepts_keyword(function: Callable[..., object], name: str) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # some builtins have no signature
-        return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
 def _default_reader() -> Reader:
     from ingest.readers import read_document
 
@@ -236,7 +228,7 @@ class IngestJob:
         self._started = 0.0
         self._total_files = 0
         self._total_bytes = 1
-        self._reader_takes_progress = _accepts_keyword(self.reader, "progress")
+        self._reader_takes_progress = accepts_keyword(self.reader, "progress")
 
     def cancel(self) -> None:
         self._cancel_event.set()

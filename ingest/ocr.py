@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -209,16 +208,8 @@ def best_engine() -> OcrEngine | None:
     return None
 
 
-def render_page(path: str | Path, index: int, *, password: str | None = None, dpi: int = RENDER_DPI) -> Image:
-    """Page `index` of a PDF as a greyscale picture at `dpi`."""
-    import pypdfium2
-
-    document = pypdfium2.PdfDocument(str(path), password=password)
-    try:
-        page = document[index]
-        bitmap = page.render(scale=dpi / 72, grayscale=True)
-        picture = bitmap.to_pil()
-        picture.info["dpi"] = (dpi, dpi)  # so word boxes can be given in points
-        return picture
-    finally:
-        document.close()
+def render(page, dpi: int = RENDER_DPI) -> Image:  # noqa: ANN001 - a pypdfium2 PdfPage
+    """A PDF page (opened with pypdfium2) as a greyscale picture at `dpi`."""
+    picture = page.render(scale=dpi / 72, grayscale=True).to_pil()
+    picture.info["dpi"] = (dpi, dpi)  # so word boxes can be given in points
+    return picture

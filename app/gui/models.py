@@ -28,11 +28,21 @@ class DocumentRow:
     cached: bool | None = None  # None: not known yet (no engine loaded)
     notice: str = ""  # what the extraction report says about the text ("3 pages need OCR")
 
-    def __post_init__(self) -> None:
-        if self.record.missing_since:
-            self.notice = "file missing"
-        elif self.record.status == "ready" and self.record.report_json:
-            self.notice = self.record.report.notice()
+
+def _notice(record: DocumentRecord, previous: DocumentRow | None) -> str:
+    """A row's notice; the previous row's where the record's status and report are
+    the same, since the list is set again on every file added and parsing a report
+    (a number per page) costs more than comparing its text."""
+    old = previous.record if previous is not None else None
+    if old is not None and (old.status, old.missing_since, old.report_json) == (
+        record.status, record.missing_since, record.report_json
+    ):
+        return previous.notice
+    if record.missing_since:
+        return "file missing"
+    if record.status == "ready" and record.report_json:
+        return record.report.notice()
+    return ""
 
 
 def _notice_help(record: DocumentRecord) -> str:
@@ -81,7 +91,9 @@ class LibraryModel(QAbstractTableModel):
         rows = []
         for record in records:
             previous = old.get(record.id)
-            rows.append(DocumentRow(record, *(previous.reading, previous.caching, previous.cached) if previous else ()))
+            row = DocumentRow(record, *(previous.reading, previous.caching, previous.cached) if previous else ())
+            row.notice = _notice(record, previous)
+            rows.append(row)
         old_ids = [r.record.id for r in self.rows]
         new_ids = [r.record.id for r in rows]
         if new_ids[: len(old_ids)] == old_ids:

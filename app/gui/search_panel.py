@@ -342,17 +342,7 @@ class SearchPanel(QWidget):
         if page is None:
             return None
         start, end = hit_span(page.text, hit.snippet, self.query) or (0, 0)
-        return Passage(
-            path=record.path,
-            format=record.format or "txt",
-            title=record.display_title,
-            page_index=page.index,
-            page_label=page.label or str(page.index + 1),
-            page_text=page.text,
-            start=start,
-            end=end,
-            ocr_words=tuple(self.store.library.ocr_words(record.id, page.index)),
-        )
+        return self.store.page_passage(record, page, start, end)
 
     # -- keys --------------------------------------------------------------------
 

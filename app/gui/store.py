@@ -14,6 +14,7 @@ from app.gui.viewer import Passage
 from engine.corpus.answer import Turn
 
 from ingest.conversations import Citation, Conversation, Conversations, Message
+from ingest.document import Page
 from ingest.library import Collection, DocumentRecord, Library
 
 
@@ -115,6 +116,11 @@ class LibraryStore:
                     page = candidate
         start = max(0, citation.start - page.start)
         end = max(start, min(len(page.text), citation.end - page.start))
+        return self.page_passage(record, page, start, end)
+
+    def page_passage(self, record: DocumentRecord, page: Page, start: int, end: int) -> Passage:
+        """What the viewer shows of `page`: the span [start, end) of its text, and a
+        scanned page's OCR word boxes to highlight it with."""
         return Passage(
             path=record.path,
             format=record.format or "txt",

@@ -4,6 +4,7 @@ reporting with cancellation."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Callable
@@ -18,18 +19,17 @@ log = logging.getLogger(__name__)
 # ingest.errors.Cancelled to stop reading (the jobs layer does that for its cancel flag).
 # A callback that also takes the keyword `what` gets a description of the step where
 # the count alone would mislead ("OCR page 3 of 120" while done/total run on past
-# the pages already read); `takes_what` tells.
+# the pages already read); `accepts_keyword(progress, "what")` tells.
 Progress = Callable[[int, int], None]
 
 
-def takes_what(progress: Callable[..., object]) -> bool:
-    import inspect
-
+def accepts_keyword(function: Callable[..., object], name: str) -> bool:
+    """Whether `function` can be called with the keyword `name`."""
     try:
-        parameters = inspect.signature(progress).parameters.values()
-    except (TypeError, ValueError):  # builtins such as list.append
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
         return False
-    return any(p.name == "what" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 SECTION_MIN_CHARS = 3000
 SECTION_MAX_CHARS = 6000

@@ -44,8 +44,8 @@ from pypdf.generic import ArrayObject, Destination, EncodedStreamObject
 from ingest.document import Document, OutlineEntry, Page
 from ingest.errors import Cancelled, CorruptDocumentError, EncryptedDocumentError
 from ingest.normalize import find_running_lines, inline_compounds, normalize
-from ingest.ocr import HOW_TO_ENABLE, OcrEngine, OcrError, OcrResult, best_engine, render_page
-from ingest.readers.common import Progress, finish, takes_what
+from ingest.ocr import HOW_TO_ENABLE, OcrEngine, OcrError, OcrResult, best_engine, render
+from ingest.readers.common import Progress, accepts_keyword, finish
 
 log = logging.getLogger(__name__)
 logging.getLogger("pypdf").addHandler(logging.NullHandler())
@@ -185,7 +185,8 @@ def _labels(reader: PdfReader, count: int, document: Document) -> list[str]:
 
 
 class _Pdfium:
-    """The same PDF opened in PDFium on first use, for the pages pypdf misses."""
+    """The same PDF opened in PDFium on first use, for the pages pypdf misses and
+    the pictures OCR reads."""
 
     def __init__(self, path: Path, password: str | None) -> None:
         self.path = path
@@ -219,6 +220,17 @@ class _Pdfium:
         finally:
             page.close()
         return text, picture
+
+    def picture(self, index: int):  # noqa: ANN201 - a PIL image
+        """Page `index` rendered for OCR, from the document already open."""
+        document = self._open()
+        if document is None:
+            raise OcrError(f"PDFium cannot open the file to render it ({self.failed})")
+        page = document[index]  # type: ignore[index]
+        try:
+            return render(page)
+        finally:
+            page.close()
 
     def close(self) -> None:
         if self._document is not None:
@@ -272,7 +284,7 @@ def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: st
     return text
 
 
-def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: list[str | None], report,  # noqa: ANN001
+def _ocr_pages(pdfium: _Pdfium, engine: OcrEngine, raw_pages: list[str | None], report,  # noqa: ANN001
                labels: list[str], progress: Progress | None) -> dict[int, list]:
     """Read the pages in `report.needs_ocr` with `engine`. Pages are rendered here
     (PDFium is not thread-safe) and read on one thread per core where the engine
@@ -286,7 +298,7 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
     done = len(raw_pages)
     pending: deque[tuple[int, Future[OcrResult]]] = deque()
     finished = 0
-    describe = progress is not None and takes_what(progress)
+    describe = progress is not None and accepts_keyword(progress, "what")
 
     def take() -> None:
         nonlocal finished
@@ -311,7 +323,7 @@ def _ocr_pages(path: Path, password: str | None, engine: OcrEngine, raw_pages: l
     with ThreadPoolExecutor(workers, thread_name_prefix="ocr") as pool:
         try:
             for index in pages:
-                pending.append((index, pool.submit(engine.read, render_page(path, index, password=password))))
+                pending.append((index, pool.submit(engine.read, pdfium.picture(index))))
                 while len(pending) >= workers:
                     take()
             while pending:
@@ -363,19 +375,19 @@ def read_pdf(path: str | Path, *, password: str | None = None, progress: Progres
         _outline(reader, document)
 
         raw_pages: list[str | None] = []
-        pdfium = _Pdfium(path, password)
+        pdfium = _Pdfium(path, password)  # open once, for the pages pypdf misses and for OCR's pictures
+        ocr_words: dict[int, list] = {}
         try:
             for index in range(count):
                 text = _read_page(reader, index, pdfium, report, labels[index])
                 raw_pages.append(text)
                 if progress is not None:
                     progress(index + 1, count + len(report.needs_ocr))
+            engine = _auto_ocr() if ocr == "auto" else ocr
+            if report.needs_ocr and engine is not None and not isinstance(engine, str):
+                ocr_words = _ocr_pages(pdfium, engine, raw_pages, report, labels, progress)
         finally:
             pdfium.close()
-        engine = _auto_ocr() if ocr == "auto" else ocr
-        ocr_words: dict[int, list] = {}
-        if report.needs_ocr and engine is not None and not isinstance(engine, str):
-            ocr_words = _ocr_pages(path, password, engine, raw_pages, report, labels, progress)
         compounds: set[str] = set()
         for text in raw_pages:
             compounds |= inline_compounds(text or "")
