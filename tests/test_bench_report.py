@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from engine.bench.report import MET_VALUES, RECORD_KEYS, record_markdown
+from bench.report import MET_VALUES, RECORD_KEYS, record_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

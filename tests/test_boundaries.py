@@ -1,5 +1,6 @@
 """Import contract (the house style): engine and ingest never import app, Qt or each other;
-torch and mlx are imported only inside engine/backends/<name>/."""
+torch and mlx are imported only inside engine/backends/<name>/; none of the product's
+packages imports the benchmarks (bench/)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,12 @@ def test_torch_and_mlx_only_inside_their_backends():
                 for lib in ("torch", "mlx"):
                     if top(module) == lib:
                         assert relative.startswith(f"engine/backends/{lib}/"), f"{relative} imports {module}"
+
+
+def test_the_product_never_imports_the_benchmarks():
+    """bench/ sits beside the product: it may import app, engine and ingest; none of
+    them imports it (`quire bench` is an entry-point plugin, app/cli.py COMMAND_PLUGINS)."""
+    for package in ("app", "engine", "ingest"):
+        for path in files(package):
+            bad = {m for m in imported_modules(path) if top(m) == "bench"}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

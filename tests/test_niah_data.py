@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.bench import niah_data as niah
+from bench import niah_data as niah
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.bench.qa import report, summarise
-from engine.bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, load_questions, score_answer
+from bench.qa import report, summarise
+from bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, load_questions, score_answer
 from tools.fetch_qa_documents import ar_members, extract
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def test_each_follow_up_names_a_question_of_the_set_on_its_documents():
 
 
 def test_a_follow_up_is_asked_after_its_first_question_with_that_turn(tmp_path):
-    from engine.bench.qa import MethodResult, QARunner, run_qa
+    from bench.qa import MethodResult, QARunner, run_qa
 
     class Runner(QARunner):
         def __init__(self) -> None:

@@ -92,7 +92,7 @@ def test_a_wrong_model_or_key_is_one_line(served) -> None:
 
 
 def test_quire_chooses_the_passages_and_the_remote_reader_writes(served, tmp_path) -> None:
-    from engine.bench.niah import collect_answer
+    from bench.niah import collect_answer
     from engine.corpus.engine import Engine
     from engine.runtime import load_model
     from tests.corpus.test_engine import FACT, QUESTION, island_document
@@ -138,7 +138,7 @@ def test_settings_check_the_reader_off_the_window_thread(served, qtbot) -> None:
 
 
 def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
-    from engine.bench.niah import collect_answer
+    from bench.niah import collect_answer
     from engine.corpus.engine import Engine
     from engine.reader import LocalReader
     from engine.runtime import load_model

@@ -12,6 +12,7 @@
 #   tools/device_bench.sh tests            the torch/corpus suites on CUDA, detached
 #   tools/device_bench.sh model            join the parts, check the GGUF's sha256
 #   tools/device_bench.sh run NAME CMD…    a detached job: quire CMD…, log and JSON under $W
+#                                          (as python -m bench.cli: the copy is not pip-installed)
 #   tools/device_bench.sh queue            tools/device_jobs.sh's jobs, one after another, detached
 #   tools/device_bench.sh status           jobs, logs' tails, GPU and disk
 #   tools/device_bench.sh collect          results and logs into $OUT
@@ -50,7 +51,7 @@ run)
     name=$1
     shift
     printf -v command '%q ' "$@"
-    cd "$W/repo" && setsid nohup bash -c "time python3 -m app.cli $command" >"$W/logs/$name.log" 2>&1 </dev/null &
+    cd "$W/repo" && setsid nohup bash -c "time python3 -m bench.cli $command" >"$W/logs/$name.log" 2>&1 </dev/null &
     sleep 2; echo "started $name"
     ;;
 queue)
@@ -58,7 +59,7 @@ queue)
     sleep 2; echo started queue
     ;;
 status)
-    ps -eo pid,etime,args | grep -E "pytest|app.cli" | grep -v grep | cut -c1-150
+    ps -eo pid,etime,args | grep -E "pytest|bench.cli" | grep -v grep | cut -c1-150
     for log in "$W"/logs/*.log; do echo "== $log"; tail -c 1500 "$log"; echo; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     df -h "$W" | tail -1; free -g | head -2; ls -la "$W/out"

@@ -6,7 +6,7 @@ job() {
     name=$1
     shift
     echo "== $name start $(date +%T)"
-    (time python3 -m app.cli "$@") >"$W/logs/$name.log" 2>&1
+    (time python3 -m bench.cli "$@") >"$W/logs/$name.log" 2>&1
     echo "== $name end rc=$? $(date +%T)"
 }
 job scale-int4 bench scale --haystack "$H" --lengths 131072 1048576 10485760 --precision int4 --out "$W/out/scale-gpu-int4.json"

@@ -40,7 +40,7 @@ t = time.time(); convert_gguf(sys.argv[1], sys.argv[2], sha256='synthetic'); pri
 bench() {  # NAME OUTFILE LIMIT [ARGS...]
     name=$1 out=$2 limit=$3
     shift 3
-    timeout "$limit" python3 -m app.cli bench runtime --model "$QUIRE_HOME/models/$name-syn" --no-reference \
+    timeout "$limit" python3 -m bench.cli bench runtime --model "$QUIRE_HOME/models/$name-syn" --no-reference \
         --no-llama-cpp --no-quality --out "$OUT/$out" "$@" >"$OUT/$out.log" 2>&1
     echo "rc $?"
     tail -c 1500 "$OUT/$out.log"

@@ -8,7 +8,7 @@ page in the source viewer with the match highlighted.
 The search is `Library.search` (SQLite FTS5: every word, anywhere on the page;
 "quoted words" as a phrase; case and accents ignored), run through the window's `LibraryStore` connection on
 the GUI thread: over 5,000 pages it takes a few milliseconds (`quire bench search`,
-ingest/bench.py), far under the 100 ms a keystroke may cost, so a worker round
+bench/ingest.py), far under the 100 ms a keystroke may cost, so a worker round
 trip would only add latency.
 
 The highlight: FTS5 reports which page matched, not where. `match_span` finds the

@@ -212,13 +212,6 @@ class Engine:
     def question_ids(self, question: str) -> list[int]:
         return self.model.tokenizer.encode(self._after_memory.replace("{question}", question.strip()))
 
-    def dense_prompt(self, question: str, documents: Iterable[CorpusDocument]) -> list[int]:
-        """The plain prompt with the documents' full text in place of memory (baseline)."""
-        ids = list(self.prefix_ids)
-        for document in documents:
-            ids += self.model.tokenizer.encode(document.text)
-        return ids + self.question_ids(question)
-
     # -- cache -------------------------------------------------------------------
 
     def build(

@@ -177,7 +177,7 @@ def test_generation_with_the_guard_never_repeats_an_ngram():
 
 @pytest.mark.slow
 def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
-    from engine.bench.niah import collect_answer
+    from bench.niah import collect_answer
     from engine.corpus.engine import Engine
     from engine.paths import models_dir
     from engine.runtime import load_model
@@ -335,7 +335,7 @@ def test_a_name_the_documents_never_mention_is_missing():
 
 @pytest.mark.slow
 def test_a_question_about_an_unmentioned_name_says_so_with_the_closest_passages(tmp_path):
-    from engine.bench.niah import collect_answer
+    from bench.niah import collect_answer
     from engine.corpus.engine import Engine
     from tests.corpus.test_engine import island_document
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.bench_ocr import bench_ocr, error_rates
+from bench.ocr import bench_ocr, error_rates
 from ingest.ocr import best_engine, parse_tsv
 from tests.ingest.builders import write_pdf
 

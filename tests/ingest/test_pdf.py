@@ -276,7 +276,7 @@ def test_separator_between_pages(book_pdf: Path) -> None:
 def test_bench_ingest_reports_both_runs(book_pdf: Path) -> None:
     import numpy as np
 
-    from ingest.bench import bench_ingest
+    from bench.ingest import bench_ingest
 
     # A parent this large (as when earlier tests loaded a model) must not leak into
     # the child's peak: Linux carries ru_maxrss across exec.

@@ -18,7 +18,7 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 
 from engine.corpus.build import CorpusDocument  # noqa: E402
-from engine.bench.niah import collect_answer  # noqa: E402
+from bench.niah import collect_answer  # noqa: E402
 from engine.corpus.engine import Engine  # noqa: E402
 from engine.corpus.settings import CacheSettings  # noqa: E402
 from engine.generate import GenerationStats, SamplingParams  # noqa: E402

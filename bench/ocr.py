@@ -8,7 +8,7 @@ the scan as it reads any PDF (PDFium finds no text, the engine reads every page)
 and its text is compared with the source's own text layer, word by word and
 counting the words not read in order (a word error rate) and the words read nowhere.
 
-    quire bench ocr SOURCE.pdf [--pages 1000] [--first 0]
+    quire bench ocr SOURCE.pdf [--pages 1000] [--first-page 1]
 """
 
 from __future__ import annotations

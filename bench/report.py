@@ -6,7 +6,7 @@ per target of each issue), as docs/BENCHMARKS.md; `runtime_markdown` renders a
 
 from __future__ import annotations
 
-from engine.bench import probes
+from bench import probes
 
 RECORD_KEYS = ("area", "target", "figure", "met", "command", "machine", "date", "study")
 MET_VALUES = ("met", "missed", "recorded", "not measured")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.bench.niah import collect_answer
-from engine.bench.qa import BM25_SYSTEM, BM25_TOP, BM25_WORDS, CHUNK_OVERLAP, machine
-from engine.bench.qa_data import normalise
+from bench.niah import collect_answer
+from bench.qa import BM25_SYSTEM, BM25_TOP, BM25_WORDS, CHUNK_OVERLAP, machine
+from bench.qa_data import normalise
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import Engine, Evidence
 from engine.corpus.passages import PassageIndex

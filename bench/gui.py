@@ -25,7 +25,7 @@ def run_gui_bench(
     from PySide6.QtWidgets import QApplication
 
     from app.gui.main import MainWindow
-    from app.gui.probe import LatencyProbe
+    from bench.latency_probe import LatencyProbe
     from app.settings import AppSettings
 
     app = QApplication.instance() or QApplication([])

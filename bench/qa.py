@@ -42,8 +42,8 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.bench.niah import collect_answer
-from engine.bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
+from bench.niah import collect_answer
+from bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
 from engine.corpus.answer import Turn, says_not_found
 from engine.corpus.build import CorpusDocument
 from engine.corpus.engine import ANSWER_NO_REPEAT_NGRAM, Engine

@@ -1,6 +1,7 @@
-"""`quire bench qa`: the wiring of engine.bench.qa — read the benchmark's documents
-(fetched by tools/fetch_qa_documents.py) with the library's readers, cache them,
-and answer every question by every method over every scope."""
+"""`quire bench qa` and `quire bench tasks` (bench/cli.py): the wiring of bench/qa.py
+and bench/tasks.py — read the benchmark's documents (fetched by
+tools/fetch_qa_documents.py) with the library's readers, cache them, and answer every
+question by every method over every scope."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def _reader(args: argparse.Namespace):  # noqa: ANN202 - engine.reader.Reader | 
 
 
 def run(args: argparse.Namespace) -> dict | None:
-    from engine.bench.qa import METHODS, QARunner, report, run_qa
-    from engine.bench.qa_data import load_questions
+    """`quire bench qa`: bench/qa.py over the qa documents."""
+    from bench.qa import METHODS, QARunner, report, run_qa
+    from bench.qa_data import load_questions
     from engine.corpus.engine import Engine
     from engine.paths import data_dir
     from engine.runtime import DEFAULT_MODEL, load_model
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict | None:
               file=sys.stderr, flush=True)
 
     if args.retrieval:
-        from engine.bench.qa import retrieval_study
+        from bench.qa import retrieval_study
 
         studies = [retrieval_study(runner, questions, scope, on_row=lambda row: print(row, file=sys.stderr, flush=True))
                    for scope in args.scopes]
@@ -105,8 +107,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
 
 def run_tasks(args: argparse.Namespace) -> dict | None:
-    """`quire bench tasks`: engine/bench/tasks.py over the qa documents."""
-    from engine.bench.tasks import METHODS, TaskRunner, load_items, run_tasks as run
+    """`quire bench tasks`: bench/tasks.py over the qa documents."""
+    from bench.tasks import METHODS, TaskRunner, load_items, run_tasks as run
     from engine.corpus.engine import Engine
     from engine.runtime import DEFAULT_MODEL, load_model
 

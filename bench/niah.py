@@ -28,10 +28,10 @@ import platform
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from engine.bench.niah_data import (
+from bench.niah_data import (
     ANSWER_TOKENS,
     BM25Retriever,
     Case,
@@ -124,6 +124,15 @@ def collect_answer(events) -> tuple[str, list[Evidence], AskStats | TaskStats | 
         elif isinstance(event, (AskStats, TaskStats)):
             stats = event
     return text, evidence, stats
+
+
+def dense_prompt(engine: Engine, question: str, documents: Iterable[CorpusDocument]) -> list[int]:
+    """The dense baseline's prompt: the chat template around the documents' full text
+    and the question (the engine's prefix and question ids, nothing chosen)."""
+    ids = list(engine.prefix_ids)
+    for document in documents:
+        ids += engine.model.tokenizer.encode(document.text)
+    return ids + engine.question_ids(question)
 
 
 def _evidence_hit(evidence: list[Evidence], documents: list[CorpusDocument], span: tuple[int, int, int], top: int = 3) -> bool:
@@ -230,7 +239,7 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
         answer = "".join(t.text for t in rag)
         record["bm25"] = {"answer": answer, "score": score_answer(answer, case.expected), "retrieved": hit}
     if "dense" in baselines and case.length <= dense_limit:
-        ids = engine.dense_prompt(case.question, with_needles)
+        ids = dense_prompt(engine, case.question, with_needles)
         answer = "".join(t.text for t in model.stream(ids, params))
         record["dense"] = {"answer": answer, "score": score_answer(answer, case.expected), "prompt_tokens": len(ids)}
     return record
@@ -308,7 +317,7 @@ def run_scale(
                     "sizes": []}
     # Dense reference: decode speed after a 2K-token prompt of the same text.
     documents = haystack_documents(essays, 2048, count)
-    ids = engine.dense_prompt(SCALE_QUESTIONS[0], documents)
+    ids = dense_prompt(engine, SCALE_QUESTIONS[0], documents)
     dense = GenerationStats()
     for _ in model.stream(ids, params, stats=dense):
         pass

@@ -10,7 +10,7 @@ The bare loop is the floor any pypdf-based reader pays: open the file, call
 outline, running-line detection, normalisation with offset maps, and keeps every
 page's text — the ratio of the two times is the price of that.
 
-    python -m ingest.bench book.pdf [--json out.json]
+    quire bench ingest book.pdf    (or: python -m bench.ingest book.pdf [--json out.json])
     quire bench search
 """
 
@@ -91,7 +91,7 @@ _RUNNERS = {"ours": _run_ours, "bare": _run_bare}
 def _in_subprocess(kind: str, path: Path) -> dict[str, float]:
     root = Path(__file__).resolve().parents[1]
     completed = subprocess.run(
-        [sys.executable, "-m", "ingest.bench", "--run", kind, str(path)],
+        [sys.executable, "-m", "bench.ingest", "--run", kind, str(path)],
         capture_output=True,
         text=True,
         cwd=root,

@@ -1,4 +1,5 @@
-"""Event-loop latency probe: how late the GUI thread serves a timer while work runs.
+"""Event-loop latency probe of `quire bench gui` (bench/gui.py): how late the GUI thread
+serves a timer while work runs.
 
 A QTimer asks to fire every `interval_ms`; each time it does, the delay beyond the
 interval is how long the event loop was busy elsewhere (a frozen window shows as
