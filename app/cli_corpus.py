@@ -1,7 +1,7 @@
 """`quire` corpus commands: questions and whole-document tasks over the library's
 documents (read as text: passages chosen by BM25, written by the reader), and the
-corpus cache. Each is a few lines over `engine.corpus.engine.Engine`, opened from the
-app's settings (`open_engine`) and wired to the library here (the engine never
+corpus cache. Each is a few lines over `engine.corpus.answerer.Answerer`, opened from
+the app's settings (`open_answerer`) and wired to the library here (the engine never
 imports ingest).
 
     quire cache build [--doc ID...] [--precision int8|int4|fp16]   progress on stderr
@@ -28,13 +28,13 @@ from app.service import library_content_keys, scope_documents
 from ingest.library import Library
 
 
-def open_engine(args: argparse.Namespace):
-    """The engine the app would open, from the app's settings (app/settings.py: model,
-    device, cache folder and precision, reader), each overridden by a flag given to
-    this command."""
+def open_answerer(args: argparse.Namespace):
+    """The Answerer the app would open (its model, reader and corpus cache), from the
+    app's settings (app/settings.py: model, device, cache folder and precision, reader),
+    each overridden by a flag given to this command."""
     from app.service import resolve_device
     from app.settings import load_settings
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.reader import make_reader
     from engine.runtime import load_model
 
@@ -49,7 +49,7 @@ def open_engine(args: argparse.Namespace):
     reader = make_reader(getattr(args, "reader", None) or settings.reader,
                          api_key=getattr(args, "reader_key", None) or settings.reader_api_key, backend=backend,
                          device=device)
-    return Engine(model, cache_root=settings.cache_root(), cache_settings=cache, reader=reader)
+    return Answerer(model, cache_root=settings.cache_root(), cache_settings=cache, reader=reader)
 
 
 def _print_build_progress(progress: BuildProgress) -> None:
@@ -67,12 +67,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return cmd_cache_clear(args)
     with Library() as library:
         documents = scope_documents(library, args.doc)
-    engine = open_engine(args)
+    answerer = open_answerer(args)
     if args.action == "build":
         if not documents:
             print("quire: nothing to cache: add documents first (quire add PATH)", file=sys.stderr)
             return 1
-        summary = engine.build(documents, on_progress=_print_build_progress)
+        summary = answerer.cache.build(documents, on_progress=_print_build_progress)
         print(file=sys.stderr)
         print(
             f"cached {summary.documents} document(s): {summary.segments_built} segment(s) built, "
@@ -80,15 +80,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
         )
     elif args.action == "status":
         for document in documents:
-            state = "cached" if engine.is_cached(document) else "not cached"
+            state = "cached" if answerer.cache.is_cached(document) else "not cached"
             print(f"{document.doc_id:>5}  {state:<10}  {document.title}")
-        print(f"cache: {engine.cache_bytes() / 2**20:.1f} MiB in {engine.root}")
+        print(f"cache: {answerer.cache.total_bytes() / 2**20:.1f} MiB in {answerer.cache.root}")
     return 0
 
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     from app.settings import load_settings
-    from engine.corpus.engine import prune_caches
+    from engine.corpus.cache import prune_caches
 
     with Library() as library:
         keep = library_content_keys(library)
@@ -98,7 +98,7 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from engine.corpus.engine import AskStats, Evidence
+    from engine.corpus.answerer import AskStats, Evidence
     from engine.generate import SamplingParams, Token
 
     with Library() as library:
@@ -106,11 +106,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not documents:
         print("quire: nothing to ask over: add documents first (quire add PATH)", file=sys.stderr)
         return 1
-    engine = open_engine(args)
+    answerer = open_answerer(args)
     # The answer reads passages as text; only cached reading needs the cache built.
-    if engine.read_cached and not all(engine.is_cached(d) for d in documents):
+    if answerer.read_cached and not all(answerer.cache.is_cached(d) for d in documents):
         print("building the cache for documents not cached yet…", file=sys.stderr)
-        engine.build(documents, on_progress=_print_build_progress)
+        answerer.cache.build(documents, on_progress=_print_build_progress)
         print(file=sys.stderr)
     evidence: list[Evidence] = []
     stats = None
@@ -118,7 +118,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from app.settings import load_settings
 
     max_tokens = args.max_tokens or load_settings().max_answer_tokens
-    for event in engine.ask(args.question, documents, SamplingParams(max_new_tokens=max_tokens)):
+    for event in answerer.ask(args.question, documents, SamplingParams(max_new_tokens=max_tokens)):
         if isinstance(event, Token):
             print(event.text, end="", flush=True)
         elif isinstance(event, Evidence):
@@ -151,7 +151,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def _run_task(events, *, show_evidence: bool, json_out: bool) -> int:
     """Stream a whole-document task: text to stdout, progress to stderr, then evidence."""
-    from engine.corpus.engine import AskStats, Evidence
+    from engine.corpus.answerer import AskStats, Evidence
     from engine.corpus.tasks import TaskProgress, TaskStats
     from engine.generate import Token
 
@@ -230,9 +230,9 @@ def cmd_summarise(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"quire: {error}", file=sys.stderr)
         return 2
-    engine = open_engine(args)
+    answerer = open_answerer(args)
     try:
-        events = engine.summarise(documents[0], SamplingParams(max_new_tokens=args.max_tokens), first_page=first, last_page=last)
+        events = answerer.summarise(documents[0], SamplingParams(max_new_tokens=args.max_tokens), first_page=first, last_page=last)
         return _run_task(events, show_evidence=True, json_out=args.json)
     except ValueError as error:
         print(f"quire: {error}", file=sys.stderr)
@@ -248,8 +248,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     documents = _documents_or_fail(args.ids)
     if len(documents) < 2:
         return 1
-    engine = open_engine(args)
-    events = engine.compare(documents, args.topic, SamplingParams(max_new_tokens=args.max_tokens))
+    answerer = open_answerer(args)
+    events = answerer.compare(documents, args.topic, SamplingParams(max_new_tokens=args.max_tokens))
     return _run_task(events, show_evidence=True, json_out=args.json)
 
 

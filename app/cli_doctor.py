@@ -150,7 +150,7 @@ def platform_check() -> Check:
 
 
 def device_check(settings: AppSettings) -> Check:
-    """The backend, device and dtype `app.service.LocalEngine` would load the model
+    """The backend, device and dtype `app.service.LocalService` would load the model
     with, by the same functions, but without loading it."""
     from app.service import resolve_device
 

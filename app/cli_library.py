@@ -140,7 +140,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from app.service import library_content_keys
     from app.settings import load_settings
-    from engine.corpus.engine import prune_caches
+    from engine.corpus.cache import prune_caches
 
     with Library() as library:
         record = library.remove(args.id)

@@ -2,7 +2,7 @@
 
     quire serve [--host 127.0.0.1] [--port 8765] [--api-key KEY] [--model NAME]
 
-The engine is the app's own (`LocalEngine` from settings.json, as the window loads
+The service is the app's own (`LocalService` from settings.json, as the window loads
 it); the key may also come from the environment (QUIRE_API_KEY), which keeps it off
 the process list. Ctrl-C stops the server.
 """
@@ -20,7 +20,7 @@ from app.server import DEFAULT_HOST, DEFAULT_PORT
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from app.server import QuireServer, is_loopback
-    from app.service import LocalEngine
+    from app.service import LocalService
     from app.settings import load_settings
 
     api_key = args.api_key or os.environ.get("QUIRE_API_KEY") or None
@@ -30,16 +30,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.model:
         settings = replace(settings, model=args.model)
-    engine = LocalEngine(settings)
+    service = LocalService(settings)
     try:
-        server = QuireServer(engine, host=args.host, port=args.port, api_key=api_key,
+        server = QuireServer(service, host=args.host, port=args.port, api_key=api_key,
                              max_tokens=settings.max_answer_tokens)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             print(f"quire: error: port {args.port} is in use: choose another with --port", file=sys.stderr)
             return 1
         raise
-    print(f"quire serve: {engine.model_name} on {engine.device}, OpenAI API at {server.url}"
+    print(f"quire serve: {service.model_name} on {service.device}, OpenAI API at {server.url}"
           + (" (API key required)" if api_key else "") + "; Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

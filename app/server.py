@@ -9,8 +9,8 @@ questions over the user's documents and gets the cited answer back:
 
 The model name chooses the scope: `quire` (or `quire-library`) is every ready
 document, `quire/collection/<name>` a collection, `quire/docs/<id>,<id>` documents by
-id. The answer is `AnswerEngine.ask`'s, the path the window and `quire ask` use:
-the last user message is the question, the earlier user/assistant pairs are the
+id. The answer is `Service.ask`'s, the path the window and `quire ask` use: the
+last user message is the question, the earlier user/assistant pairs are the
 conversation (`Turn`s; the sources block this server appended to an earlier answer
 is dropped from it), and system messages are ignored, since the engine writes its
 own grounded prompt. Sampling parameters (temperature, top_p, n, stop, tools) are
@@ -23,12 +23,12 @@ read where none was cited), and as the extension field `quire_evidence` (with
 OpenAI's API reference (https://platform.openai.com/docs/api-reference/chat): errors
 are {"error": {"message", "type", "param", "code"}}.
 
-There is one engine, so answers queue: a single worker thread runs them one at a
-time in order of arrival. The HTTP side is threaded; each request's thread waits on
+There is one service (one model), so answers queue: a single worker thread runs
+them one at a time in order of arrival. The HTTP side is threaded; each request's thread waits on
 its own answer and watches its connection, so a client that goes away cancels its
-answer (the engine is asked with a cancel callable) and a request still waiting in
+answer (the service is asked with a cancel callable) and a request still waiting in
 the queue when its client leaves is skipped. No Qt here and no model: the caller
-passes any `AnswerEngine` (tests pass a scripted one).
+passes any `Service` (tests pass a scripted one).
 
 It listens on 127.0.0.1 unless told otherwise. With an API key every request needs
 `Authorization: Bearer KEY`; without one, a loopback server answers only requests
@@ -56,9 +56,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from app.service import AnswerEngine, AskEvent, scope_documents
+from app.service import AskEvent, Service, scope_documents
 from engine.corpus.answer import Turn
-from engine.corpus.engine import AskStats, Evidence
+from engine.corpus.answerer import AskStats, Evidence
 from engine.generate import Token
 from ingest.errors import LibraryError
 from ingest.library import Library
@@ -288,11 +288,11 @@ def _one_line(error: BaseException) -> str:
 
 
 class AnswerQueue:
-    """The engine's only user: one thread answers jobs one at a time, first come
+    """The service's only user: one thread answers jobs one at a time, first come
     first served. A job cancelled before its turn is skipped."""
 
-    def __init__(self, engine: AnswerEngine, library_path: Path | None = None) -> None:
-        self.engine = engine
+    def __init__(self, service: Service, library_path: Path | None = None) -> None:
+        self.service = service
         self.library_path = library_path
         self._jobs: queue.Queue[AnswerJob | None] = queue.Queue()
         self._current: AnswerJob | None = None
@@ -341,7 +341,7 @@ class AnswerQueue:
     def _prepare(self, library: Library) -> None:
         """Index the whole library's passages now (the usual scope), so the first
         question does not wait for it."""
-        prepare: Callable[[list], None] | None = getattr(self.engine, "prepare", None)
+        prepare: Callable[[list], None] | None = getattr(self.service, "prepare", None)
         if prepare is None:
             return
         try:
@@ -352,10 +352,10 @@ class AnswerQueue:
     def _answer(self, job: AnswerJob, library: Library) -> None:
         try:
             if job.messages is not None:
-                events = self.engine.chat(job.messages, job.max_tokens, job.cancelled.is_set)
+                events = self.service.chat(job.messages, job.max_tokens, job.cancelled.is_set)
             else:
                 documents = scope_documents(library, job.document_ids)
-                events = self.engine.ask(job.question, documents, job.max_tokens, job.cancelled.is_set, job.history)
+                events = self.service.ask(job.question, documents, job.max_tokens, job.cancelled.is_set, job.history)
             for event in events:
                 job.events.put(event)
         except Exception as error:  # noqa: BLE001 — one failed answer must not stop the server
@@ -715,7 +715,7 @@ class QuireServer:
     CLI); `start()` serves from a thread (tests, benchmarks); `close()` stops both.
     Port 0 binds a free port: `url` says which."""
 
-    def __init__(self, engine: AnswerEngine, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+    def __init__(self, service: Service, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: str | None = None, library_path: Path | None = None, max_tokens: int = 384) -> None:
         self.api_key = api_key or None
         self.loopback = is_loopback(host)
@@ -724,7 +724,7 @@ class QuireServer:
         Library(library_path).close()
         self.library_path = library_path
         self.max_tokens = max_tokens
-        self.answers = AnswerQueue(engine, library_path)
+        self.answers = AnswerQueue(service, library_path)
         self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.quire = self
         self._thread: threading.Thread | None = None

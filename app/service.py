@@ -1,10 +1,12 @@
-"""What the app asks of an engine, and the local one that does it.
+"""What the app asks of the engine — the `Service` — and the local one that does it.
 
-The GUI's engine worker talks to an `AnswerEngine`: load once, build the corpus
-cache for documents, answer a question over them (tokens, evidence, statistics),
-or answer with no documents at all when the library is empty. `LocalEngine` wires
-the app's settings to `engine.corpus.engine.Engine`; tests substitute a scripted
-engine with the same methods. No Qt here: the worker owns the threading.
+The GUI's worker (app/gui/worker.py `ServiceWorker`) and `quire serve` talk to a
+`Service`: load once, build the corpus cache for documents, answer a question over
+them (tokens, evidence, statistics), or answer with no documents at all when the
+library is empty. `LocalService` wires the app's settings to the engine's
+`engine.corpus.answerer.Answerer` (its retriever, reader and corpus cache); tests
+substitute a scripted service with the same methods. No Qt here: the worker owns
+the threading.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Protocol
 from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, BuildSummary, CorpusDocument
 from engine.corpus.answer import HISTORY_TOKENS, Turn, recent_turns
-from engine.corpus.engine import AskStats, Evidence
+from engine.corpus.answerer import AskStats, Evidence
 from engine.generate import GenerationStats, SamplingParams, Token
 from ingest.document import PAGE_SEPARATOR
 from ingest.library import DocumentRecord, Library
@@ -26,7 +28,7 @@ from ingest.library import DocumentRecord, Library
 AskEvent = Token | Evidence | AskStats
 
 
-class AnswerEngine(Protocol):
+class Service(Protocol):
     model_name: str
     device: str
 
@@ -181,11 +183,11 @@ def ensure_model(
     return True
 
 
-class LocalEngine:
-    """The model and its corpus engine, loaded from the app's settings."""
+class LocalService:
+    """The model, its reader and its Answerer, loaded from the app's settings."""
 
     def __init__(self, settings: AppSettings) -> None:
-        from engine.corpus.engine import Engine
+        from engine.corpus.answerer import Answerer
         from engine.runtime import load_model
 
         self.settings = settings
@@ -197,7 +199,7 @@ class LocalEngine:
         self.reader = make_reader(settings.reader, api_key=settings.reader_api_key, backend=backend, device=self.device)
         if self.reader is not None:
             self.model_name = f"{self.model_name} + {self.reader.name}"
-        self.engine = Engine(
+        self.answerer = Answerer(
             self.model,
             cache_root=settings.cache_root(),
             cache_settings=settings.cache_settings(),
@@ -205,21 +207,21 @@ class LocalEngine:
         )
 
     def is_cached(self, document: CorpusDocument) -> bool:
-        return self.engine.is_cached(document)
+        return self.answerer.cache.is_cached(document)
 
     def build(self, documents, on_progress, cancel) -> BuildSummary:
-        return self.engine.build(documents, on_progress=on_progress, cancel=cancel)
+        return self.answerer.cache.build(documents, on_progress=on_progress, cancel=cancel)
 
     def prepare(self, documents: list[CorpusDocument]) -> None:
         """Build the passage index of the next question's scope (seconds over a large
         library), so the first question does not wait for it."""
         if documents:
-            self.engine.passage_index(documents)
+            self.answerer.prepare(documents)
 
     def ask(self, question, documents, max_tokens, cancel, history=()) -> Iterator[AskEvent]:
         params = SamplingParams(max_new_tokens=max_tokens)
         if documents:
-            yield from self.engine.ask(question, documents, params, history=history, cancel=cancel)
+            yield from self.answerer.ask(question, documents, params, history=history, cancel=cancel)
             return
         # An empty library or scope: the model alone, said plainly in the stats.
         messages = []
@@ -230,7 +232,7 @@ class LocalEngine:
 
     def chat(self, messages, max_tokens, cancel) -> Iterator[AskEvent]:
         stats = GenerationStats()
-        yield from self.engine.reader.chat(messages, SamplingParams(max_new_tokens=max_tokens), cancel=cancel, stats=stats)
+        yield from self.answerer.reader.chat(messages, SamplingParams(max_new_tokens=max_tokens), cancel=cancel, stats=stats)
         yield AskStats(
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generated_tokens,
@@ -245,16 +247,16 @@ class LocalEngine:
         (options: topic)."""
         params = SamplingParams(max_new_tokens=max_tokens)
         if task == "find-all":
-            return self.engine.find_all(options["term"], documents, cancel=cancel)
+            return self.answerer.find_all(options["term"], documents, cancel=cancel)
         if task == "summarise":
-            return self.engine.summarise(documents[0], params, first_page=options.get("first_page"),
-                                         last_page=options.get("last_page"), cancel=cancel)
+            return self.answerer.summarise(documents[0], params, first_page=options.get("first_page"),
+                                           last_page=options.get("last_page"), cancel=cancel)
         if task == "compare":
-            return self.engine.compare(documents, options["topic"], params, cancel=cancel)
+            return self.answerer.compare(documents, options["topic"], params, cancel=cancel)
         raise ValueError(f"unknown task '{task}'")
 
     def cache_bytes(self) -> int:
-        return self.engine.cache_bytes()
+        return self.answerer.cache.total_bytes()
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer.encode(text))

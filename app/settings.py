@@ -40,7 +40,7 @@ class AppSettings:
     precision: str = "int8"
     max_answer_tokens: int = 384
     # Build the cache for new documents as soon as they are added. Off: answers read
-    # passages as text (engine.corpus.engine.Engine.ask), and a cache costs about an
+    # passages as text (engine.corpus.answerer.Answerer.ask), and a cache costs about an
     # hour of prefill per 250K tokens on a 2-core machine.
     auto_cache: bool = False
     theme: str = "system"

@@ -53,7 +53,7 @@ def cmd_niah(args: argparse.Namespace) -> dict:
     """`quire bench niah`: bench/niah.py's cases over --haystack, a line per case on stderr."""
     from bench import niah
 
-    engine = _corpus_engine(args)
+    answerer = _answerer(args)
 
     def show(case: dict) -> None:
         line = f"{case['kind']:<10} {case['length']:>8} {case['depth']:4.2f} quire={case['quire']['score']:.2f}"
@@ -63,7 +63,7 @@ def cmd_niah(args: argparse.Namespace) -> dict:
         print(line, file=sys.stderr, flush=True)
 
     result = niah.run_niah(
-        engine, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
+        answerer, Path(args.haystack), lengths=args.lengths, depths=args.depths, needles=args.needles,
         kinds=args.kinds, baselines=args.baselines, dense_limit=args.dense_limit,
         dense_needles=args.dense_needles, max_new_tokens=args.answer_tokens, seed=args.case_seed,
         out=Path(args.out) if args.out else None, on_case=show,
@@ -76,17 +76,17 @@ def cmd_scale(args: argparse.Namespace) -> dict:
     """`quire bench scale`: bench/niah.py's run_scale over --haystack."""
     from bench import niah
 
-    return niah.run_scale(_corpus_engine(args), Path(args.haystack), lengths=args.lengths,
+    return niah.run_scale(_answerer(args), Path(args.haystack), lengths=args.lengths,
                           out=Path(args.out) if args.out else None)
 
 
-def _corpus_engine(args: argparse.Namespace):  # noqa: ANN202 - engine.corpus.engine.Engine
-    from engine.corpus.engine import Engine
+def _answerer(args: argparse.Namespace):  # noqa: ANN202 - engine.corpus.answerer.Answerer
+    from engine.corpus.answerer import Answerer
     from engine.corpus.settings import CacheSettings
     from engine.runtime import DEFAULT_MODEL, load_model
 
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    return Engine(model, cache_settings=CacheSettings(precision=args.precision))
+    return Answerer(model, cache_settings=CacheSettings(precision=args.precision))
 
 
 def cmd_runtime(args: argparse.Namespace) -> dict:

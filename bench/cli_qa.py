@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict | None:
     """`quire bench qa`: bench/qa.py over the qa documents."""
     from bench.qa import METHODS, QARunner, report, run_qa
     from bench.qa_data import load_questions
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.paths import data_dir
     from engine.runtime import DEFAULT_MODEL, load_model
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict | None:
     print(f"reading {len(manifest['documents'])} documents", file=sys.stderr, flush=True)
     documents = qa_documents(Path(args.qa_documents), manifest)
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    engine = Engine(model, reader=_reader(args))
+    answerer = Answerer(model, reader=_reader(args))
     wanted = sorted({k for q in questions for k in q.docs} if args.scopes == ["own"] else set(documents))
 
     def progress(p) -> None:
@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> dict | None:
 
     if "quire-cache" in args.methods and not args.retrieval:  # only cached reading reads the cache
         started = time.perf_counter()
-        engine.build([documents[k] for k in wanted], on_progress=progress)
+        answerer.cache.build([documents[k] for k in wanted], on_progress=progress)
         print(f"\ncache ready in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     embedder = None
     if "embed" in args.methods:
         from engine.backends.torch.embed import MiniLMEmbedder, model_folder
 
         embedder = MiniLMEmbedder(model_folder(data_dir() / "models"))
-    runner = QARunner(engine, documents, max_tokens=args.qa_tokens, embedder=embedder, dense_limit=args.dense_limit)
+    runner = QARunner(answerer, documents, max_tokens=args.qa_tokens, embedder=embedder, dense_limit=args.dense_limit)
 
     def show(record: dict) -> None:
         hit = record["evidence_hit"]
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict | None:
     methods = [m for m in METHODS if m in args.methods]
     result = run_qa(runner, questions, methods, args.scopes, on_answer=show, firsts=firsts)
     result["model"] = model.folder.name
-    result["reader"] = engine.reader.name
+    result["reader"] = answerer.reader.name
     result["documents"] = {k: runner.token_count(k) for k in documents}
     table = report(result["summary"])
     print(table, file=sys.stderr)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict | None:
 def run_tasks(args: argparse.Namespace) -> dict | None:
     """`quire bench tasks`: bench/tasks.py over the qa documents."""
     from bench.tasks import METHODS, TaskRunner, load_items, run_tasks as run
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.runtime import DEFAULT_MODEL, load_model
 
     items = load_items(args.questions or ROOT_TASKS / "tasks.jsonl")
@@ -118,7 +118,7 @@ def run_tasks(args: argparse.Namespace) -> dict | None:
     manifest = json.loads((RESOURCES / "documents.json").read_text())
     documents = qa_documents(Path(args.qa_documents), manifest)
     model = load_model((args.model or [DEFAULT_MODEL])[0])
-    runner = TaskRunner(Engine(model, reader=_reader(args)), documents, dense_limit=args.dense_limit)
+    runner = TaskRunner(Answerer(model, reader=_reader(args)), documents, dense_limit=args.dense_limit)
     methods = [m for m in METHODS if m in (args.methods or METHODS)]
 
     def show(row: dict) -> None:

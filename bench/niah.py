@@ -1,5 +1,5 @@
 """`quire bench niah` and `quire bench scale`: recall and speed of Quire's answer
-path (Engine.ask: BM25 passages read as one numbered context) on needle-in-a-haystack
+path (Answerer.ask: BM25 passages read as one numbered context) on needle-in-a-haystack
 cases, with the baselines a user would otherwise have.
 
 The haystack is a set of real documents (one per essay file of a directory, e.g.
@@ -8,10 +8,10 @@ to reach each length: beyond the directory's size the same essays recur as furth
 documents, which the cache stores once (content-addressed segments), so such a
 haystack is only as hard as its distinct text; tools/distinct_haystack.py writes one
 of distinct text. A needle goes into one document. The answer path reads passages as
-text; the cache is built only where the engine reads from it (`read_cached`), and then
+text; the cache is built only where the answerer reads from it (`read_cached`), and then
 only the needle document's segments from the needle on are rebuilt.
 
-Per case: Quire's answer (Engine.ask, recorded as "quire"), whether a needle is among
+Per case: Quire's answer (Answerer.ask, recorded as "quire"), whether a needle is among
 the top evidence passages, and in the same run the baselines: BM25 top-k chunks in a
 chat prompt (desktop RAG), and the dense prompt where the context fits `dense_limit`.
 Results recorded before the block-sparse path was removed name its answers "sparse"
@@ -45,7 +45,7 @@ from bench.niah_data import (
     sentence_boundary,
 )
 from engine.corpus.build import CorpusDocument
-from engine.corpus.engine import AskStats, Engine, Evidence
+from engine.corpus.answerer import Answerer, AskStats, Evidence
 from engine.corpus.tasks import TaskStats
 from engine.generate import GenerationStats, SamplingParams, Token
 
@@ -113,7 +113,7 @@ def place_needles(documents: list[CorpusDocument], case: Case, sizes: list[int])
 
 
 def collect_answer(events) -> tuple[str, list[Evidence], AskStats | TaskStats | None]:
-    """The text, its evidence and its statistics from `Engine.ask` events (or a
+    """The text, its evidence and its statistics from `Answerer.ask` events (or a
     whole-document task's; its progress events are passed over)."""
     text, evidence, stats = "", [], None
     for event in events:
@@ -126,13 +126,13 @@ def collect_answer(events) -> tuple[str, list[Evidence], AskStats | TaskStats | 
     return text, evidence, stats
 
 
-def dense_prompt(engine: Engine, question: str, documents: Iterable[CorpusDocument]) -> list[int]:
+def dense_prompt(answerer: Answerer, question: str, documents: Iterable[CorpusDocument]) -> list[int]:
     """The dense baseline's prompt: the chat template around the documents' full text
-    and the question (the engine's prefix and question ids, nothing chosen)."""
-    ids = list(engine.prefix_ids)
+    and the question (the answerer's prefix and question ids, nothing chosen)."""
+    ids = list(answerer.prefix_ids)
     for document in documents:
-        ids += engine.model.tokenizer.encode(document.text)
-    return ids + engine.question_ids(question)
+        ids += answerer.model.tokenizer.encode(document.text)
+    return ids + answerer.question_ids(question)
 
 
 def _evidence_hit(evidence: list[Evidence], documents: list[CorpusDocument], span: tuple[int, int, int], top: int = 3) -> bool:
@@ -142,7 +142,7 @@ def _evidence_hit(evidence: list[Evidence], documents: list[CorpusDocument], spa
 
 
 def run_niah(
-    engine: Engine,
+    answerer: Answerer,
     haystack: Path,
     *,
     lengths: list[int],
@@ -158,7 +158,7 @@ def run_niah(
     out: Path | None = None,
     on_case: Callable[[dict], None] | None = None,
 ) -> dict:
-    model = engine.model
+    model = answerer.model
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
     rng = random.Random(seed)
@@ -168,7 +168,7 @@ def run_niah(
         "benchmark": "niah",
         "model": model.folder.name,
         "machine": _machine(),
-        "settings": {"cache": dataclasses.asdict(engine.cache_settings), "read_cached": engine.read_cached},
+        "settings": {"cache": dataclasses.asdict(answerer.cache.settings), "read_cached": answerer.read_cached},
         "answer_tokens": answer_tokens,
         "haystack": str(haystack),
         "cases": [],
@@ -176,9 +176,9 @@ def run_niah(
     for length in lengths:
         documents = haystack_documents(essays, length, count)
         sizes = [count(d.text) for d in documents]
-        if engine.read_cached:  # the answer reads passages as text unless it reads them cached
+        if answerer.read_cached:  # the answer reads passages as text unless it reads them cached
             started = time.perf_counter()
-            summary = engine.build(documents)
+            summary = answerer.cache.build(documents)
             result.setdefault("builds", []).append({
                 "length": length, "tokens": sum(sizes), "documents": len(documents),
                 "segments_built": summary.segments_built, "segments_reused": summary.segments_reused,
@@ -190,7 +190,7 @@ def run_niah(
                     case = make_case(kind, length, depth, rng)
                     # The dense baseline costs a full prefill per case: optionally fewer needles.
                     methods = [b for b in baselines if b != "dense" or dense_needles is None or needle < dense_needles]
-                    record = _run_case(engine, documents, sizes, case, params[kind], methods, dense_limit, bm25_chunks)
+                    record = _run_case(answerer, documents, sizes, case, params[kind], methods, dense_limit, bm25_chunks)
                     result["cases"].append(record)
                     if on_case is not None:
                         on_case(record)
@@ -203,13 +203,13 @@ def run_niah(
     return result
 
 
-def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm25_chunks) -> dict:
-    model = engine.model
+def _run_case(answerer, documents, sizes, case, params, baselines, dense_limit, bm25_chunks) -> dict:
+    model = answerer.model
     with_needles, spans = place_needles(documents, case, sizes)
     started = time.perf_counter()
-    built = engine.build(with_needles) if engine.read_cached else None
+    built = answerer.cache.build(with_needles) if answerer.read_cached else None
     build_seconds = time.perf_counter() - started
-    answer, evidence, stats = collect_answer(engine.ask(case.question, with_needles, params))
+    answer, evidence, stats = collect_answer(answerer.ask(case.question, with_needles, params))
     record = {
         "kind": case.kind,
         "length": case.length,
@@ -239,7 +239,7 @@ def _run_case(engine, documents, sizes, case, params, baselines, dense_limit, bm
         answer = "".join(t.text for t in rag)
         record["bm25"] = {"answer": answer, "score": score_answer(answer, case.expected), "retrieved": hit}
     if "dense" in baselines and case.length <= dense_limit:
-        ids = dense_prompt(engine, case.question, with_needles)
+        ids = dense_prompt(answerer, case.question, with_needles)
         answer = "".join(t.text for t in model.stream(ids, params))
         record["dense"] = {"answer": answer, "score": score_answer(answer, case.expected), "prompt_tokens": len(ids)}
     return record
@@ -302,22 +302,22 @@ SCALE_QUESTIONS = (
 
 
 def run_scale(
-    engine: Engine, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32,
+    answerer: Answerer, haystack: Path, *, lengths: list[int], out: Path | None = None, max_new_tokens: int = 32,
 ) -> dict:
     """Time to first token and decode speed versus corpus size, against dense decode
     after a 2K prompt; the build's time and bytes, the passage index's build time (the
-    app builds it when a scope is chosen, before the first question: LocalEngine.prepare);
+    app builds it when a scope is chosen, before the first question: LocalService.prepare);
     cache bytes per token per precision."""
-    model = engine.model
+    model = answerer.model
     count = lambda text: len(model.tokenizer.encode(text))  # noqa: E731
     essays = essay_documents(haystack)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     result: dict = {"benchmark": "scale", "model": model.folder.name, "machine": _machine(),
-                    "settings": {"cache": dataclasses.asdict(engine.cache_settings), "read_cached": engine.read_cached},
+                    "settings": {"cache": dataclasses.asdict(answerer.cache.settings), "read_cached": answerer.read_cached},
                     "sizes": []}
     # Dense reference: decode speed after a 2K-token prompt of the same text.
     documents = haystack_documents(essays, 2048, count)
-    ids = dense_prompt(engine, SCALE_QUESTIONS[0], documents)
+    ids = dense_prompt(answerer, SCALE_QUESTIONS[0], documents)
     dense = GenerationStats()
     for _ in model.stream(ids, params, stats=dense):
         pass
@@ -326,17 +326,17 @@ def run_scale(
     for length in lengths:
         documents = haystack_documents(essays, length, count)
         started = time.perf_counter()
-        summary = engine.build(documents)
+        summary = answerer.cache.build(documents)
         build_seconds = time.perf_counter() - started
-        manifests = [engine.manifests.load(d.content_key) for d in documents]
+        manifests = [answerer.cache.manifests.load(d.content_key) for d in documents]
         unique = {ref.key for manifest in manifests for ref in manifest.segments}
-        unique_bytes = sum(engine.store.path_for(k).stat().st_size for k in unique)
+        unique_bytes = sum(answerer.cache.store.path_for(k).stat().st_size for k in unique)
         started = time.perf_counter()
-        engine.passage_index(documents)
+        answerer.prepare(documents)
         index_seconds = time.perf_counter() - started
         asks = []
         for question in SCALE_QUESTIONS:
-            answer, evidence, stats = collect_answer(engine.ask(question, documents, params))
+            answer, evidence, stats = collect_answer(answerer.ask(question, documents, params))
             asks.append({"ttft": round(stats.time_to_first_token, 3), "decode_tps": round(stats.decode_tokens_per_second, 2),
                          "retrieval_seconds": round(stats.retrieval_seconds, 3), "passages_read": stats.passages_read,
                          "passages_from_cache": stats.passages_from_cache, "context_tokens": stats.context_tokens,
@@ -353,25 +353,25 @@ def run_scale(
         log.info("scale %d: %s", length, record)
         if out is not None:
             _write(out, result)
-    result["bytes_per_token"] = precision_bytes(engine, essays)
+    result["bytes_per_token"] = precision_bytes(answerer, essays)
     if out is not None:
         _write(out, result)
     return result
 
 
-def precision_bytes(engine: Engine, essays: list[tuple[str, str]], tokens: int = 4096) -> dict:
+def precision_bytes(answerer: Answerer, essays: list[tuple[str, str]], tokens: int = 4096) -> dict:
     """Cache bytes per token for each precision, from a fresh build of the same text."""
     import tempfile
 
-    count = lambda text: len(engine.model.tokenizer.encode(text))  # noqa: E731
+    count = lambda text: len(answerer.model.tokenizer.encode(text))  # noqa: E731
     documents = haystack_documents(essays, tokens, count)
     out = {}
     for precision in ("fp16", "int8", "int4"):
         with tempfile.TemporaryDirectory() as root:
-            other = Engine(engine.model, cache_root=Path(root),
-                           cache_settings=dataclasses.replace(engine.cache_settings, precision=precision))
-            summary = other.build(documents)
-            out[precision] = round(other.cache_bytes() / summary.tokens, 1)
+            other = Answerer(answerer.model, cache_root=Path(root),
+                             cache_settings=dataclasses.replace(answerer.cache.settings, precision=precision))
+            summary = other.cache.build(documents)
+            out[precision] = round(other.cache.total_bytes() / summary.tokens, 1)
     out["int4_vs_fp16"] = round(out["fp16"] / out["int4"], 2)
     out["int8_vs_fp16"] = round(out["fp16"] / out["int8"], 2)
     return out

@@ -4,12 +4,12 @@ the same run. This is the benchmark that decides how Quire answers
 (docs/BENCHMARKS.md, "Answers on real documents (issue 23)"); `quire bench niah` is the regression check.
 
 Methods:
-- "quire": Engine.ask, the default answer path (the five 200-word passages that
+- "quire": Answerer.ask, the default answer path (the five 200-word passages that
   Quire's BM25 (stemmed, common terms unweighted: engine/corpus/passages.py) ranks
   best over the whole scope, read as a numbered context with each passage's document
   and page; citations attributed after the answer).
 - "quire-cache": the same passages, their keys and values read from the corpus cache
-  instead of prefilled (Engine.read_cached), where the documents are cached.
+  instead of prefilled (Answerer.read_cached), where the documents are cached.
 - "bm25": the way GPT4All's LocalDocs works: the top 5 chunks of 200 words by plain
   BM25 (lowercase words, rank-bm25's defaults) in the prompt before the question.
 - "embed": the way AnythingLLM works: the top 4 chunks of 150 words by cosine
@@ -18,7 +18,7 @@ Methods:
 Follow-ups (resources/bench/qa/followups.jsonl; each names the question asked before
 it): each method first answers that question, then the follow-up with the first
 question and its own answer as the conversation so far. "quire" retrieves with the
-turn before and shows it to the reader (Engine.ask's history); "bm25" and "embed"
+turn before and shows it to the reader (Answerer.ask's history); "bm25" and "embed"
 show it to the reader and retrieve for the follow-up alone, as the chat apps do;
 "quire-alone" asks the follow-up with no conversation (Quire before multi-turn).
 
@@ -46,7 +46,7 @@ from bench.niah import collect_answer
 from bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
 from engine.corpus.answer import Turn, says_not_found
 from engine.corpus.build import CorpusDocument
-from engine.corpus.engine import ANSWER_NO_REPEAT_NGRAM, Engine
+from engine.corpus.answerer import ANSWER_NO_REPEAT_NGRAM, Answerer
 from engine.corpus.passages import PassageIndex
 from engine.generate import GenerationStats, SamplingParams
 
@@ -92,15 +92,15 @@ class QARunner:
 
     def __init__(
         self,
-        engine: Engine,
+        answerer: Answerer,
         documents: dict[str, CorpusDocument],
         *,
         max_tokens: int = 200,
         embedder: Embedder | None = None,
         dense_limit: int = 30000,
     ) -> None:
-        self.engine = engine
-        self.model = engine.model
+        self.answerer = answerer
+        self.model = answerer.model
         self.documents = documents
         self.params = SamplingParams(max_new_tokens=max_tokens, no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
         self.embedder = embedder
@@ -154,15 +154,15 @@ class QARunner:
     # -- methods ---------------------------------------------------------------
 
     def _quire_cache(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
-        self.engine.read_cached = True
+        self.answerer.read_cached = True
         try:
             return self._quire(question, keys, docs, history)
         finally:
-            self.engine.read_cached = False
+            self.answerer.read_cached = False
 
     def _quire(self, question: str, keys: list[str], docs: list[CorpusDocument], history: list[Turn]) -> MethodResult:
         started = time.perf_counter()
-        answer, evidence, stats = collect_answer(self.engine.ask(question, docs, replace(self.params), history=history))
+        answer, evidence, stats = collect_answer(self.answerer.ask(question, docs, replace(self.params), history=history))
         key_of = {self.documents[k].doc_id: k for k in keys}
         passages = [(key_of[e.doc_id], e.text) for e in evidence]
         total = time.perf_counter() - started
@@ -230,10 +230,10 @@ class QARunner:
         return MethodResult(answer, [(k, d.text) for k, d in zip(keys, docs)], ttft, time.perf_counter() - started, prompt)
 
     def _chat(self, messages: list[dict], started: float) -> tuple[str, float, int]:
-        """The baselines' answer from the engine's reader (the same one Quire's path
+        """The baselines' answer from the answerer's reader (the same one Quire's path
         uses): (answer, time to first token, prompt tokens)."""
         stats = GenerationStats()
-        answer = "".join(t.text for t in self.engine.reader.chat(messages, self.params, stats=stats))
+        answer = "".join(t.text for t in self.answerer.reader.chat(messages, self.params, stats=stats))
         return answer, (time.perf_counter() - started) - stats.decode_seconds, stats.prompt_tokens
 
 
@@ -330,7 +330,7 @@ def retrieval_study(runner: QARunner, questions: Sequence[QAQuestion], scope: st
         keys = runner.keys(question, scope)
         docs = [runner.documents[k] for k in keys]
         started = time.perf_counter()
-        sources = runner.engine.choose_sources(docs, question.question)
+        sources = runner.answerer.choose_sources(docs, question.question)
         row = {"id": question.id, "kind": question.kind, "retrieve_seconds": round(time.perf_counter() - started, 2)}
         found = evidence_found(question, [(keys[s.entry], s.text) for s in sources])
         row["quire"] = sum(found) / len(found)

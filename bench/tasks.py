@@ -11,7 +11,7 @@ the snippet-RAG prompt and, where the text fits, a dense prompt in the same run.
   reported sentence; for RAG, inside its five chunks.
 - "compare" (two documents on a topic): coverage of the key points, as for summaries.
 
-Methods: "quire" (Engine.summarise / find_all / compare), "bm25" (the top 5 chunks of
+Methods: "quire" (Answerer.summarise / find_all / compare), "bm25" (the top 5 chunks of
 200 words by plain BM25 for the request, as bench qa's BM25-RAG), "dense" (the page
 range's whole text in the prompt; summaries only).
 """
@@ -31,7 +31,7 @@ from bench.niah import collect_answer
 from bench.qa import BM25_SYSTEM, BM25_TOP, BM25_WORDS, CHUNK_OVERLAP, machine
 from bench.qa_data import normalise
 from engine.corpus.build import CorpusDocument
-from engine.corpus.engine import Engine, Evidence
+from engine.corpus.answerer import Answerer, Evidence
 from engine.corpus.passages import PassageIndex
 from engine.corpus.tasks import find_mentions, page_range
 from engine.generate import GenerationStats, SamplingParams, Token
@@ -67,10 +67,10 @@ def _cited_sentences(text: str) -> float | None:
 
 
 class TaskRunner:
-    def __init__(self, engine: Engine, documents: dict[str, CorpusDocument], *, summary_tokens: int = SUMMARY_TOKENS,
+    def __init__(self, answerer: Answerer, documents: dict[str, CorpusDocument], *, summary_tokens: int = SUMMARY_TOKENS,
                  dense_limit: int = 30000) -> None:
-        self.engine = engine
-        self.model = engine.model
+        self.answerer = answerer
+        self.model = answerer.model
         self.documents = documents
         self.params = SamplingParams(max_new_tokens=summary_tokens, no_repeat_ngram=12)
         self.dense_limit = dense_limit
@@ -84,7 +84,7 @@ class TaskRunner:
 
     def _generate(self, messages: list[dict]) -> tuple[str, int]:
         stats = GenerationStats()
-        text = "".join(t.text for t in self.engine.reader.chat(messages, self.params, stats=stats))
+        text = "".join(t.text for t in self.answerer.reader.chat(messages, self.params, stats=stats))
         return text, stats.prompt_tokens
 
     def _rag(self, keys: tuple[str, ...], request: str) -> tuple[str, int, list[tuple[int, int, int]]]:
@@ -121,7 +121,7 @@ class TaskRunner:
             document = docs[0]
             first, last = item["pages"]
             if method == "quire":
-                text, _, stats = collect_answer(self.engine.summarise(document, self.params, first_page=first, last_page=last))
+                text, _, stats = collect_answer(self.answerer.summarise(document, self.params, first_page=first, last_page=last))
                 row.update(prompt_tokens=stats.prompt_tokens, parts=stats.parts)
             elif method == "bm25":
                 text, prompt, _ = self._rag(keys, item["request"])
@@ -138,7 +138,7 @@ class TaskRunner:
             if method == "dense":
                 return None
             if method == "quire":
-                text, evidence, stats = collect_answer(self.engine.compare(docs, item["topic"], self.params))
+                text, evidence, stats = collect_answer(self.answerer.compare(docs, item["topic"], self.params))
                 row.update(prompt_tokens=stats.prompt_tokens if stats else None,
                            documents_cited=len({e.doc_id for e in evidence if e.cited}))
             else:

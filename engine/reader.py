@@ -1,6 +1,6 @@
 """Who writes the answer: the reader.
 
-Quire chooses the passages itself (engine/corpus/engine.py); the reader writes the
+Quire chooses the passages itself (engine/corpus/retriever.py); the reader writes the
 answer from them. By default that is the model that owns the cache. A person may
 choose another: a bigger local GGUF (`LocalReader`), or a model behind an
 OpenAI-compatible server they already run — Ollama, vLLM, LM Studio, llama.cpp's

@@ -94,7 +94,7 @@ class LoadedModel:
         logits: object | None = None,
     ) -> Iterator[Token]:
         """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache
-        (cached reading, engine/corpus/engine.py `_read_cached`, passes one filled
+        (cached reading, engine/corpus/answerer.py `_read_cached`, passes one filled
         from the corpus cache, with the `logits` of its last prompt token)."""
         stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
         params = dataclasses.replace(params, stop_token_ids=stop_ids)

@@ -51,13 +51,13 @@ def test_models_on_an_empty_data_directory(tmp_path):
     assert "no models installed" in done.stdout
 
 
-def test_the_command_line_opens_the_engine_the_app_would(tmp_path, monkeypatch):
+def test_the_command_line_opens_the_answerer_the_app_would(tmp_path, monkeypatch):
     """`quire ask` and friends read the app's settings.json (model, cache folder and
     precision, reader); a flag overrides a setting for one command."""
     import argparse
     import json
 
-    from app.cli_corpus import open_engine
+    from app.cli_corpus import open_answerer
     from engine.paths import models_dir
     from engine.reader import RemoteReader
 
@@ -71,9 +71,9 @@ def test_the_command_line_opens_the_engine_the_app_would(tmp_path, monkeypatch):
         "model": str(model), "cache_dir": str(tmp_path / "elsewhere"), "precision": "int4",
         "reader": "http://127.0.0.1:9/v1/qwen2.5:7b",
     }))
-    engine = open_engine(argparse.Namespace())
-    assert engine.root.parent == tmp_path / "elsewhere"
-    assert engine.cache_settings.precision == "int4"
-    assert isinstance(engine.reader, RemoteReader) and engine.reader.spec.model == "qwen2.5:7b"
-    engine = open_engine(argparse.Namespace(precision="int8", reader="http://127.0.0.1:9/v1/other"))
-    assert engine.cache_settings.precision == "int8" and engine.reader.spec.model == "other"
+    answerer = open_answerer(argparse.Namespace())
+    assert answerer.cache.root.parent == tmp_path / "elsewhere"
+    assert answerer.cache.settings.precision == "int4"
+    assert isinstance(answerer.reader, RemoteReader) and answerer.reader.spec.model == "qwen2.5:7b"
+    answerer = open_answerer(argparse.Namespace(precision="int8", reader="http://127.0.0.1:9/v1/other"))
+    assert answerer.cache.settings.precision == "int8" and answerer.reader.spec.model == "other"

@@ -58,27 +58,27 @@ def test_a_server_that_never_answers_times_out() -> None:
 
 @pytest.fixture
 def served(tmp_path, monkeypatch):
-    """`quire serve` on a free port over an empty library, a scripted engine behind it."""
+    """`quire serve` on a free port over an empty library, a scripted service behind it."""
     from app.server import QuireServer
-    from tests.gui.fakes import ScriptedEngine
+    from tests.gui.fakes import ScriptedService
 
     monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
-    engine = ScriptedEngine(pieces=("Elspeth ", "Varga ", "kept ", "it [1]."))
-    server = QuireServer(engine, port=0, api_key="k3y").start()
+    service = ScriptedService(pieces=("Elspeth ", "Varga ", "kept ", "it [1]."))
+    server = QuireServer(service, port=0, api_key="k3y").start()
     try:
-        yield server, engine
+        yield server, service
     finally:
         server.close()
 
 
 def test_quire_model_writes_from_the_messages_as_sent(served) -> None:
-    server, engine = served
+    server, service = served
     reader = RemoteReader(f"{server.url}/quire-model", api_key="k3y", timeout=30)
     stats = GenerationStats()
     messages = [{"role": "system", "content": "Answer from the passages."}, {"role": "user", "content": "Who kept it?"}]
     text = "".join(t.text for t in reader.chat(messages, SamplingParams(max_new_tokens=16), stats=stats))
     assert text == "Elspeth Varga kept it [1]."
-    assert engine.chats == [messages]  # the system message too: the model alone reads them as they are
+    assert service.chats == [messages]  # the system message too: the model alone reads them as they are
     assert stats.generated_tokens == 4 and stats.prompt_tokens == 7 and stats.finish_reason == "stop"
     reader.check()
 
@@ -93,16 +93,16 @@ def test_a_wrong_model_or_key_is_one_line(served) -> None:
 
 def test_quire_chooses_the_passages_and_the_remote_reader_writes(served, tmp_path) -> None:
     from bench.niah import collect_answer
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.runtime import load_model
-    from tests.corpus.test_engine import FACT, QUESTION, island_document
+    from tests.corpus.test_cache import FACT, QUESTION, island_document
 
     if not SMALL_MODEL.is_dir():
         pytest.skip("smollm2-135m-instruct is not installed (quire models install)")
     server, remote = served
-    engine = Engine(load_model(SMALL_MODEL, threads=1), cache_root=tmp_path / "cache",
+    answerer = Answerer(load_model(SMALL_MODEL, threads=1), cache_root=tmp_path / "cache",
                     reader=RemoteReader(f"{server.url}/quire-model", api_key="k3y", timeout=30))
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [island_document(sentences=40)],
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)],
                                                         SamplingParams(max_new_tokens=16)))
     assert answer == "Elspeth Varga kept it [1]."
     # The remote model was sent Quire's grounded prompt: the numbered passages, the fact among them.
@@ -139,10 +139,10 @@ def test_settings_check_the_reader_off_the_window_thread(served, qtbot) -> None:
 
 def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
     from bench.niah import collect_answer
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.reader import LocalReader
     from engine.runtime import load_model
-    from tests.corpus.test_engine import QUESTION, island_document
+    from tests.corpus.test_cache import QUESTION, island_document
 
     if not SMALL_MODEL.is_dir():
         pytest.skip("smollm2-135m-instruct is not installed (quire models install)")
@@ -150,8 +150,8 @@ def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
     assert isinstance(reader, LocalReader) and reader.name == "smollm2-135m-instruct"
     cache_model = load_model(SMALL_MODEL, threads=1)
     assert reader.model is not cache_model  # two models: one owns the cache, the other writes
-    engine = Engine(cache_model, cache_root=tmp_path / "cache", reader=reader)
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [island_document(sentences=30)],
+    answerer = Answerer(cache_model, cache_root=tmp_path / "cache", reader=reader)
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=30)],
                                                         SamplingParams(max_new_tokens=12)))
     assert answer.strip() and evidence and stats.generated_tokens > 0
     assert stats.prompt_tokens == stats.context_tokens > 100

@@ -1,5 +1,5 @@
 """`quire serve` (app/server.py) as its clients see it: the real HTTP server on a free
-local port over a temporary library, a scripted engine behind it, and the official
+local port over a temporary library, a scripted service behind it, and the official
 `openai` client (or raw HTTP where the bytes are the point) in front."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import openai
 import pytest
 
 from app.server import QuireServer
-from engine.corpus.engine import AskStats
+from engine.corpus.answerer import AskStats
 from engine.generate import Token
 from ingest.jobs import ingest_paths
 from ingest.library import Library
-from tests.gui.fakes import ScriptedEngine
+from tests.gui.fakes import ScriptedService
 
 HARBOUR = "Ships leave the harbour at dawn and return with the evening tide, loaded with fish and salt."
 MILL = "The windmill on the hill grinds the village's wheat every autumn when the wind is steady."
@@ -51,8 +51,8 @@ def documents(home, tmp_path) -> dict[str, int]:
 
 
 @contextmanager
-def serving(engine, **options) -> Iterator[QuireServer]:
-    server = QuireServer(engine, port=0, **options).start()
+def serving(service, **options) -> Iterator[QuireServer]:
+    server = QuireServer(service, port=0, **options).start()
     try:
         yield server
     finally:
@@ -84,7 +84,7 @@ def ask(question: str = "What is the answer?", model: str = "quire", **extra) ->
 
 
 def expected_sources(*texts_and_titles: tuple[str, str]) -> str:
-    """The sources block for the scripted engine's evidence: the first 60 characters
+    """The sources block for the scripted service's evidence: the first 60 characters
     of each document in scope, page 1, numbered in order."""
     lines = [f"[{n}] {title}, p. 1: “{' '.join(text[:60].split())}”" for n, (title, text) in enumerate(texts_and_titles, 1)]
     return "\n\nSources:\n" + "\n".join(lines)
@@ -97,15 +97,15 @@ BOTH = expected_sources(("harbour.txt", HARBOUR), ("mill.txt", MILL))
 
 
 def test_models_are_the_library_and_its_collections(documents):
-    with serving(ScriptedEngine()) as server:
+    with serving(ScriptedService()) as server:
         models = client(server).models.list()
         assert [m.id for m in models.data] == ["quire", "quire-model", "quire/collection/Harbours"]
         assert client(server).models.retrieve("quire/collection/Harbours").id == "quire/collection/Harbours"
 
 
 def test_a_whole_answer_carries_its_sources_and_evidence(documents):
-    engine = ScriptedEngine()
-    with serving(engine) as server:
+    service = ScriptedService()
+    with serving(service) as server:
         completion = client(server).chat.completions.create(
             model="quire", messages=[{"role": "user", "content": "What is the answer?"}])
     assert completion.object == "chat.completion"
@@ -123,11 +123,11 @@ def test_a_whole_answer_carries_its_sources_and_evidence(documents):
     assert (evidence[0]["char_start"], evidence[0]["char_end"]) == (0, 60)
     assert evidence[0]["cited"] is False
     assert completion.quire_stats["finish_reason"] == "stop"
-    assert engine.asked == [("What is the answer?", [documents["harbour.txt"], documents["mill.txt"]])]
+    assert service.asked == [("What is the answer?", [documents["harbour.txt"], documents["mill.txt"]])]
 
 
 def test_a_streamed_answer_arrives_in_pieces_then_sources_then_evidence(documents):
-    with serving(ScriptedEngine()) as server:
+    with serving(ScriptedService()) as server:
         chunks = list(client(server).chat.completions.create(
             model="quire", messages=[{"role": "user", "content": "What is the answer?"}], stream=True,
             stream_options={"include_usage": True}))
@@ -143,8 +143,8 @@ def test_a_streamed_answer_arrives_in_pieces_then_sources_then_evidence(document
 
 def test_the_model_name_chooses_the_scope(documents):
     harbour, mill = documents["harbour.txt"], documents["mill.txt"]
-    engine = ScriptedEngine()
-    with serving(engine) as server:
+    service = ScriptedService()
+    with serving(service) as server:
         openai_client = client(server)
         for model in ("quire", "quire-library", "quire/collection/Harbours", "quire/collection/harbours",
                       f"quire/docs/{mill}", f"quire/docs/{mill},{harbour}"):
@@ -155,31 +155,31 @@ def test_the_model_name_chooses_the_scope(documents):
             assert raised.value.code == "model_not_found"
         completion = openai_client.chat.completions.create(
             model="quire/collection/Harbours", messages=[{"role": "user", "content": "Where?"}])
-    assert [ids for _, ids in engine.asked] == [
+    assert [ids for _, ids in service.asked] == [
         [harbour, mill], [harbour, mill], [harbour], [harbour], [mill], [mill, harbour], [harbour]]
     assert completion.choices[0].message.content == ANSWER + expected_sources(("harbour.txt", HARBOUR))
 
 
 def test_a_new_empty_library_is_asked_over_nothing(home):
-    engine = ScriptedEngine()
-    with serving(engine) as server:
+    service = ScriptedService()
+    with serving(service) as server:
         status, _, body = post(server, ask())
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
     assert body["quire_evidence"] == []
-    assert engine.asked == [("What is the answer?", [])]
+    assert service.asked == [("What is the answer?", [])]
 
 
 def test_earlier_messages_become_the_conversation(documents):
-    engine = ScriptedEngine()
-    with serving(engine) as server:
+    service = ScriptedService()
+    with serving(service) as server:
         client(server).chat.completions.create(model="quire", messages=[
             {"role": "system", "content": "You are a pirate."},
             {"role": "user", "content": "Who leaves at dawn?"},
             {"role": "assistant", "content": "The ships do [1]." + BOTH},
             {"role": "user", "content": [{"type": "text", "text": "And when do they return?"}]},
         ])
-    assert engine.asked[-1][0] == "And when do they return?"
-    assert engine.histories == [[("Who leaves at dawn?", "The ships do [1].")]]
+    assert service.asked[-1][0] == "And when do they return?"
+    assert service.histories == [[("Who leaves at dawn?", "The ships do [1].")]]
 
 
 # -- raw HTTP ----------------------------------------------------------------------
@@ -195,8 +195,8 @@ def assert_error(status: int, body: dict, expected_status: int, code: str | None
 
 
 def test_bad_requests_get_openai_shaped_errors(documents):
-    engine = ScriptedEngine()
-    with serving(engine) as server:
+    service = ScriptedService()
+    with serving(service) as server:
         status, _, body = post(server, b"{not json")
         assert_error(status, body, 400)
         assert body["error"]["type"] == "invalid_request_error"
@@ -222,11 +222,11 @@ def test_bad_requests_get_openai_shaped_errors(documents):
         connection.request("GET", "/v1/models")
         response = connection.getresponse()
         assert response.status == 200 and json.loads(response.read())["data"][0]["id"] == "quire"
-    assert engine.asked == []
+    assert service.asked == []
 
 
 def test_an_api_key_is_required_when_set(documents):
-    with serving(ScriptedEngine(), api_key="sesame") as server:
+    with serving(ScriptedService(), api_key="sesame") as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
             status, _, body = post(server, ask(), headers=headers)
             assert_error(status, body, 401, code="invalid_api_key")
@@ -238,18 +238,18 @@ def test_an_api_key_is_required_when_set(documents):
 
 
 def test_without_a_key_only_requests_naming_this_machine_are_served(documents):
-    with serving(ScriptedEngine()) as server:
+    with serving(ScriptedService()) as server:
         status, _, body = post(server, ask(), headers={"Host": "attacker.example:8765"})
         assert_error(status, body, 403, code="forbidden_host")
         for host in ("localhost:8765", "127.0.0.1", "[::1]:8765"):
             assert post(server, ask(), headers={"Host": host})[0] == 200
-    with serving(ScriptedEngine(), api_key="sesame") as server:
+    with serving(ScriptedService(), api_key="sesame") as server:
         headers = {"Host": "quire.example", "Authorization": "Bearer sesame"}
         assert post(server, ask(), headers=headers)[0] == 200
 
 
 def test_the_stream_is_server_sent_events_ending_in_done(documents):
-    with serving(ScriptedEngine()) as server:
+    with serving(ScriptedService()) as server:
         connection = raw(server)
         connection.request("POST", "/v1/chat/completions", body=json.dumps(ask(stream=True)),
                            headers={"Content-Type": "application/json"})
@@ -268,24 +268,24 @@ def test_the_stream_is_server_sent_events_ending_in_done(documents):
     assert "quire_evidence" in chunks[-1] and all("quire_evidence" not in c for c in chunks[:-1])
 
 
-def test_a_failing_engine_is_an_error_not_a_dead_server(documents):
-    engine = ScriptedEngine(fail_after=2)
-    with serving(engine) as server:
+def test_a_failing_service_is_an_error_not_a_dead_server(documents):
+    service = ScriptedService(fail_after=2)
+    with serving(service) as server:
         status, _, body = post(server, ask())
         assert status == 500 and body["error"]["type"] == "server_error"
-        assert "the scripted engine broke" in body["error"]["message"]
-        with pytest.raises(openai.APIError, match="the scripted engine broke"):
+        assert "the scripted service broke" in body["error"]["message"]
+        with pytest.raises(openai.APIError, match="the scripted service broke"):
             list(client(server).chat.completions.create(model="quire", messages=[{"role": "user", "content": "?"}],
                                                        stream=True))
-        engine.fail_after = None
+        service.fail_after = None
         status, _, body = post(server, ask())
         assert status == 200
 
 
-# -- one engine, many clients ------------------------------------------------------
+# -- one service, many clients ------------------------------------------------------
 
 
-class EchoEngine(ScriptedEngine):
+class EchoService(ScriptedService):
     """Answers each question with its own words, so a mixed-up answer shows."""
 
     def ask(self, question, documents, max_tokens, cancel, history=()):
@@ -294,10 +294,10 @@ class EchoEngine(ScriptedEngine):
 
 
 def test_concurrent_requests_are_all_answered_in_order_of_arrival(documents):
-    engine = EchoEngine(delay=0.005)
+    service = EchoService(delay=0.005)
     arrived: list[str] = []
     answers: dict[int, str] = {}
-    with serving(engine) as server:
+    with serving(service) as server:
         submit = server.answers.submit
         arriving = threading.Lock()
 
@@ -326,11 +326,11 @@ def test_concurrent_requests_are_all_answered_in_order_of_arrival(documents):
     assert sorted(answers) == list(range(20))
     for number, text in answers.items():
         assert text == f"answer to question {number}" + BOTH
-    assert [question for question, _ in engine.asked] == arrived
+    assert [question for question, _ in service.asked] == arrived
     assert sorted(arrived) == sorted(f"question {n}" for n in range(20))
 
 
-class RecordingEngine(ScriptedEngine):
+class RecordingService(ScriptedService):
     """Keeps what each ask yielded, to see how it ended."""
 
     def __init__(self, **options) -> None:
@@ -363,34 +363,34 @@ def wait_for(condition, seconds: float = 10.0) -> None:
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_answer(documents):
-    engine = RecordingEngine(pieces=["word "] * 200, delay=0.02)
-    with serving(engine) as server:
+    service = RecordingService(pieces=["word "] * 200, delay=0.02)
+    with serving(service) as server:
         sock = open_stream(server, "Tell me everything.")
         received = b""
         while b'"content": "word "' not in received:
             received += sock.recv(4096)
         sock.close()
-        wait_for(lambda: len(engine.outcomes) == 1)
+        wait_for(lambda: len(service.outcomes) == 1)
         # The server is free again and answers the next client.
-        engine.delay = 0.0
+        service.delay = 0.0
         status, _, body = post(server, ask())
         assert status == 200
-    first = engine.outcomes[0]
+    first = service.outcomes[0]
     assert isinstance(first[-1], AskStats) and first[-1].finish_reason == "cancelled"
     assert sum(isinstance(e, Token) for e in first) < 100
 
 
 def test_a_queued_request_whose_client_left_is_skipped(documents):
-    engine = RecordingEngine(pieces=["word "] * 50, delay=0.02)
+    service = RecordingService(pieces=["word "] * 50, delay=0.02)
     results: dict[str, int] = {}
 
     def request(question: str) -> None:
         results[question] = post(server, ask(question))[0]
 
-    with serving(engine) as server:
+    with serving(service) as server:
         first = threading.Thread(target=request, args=("first",))
         first.start()
-        assert engine.started.wait(10)
+        assert service.started.wait(10)
         gone = open_stream(server, "gone")
         wait_for(lambda: server.answers.waiting() == 1)
         gone.close()
@@ -400,7 +400,7 @@ def test_a_queued_request_whose_client_left_is_skipped(documents):
         first.join(30)
         last.join(30)
     assert results == {"first": 200, "last": 200}
-    assert [question for question, _ in engine.asked] == ["first", "last"]
+    assert [question for question, _ in service.asked] == ["first", "last"]
 
 
 # -- the real model ----------------------------------------------------------------
@@ -423,11 +423,11 @@ def default_model_folder() -> Path:
 
 @pytest.mark.slow
 def test_the_real_default_model_answers_through_the_server(default_model_folder, documents):
-    from app.service import LocalEngine
+    from app.service import LocalService
     from app.settings import AppSettings
 
-    engine = LocalEngine(AppSettings(model=str(default_model_folder), device="cpu"))
-    with serving(engine) as server:
+    service = LocalService(AppSettings(model=str(default_model_folder), device="cpu"))
+    with serving(service) as server:
         completion = client(server).chat.completions.create(
             model="quire/collection/Harbours", max_tokens=16,
             messages=[{"role": "user", "content": "When do the ships leave the harbour?"}])

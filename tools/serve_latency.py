@@ -2,7 +2,7 @@
 clients at once. Prints JSON.
 
     .venv/bin/python tools/serve_latency.py concurrency [--clients 20]
-        a scripted engine (tests/gui/fakes.py) behind the real server; every client
+        a scripted service (tests/gui/fakes.py) behind the real server; every client
         asks at once: all answered? each its own answer? served in order of arrival?
     QUIRE_HOME=... .venv/bin/python tools/serve_latency.py first-token "question" [--runs 5] [--max-tokens 32]
         the real default model over the library under QUIRE_HOME: `quire serve` in a
@@ -118,9 +118,9 @@ def concurrency(clients: int) -> dict:
     from app.server import QuireServer
     from ingest.jobs import ingest_paths
     from ingest.library import Library
-    from tests.gui.fakes import ScriptedEngine
+    from tests.gui.fakes import ScriptedService
 
-    class EchoEngine(ScriptedEngine):
+    class EchoService(ScriptedService):
         def ask(self, question, documents, max_tokens, cancel, history=()):
             self.pieces = ["answer ", "to ", question]
             yield from super().ask(question, documents, max_tokens, cancel, history)
@@ -129,12 +129,12 @@ def concurrency(clients: int) -> dict:
     book.write_text("Ships leave the harbour at dawn and return with the evening tide.", encoding="utf-8")
     with Library() as library:
         ingest_paths(library, [book])
-    engine = EchoEngine(delay=0.01)
+    service = EchoService(delay=0.01)
     arrived: list[str] = []
     answers: dict[int, str] = {}
     seconds: dict[int, float] = {}
     lock = threading.Lock()
-    server = QuireServer(engine, port=0).start()
+    server = QuireServer(service, port=0).start()
     submit = server.answers.submit
 
     def recording_submit(job) -> None:
@@ -158,13 +158,13 @@ def concurrency(clients: int) -> dict:
         thread.join(120)
     wall = time.perf_counter() - started
     server.close()
-    served = [question for question, _ in engine.asked]
+    served = [question for question, _ in service.asked]
     return {
         "clients": clients, "answered": len(answers),
         "own_answers": sum(text.split("\n\nSources:\n")[0] == f"answer to question {n}" for n, text in answers.items()),
         "served_in_arrival_order": served == arrived, "lost": clients - len(served),
         "wall_s": round(wall, 3), "slowest_client_s": round(max(seconds.values()), 3),
-        "engine_seconds_per_answer": round(3 * engine.delay, 3),
+        "engine_seconds_per_answer": round(3 * service.delay, 3),
     }
 
 

@@ -60,7 +60,7 @@ class Inbox(QObject):
     evidence = Signal(list)
     answer_finished = Signal(object)
     failed = Signal(str, str)
-    engine_busy = Signal(str)
+    service_busy = Signal(str)
     ingest_progress = Signal(object)
     ingest_finished = Signal(object)
     ingest_removed = Signal(list, int)

@@ -3,11 +3,12 @@ and the source viewer (right), a status bar with the model, the corpus and the l
 answer's speed.
 
 The window owns no slow work. Model loading, cache builds and answers go to the
-`EngineWorker` thread; reading files and removing documents to the `IngestWorker`
-thread; both report through queued signals. Reads of library.db for the lists go
-through `LibraryStore`. Any failure arrives as one line in a banner and the status
-bar; the window stays usable. The library side (adding, resuming, watched folders,
-passwords, reports, collections) is app/gui/library_actions.py, a mixin of the window.
+`ServiceWorker` thread (app/gui/worker.py, over app/service.py's `Service`); reading
+files and removing documents to the `IngestWorker` thread; both report through
+queued signals. Reads of library.db for the lists go through `LibraryStore`. Any
+failure arrives as one line in a banner and the status bar; the window stays usable.
+The library side (adding, resuming, watched folders, passwords, reports,
+collections) is app/gui/library_actions.py, a mixin of the window.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from app.gui import task_dialogs
 from app.gui.store import LibraryStore, Scope, turns
 from app.gui.theme import apply_theme
 from app.gui.viewer import SourceViewer
-from app.gui.worker import AskRequest, EngineFactory, EngineWorker, IngestWorker, Prepare, default_token_counter
+from app.gui.worker import AskRequest, IngestWorker, Prepare, ServiceFactory, ServiceWorker, default_token_counter
 from app.settings import AppSettings, apply_ocr_languages, load_settings, save_settings
 from engine.corpus.answer import Turn
 from engine.corpus.build import BuildProgress
@@ -72,8 +73,8 @@ class MainWindow(LibraryActions, QMainWindow):
         settings: AppSettings | None = None,
         settings_file: Path | None = None,
         library_path: Path | None = None,
-        engine_factory: EngineFactory | None = None,
-        engine_prepare: Prepare | None = None,
+        service_factory: ServiceFactory | None = None,
+        service_prepare: Prepare | None = None,
         qsettings: QSettings | None = None,
     ) -> None:
         super().__init__()
@@ -107,7 +108,7 @@ class MainWindow(LibraryActions, QMainWindow):
         self._build_status_bar()
         self._build_actions()
         apply_ocr_languages(self.settings)
-        self._start_workers(engine_factory, engine_prepare)
+        self._start_workers(service_factory, service_prepare)
         self._resume_ingest()  # before anything else is added, so only what was left is resumed
         self._start_watching()
         self._restore_layout()
@@ -267,26 +268,26 @@ class MainWindow(LibraryActions, QMainWindow):
         self._show(self.library_dock, self.left_tabs, self.left_tabs.indexOf(self.search))
         self.search.field.selectAll()
 
-    def _start_workers(self, engine_factory: EngineFactory | None, prepare: Prepare | None) -> None:
-        if engine_factory is None:
-            from app.service import LocalEngine, ensure_model
+    def _start_workers(self, service_factory: ServiceFactory | None, prepare: Prepare | None) -> None:
+        if service_factory is None:
+            from app.service import LocalService, ensure_model
 
-            engine_factory, prepare = LocalEngine, ensure_model
-        self.engine_thread = QThread(self)
-        self.engine_thread.setObjectName("quire-engine")
-        self.engine_worker = EngineWorker(self.library_path, engine_factory, prepare)
-        self.engine_worker.moveToThread(self.engine_thread)
+            service_factory, prepare = LocalService, ensure_model
+        self.service_thread = QThread(self)
+        self.service_thread.setObjectName("quire-service")
+        self.service_worker = ServiceWorker(self.library_path, service_factory, prepare)
+        self.service_worker.moveToThread(self.service_thread)
         self.ingest_thread = QThread(self)
         self.ingest_thread.setObjectName("quire-ingest")
         self.ingest_worker = IngestWorker(self.library_path, default_token_counter(self.settings))
         self.ingest_worker.moveToThread(self.ingest_thread)
         self._inbox = Inbox(self)
 
-        engine, ingest, inbox = self.engine_worker, self.ingest_worker, self._inbox
-        self.configure_requested.connect(engine.configure)
-        self.build_requested.connect(engine.build)
-        self.ask_requested.connect(engine.ask)
-        self.states_requested.connect(engine.refresh_cache_states)
+        service, ingest, inbox = self.service_worker, self.ingest_worker, self._inbox
+        self.configure_requested.connect(service.configure)
+        self.build_requested.connect(service.build)
+        self.ask_requested.connect(service.ask)
+        self.states_requested.connect(service.refresh_cache_states)
         self.ingest_requested.connect(ingest.ingest)
         self.ingest_locked_requested.connect(ingest.ingest_locked)
         self.watch_scan_requested.connect(ingest.scan_watched)
@@ -294,8 +295,8 @@ class MainWindow(LibraryActions, QMainWindow):
         self.remove_requested.connect(ingest.remove)
         for name in ("loading", "installing", "ready", "cache_progress", "cache_finished", "cache_states", "cache_bytes",
                      "token", "evidence", "answer_finished", "failed"):
-            getattr(engine, name).connect(getattr(inbox, name))
-        engine.busy.connect(inbox.engine_busy)
+            getattr(service, name).connect(getattr(inbox, name))
+        service.busy.connect(inbox.service_busy)
         for name in ("progress", "finished", "removed", "failed", "busy", "watched"):
             getattr(ingest, name).connect(getattr(inbox, f"ingest_{name}"))
         inbox.ingest_watched.connect(self._watched)
@@ -310,14 +311,14 @@ class MainWindow(LibraryActions, QMainWindow):
         inbox.evidence.connect(self._live_evidence)
         inbox.answer_finished.connect(self._answer_finished)
         inbox.failed.connect(self._engine_failed)
-        inbox.engine_busy.connect(lambda text: self._busy("engine", text))
+        inbox.service_busy.connect(lambda text: self._busy("service", text))
         inbox.ingest_progress.connect(self._ingest_progress)
         inbox.ingest_finished.connect(self._ingest_finished)
         inbox.ingest_removed.connect(self._removed)
         inbox.ingest_failed.connect(self.show_error)
         inbox.ingest_busy.connect(lambda text: self._busy("ingest", text))
         self._busy_tasks: dict[str, str] = {}
-        self.engine_thread.start()
+        self.service_thread.start()
         self.ingest_thread.start()
 
     # -- layout and theme --------------------------------------------------------
@@ -389,7 +390,7 @@ class MainWindow(LibraryActions, QMainWindow):
             self._install_dialog = QProgressDialog("Preparing the model (once)…", "Cancel", 0, 1000, self)
             self._install_dialog.setWindowTitle("Quire")
             self._install_dialog.setMinimumDuration(0)
-            self._install_dialog.canceled.connect(lambda: self.engine_worker.cancel())
+            self._install_dialog.canceled.connect(lambda: self.service_worker.cancel())
         labels = {"download": "Downloading the model", "assemble": "Copying the model", "convert": "Converting the model for this machine"}
         self._install_dialog.setLabelText(f"{labels.get(stage, stage)} (once)…")
         self._install_dialog.setValue(int(1000 * done / total) if total else 0)
@@ -467,7 +468,7 @@ class MainWindow(LibraryActions, QMainWindow):
         if self.answering:
             self.stop()
             return
-        self.engine_worker.cancel()
+        self.service_worker.cancel()
         self.ingest_worker.cancel()
 
     # -- conversations -----------------------------------------------------------
@@ -602,10 +603,10 @@ class MainWindow(LibraryActions, QMainWindow):
         self.hide_error()
         self.refresh_conversations()
         if self._cache_running:
-            # One engine thread: a question sent now would wait for the whole build.
+            # One service thread: a question sent now would wait for the whole build.
             # The build stops at its next segment and goes on after the answer.
             self._cache_resume = True
-            self.engine_worker.cancel()
+            self.service_worker.cancel()
         self.ask_requested.emit(
             AskRequest(
                 self.conversation_id, question, self.store.scope_document_ids(scope), self.settings.max_answer_tokens, history,
@@ -615,7 +616,7 @@ class MainWindow(LibraryActions, QMainWindow):
 
     def stop(self) -> None:
         if self.answering:
-            self.engine_worker.cancel()
+            self.service_worker.cancel()
 
     @Slot(list)
     def _live_evidence(self, citations: list[Citation]) -> None:
@@ -715,7 +716,7 @@ class MainWindow(LibraryActions, QMainWindow):
         self.apply_settings(dialog.chosen())
 
     def apply_settings(self, chosen: AppSettings) -> None:
-        engine_changed = any(
+        service_changed = any(
             getattr(chosen, name) != getattr(self.settings, name)
             for name in ("model", "device", "cache_dir", "precision", "reader", "reader_api_key")
         )
@@ -726,7 +727,7 @@ class MainWindow(LibraryActions, QMainWindow):
         except OSError as error:
             self.show_error(f"the settings could not be saved: {error}")
         apply_theme(QApplication.instance(), chosen.theme)
-        if engine_changed:
+        if service_changed:
             self.engine_ready = False
             self._update_buttons()
             self.configure_requested.emit(chosen)
@@ -759,9 +760,9 @@ class MainWindow(LibraryActions, QMainWindow):
         self._closing = True  # unfinished work stays noted for the next start
         self._save_layout()
         QApplication.instance().removeEventFilter(self._drop_catcher)
-        self.engine_worker.cancel()
+        self.service_worker.cancel()
         self.ingest_worker.cancel()
-        for thread in (self.engine_thread, self.ingest_thread):
+        for thread in (self.service_thread, self.ingest_thread):
             thread.quit()
             thread.wait(30000)
         self.store.close()

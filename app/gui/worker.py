@@ -1,9 +1,10 @@
 """The two owners of slow work, each on its own QThread, so the window never waits.
 
-`EngineWorker` owns the model: it loads it, builds the corpus cache and answers
-questions, one task at a time in the order asked (Qt queues the calls; Anki's
-`taskman` is the model). `IngestWorker` owns reading files into the library, which
-needs no model and so runs beside the engine. Results come back as queued signals;
+`ServiceWorker` owns the service (app/service.py: the model, its reader and its
+`Answerer`): it loads it, builds the corpus cache and answers questions, one task at
+a time in the order asked (Qt queues the calls; Anki's `taskman` is the model).
+`IngestWorker` owns reading files into the library, which needs no model and so runs
+beside the service. Results come back as queued signals;
 `cancel()` may be called from the GUI thread and is checked between chunks of work.
 Each worker opens its own SQLite connection in its own thread (a connection must
 stay in the thread that made it).
@@ -24,11 +25,11 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from app.service import AnswerEngine, library_content_keys, scope_documents
+from app.service import Service, library_content_keys, scope_documents
 from app.settings import AppSettings
 from engine.corpus.build import BuildProgress, CorpusDocument
 from engine.corpus.answer import Turn
-from engine.corpus.engine import AskStats, Evidence
+from engine.corpus.answerer import AskStats, Evidence
 from engine.corpus.tasks import TaskProgress, TaskStats
 from engine.errors import Cancelled as EngineCancelled
 from engine.generate import Token
@@ -38,7 +39,7 @@ from ingest.library import Library
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[AppSettings], AnswerEngine]
+ServiceFactory = Callable[[AppSettings], Service]
 # Runs before the factory, e.g. installing a default model on first run: (settings, progress, cancel).
 Prepare = Callable[[AppSettings, Callable[[str, int, int], None], Callable[[], bool]], object]
 
@@ -74,10 +75,10 @@ def _progress_text(progress: TaskProgress) -> str:
     return text
 
 
-class EngineWorker(QObject):
+class ServiceWorker(QObject):
     loading = Signal(str)  # model being loaded
     installing = Signal(str, int, int)  # first run: stage, done, total of the model install
-    ready = Signal(object)  # settings summary of the loaded engine
+    ready = Signal(object)  # settings summary of the loaded service
     cache_progress = Signal(object)  # BuildProgress
     cache_finished = Signal(str)  # a one-line summary ("" when cancelled)
     cache_states = Signal(object)  # {document id: cached?}
@@ -88,12 +89,12 @@ class EngineWorker(QObject):
     failed = Signal(str, str)  # task ("load", "cache", "ask"), message
     busy = Signal(str)  # what is running, "" when idle
 
-    def __init__(self, library_path: Path, factory: EngineFactory, prepare: Prepare | None = None) -> None:
+    def __init__(self, library_path: Path, factory: ServiceFactory, prepare: Prepare | None = None) -> None:
         super().__init__()
         self.library_path = library_path
         self.factory = factory
         self.prepare = prepare
-        self.engine: AnswerEngine | None = None
+        self.service: Service | None = None
         self.settings: AppSettings | None = None
         self._cancel = threading.Event()
         self._library: Library | None = None
@@ -115,52 +116,52 @@ class EngineWorker(QObject):
         if self._library is not None:
             self._library.close()
             self._library = None
-        self.engine = None
+        self.service = None
 
     # -- tasks -------------------------------------------------------------------
 
     @Slot(object)
     def configure(self, settings: AppSettings) -> None:
-        """Load (or reload) the engine for these settings."""
+        """Load (or reload) the service for these settings."""
         self._cancel.clear()
-        self.engine = None
+        self.service = None
         self.settings = settings
         self.busy.emit(f"Loading {settings.model_spec()}…")
         self.loading.emit(settings.model_spec())
         try:
             if self.prepare is not None:
                 self.prepare(settings, self.installing.emit, self._cancelled)
-            self.engine = self.factory(settings)
+            self.service = self.factory(settings)
         except BaseException as error:  # noqa: BLE001 — any failure leaves the window alive
-            log.error("engine load failed: %s", traceback.format_exc())
+            log.error("loading the service failed: %s", traceback.format_exc())
             self.failed.emit("load", f"the model could not be loaded: {describe_failure(error)}")
             self.busy.emit("")
             return
-        self.ready.emit(self.engine.settings_summary())
+        self.ready.emit(self.service.settings_summary())
         self.busy.emit("")
         self.refresh_cache_states()
 
     @Slot()
     def refresh_cache_states(self) -> None:
-        if self.engine is None:
+        if self.service is None:
             return
         try:
             documents = self._documents(None)
-            self.cache_states.emit({d.doc_id: self.engine.is_cached(d) for d in documents})
-            self.cache_bytes.emit(self.engine.cache_bytes())
+            self.cache_states.emit({d.doc_id: self.service.is_cached(d) for d in documents})
+            self.cache_bytes.emit(self.service.cache_bytes())
         except BaseException as error:  # noqa: BLE001
             self.failed.emit("cache", describe_failure(error))
 
     @Slot(object)
     def build(self, document_ids: list[int] | None) -> None:
         """Cache the given (or all ready) documents that are not cached yet."""
-        if self.engine is None:
+        if self.service is None:
             return
         self._cancel.clear()
         try:
             documents = self._documents(document_ids)
             self._build(documents)
-            prepare = getattr(self.engine, "prepare", None)
+            prepare = getattr(self.service, "prepare", None)
             if prepare is not None and document_ids is None:
                 prepare(documents)  # the whole library: the usual scope of the next question
         except EngineCancelled:
@@ -173,19 +174,19 @@ class EngineWorker(QObject):
             self.refresh_cache_states()
 
     def _build(self, documents: list[CorpusDocument]) -> None:
-        assert self.engine is not None
-        pending = [d for d in documents if not self.engine.is_cached(d)]
+        assert self.service is not None
+        pending = [d for d in documents if not self.service.is_cached(d)]
         if not pending:
             return
         self.busy.emit(f"Caching {len(pending)} document(s)…")
-        summary = self.engine.build(pending, self.cache_progress.emit, self._cancelled)
+        summary = self.service.build(pending, self.cache_progress.emit, self._cancelled)
         self.cache_finished.emit(
             f"Cached {summary.documents} document(s): {summary.tokens:,} tokens in {summary.seconds:.0f} s"
         )
 
     @Slot(object)
     def ask(self, request: AskRequest) -> None:
-        if self.engine is None:
+        if self.service is None:
             self.failed.emit("ask", "no model is loaded (see Settings)")
             return
         self._cancel.clear()
@@ -198,12 +199,12 @@ class EngineWorker(QObject):
         cancelled = False
         documents: list[CorpusDocument] = []
         try:
-            # No caching first: the answer reads the documents' text (engine.ask).
+            # No caching first: the answer reads the documents' text (Answerer.ask).
             documents = self._documents(request.document_ids)
             if request.task == "ask":
-                events = self.engine.ask(request.question, documents, request.max_tokens, self._cancelled, request.history)
+                events = self.service.ask(request.question, documents, request.max_tokens, self._cancelled, request.history)
             else:
-                events = self.engine.run_task(request.task, documents, request.options, request.max_tokens, self._cancelled)
+                events = self.service.run_task(request.task, documents, request.options, request.max_tokens, self._cancelled)
             for event in events:
                 if isinstance(event, Token):
                     pieces.append(event.text)
@@ -231,14 +232,14 @@ class EngineWorker(QObject):
             documents=[d.doc_id for d in documents],
             not_in_yet=self._not_in_yet(request.document_ids),
             corpus_hash=corpus_hash(documents),
-            engine=self.engine.settings_summary(),
+            engine=self.service.settings_summary(),  # saved as "engine", as in the answers stored before
         )
         message_id = None
         text = "".join(pieces)
         if text or citations:
             try:
                 message = Conversations(self._db()).add_message(
-                    request.conversation_id, "assistant", text, model=self.engine.model_name, stats=summary, citations=citations
+                    request.conversation_id, "assistant", text, model=self.service.model_name, stats=summary, citations=citations
                 )
                 message_id = message.id
             except BaseException as error:  # noqa: BLE001
@@ -376,7 +377,7 @@ class IngestWorker(QObject):
     @Slot(list, str)
     def remove(self, document_ids: list[int], cache_root: str) -> None:
         """Remove documents and free their cache in every model's folder (no model needed)."""
-        from engine.corpus.engine import prune_caches
+        from engine.corpus.cache import prune_caches
 
         self.busy.emit(f"Removing {len(document_ids)} document(s)…")
         try:
@@ -412,4 +413,4 @@ def default_token_counter(settings: AppSettings) -> Callable[[], Callable[[str],
     return get
 
 
-__all__ = ["AskRequest", "EngineWorker", "IngestWorker", "BuildProgress", "IngestProgress", "corpus_hash"]
+__all__ = ["AskRequest", "ServiceWorker", "IngestWorker", "BuildProgress", "IngestProgress", "corpus_hash"]

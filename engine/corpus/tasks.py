@@ -131,7 +131,7 @@ def eta(started: float, done: int, total: int) -> float | None:
     return (time.perf_counter() - started) / done * (total - done)
 
 
-# -- the tasks, run by Engine (engine/corpus/engine.py) ------------------------------
+# -- the tasks, run by Answerer (engine/corpus/answerer.py) ------------------------
 
 # Summaries: words per part read at once (about 650 tokens of English prose; 1,000-word
 # parts gave notes with a quarter of the key points, docs/lab/conversations-and-tasks.md), the tokens
@@ -167,7 +167,7 @@ def _quote(text: str, limit: int = 300) -> str:
 def find_all(term: str, documents: Sequence[CorpusDocument], cancel: Callable[[], bool] | None = None):
     """Every sentence that mentions `term`, as a Markdown list streamed as Token text,
     then each as Evidence (numbered, cited), then TaskStats. No model is needed."""
-    from engine.corpus.engine import Evidence
+    from engine.corpus.answerer import Evidence
     from engine.generate import Token
 
     started = time.perf_counter()
@@ -260,7 +260,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
     docs/lab/conversations-and-tasks.md, "Figures as recorded in BENCHMARKS.md"."""
     from dataclasses import replace
 
-    from engine.corpus.engine import Evidence
+    from engine.corpus.answerer import Evidence
     from engine.corpus.passages import word_spans
     from engine.generate import GenerationStats, Token
 

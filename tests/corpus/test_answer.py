@@ -1,5 +1,5 @@
 """The answer path: passages and their lexical index, rank fusion, the grounded
-prompt's citations, the repetition guard, and Engine.ask end to end with a real
+prompt's citations, the repetition guard, and Answerer.ask end to end with a real
 model over a real cache."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_bm25_ranks_the_passage_with_the_rare_words_first():
 
 def test_a_passage_across_pages_is_cited_by_the_page_with_the_questions_rare_words():
     from engine.corpus.build import CorpusDocument
-    from engine.corpus.engine import _page_of
+    from engine.corpus.retriever import _page_of
 
     first = "the harbour was quiet and the boats were in. " * 12
     second = "the lighthouse keeper on marrow island was elspeth. "
@@ -98,7 +98,7 @@ def test_earlier_turns_come_before_the_passages_without_their_citations():
 
 
 def test_a_follow_up_is_retrieved_with_the_turn_before_it():
-    from engine.corpus.engine import retrieval_scores
+    from engine.corpus.retriever import retrieval_scores
 
     filler = [f"chapter {n}: the {w} of the town changed that year, and it went on. " * 4
               for n, w in enumerate(["mill", "bridge", "school", "harbour", "market", "church"])]
@@ -176,30 +176,30 @@ def test_generation_with_the_guard_never_repeats_an_ngram():
 
 
 @pytest.mark.slow
-def test_engine_answers_from_numbered_passages_and_cites_them(tmp_path):
+def test_the_answerer_answers_from_numbered_passages_and_cites_them(tmp_path):
     from bench.niah import collect_answer
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.paths import models_dir
     from engine.runtime import load_model
-    from tests.corpus.test_engine import FACT, QUESTION, island_document
+    from tests.corpus.test_cache import FACT, QUESTION, island_document
 
     name = "qwen2.5-coder-0.5b-instruct"
     if not (models_dir() / name).is_dir():
         pytest.skip(f"{name} is not installed (quire models install)")
-    engine = Engine(load_model(name, threads=1), cache_root=tmp_path)
+    answerer = Answerer(load_model(name, threads=1), cache_root=tmp_path)
     document = island_document(sentences=60)
     # Not cached yet: the passages are prefilled.
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
     assert "Elspeth" in answer, answer
     assert stats.passages_from_cache == 0 and stats.memory_tokens == 0
-    engine.build([document])
+    answerer.cache.build([document])
     # Cached, and asked to read from the cache: the same passages come from it.
-    engine.read_cached = True
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    answerer.read_cached = True
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
     assert "Elspeth" in answer, answer
     assert stats.passages_from_cache == stats.passages_read == 5 and stats.memory_tokens > 500
-    engine.read_cached = False  # the default: prefilled
-    answer, evidence, stats = collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
+    answerer.read_cached = False  # the default: prefilled
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [document], SamplingParams(max_new_tokens=40)))
     assert stats.passages_from_cache == 0
     assert "Elspeth" in answer, answer
     assert [e.number for e in evidence] == list(range(1, len(evidence) + 1))
@@ -219,16 +219,16 @@ def test_passages_read_from_the_cache_match_prefilling_them(tmp_path):
     same next-token distribution."""
     import torch
 
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.corpus.settings import CacheSettings
     from engine.generate import prefill
-    from tests.corpus.test_engine import island_document
+    from tests.corpus.test_cache import island_document
 
     model = _load_small()
-    engine = Engine(model, cache_root=tmp_path, cache_settings=CacheSettings(segment_tokens=256, block_size=32))
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=CacheSettings(segment_tokens=256, block_size=32))
     document = island_document(sentences=30)
-    engine.build([document])
-    manifest = engine.manifests.load(document.content_key)
+    answerer.cache.build([document])
+    manifest = answerer.cache.manifests.load(document.content_key)
     ids = model.tokenizer.encode(document.text)
     assert manifest.tokens == len(ids) and len(manifest.segments) > 1
     # Tokens 100..400 cross a segment edge (256): two segments are read.
@@ -237,16 +237,16 @@ def test_passages_read_from_the_cache_match_prefilling_them(tmp_path):
     M, layers = model.model, model.config.num_hidden_layers
 
     def after(fill) -> np.ndarray:
-        cache = M.new_cache(len(engine.prefix_ids) + end + len(question) + 1)
-        prefill(M, engine.prefix_ids, cache)
+        cache = M.new_cache(len(answerer.prefix_ids) + end + len(question) + 1)
+        prefill(M, answerer.prefix_ids, cache)
         fill(cache)
         return np.asarray(prefill(M, question, cache), dtype=np.float64)
 
     # Reference: each segment's tokens prefilled after the prefix, as the build did,
     # so both sides see the same context for every token; here the first segment's
     # tokens from `first` and the second's up to `end`, back to back.
-    stored = engine._stored_kv(manifest, first, end, layers)
-    got = after(lambda cache: engine.memory.append_stored(M, cache, stored))
+    stored = answerer.cache.stored_kv(manifest, first, end, layers)
+    got = after(lambda cache: answerer.cache.memory.append_stored(M, cache, stored))
 
     def dense(cache):
         # The same tokens prefilled, but each segment's part computed where the build
@@ -256,9 +256,9 @@ def test_passages_read_from_the_cache_match_prefilling_them(tmp_path):
             lo, hi = max(first, ref.start), min(end, ref.start + ref.tokens)
             if lo >= hi:
                 continue
-            scratch = M.new_cache(len(engine.prefix_ids) + ref.tokens)
-            prefill(M, engine.prefix_ids + ids[ref.start : hi], scratch)
-            at = len(engine.prefix_ids) + (lo - ref.start)
+            scratch = M.new_cache(len(answerer.prefix_ids) + ref.tokens)
+            prefill(M, answerer.prefix_ids + ids[ref.start : hi], scratch)
+            at = len(answerer.prefix_ids) + (lo - ref.start)
             n = hi - lo
             for layer in range(layers):
                 cache.keys[layer][:, :, cache.length : cache.length + n] = _rerotate(
@@ -278,7 +278,7 @@ def test_passages_read_from_the_cache_match_prefilling_them(tmp_path):
 def _load_small():
     from engine.paths import models_dir
     from engine.runtime import load_model
-    from tests.corpus.test_engine import MODEL
+    from tests.corpus.test_cache import MODEL
 
     if not (models_dir() / MODEL).is_dir():
         pytest.skip(f"{MODEL} is not installed (quire models install)")
@@ -336,12 +336,12 @@ def test_a_name_the_documents_never_mention_is_missing():
 @pytest.mark.slow
 def test_a_question_about_an_unmentioned_name_says_so_with_the_closest_passages(tmp_path):
     from bench.niah import collect_answer
-    from engine.corpus.engine import Engine
-    from tests.corpus.test_engine import island_document
+    from engine.corpus.answerer import Answerer
+    from tests.corpus.test_cache import island_document
 
-    engine = Engine(_load_small(), cache_root=tmp_path)
+    answerer = Answerer(_load_small(), cache_root=tmp_path)
     document = island_document(sentences=40)
-    answer, evidence, stats = collect_answer(engine.ask("Who kept the lighthouse on Marrow Island for the Admiralty?", [document]))
+    answer, evidence, stats = collect_answer(answerer.ask("Who kept the lighthouse on Marrow Island for the Admiralty?", [document]))
     assert answer.startswith("Not found in these documents.") and "“Admiralty”" in answer
     assert stats.not_found and stats.passages_read == 0 and stats.generated_tokens == 0
     assert evidence and not any(e.cited for e in evidence)

@@ -33,7 +33,7 @@ def home(tmp_path, monkeypatch):
     home.mkdir()
     (home / "models").symlink_to(installed, target_is_directory=True)
     monkeypatch.setenv("QUIRE_HOME", str(home))
-    # One thread: two contend for a two-core box shared with a benchmark (test_engine.py).
+    # One thread: two contend for a two-core box shared with a benchmark (test_cache.py).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield home

@@ -10,7 +10,7 @@ import pytest
 
 from engine.corpus import tasks
 from engine.corpus.build import CorpusDocument
-from engine.corpus.engine import Evidence
+from engine.corpus.answerer import Evidence
 from engine.corpus.tasks import TaskProgress, TaskStats, find_all, find_mentions, page_range, parse_pages
 from engine.generate import SamplingParams, Token
 

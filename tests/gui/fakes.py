@@ -1,7 +1,7 @@
-"""A scripted engine for GUI tests where the model is not the point: it streams a
+"""A scripted service for GUI tests where the model is not the point: it streams a
 fixed answer (optionally slowly, or failing part-way), cites the first passage of
 each document in scope, and "caches" documents (instantly, or `build_delay`
-seconds each, checking cancel between them), with real progress events. Same methods as app.service.AnswerEngine."""
+seconds each, checking cancel between them), with real progress events. Same methods as app.service.Service."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import threading
 import time
 
 from engine.corpus.build import BuildProgress, BuildSummary
-from engine.corpus.engine import AskStats, Evidence
+from engine.corpus.answerer import AskStats, Evidence
 from engine.errors import Cancelled
 from engine.generate import Token
 
 
-class ScriptedEngine:
+class ScriptedService:
     device = "cpu"
 
     def __init__(self, settings=None, *, pieces=("The ", "answer ", "is ", "**42**."), delay: float = 0.0,
@@ -23,7 +23,7 @@ class ScriptedEngine:
         self.pieces = list(pieces)
         self.delay = delay
         self.fail_after = fail_after
-        self.error = error or RuntimeError("the scripted engine broke")
+        self.error = error or RuntimeError("the scripted service broke")
         self.cached: set[str] = set()
         self.bytes_per_document = 1024
         self.build_delay = 0.0

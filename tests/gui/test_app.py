@@ -1,6 +1,6 @@
-"""The desktop app with a scripted engine (tests/gui/fakes.py): item models checked
+"""The desktop app with a scripted service (tests/gui/fakes.py): item models checked
 by qtmodeltester, drag and drop into the library with duplicates reported, asking
-with streamed tokens, evidence and the source viewer, Stop, Regenerate, engine
+with streamed tokens, evidence and the source viewer, Stop, Regenerate, service
 failures that leave the window alive, conversations persisted across windows,
 export read back, settings, and the window layout remembered."""
 
@@ -24,7 +24,7 @@ from app.gui.models import ConversationListModel, EvidenceModel, LibraryModel  #
 from app.settings import AppSettings, load_settings  # noqa: E402
 from ingest.conversations import Citation, Conversations  # noqa: E402
 from ingest.library import Library  # noqa: E402
-from tests.gui.fakes import ScriptedEngine  # noqa: E402
+from tests.gui.fakes import ScriptedService  # noqa: E402
 
 SHIPS = (
     "Chapter One. The harbour of Valdmere kept a ledger of every ship that came in. "
@@ -38,17 +38,17 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_window(qtbot, home: Path, engine: ScriptedEngine | None = None, **settings) -> MainWindow:
-    engine = engine or ScriptedEngine()
+def make_window(qtbot, home: Path, service: ScriptedService | None = None, **settings) -> MainWindow:
+    service = service or ScriptedService()
     settings.setdefault("auto_cache", True)  # these tests drive the cache flows
     window = MainWindow(
         settings=AppSettings(**settings),
         settings_file=home / "settings.json",
         library_path=home / "library.db",
-        engine_factory=lambda _settings: engine,
+        service_factory=lambda _settings: service,
         qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
-    window.engine = engine
+    window.service = service
     qtbot.addWidget(window)
     window.show()
     qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
@@ -132,10 +132,10 @@ def test_documents_are_not_cached_unless_asked_by_default(qtbot, home):
 def test_a_cache_over_2_gib_shows_its_size(qtbot, home):
     # Signal(int) is a C++ int: 3 GiB came out as a negative size, with an
     # OverflowError on the terminal.
-    engine = ScriptedEngine()
-    engine.bytes_per_document = 3 * 2**30 + 2**29
-    engine.cached.add("any")
-    window = make_window(qtbot, home, engine)
+    service = ScriptedService()
+    service.bytes_per_document = 3 * 2**30 + 2**29
+    service.cached.add("any")
+    window = make_window(qtbot, home, service)
     qtbot.waitUntil(lambda: "GiB" in window.cache_label.text(), timeout=5000)
     assert window.cache_label.text() == "Cache: 3.50 GiB"
     close(window)
@@ -149,7 +149,7 @@ def test_dropping_files_anywhere_adds_them_and_reports_duplicates(qtbot, home):
     drop_files(window, window.conversation.question.viewport(), [first, second])
     qtbot.waitUntil(lambda: len(ready_titles(window)) == 2, timeout=15000)
     assert window.conversation.question.toPlainText() == ""
-    # Auto-cache: the engine worker cached both once the files were read.
+    # Auto-cache: the service worker cached both once the files were read.
     qtbot.waitUntil(lambda: all(row.cached for row in window.library.model.rows), timeout=10000)
     assert window.library.model.index(0, LibraryModel.CACHE).data() == "cached"
 
@@ -286,8 +286,8 @@ def test_ask_streams_saves_and_opens_evidence(qtbot, home):
 
 
 def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(qtbot, home):
-    engine = ScriptedEngine(pieces=[f"word{i} " for i in range(200)], delay=0.02)
-    window = make_window(qtbot, home, engine)
+    service = ScriptedService(pieces=[f"word{i} " for i in range(200)], delay=0.02)
+    window = make_window(qtbot, home, service)
     add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000) as finished:
         window.ask("Tell me everything.")
@@ -300,46 +300,46 @@ def test_stop_keeps_the_partial_answer_and_regenerate_replaces_it(qtbot, home):
     assert "word3" in messages[-1].content and "word199" not in messages[-1].content
     assert "(stopped)" in window.conversation.view.toPlainText()
 
-    engine.pieces, engine.delay = ["A fresh answer."], 0.0
+    service.pieces, service.delay = ["A fresh answer."], 0.0
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
         window.conversation.regenerate.click()
     messages = window.store.messages(window.conversation_id)
     assert [m.role for m in messages] == ["user", "assistant"]
     assert messages[-1].content == "A fresh answer."
-    assert engine.asked[-1][0] == "Tell me everything."
+    assert service.asked[-1][0] == "Tell me everything."
     close(window)
 
 
 def test_follow_ups_carry_the_conversation_also_after_regenerate_and_reopen(qtbot, home):
-    engine = ScriptedEngine(pieces=["Irene ", "Adler."])
-    window = make_window(qtbot, home, engine)
+    service = ScriptedService(pieces=["Irene ", "Adler."])
+    window = make_window(qtbot, home, service)
     add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
     ask_and_wait(qtbot, window, "Who outwitted Holmes?")
-    engine.pieces = ["She ", "left."]
+    service.pieces = ["She ", "left."]
     ask_and_wait(qtbot, window, "What did she do next?")
-    assert engine.histories == [[], [("Who outwitted Holmes?", "Irene Adler.")]]
+    assert service.histories == [[], [("Who outwitted Holmes?", "Irene Adler.")]]
     # Regenerate asks the last question again with the same turns before it.
-    engine.pieces = ["She ", "married."]
+    service.pieces = ["She ", "married."]
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
         window.regenerate()
-    assert engine.asked[-1][0] == "What did she do next?"
-    assert engine.histories[-1] == [("Who outwitted Holmes?", "Irene Adler.")]
+    assert service.asked[-1][0] == "What did she do next?"
+    assert service.histories[-1] == [("Who outwitted Holmes?", "Irene Adler.")]
     conversation = window.conversation_id
     close(window)
     # Reopened after a restart, the next question sees every earlier turn.
-    window = make_window(qtbot, home, engine)
+    window = make_window(qtbot, home, service)
     window.open_conversation(conversation)
     ask_and_wait(qtbot, window, "And then?")
-    assert engine.histories[-1] == [("Who outwitted Holmes?", "Irene Adler."), ("What did she do next?", "She married.")]
+    assert service.histories[-1] == [("Who outwitted Holmes?", "Irene Adler."), ("What did she do next?", "She married.")]
     window.new_conversation()
     ask_and_wait(qtbot, window, "A new topic")
-    assert engine.histories[-1] == []
+    assert service.histories[-1] == []
     close(window)
 
 
 def test_summarise_compare_and_find_all_run_into_the_conversation(qtbot, home, monkeypatch):
-    engine = ScriptedEngine(pieces=["A summary."])
-    window = make_window(qtbot, home, engine)
+    service = ScriptedService(pieces=["A summary."])
+    window = make_window(qtbot, home, service)
     add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS), write_book(home, "log.txt", "The Tern carried tar. " * 5)])
     ids = sorted(window.store.scope_document_ids(window.conversation.current_scope()) or
                  [d.id for d in window.store.library.documents(status="ready")])
@@ -349,13 +349,13 @@ def test_summarise_compare_and_find_all_run_into_the_conversation(qtbot, home, m
     selected = window.library.selected_ids()
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
         window.request_task("summarise", selected)
-    assert engine.tasks[-1] == ("summarise", {"first_page": 3, "last_page": None}, selected)
+    assert service.tasks[-1] == ("summarise", {"first_page": 3, "last_page": None}, selected)
     messages = window.store.messages(window.conversation_id)
     assert messages[0].content.startswith("Summarise “") and messages[0].content.endswith(", pages 3-")
     assert messages[1].content == "A summary."
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
         window.request_task("compare", ids)
-    assert engine.tasks[-1] == ("compare", {"topic": "tar"}, ids)
+    assert service.tasks[-1] == ("compare", {"topic": "tar"}, ids)
     window.new_conversation()
     window.conversation.scope.setCurrentIndex(0)  # All documents
     assert window.conversation.current_scope().kind == "all"
@@ -367,16 +367,16 @@ def test_summarise_compare_and_find_all_run_into_the_conversation(qtbot, home, m
     # Regenerate runs the task again, not a question.
     with qtbot.waitSignal(window._inbox.answer_finished, timeout=15000):
         window.regenerate()
-    assert engine.tasks[-1][0] == "find-all" and len(engine.asked) == 0
+    assert service.tasks[-1][0] == "find-all" and len(service.asked) == 0
     # A task with nothing selected says what it needs.
     window.request_task("compare", ids[:1])
     assert "two or more" in window.last_error
     close(window)
 
 
-def test_engine_failures_leave_the_window_alive(qtbot, home):
-    engine = ScriptedEngine(pieces=["partial ", "text ", "never"], fail_after=2, error=MemoryError())
-    window = make_window(qtbot, home, engine)
+def test_service_failures_leave_the_window_alive(qtbot, home):
+    service = ScriptedService(pieces=["partial ", "text ", "never"], fail_after=2, error=MemoryError())
+    window = make_window(qtbot, home, service)
     ask_and_wait(qtbot, window, "Will this break?")
     assert window.banner.isVisible()
     assert "out of memory" in window.banner.text()
@@ -393,7 +393,7 @@ def test_a_model_that_cannot_load_is_reported(qtbot, home):
 
     window = MainWindow(
         settings=AppSettings(), settings_file=home / "s.json", library_path=home / "library.db",
-        engine_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+        service_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
     qtbot.addWidget(window)
     window.show()
@@ -405,34 +405,34 @@ def test_a_model_that_cannot_load_is_reported(qtbot, home):
 
 
 def test_a_question_pauses_caching_which_goes_on_after_the_answer(qtbot, home):
-    engine = ScriptedEngine()
-    engine.build_delay = 0.4
-    window = make_window(qtbot, home, engine, auto_cache=False)
+    service = ScriptedService()
+    service.build_delay = 0.4
+    window = make_window(qtbot, home, service, auto_cache=False)
     books = [write_book(home, f"book{n}.txt", SHIPS + f" Volume {n}.") for n in range(6)]
     add_and_wait(qtbot, window, books)
     window.build_cache()
-    qtbot.waitUntil(lambda: len(engine.cached) >= 1, timeout=10000)
+    qtbot.waitUntil(lambda: len(service.cached) >= 1, timeout=10000)
     ask_and_wait(qtbot, window, "Which ship carried tar?")
     # The answer came while documents were still uncached: it did not wait for the build.
-    assert len(engine.cached) < 6
+    assert len(service.cached) < 6
     assert "**42**" in window.conversation.view.toPlainText() or "42" in window.conversation.view.toPlainText()
-    qtbot.waitUntil(lambda: len(engine.cached) == 6, timeout=15000)
-    assert len(engine.builds) == 2  # stopped for the question, then resumed
-    assert set(engine.builds[1]) < set(engine.builds[0])  # the resumed build skips what was cached
+    qtbot.waitUntil(lambda: len(service.cached) == 6, timeout=15000)
+    assert len(service.builds) == 2  # stopped for the question, then resumed
+    assert set(service.builds[1]) < set(service.builds[0])  # the resumed build skips what was cached
     close(window)
 
 
 def test_unfinished_adding_and_caching_resume_at_the_next_start(qtbot, home):
     books = [write_book(home, f"book{n}.txt", SHIPS + f" Volume {n}.") for n in range(3)]
-    window = make_window(qtbot, home, ScriptedEngine(), auto_cache=False)
+    window = make_window(qtbot, home, ScriptedService(), auto_cache=False)
     add_and_wait(qtbot, window, books[:2])
     close(window)
     # What a crash leaves: the third book being added, a cache build asked for.
     (home / "unfinished-work.json").write_text(json.dumps({"ingest": [str(books[2])], "cache": True}))
-    engine = ScriptedEngine()
-    window = make_window(qtbot, home, engine, auto_cache=False)
+    service = ScriptedService()
+    window = make_window(qtbot, home, service, auto_cache=False)
     qtbot.waitUntil(lambda: len(ready_titles(window)) == 3, timeout=15000)
-    qtbot.waitUntil(lambda: len(engine.cached) >= 2, timeout=15000)
+    qtbot.waitUntil(lambda: len(service.cached) >= 2, timeout=15000)
     qtbot.waitUntil(lambda: not window._cache_running and not window._ingest_jobs, timeout=15000)
     close(window)
     assert json.loads((home / "unfinished-work.json").read_text()) == {"ingest": [], "cache": False}
@@ -443,7 +443,7 @@ def test_files_given_at_start_are_added_once_not_resumed(qtbot, home):
     added: list[list[str]] = []
     window = MainWindow(
         settings=AppSettings(), settings_file=home / "settings.json", library_path=home / "library.db",
-        engine_factory=lambda _settings: ScriptedEngine(),
+        service_factory=lambda _settings: ScriptedService(),
         qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
     qtbot.addWidget(window)
@@ -481,7 +481,7 @@ def test_scope_limits_the_documents_asked(qtbot, home):
     assert index > 0
     window.conversation.scope.setCurrentIndex(index)
     ask_and_wait(qtbot, window, "Where are the lighthouses?")
-    assert window.engine.asked[-1][1] == [target]
+    assert window.service.asked[-1][1] == [target]
     # Reopening the conversation brings its scope back.
     asked_in = window.conversation_id
     window.new_conversation()
@@ -546,16 +546,16 @@ def test_export_from_the_window(qtbot, home, monkeypatch, suffix):
     close(window)
 
 
-def test_settings_are_saved_and_reload_the_engine(qtbot, home):
+def test_settings_are_saved_and_reload_the_service(qtbot, home):
     made = []
 
     def factory(settings):
         made.append(settings)
-        return ScriptedEngine(settings)
+        return ScriptedService(settings)
 
     window = MainWindow(
         settings=AppSettings(), settings_file=home / "settings.json", library_path=home / "library.db",
-        engine_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
+        service_factory=factory, qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
     qtbot.addWidget(window)
     qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
@@ -573,7 +573,7 @@ def test_settings_are_saved_and_reload_the_engine(qtbot, home):
     dialog._restore_defaults()
     chosen = dialog.chosen()
     assert (chosen.model, chosen.precision, chosen.max_answer_tokens) == ("", "int8", AppSettings().max_answer_tokens)
-    # A new reader is a new engine too (it writes every answer).
+    # A new reader is a new service too (it writes every answer).
     window.apply_settings(replace(window.settings, reader="http://127.0.0.1:11434/v1/qwen2.5:7b", ocr_languages="eng+deu"))
     qtbot.waitUntil(lambda: len(made) == 3 and window.engine_ready, timeout=10000)
     assert made[-1].reader == "http://127.0.0.1:11434/v1/qwen2.5:7b"
@@ -608,7 +608,7 @@ def test_first_run_model_install_shows_progress_then_closes(qtbot, home):
 
     window = MainWindow(
         settings=AppSettings(), settings_file=home / "s.json", library_path=home / "library.db",
-        engine_factory=lambda _s: ScriptedEngine(), engine_prepare=prepare,
+        service_factory=lambda _s: ScriptedService(), service_prepare=prepare,
         qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
     qtbot.addWidget(window)
@@ -617,5 +617,5 @@ def test_first_run_model_install_shows_progress_then_closes(qtbot, home):
     qtbot.waitUntil(lambda: window.engine_ready, timeout=10000)
     assert stages == [0, 1, 2, 3, 4]
     assert seen == [True] * 5  # a progress dialog was up for every step
-    assert window._install_dialog is None  # closed once the engine is ready
+    assert window._install_dialog is None  # closed once the service is ready
     close(window)

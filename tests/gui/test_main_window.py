@@ -1,4 +1,4 @@
-"""The real engine path (LocalEngine, no scripting) with a model file that does not
+"""The real service path (LocalService, no scripting) with a model file that does not
 exist: the window opens, says why in one line, and keeps Ask disabled."""
 
 from __future__ import annotations

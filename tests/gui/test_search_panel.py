@@ -20,7 +20,7 @@ from app.gui.search_panel import SearchResultsModel, SearchRow, hit_span, match_
 from app.gui.viewer import locate_span  # noqa: E402
 from app.settings import AppSettings  # noqa: E402
 from ingest.library import SearchHit  # noqa: E402
-from tests.gui.fakes import ScriptedEngine  # noqa: E402
+from tests.gui.fakes import ScriptedService  # noqa: E402
 from tests.ingest.builders import write_pdf  # noqa: E402
 
 PDF_PAGES = [
@@ -39,12 +39,12 @@ def home(tmp_path, monkeypatch):
 
 
 def make_window(qtbot, home: Path) -> MainWindow:
-    engine = ScriptedEngine()
+    service = ScriptedService()
     window = MainWindow(
         settings=AppSettings(auto_cache=False),
         settings_file=home / "settings.json",
         library_path=home / "library.db",
-        engine_factory=lambda _settings: engine,
+        service_factory=lambda _settings: service,
         qsettings=QSettings(str(home / "layout.ini"), QSettings.Format.IniFormat),
     )
     qtbot.addWidget(window)

@@ -1,11 +1,11 @@
 """The MLX backend against the torch backend on the real SmolLM2-135M-Instruct:
 the same logits and greedy tokens for a chat prompt, a cache that torch built and MLX
 reuses without rebuilding a segment (one cache format, shared by both backends), and
-the same answer and evidence from the corpus engine.
+the same answer and evidence from the Answerer.
 
 Both run fp32: the corpus cache's fingerprint holds the dtype, so backends share
 a cache when they run the same one. torch runs on one thread, as in
-tests/corpus/test_engine.py (two torch threads contend with a neighbour process on
+tests/corpus/test_cache.py (two torch threads contend with a neighbour process on
 a two-core box).
 """
 
@@ -19,10 +19,10 @@ torch = pytest.importorskip("torch")
 
 from engine.corpus.build import CorpusDocument  # noqa: E402
 from bench.niah import collect_answer  # noqa: E402
-from engine.corpus.engine import Engine  # noqa: E402
+from engine.corpus.answerer import Answerer  # noqa: E402
 from engine.corpus.settings import CacheSettings  # noqa: E402
 from engine.generate import GenerationStats, SamplingParams  # noqa: E402
-from tests.corpus.test_engine import FACT, MODEL, QUESTION, island_document  # noqa: E402
+from tests.corpus.test_cache import FACT, MODEL, QUESTION, island_document  # noqa: E402
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
 
@@ -65,26 +65,26 @@ def test_logits_and_greedy_tokens_match_torch(models):
     assert tokens["mlx"] == tokens["torch"] and tokens["mlx"][0]
 
 
-def ask(engine: Engine, document: CorpusDocument):
-    return collect_answer(engine.ask(QUESTION, [document], SamplingParams(max_new_tokens=24)))
+def ask(answerer: Answerer, document: CorpusDocument):
+    return collect_answer(answerer.ask(QUESTION, [document], SamplingParams(max_new_tokens=24)))
 
 
 def test_mlx_answers_over_the_cache_torch_built(models, tmp_path):
     document = island_document()
-    by_torch = Engine(models["torch"], cache_root=tmp_path, cache_settings=SEGMENTS)
-    built = by_torch.build([document])
+    by_torch = Answerer(models["torch"], cache_root=tmp_path, cache_settings=SEGMENTS)
+    built = by_torch.cache.build([document])
     assert built.segments_built == 3 and built.segments_reused == 0
 
-    by_mlx = Engine(models["mlx"], cache_root=tmp_path, cache_settings=SEGMENTS)
-    assert by_mlx.fingerprint == by_torch.fingerprint and by_mlx.root == by_torch.root
-    assert by_mlx.memory.__name__ == "engine.backends.mlx.memory"
+    by_mlx = Answerer(models["mlx"], cache_root=tmp_path, cache_settings=SEGMENTS)
+    assert by_mlx.cache.fingerprint == by_torch.cache.fingerprint and by_mlx.cache.root == by_torch.cache.root
+    assert by_mlx.cache.memory.__name__ == "engine.backends.mlx.memory"
     files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.qkv")}
-    reused = by_mlx.build([document])
+    reused = by_mlx.cache.build([document])
     assert (reused.segments_built, reused.segments_reused, reused.bytes_written) == (0, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.qkv")} == files
 
     # The answer path prefills the passages BM25 chose: the same prompt on both backends.
-    answers = {name: ask(engine, document) for name, engine in (("torch", by_torch), ("mlx", by_mlx))}
+    answers = {name: ask(answerer, document) for name, answerer in (("torch", by_torch), ("mlx", by_mlx))}
     (text_t, evidence_t, stats_t), (text_m, evidence_m, stats_m) = answers["torch"], answers["mlx"]
     assert text_m == text_t, (text_t, text_m)
     assert evidence_m and [(e.char_start, e.char_end, e.weight) for e in evidence_m] == [

@@ -45,7 +45,7 @@ def fastest_dtype() -> str:
     Metal: not measured on this machine; decode reads every weight once per token,
     so halving the bytes is what sets its speed (mlx-lm runs bf16 models as stored).
     The dtype is part of the corpus cache's fingerprint: a cache is shared with the
-    torch backend when both run the same dtype (see engine/corpus/engine.py).
+    torch backend when both run the same dtype (see engine/corpus/cache.py `model_fingerprint`).
     """
     return "bfloat16" if on_gpu() else "float32"
 

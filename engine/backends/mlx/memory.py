@@ -7,7 +7,7 @@ each global-attention layer's keys are captured *before* RoPE, in the interleave
 pair layout (see layers.interleave_rotary_rows), as float32 numpy arrays that
 engine/corpus/store.py writes.
 
-There is no `append_stored` here yet: `Engine.ask` on MLX prefills the passages'
+There is no `append_stored` here yet: `Answerer.ask` on MLX prefills the passages'
 text even where `read_cached` is set.
 """
 

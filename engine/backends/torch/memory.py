@@ -8,7 +8,7 @@ any position.
 
 Ask: `append_stored` puts a cached passage's keys and values into the dense KV cache
 as if it had been prefilled there, its keys rotated to their new positions
-(Engine._read_cached).
+(Answerer._read_cached).
 """
 
 from __future__ import annotations

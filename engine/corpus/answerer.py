@@ -1,15 +1,19 @@
-"""`Engine`: build the corpus cache for documents, and answer questions about them,
-streaming Token, Evidence and Stats events.
+"""`Answerer`: answers questions about documents, and runs the whole-document tasks,
+streaming Token, Evidence and AskStats events. It composes the three layers below it:
 
-    engine = Engine(load_model("qwen2.5-coder-0.5b-instruct"))
-    for event in engine.ask("Who wrote it?", documents):
+    answerer = Answerer(load_model("qwen2.5-coder-0.5b-instruct"))
+    for event in answerer.ask("Who wrote it?", documents):
         ...
 
-`ask` reads the passages BM25 ranks best as one numbered context; it needs no cache.
-`build` writes the corpus cache (each document's keys and values, engine/corpus/build.py),
-every segment prefilled after the shared prefix (the model's chat template up to the
-user's text); `ask` can read the passages' keys and values from it instead of
-prefilling their text (`read_cached`).
+- the retriever (`answerer.retriever`, engine/corpus/retriever.py `Retriever`): the
+  passages BM25 ranks best for the question, numbered, each cited by one page;
+- the reader (`answerer.reader`, engine/reader.py): the model that writes the answer
+  from them as one numbered context (the prompt and citations: engine/corpus/answer.py);
+- the corpus cache (`answerer.cache`, engine/corpus/cache.py `CorpusCache`): each
+  document's keys and values, every segment prefilled after the shared prefix (the
+  model's chat template up to the user's text, `_split_prompt`). `ask` needs no
+  cache; it can read the passages' keys and values from it instead of prefilling
+  their text (`read_cached`).
 
 The earlier answer path, block-sparse attention over the whole cache with the model's
 retrieval heads, was removed: it lost to BM25 passages on `quire bench qa`
@@ -18,13 +22,10 @@ retrieval heads, was removed: it lost to BM25 passages on `quire bench qa`
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,49 +42,22 @@ from engine.corpus.answer import (
     reading_order,
     recent_turns,
     says_not_found,
-    without_citations,
 )
-from engine.corpus.build import (
-    BuildProgress,
-    BuildSummary,
-    CorpusBuilder,
-    CorpusDocument,
-    Manifest,
-    ManifestStore,
-    settings_tag,
-)
+from engine.corpus.build import CorpusDocument, Manifest
 from engine.corpus import tasks
-from engine.corpus.passages import PassageIndex
+from engine.corpus.cache import CorpusCache
+from engine.corpus.retriever import Retriever
 from engine.corpus.settings import CacheSettings
-from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled, CorruptCacheError
 from engine.generate import GenerationStats, SamplingParams, Token, prefill
-from engine.paths import data_dir
 from engine.reader import LocalReader, Reader
 from engine.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# Bump when what a segment holds changes for the same model (capture point, key
-# layout): older caches then live in another folder and are never read.
-MEMORY_LAYOUT = 1
+# Marks where the user's text goes in the chat template (`_split_prompt`).
 MEMORY_MARKER = "\u2063QUIRE-MEMORY\u2063"
 
-# Passages the reader gets (engine/corpus/passages.py): 5 of 200 words, as BM25-RAG
-# reads. More passages raised the evidence hit (8: 84.9%, 12: 88.9% against 79.4%)
-# but not the 0.5B reader's accuracy (36.4%, 36.1% against 40.1%; docs/lab/answers-bench-qa.md).
-READ_PASSAGES = 5
-# A follow-up is retrieved for together with the turn before it, whose words carry
-# what "she", "it" or "the second one" refer to: BM25 of the follow-up, plus these
-# shares of BM25 for the previous question and the previous answer.
-FOLLOW_UP_QUESTION_WEIGHT = 0.5
-FOLLOW_UP_ANSWER_WEIGHT = 0.25
-# Of a follow-up's passages, this many are ranked with the turn before; the rest for
-# the follow-up alone, so a question on a new topic still finds its own. Measured by
-# the passages read (evidence hit) on bench qa: the 26 follow-ups 96.2% (61.5% alone),
-# the 127 answerable questions after a turn about another document 84.2% (85.3%
-# with no turn before; 80.4% with all five passages ranked with the turn).
-FOLLOW_UP_JOINT = 3
 # The answer's repetition guard (SamplingParams.no_repeat_ngram): no 12-token run
 # twice. Long enough for an answer to repeat a name or a phrase, short enough to cut
 # a looping sentence after its first round.
@@ -117,7 +91,7 @@ class AskStats:
     generated_tokens: int = 0
     time_to_first_token: float = 0.0
     decode_tokens_per_second: float = 0.0
-    # The answer path (Engine.ask): seconds to choose the passages (BM25), how many it
+    # The answer path (Answerer.ask): seconds to choose the passages (BM25), how many it
     # read (and how many of those from the corpus cache) and the reader's prompt
     # tokens, and what the answer did with them.
     retrieval_seconds: float = 0.0
@@ -130,28 +104,10 @@ class AskStats:
     finish_reason: str = ""
 
 
-def model_fingerprint(model: LoadedModel) -> str:
-    """Everything that changes the keys and values a model computes for a text."""
-    h = hashlib.sha256()
-    h.update(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
-    for path in model.folder.weight_files:
-        h.update(f"{path.name}:{path.stat().st_size}".encode())
-    # Segments hold the same layout whichever backend computed them (pre-RoPE keys in
-    # the interleaved pair order, float32 into the store), so the backend is not part
-    # of the fingerprint: a cache built by torch is read by MLX and the other way
-    # round. The dtype is: bf16 and fp32 weights give (slightly) different keys, so
-    # the two backends share a cache when they run the same dtype. The text hashed
-    # keeps the form torch caches were addressed by before MLX ("torch:torch.float32:1"),
-    # so caches built then stay valid.
-    dtype = str(getattr(model.model, "dtype", "")).rsplit(".", 1)[-1]
-    h.update(f"torch:torch.{dtype}:{MEMORY_LAYOUT}".encode())
-    if getattr(model.model, "quantised", False):
-        # Quantised matrices give other keys than the float ones of the same file.
-        h.update(b":quantised")
-    return h.hexdigest()[:20]
+class Answerer:
+    """Answers over documents: `retriever` chooses the passages, `reader` writes from
+    them, `cache` holds the documents' keys and values (see the module's docstring)."""
 
-
-class Engine:
     def __init__(
         self,
         model: LoadedModel,
@@ -169,28 +125,9 @@ class Engine:
         # their text: faster to the first token, not yet shown as good (see
         # _read_cached); off by default, measured as bench qa's "quire-cache".
         self.read_cached = read_cached
-        self.cache_settings = cache_settings or CacheSettings()
-        self.fingerprint = model_fingerprint(model)
-        self.root = (cache_root or data_dir() / "cache") / self.fingerprint
-        self.store = SegmentStore(self.root)
-        self.manifests = ManifestStore(self.root, settings_tag(self.cache_settings))
-        self.memory = importlib.import_module(f"engine.backends.{model.backend}.memory")
         self.prefix_ids, self._after_memory = self._split_prompt()
-        # The documents last asked: their passage index, their cache manifests (None
-        # where a document is not cached) and their text in lowercase (for names).
-        self._passages: tuple[tuple[str, ...], PassageIndex, list[Manifest | None], list[str]] | None = None
-        self.builder = CorpusBuilder(
-            self.store,
-            self.manifests,
-            fingerprint=self.fingerprint,
-            settings=self.cache_settings,
-            prefix=self.prefix_ids,
-            encode=lambda text: model.tokenizer.encode(text),
-            token_bytes=model.tokenizer.token_bytes,
-            make_prefiller=lambda: self.memory.SegmentPrefiller(
-                model.model, self.prefix_ids, self.cache_settings.context_tokens + self.cache_settings.segment_tokens
-            ),
-        )
+        self.cache = CorpusCache(model, self.prefix_ids, root=cache_root, settings=cache_settings)
+        self.retriever = Retriever()
 
     # -- prompt ------------------------------------------------------------------
 
@@ -212,27 +149,6 @@ class Engine:
     def question_ids(self, question: str) -> list[int]:
         return self.model.tokenizer.encode(self._after_memory.replace("{question}", question.strip()))
 
-    # -- cache -------------------------------------------------------------------
-
-    def build(
-        self,
-        documents: Iterable[CorpusDocument],
-        *,
-        on_progress: Callable[[BuildProgress], None] | None = None,
-        cancel: Callable[[], bool] | None = None,
-    ) -> BuildSummary:
-        return self.builder.build(documents, on_progress=on_progress, cancel=cancel)
-
-    def is_cached(self, document: CorpusDocument) -> bool:
-        return self.builder.manifest_for(document) is not None
-
-    def forget(self, keep: Iterable[CorpusDocument]) -> int:
-        """Drop manifests and segments of every document not in `keep`; bytes freed."""
-        return _prune_folder(self.root, {d.content_key for d in keep})
-
-    def cache_bytes(self) -> int:
-        return self.store.total_bytes()
-
     # -- ask ---------------------------------------------------------------------
 
     def ask(
@@ -250,7 +166,7 @@ class Engine:
 
         `history`: the conversation's earlier turns, oldest first. The reader sees the
         newest of them that fit in HISTORY_TOKENS, and the passages are chosen for the
-        question together with the turn before it (`choose_sources`).
+        question together with the turn before it (`Retriever.choose_sources`).
 
         The documents need not be cached. The retrieval heads' tally over the cache
         (the removed block-sparse path), fused with BM25, lowered the evidence hit on
@@ -287,79 +203,24 @@ class Engine:
 
     # -- the answer path -----------------------------------------------------------
 
-    def passage_index(self, documents: list[CorpusDocument]) -> PassageIndex:
-        """The documents' passages and their lexical index (kept for the documents
-        last asked). Built from their text: the answer path does not read the cache."""
-        names = tuple(d.content_key for d in documents)
-        if self._passages is None or self._passages[0] != names:
-            # Passages run across page edges: cut at them, the passages that end a
-            # page are fragments, and the reader scored 26.6% against BM25-RAG's 40.1%
-            # on the same prompt (bench qa's 36-question subset; docs/lab/answers-bench-qa.md).
-            index = PassageIndex([d.text for d in documents])
-            lowered = [d.text.lower() for d in documents]
-            self._passages = (names, index, [self.manifests.load(name) for name in names], lowered)
-        else:  # a document cached since
-            manifests = self._passages[2]
-            for n, manifest in enumerate(manifests):
-                if manifest is None:
-                    manifests[n] = self.manifests.load(names[n])
-        return self._passages[1]
-
-    def choose_sources(
-        self, documents: list[CorpusDocument], question: str, count: int = READ_PASSAGES, history: list[Turn] | None = None
-    ) -> list[Source]:
-        """The `count` passages that BM25 ranks best for `question`, numbered best
-        first. Neighbours that overlap stay separate sources (their shared words are
-        read twice): a merged run would cite the page where it starts, not the page of
-        the passage that held the answer. After earlier turns, the first
-        FOLLOW_UP_JOINT passages are ranked with the previous question and answer
-        (`retrieval_scores`), the rest for the question alone."""
-        index = self.passage_index(documents)
-        scores = index.bm25(question)
-        ranked = [int(i) for i in np.argsort(-scores, kind="stable")[: count + FOLLOW_UP_JOINT]]
-        if not history:
-            return self._numbered(documents, index, ranked[:count], scores, index.weights(question))
-        scores = scores + turn_scores(index, history)
-        chosen = [int(i) for i in np.argsort(-scores, kind="stable")[:FOLLOW_UP_JOINT]]
-        order = chosen + [i for i in ranked if i not in chosen]
-        return self._numbered(documents, index, order[:count], scores, index.weights(f"{question} {history[-1].question}"))
-
-    @staticmethod
-    def _numbered(documents: list[CorpusDocument], index: PassageIndex, order: list[int], scores: np.ndarray,
-                  asked: dict[str, float]) -> list[Source]:
-        """Passages `order` of `index` as Sources numbered 1.. in that order, each cited
-        by the page that holds the question's rarest terms (`_page_of`)."""
-        sources = []
-        for number, i in enumerate(order, 1):
-            document = documents[int(index.entry[i])]
-            start, end = int(index.start[i]), int(index.end[i])
-            page_index, label = _page_of(document, start, end, asked, index.analyse)
-            sources.append(Source(number, int(index.entry[i]), start, end, document.title, label,
-                                  document.text[start:end], float(scores[i]), page_index))
-        return sources
-
-    def balanced_sources(self, documents: list[CorpusDocument], question: str, per_document: int) -> list[Source]:
-        """The `per_document` best passages of each document for `question`, numbered
-        together (each document's best first, the documents in turn)."""
-        index = self.passage_index(documents)
-        scores = index.bm25(question)
-        chosen: list[list[int]] = []
-        for entry in range(len(documents)):
-            mine = np.flatnonzero(index.entry == entry)
-            chosen.append([int(i) for i in mine[np.argsort(-scores[mine], kind="stable")[:per_document]]])
-        order = [picks[rank] for rank in range(per_document) for picks in chosen if rank < len(picks)]
-        return self._numbered(documents, index, order, scores, index.weights(question))
+    def prepare(self, documents: list[CorpusDocument]) -> None:
+        """Make the scope's passage index and look up its cache manifests, so the next
+        question about these documents does not wait for them (seconds over a large
+        library)."""
+        self.retriever.passage_index(documents)
+        self.cache.scope_manifests(documents)
 
     def _answer(self, question, documents, params, cancel, history: list[Turn], per_document: int = 0):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
         started = time.perf_counter()
         generation = GenerationStats()
         if per_document:
-            sources = self.balanced_sources(documents, question, per_document)
+            sources = self.retriever.balanced_sources(documents, question, per_document)
         else:
-            sources = self.choose_sources(documents, question, history=history)
+            sources = self.retriever.choose_sources(documents, question, history=history)
+        manifests = self.cache.scope_manifests(documents)
+        lowered = self.retriever.lowered(documents)
         history = recent_turns(history, HISTORY_TOKENS, self.reader.count_tokens)
-        _, _, manifests, lowered = self._passages  # set by choose_sources
         memory_tokens = sum(m.tokens for m in manifests if m is not None)
         # A question about a name the documents never mention is not answered from
         # passages that cannot hold the answer: the 0.5B reader answered every such
@@ -380,7 +241,7 @@ class Engine:
             return
         retrieval_seconds = time.perf_counter() - started
         try:
-            read = self._read_cached(question, sources, documents, params.max_new_tokens, cancel, history)
+            read = self._read_cached(question, sources, manifests, params.max_new_tokens, cancel, history)
         except Cancelled:
             yield AskStats(finish_reason="cancelled")
             return
@@ -388,8 +249,8 @@ class Engine:
             tokens = self.reader.chat(grounded_messages(question, sources, history), params, cancel=cancel,
                                       stats=generation)
         else:
-            prompt, cache, logits = read
-            tokens = self.model.stream(prompt, params, cancel=cancel, stats=generation, cache=cache, logits=logits)
+            prompt, dense, logits = read
+            tokens = self.model.stream(prompt, params, cancel=cancel, stats=generation, cache=dense, logits=logits)
         context_seconds = time.perf_counter() - started
         answer = ""
         for token in tokens:
@@ -440,7 +301,8 @@ class Engine:
                 supported=all(c.supported for c in mine) if mine else None,
             )
 
-    def _read_cached(self, question, sources, documents, answer_tokens, cancel, history: list[Turn]):
+    def _read_cached(self, question, sources, manifests: list[Manifest | None], answer_tokens, cancel,
+                     history: list[Turn]):
         """The reader's context with each passage's keys and values read from the
         corpus cache (keys re-rotated to their new places) and only the rest (chat
         template, passage headers, question) prefilled: (prompt ids, the filled dense
@@ -457,8 +319,7 @@ class Engine:
         its first word begins in."""
         # Stored keys and values are the cache model's own: only it can read them.
         own = isinstance(self.reader, LocalReader) and self.reader.model is self.model
-        place = getattr(self.memory, "append_stored", None) if self.read_cached and own else None
-        manifests = self._passages[2] if self._passages is not None else []
+        place = getattr(self.cache.memory, "append_stored", None) if self.read_cached and own else None
         if place is None or not sources or any(manifests[s.entry] is None for s in sources):
             return None
         config = self.model.model.config
@@ -485,89 +346,18 @@ class Engine:
         if tokenizer.add_bos_default and tokenizer.bos_id is not None and encoded[0][:1] != [tokenizer.bos_id]:
             encoded[0] = [tokenizer.bos_id, *encoded[0]]
         stored = sum(end - first for _, first, end in spans)
-        cache = self.model.model.new_cache(sum(map(len, encoded)) + stored + answer_tokens + 1)
+        dense = self.model.model.new_cache(sum(map(len, encoded)) + stored + answer_tokens + 1)
         try:
-            kv = [self._stored_kv(*span, config.num_hidden_layers) for span in spans]
+            kv = [self.cache.stored_kv(*span, config.num_hidden_layers) for span in spans]
         except (CorruptCacheError, OSError, KeyError) as error:
             log.warning("reading passages from the cache failed (%s); prefilling them", error)
             return None
         logits = None
         for n, tokens in enumerate(encoded):
             if tokens:
-                logits = prefill(self.model.model, tokens, cache, cancel=cancel)
+                logits = prefill(self.model.model, tokens, dense, cancel=cancel)
             if n < len(kv):
-                place(self.model.model, cache, kv[n])
+                place(self.model.model, dense, kv[n])
         if logits is None or not encoded[-1]:
             return None
-        return list(range(cache.length)), cache, logits
-
-    def _stored_kv(self, manifest: Manifest, first: int, end: int, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Every layer's keys (before RoPE) and values, (Hkv, T, D) float32, of the
-        document's tokens [first, end), from the segments that hold them."""
-        keys: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        values: list[list[np.ndarray]] = [[] for _ in range(layers)]
-        for ref in manifest.segments:
-            lo, hi = max(first, ref.start), min(end, ref.start + ref.tokens)
-            if lo >= hi:
-                continue
-            with self.store.open(ref.key) as segment:
-                for layer in range(layers):
-                    k, v = segment.dequantize(segment.layer_slot(layer))  # KeyError: a layer not stored
-                    keys[layer].append(k[:, lo - ref.start : hi - ref.start])
-                    values[layer].append(v[:, lo - ref.start : hi - ref.start])
-        return [(np.concatenate(k, axis=1), np.concatenate(v, axis=1)) for k, v in zip(keys, values)]
-
-def turn_scores(index: PassageIndex, history: list[Turn]) -> np.ndarray:
-    """What the turn before adds to a follow-up's BM25: the previous question's and
-    answer's BM25 at FOLLOW_UP_QUESTION_WEIGHT and FOLLOW_UP_ANSWER_WEIGHT."""
-    last = history[-1]
-    return (FOLLOW_UP_QUESTION_WEIGHT * index.bm25(last.question)
-            + FOLLOW_UP_ANSWER_WEIGHT * index.bm25(without_citations(last.answer)))
-
-
-def retrieval_scores(index: PassageIndex, question: str, history: list[Turn] | None = None) -> np.ndarray:
-    """BM25 of every passage for `question`, plus `turn_scores` after earlier turns."""
-    scores = index.bm25(question)
-    return scores + turn_scores(index, history) if history else scores
-
-
-def _page_of(document: CorpusDocument, start: int, end: int, asked: dict[str, float],
-             analyse: Callable[[str], list[str]]) -> tuple[int | None, str | None]:
-    """The page a passage [start, end) is cited by, where it spans several: the one
-    whose part holds the question's rarest terms (by their weights `asked`, over the
-    terms that `analyse` gives), then most of its characters."""
-    pages = document.pages
-    if not pages:
-        return None, None
-    first = document.page_at(start)[0]
-    last = document.page_at(max(start, end - 1))[0]
-    bounds = [p for p, _ in pages] + [max(end, pages[-1][0])]
-
-    def weight(i: int) -> tuple[float, int]:
-        lo, hi = max(start, bounds[i]), min(end, bounds[i + 1])
-        return sum(asked.get(t, 0.0) for t in set(analyse(document.text[lo:hi]))), hi - lo
-
-    index = max(range(first, last + 1), key=weight)
-    return index, pages[index][1]
-
-
-def prune_caches(keep_content_keys: set[str], cache_root: Path | None = None) -> int:
-    """Drop, in every model's cache folder, the manifests of texts not in
-    `keep_content_keys` and the segments no remaining manifest uses; bytes freed.
-    Needs no model: removing a document frees its disk without loading one."""
-    root = cache_root or data_dir() / "cache"
-    return sum(_prune_folder(folder, keep_content_keys) for folder in sorted(root.glob("*")) if folder.is_dir())
-
-
-def _prune_folder(folder: Path, keep_content_keys: set[str]) -> int:
-    """One model's cache folder: manifests of other texts (under any settings) and
-    the segments nothing kept uses go; bytes freed."""
-    manifests = ManifestStore(folder)
-    manifests.remove_partials()
-    live: set[str] = set()
-    for key in manifests.all():
-        if key in keep_content_keys:
-            live |= manifests.segment_keys(key)
-        else:
-            manifests.remove(key)
-    return SegmentStore(folder).collect_garbage(live)
+        return list(range(dense.length)), dense, logits

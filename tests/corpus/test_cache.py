@@ -1,8 +1,9 @@
-"""The corpus engine end to end with a real model (SmolLM2-135M-Instruct): build the
-cache for small generated documents, ask with the passages read from it, and check
-answers, evidence and statistics; then what the cache promises on disk — reuse across
-engines, content addressing, damaged and half-written segments, cancel, forget — and
-each precision. (The answer path itself, prefilled, is tested in test_answer.py.)
+"""The corpus cache (engine/corpus/cache.py) end to end with a real model
+(SmolLM2-135M-Instruct), through an Answerer: build the cache for small generated
+documents, ask with the passages read from it, and check answers, evidence and
+statistics; then what the cache promises on disk — reuse by a new Answerer, content
+addressing, damaged and half-written segments, cancel, forget — and each precision.
+(The answer path itself, prefilled, is tested in test_answer.py.)
 
 Every test gets its own cache root. Documents stay under 1,000 tokens and answers
 under 24 tokens. The model runs on one thread: on a two-core box shared with a
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 
 from engine.corpus.build import CorpusDocument, token_offsets
-from engine.corpus.engine import AskStats, Engine, Evidence
+from engine.corpus.answerer import Answerer, AskStats, Evidence
 from engine.corpus.settings import CacheSettings
 from engine.corpus.store import SegmentStore
 from engine.errors import Cancelled
@@ -81,18 +82,18 @@ def model():
     torch.set_num_threads(threads)
 
 
-def cached(model, root: Path, settings: CacheSettings | None = None) -> Engine:
-    """An engine whose answers read their passages from the corpus cache."""
-    return Engine(model, cache_root=root, cache_settings=settings, read_cached=True)
+def cached(model, root: Path, settings: CacheSettings | None = None) -> Answerer:
+    """An answerer whose answers read their passages from the corpus cache."""
+    return Answerer(model, cache_root=root, cache_settings=settings, read_cached=True)
 
 
-def ask(engine: Engine, documents: list[CorpusDocument], question: str = QUESTION):
+def ask(answerer: Answerer, documents: list[CorpusDocument], question: str = QUESTION):
     """(answer text, generated token ids, evidence, stats) of one greedy question."""
     tokens: list[Token] = []
     evidence: list[Evidence] = []
     stats: list[AskStats] = []
     order: list[type] = []
-    for event in engine.ask(question, documents, SamplingParams(max_new_tokens=MAX_NEW_TOKENS)):
+    for event in answerer.ask(question, documents, SamplingParams(max_new_tokens=MAX_NEW_TOKENS)):
         order.append(type(event))
         {Token: tokens, Evidence: evidence, AskStats: stats}[type(event)].append(event)
     # Tokens first, then evidence, then exactly one AskStats, last.
@@ -109,18 +110,18 @@ def segment_files(root: Path) -> list[Path]:
 
 def test_an_answer_reads_its_passages_from_the_cache(model, tmp_path):
     document = island_document()
-    engine = Engine(model, cache_root=tmp_path)
-    summary = engine.build([document])
+    answerer = Answerer(model, cache_root=tmp_path)
+    summary = answerer.cache.build([document])
     ids = model.tokenizer.encode(document.text)
     assert summary.tokens == len(ids) and summary.segments_built == 1 and summary.segments_reused == 0
-    answer, _, prefilled, stats = ask(engine, [document])  # read_cached is off by default
+    answer, _, prefilled, stats = ask(answerer, [document])  # read_cached is off by default
     assert "Elspeth" in answer and stats.passages_from_cache == 0, answer
 
     # From the cache: the same passages, their keys and values read, not prefilled. The
-    # 135M model does not always answer as it does prefilled (Engine._read_cached), so
+    # 135M model does not always answer as it does prefilled (Answerer._read_cached), so
     # the answer's words are not checked here; test_answer.py checks the logits.
-    engine.read_cached = True
-    answer, generated, evidence, stats = ask(engine, [document])
+    answerer.read_cached = True
+    answer, generated, evidence, stats = ask(answerer, [document])
     assert answer.strip()
     assert [(e.char_start, e.char_end, e.weight) for e in evidence] == [
         (e.char_start, e.char_end, e.weight) for e in prefilled
@@ -137,7 +138,7 @@ def test_an_answer_reads_its_passages_from_the_cache(model, tmp_path):
     holding = [e for e in evidence[:3] if FACT in e.text]
     assert holding and holding[0].page_label == "2", [(e.page_label, e.char_start, e.char_end) for e in evidence]
 
-    manifest = engine.manifests.load(document.content_key)
+    manifest = answerer.cache.manifests.load(document.content_key)
     assert stats.memory_tokens == len(ids) == manifest.tokens
     assert stats.passages_from_cache == stats.passages_read == len(evidence)
     assert stats.prompt_tokens == stats.context_tokens > 0
@@ -177,17 +178,17 @@ def _decodes(piece: bytes) -> bool:
 # --- what the cache keeps ---------------------------------------------------------------
 
 
-def test_a_new_engine_reuses_the_cache_and_answers_identically(model, tmp_path):
+def test_a_new_answerer_reuses_the_cache_and_answers_identically(model, tmp_path):
     document = island_document(18)
     first = cached(model, tmp_path, SMALL)
-    built = first.build([document])
+    built = first.cache.build([document])
     assert built.segments_built == 3 and built.segments_reused == 0
     answer_first, ids_first, evidence_first, _ = ask(first, [document])
 
     second = cached(model, tmp_path, SMALL)
-    assert second.is_cached(document)
+    assert second.cache.is_cached(document)
     files_before = {p: p.stat().st_mtime_ns for p in segment_files(tmp_path)}
-    again = second.build([document])
+    again = second.cache.build([document])
     assert (again.segments_built, again.segments_reused, again.bytes_written) == (0, 3, 0)
     assert {p: p.stat().st_mtime_ns for p in segment_files(tmp_path)} == files_before
     answer_second, ids_second, evidence_second, stats = ask(second, [document])
@@ -201,33 +202,33 @@ def test_a_new_engine_reuses_the_cache_and_answers_identically(model, tmp_path):
 def test_segments_are_addressed_by_content(model, tmp_path):
     document = island_document(18)
     twin = CorpusDocument("twin", document.text, document.pages, "Same text, other id")
-    engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
-    both = engine.build([document, twin])
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=SMALL)
+    both = answerer.cache.build([document, twin])
     assert (both.segments_built, both.segments_reused) == (3, 3)
-    assert len(segment_files(tmp_path)) == 3 and engine.is_cached(twin)
+    assert len(segment_files(tmp_path)) == 3 and answerer.cache.is_cached(twin)
 
     # Another ending: only the last segment's tokens change.
     last = document.text.rindex(". ") + 2
     changed = CorpusDocument("changed", document.text[:last] + "A stranger rowed away at midnight.", document.pages)
     old_ids, new_ids = model.tokenizer.encode(document.text), model.tokenizer.encode(changed.text)
     assert old_ids[:512] == new_ids[:512] and old_ids[512:] != new_ids[512:] and 512 < len(new_ids) <= 768
-    summary = engine.build([changed])
+    summary = answerer.cache.build([changed])
     assert (summary.segments_built, summary.segments_reused) == (1, 2)
-    old_keys = [s.key for s in engine.manifests.load(document.content_key).segments]
-    new_keys = [s.key for s in engine.manifests.load(changed.content_key).segments]
+    old_keys = [s.key for s in answerer.cache.manifests.load(document.content_key).segments]
+    new_keys = [s.key for s in answerer.cache.manifests.load(changed.content_key).segments]
     assert new_keys[:2] == old_keys[:2] and new_keys[2] != old_keys[2]
     assert len(segment_files(tmp_path)) == 4
 
 
 def test_a_damaged_segment_is_found_and_rebuilt_and_an_answer_falls_back_to_prefilling(model, tmp_path, caplog):
     document = island_document(18)
-    engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
-    engine.build([document])
-    answer, ids, _, stats = ask(engine, [document])  # prefilled: read_cached is off
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=SMALL)
+    answerer.cache.build([document])
+    answer, ids, _, stats = ask(answerer, [document])  # prefilled: read_cached is off
     assert stats.passages_from_cache == 0
-    store = SegmentStore(engine.root)
+    store = SegmentStore(answerer.cache.root)
     # The segment that holds the fact: a passage the answer reads lies in it.
-    manifest = engine.manifests.load(document.content_key)
+    manifest = answerer.cache.manifests.load(document.content_key)
     fact_token = int(np.searchsorted(manifest.offsets, document.text.index(FACT), side="right")) - 1
     key = next(ref.key for ref in manifest.segments if ref.start <= fact_token < ref.start + ref.tokens)
     path = store.path_for(key)
@@ -238,15 +239,15 @@ def test_a_damaged_segment_is_found_and_rebuilt_and_an_answer_falls_back_to_pref
     damaged = bytearray(original)
     damaged[-9] ^= 0xFF
     path.write_bytes(bytes(damaged))
-    assert engine.is_cached(document)
+    assert answerer.cache.is_cached(document)
     with store.open(key) as segment:
         assert not segment.verify()
 
     # A truncated file fails the cheap checks: not cached, and only it is rebuilt,
     # byte for byte.
     path.write_bytes(original[: len(original) // 2])
-    assert not engine.is_cached(document)
-    summary = engine.build([document])
+    assert not answerer.cache.is_cached(document)
+    summary = answerer.cache.build([document])
     assert (summary.segments_built, summary.segments_reused) == (1, 2)
     assert path.read_bytes() == original
 
@@ -254,13 +255,13 @@ def test_a_damaged_segment_is_found_and_rebuilt_and_an_answer_falls_back_to_pref
     # is not read, and the answer prefills its passages instead.
     for damage in (lambda: path.write_bytes(original[: len(original) // 2]), path.unlink):
         damage()
-        engine = cached(model, tmp_path, SMALL)
+        answerer = cached(model, tmp_path, SMALL)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="engine.corpus.engine"):
-            answer_again, ids_again, _, stats = ask(engine, [document])
-        assert any("prefilling them" in r.getMessage() for r in caplog.records if r.name == "engine.corpus.engine")
+        with caplog.at_level(logging.WARNING, logger="engine.corpus.answerer"):
+            answer_again, ids_again, _, stats = ask(answerer, [document])
+        assert any("prefilling them" in r.getMessage() for r in caplog.records if r.name == "engine.corpus.answerer")
         assert stats.passages_from_cache == 0 and ids_again == ids and answer_again == answer
-        engine.build([document])
+        answerer.cache.build([document])
         assert path.read_bytes() == original
 
 
@@ -269,7 +270,7 @@ CRASHING_BUILD = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     from engine.corpus.build import CorpusDocument
-    from engine.corpus.engine import Engine
+    from engine.corpus.answerer import Answerer
     from engine.corpus.settings import CacheSettings
     from engine.runtime import load_model
 
@@ -287,9 +288,9 @@ CRASHING_BUILD = textwrap.dedent(
         return real_replace(source, target)
 
     os.replace = replace
-    engine = Engine(load_model("%s", dtype=dtype, threads=1), cache_root=root,
+    answerer = Answerer(load_model("%s", dtype=dtype, threads=1), cache_root=root,
                     cache_settings=CacheSettings(segment_tokens=256, block_size=32))
-    engine.build([CorpusDocument("island", text)])
+    answerer.cache.build([CorpusDocument("island", text)])
     """
     % MODEL
 )
@@ -321,30 +322,30 @@ def test_a_build_killed_mid_segment_leaves_reusable_segments(model, tmp_path):
     assert process.returncode == -signal.SIGKILL
     assert len(segment_files(tmp_path)) == 1 and not list(tmp_path.rglob("documents/*.json"))
 
-    engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
-    assert not engine.is_cached(document)
-    summary = engine.build([document])
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=SMALL)
+    assert not answerer.cache.is_cached(document)
+    summary = answerer.cache.build([document])
     assert (summary.segments_built, summary.segments_reused) == (2, 1)
-    assert engine.manifests.load(document.content_key) is not None and engine.is_cached(document)
+    assert answerer.cache.manifests.load(document.content_key) is not None and answerer.cache.is_cached(document)
     # The same cache, byte for byte, and the same answer from it as from a build never
     # interrupted.
-    engine.read_cached = True
+    answerer.read_cached = True
     clean = cached(model, tmp_path / "clean", SMALL)
-    clean.build([document])
-    assert [p.read_bytes() for p in segment_files(engine.root)] == [p.read_bytes() for p in segment_files(clean.root)]
-    assert ask(engine, [document])[1] == ask(clean, [document])[1]
+    clean.cache.build([document])
+    assert [p.read_bytes() for p in segment_files(answerer.cache.root)] == [p.read_bytes() for p in segment_files(clean.cache.root)]
+    assert ask(answerer, [document])[1] == ask(clean, [document])[1]
 
-    assert list(engine.root.rglob("*.tmp"))  # the killed write's temp file, until forget
-    kept = engine.cache_bytes()
-    engine.forget(keep=[document])
+    assert list(answerer.cache.root.rglob("*.tmp"))  # the killed write's temp file, until forget
+    kept = answerer.cache.total_bytes()
+    answerer.cache.forget(keep=[document])
     assert not list(tmp_path.rglob("*.tmp"))
-    assert engine.cache_bytes() == kept and engine.is_cached(document)
+    assert answerer.cache.total_bytes() == kept and answerer.cache.is_cached(document)
 
 
 def test_cancel_stops_the_build_without_a_manifest(model, tmp_path):
     short = island_document(4, seed=1, doc_id="short")
     document = island_document(18)
-    engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=SMALL)
     assert len(model.tokenizer.encode(short.text)) <= 256
     calls = []
 
@@ -354,76 +355,76 @@ def test_cancel_stops_the_build_without_a_manifest(model, tmp_path):
         return len(segment_files(tmp_path)) >= 2
 
     with pytest.raises(Cancelled):
-        engine.build([short, document], cancel=cancel)
+        answerer.cache.build([short, document], cancel=cancel)
     assert len(calls) > 2
-    assert engine.is_cached(short)
-    assert not engine.is_cached(document) and engine.manifests.load(document.content_key) is None
-    assert engine.manifests.all() == [short.content_key]
+    assert answerer.cache.is_cached(short)
+    assert not answerer.cache.is_cached(document) and answerer.cache.manifests.load(document.content_key) is None
+    assert answerer.cache.manifests.all() == [short.content_key]
     assert len(segment_files(tmp_path)) == 2 and not list(tmp_path.rglob("*.tmp"))
 
-    summary = engine.build([short, document])
+    summary = answerer.cache.build([short, document])
     assert (summary.segments_built, summary.segments_reused) == (2, 2)
-    assert engine.is_cached(document)
+    assert answerer.cache.is_cached(document)
 
 
 def test_forget_frees_what_no_kept_document_uses(model, tmp_path):
     document = island_document(18)
     last = document.text.rindex(". ") + 2
     other = CorpusDocument("other", document.text[:last] + "A stranger rowed away at midnight.")
-    engine = Engine(model, cache_root=tmp_path, cache_settings=SMALL)
-    engine.build([document, other])
+    answerer = Answerer(model, cache_root=tmp_path, cache_settings=SMALL)
+    answerer.cache.build([document, other])
     sizes = {p.stem: p.stat().st_size for p in segment_files(tmp_path)}
     assert len(sizes) == 4  # two shared segments, one ending each
-    before = engine.cache_bytes()
+    before = answerer.cache.total_bytes()
     assert before == sum(sizes.values())
 
-    other_only = {s.key for s in engine.manifests.load(other.content_key).segments} - {
-        s.key for s in engine.manifests.load(document.content_key).segments
+    other_only = {s.key for s in answerer.cache.manifests.load(other.content_key).segments} - {
+        s.key for s in answerer.cache.manifests.load(document.content_key).segments
     }
-    freed = engine.forget(keep=[document])
-    assert freed == sum(sizes[k] for k in other_only) == before - engine.cache_bytes()
-    assert engine.is_cached(document) and not engine.is_cached(other)
+    freed = answerer.cache.forget(keep=[document])
+    assert freed == sum(sizes[k] for k in other_only) == before - answerer.cache.total_bytes()
+    assert answerer.cache.is_cached(document) and not answerer.cache.is_cached(other)
 
-    remaining = engine.cache_bytes()
-    freed = engine.forget(keep=[])
+    remaining = answerer.cache.total_bytes()
+    freed = answerer.cache.forget(keep=[])
     assert freed == remaining > 0
-    assert engine.cache_bytes() == 0 and segment_files(tmp_path) == [] and engine.manifests.all() == []
-    assert not engine.is_cached(document)
+    assert answerer.cache.total_bytes() == 0 and segment_files(tmp_path) == [] and answerer.cache.manifests.all() == []
+    assert not answerer.cache.is_cached(document)
 
 
 @pytest.mark.parametrize("precision", ["int4", "fp16"])
 def test_each_precision_builds_and_answers(model, tmp_path, precision):
     document = island_document()
-    engine = cached(model, tmp_path, CacheSettings(precision=precision))
-    engine.build([document])
-    key = engine.manifests.load(document.content_key).segments[0].key
-    with SegmentStore(engine.root).open(key) as segment:
+    answerer = cached(model, tmp_path, CacheSettings(precision=precision))
+    answerer.cache.build([document])
+    key = answerer.cache.manifests.load(document.content_key).segments[0].key
+    with SegmentStore(answerer.cache.root).open(key) as segment:
         assert segment.precision == precision and segment.verify()
-    int8 = Engine(model, cache_root=tmp_path / "int8")
-    int8.build([document])
+    int8 = Answerer(model, cache_root=tmp_path / "int8")
+    int8.cache.build([document])
     if precision == "int4":
-        assert engine.cache_bytes() < int8.cache_bytes()
+        assert answerer.cache.total_bytes() < int8.cache.total_bytes()
     else:
-        assert engine.cache_bytes() > int8.cache_bytes()
-    answer, _, evidence, stats = ask(engine, [document])
+        assert answerer.cache.total_bytes() > int8.cache.total_bytes()
+    answer, _, evidence, stats = ask(answerer, [document])
     assert evidence and stats.memory_tokens == len(model.tokenizer.encode(document.text))
     assert stats.passages_from_cache == stats.passages_read > 0 and answer.strip()
 
 
 def test_each_precision_reads_only_its_own_segments(model, tmp_path):
     """The same text cached in int8 and then asked in int4 under one cache folder:
-    the int4 engine must build int4 segments, not reuse the int8 manifest."""
+    the int4 answerer must build int4 segments, not reuse the int8 manifest."""
     document = island_document()
-    int8 = Engine(model, cache_root=tmp_path)
-    int8.build([document])
-    int4 = Engine(model, cache_root=tmp_path, cache_settings=CacheSettings(precision="int4"))
-    assert not int4.is_cached(document)
-    summary = int4.build([document])
-    assert summary.segments_built == len(int8.manifests.load(document.content_key).segments)
-    for engine, precision in ((int8, "int8"), (int4, "int4")):
-        for ref in engine.manifests.load(document.content_key).segments:
-            with SegmentStore(engine.root).open(ref.key) as segment:
+    int8 = Answerer(model, cache_root=tmp_path)
+    int8.cache.build([document])
+    int4 = Answerer(model, cache_root=tmp_path, cache_settings=CacheSettings(precision="int4"))
+    assert not int4.cache.is_cached(document)
+    summary = int4.cache.build([document])
+    assert summary.segments_built == len(int8.cache.manifests.load(document.content_key).segments)
+    for answerer, precision in ((int8, "int8"), (int4, "int4")):
+        for ref in answerer.cache.manifests.load(document.content_key).segments:
+            with SegmentStore(answerer.cache.root).open(ref.key) as segment:
                 assert segment.precision == precision
     # Forgetting the text drops both manifests and every segment.
-    assert int8.forget(keep=[]) > 0
-    assert segment_files(tmp_path) == [] and int4.manifests.all() == []
+    assert int8.cache.forget(keep=[]) > 0
+    assert segment_files(tmp_path) == [] and int4.cache.manifests.all() == []
