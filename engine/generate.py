@@ -53,6 +53,14 @@ class SamplingParams:
     # time (0: off). A loop ("She is married to Norton. She is married to ...")
     # repeats every n-gram of its period, so it is cut off after its first round.
     no_repeat_ngram: int = 0
+    # The soft repetition guard (0: off): a token that would carry on a run of at
+    # least RUN_PENALTY_FROM tokens already generated in that order loses
+    # run_penalty * RUN_PENALTY_GROWTH ** (run - RUN_PENALTY_FROM) of its logit, so a
+    # loop that changes a word each round ("round about there", "round around
+    # there", ...) and slips past no_repeat_ngram still ends. The "DRY" sampler of
+    # text-generation-webui and llama.cpp works this way. Local models only: a remote
+    # reader's server decodes with its own settings.
+    run_penalty: float = 0.0
 
 
 @dataclass
@@ -143,31 +151,72 @@ class Sampler:
         return int(order[self.rng.choice(len(order), p=probs)])
 
 
-class RepeatGuard:
-    """Bans, at each step, the tokens that would complete an n-gram already generated
-    (the "no repeat n-gram" rule of beam-search decoders), keeping a table from each
-    (n-1)-gram seen to the tokens that followed it: O(1) a step."""
+# The soft guard's shape (SamplingParams.run_penalty): runs shorter than this are
+# free (a name or a phrase said twice), and each token longer multiplies the penalty.
+RUN_PENALTY_FROM = 3
+RUN_PENALTY_GROWTH = 1.75
+# Runs are measured back at most this far (the penalty is past any logit by then).
+_RUN_LONGEST = 48
 
-    def __init__(self, n: int) -> None:
+
+class RepeatGuard:
+    """The answer's two repetition guards over the tokens generated so far.
+
+    Hard (`n`): bans the tokens that would complete an n-gram already generated (the
+    "no repeat n-gram" rule of beam-search decoders), from a table of each (n-1)-gram
+    seen to the tokens that followed it: O(1) a step.
+
+    Soft (`run_penalty`): for each earlier place where the last token was generated,
+    the run of tokens before it that matches the run before the last one is measured;
+    the token that followed that place is penalised by the run's length (see
+    SamplingParams.run_penalty). The places come from a table of token → positions,
+    so a step costs the number of earlier places of the last token.
+    """
+
+    def __init__(self, n: int, run_penalty: float = 0.0) -> None:
         self.n = n
+        self.run_penalty = run_penalty
         self.tokens: list[int] = []
         self.followers: dict[tuple[int, ...], set[int]] = {}
+        self.places: dict[int, list[int]] = {}
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
-        if self.n <= 0 or len(self.tokens) < self.n - 1:
-            return logits
-        banned = self.followers.get(tuple(self.tokens[len(self.tokens) - self.n + 1 :]))
-        if not banned:
+        penalties = self._run_penalties()
+        banned = None
+        if self.n > 0 and len(self.tokens) >= self.n - 1:
+            banned = self.followers.get(tuple(self.tokens[len(self.tokens) - self.n + 1 :]))
+        if not banned and not penalties:
             return logits
         logits = np.array(logits, dtype=np.float32, copy=True)
-        logits[list(banned)] = -np.inf
+        for token, penalty in penalties.items():
+            logits[token] -= penalty
+        if banned:
+            logits[list(banned)] = -np.inf
         return logits
 
+    def _run_penalties(self) -> dict[int, float]:
+        if self.run_penalty <= 0 or len(self.tokens) < RUN_PENALTY_FROM:
+            return {}
+        tokens, last = self.tokens, len(self.tokens) - 1
+        penalties: dict[int, float] = {}
+        for place in self.places.get(tokens[last], ()):
+            if place >= last:
+                continue
+            run = 1
+            while run < _RUN_LONGEST and run <= place and tokens[place - run] == tokens[last - run]:
+                run += 1
+            if run >= RUN_PENALTY_FROM:
+                follower = tokens[place + 1]
+                penalty = self.run_penalty * RUN_PENALTY_GROWTH ** (run - RUN_PENALTY_FROM)
+                penalties[follower] = max(penalties.get(follower, 0.0), penalty)
+        return penalties
+
     def push(self, token: int) -> None:
-        if self.n <= 0:
+        if self.n <= 0 and self.run_penalty <= 0:
             return
         self.tokens.append(token)
-        if len(self.tokens) >= self.n:
+        self.places.setdefault(token, []).append(len(self.tokens) - 1)
+        if self.n > 0 and len(self.tokens) >= self.n:
             key = tuple(self.tokens[-self.n : -1])
             self.followers.setdefault(key, set()).add(token)
 
@@ -232,7 +281,7 @@ def generate(
     if cache is None:
         cache = model.new_cache(len(prompt_tokens) + params.max_new_tokens)
     sampler = Sampler(params)
-    guard = RepeatGuard(params.no_repeat_ngram)
+    guard = RepeatGuard(params.no_repeat_ngram, params.run_penalty)
     stop_filter = StopStringFilter(params.stop_strings)
     stop_ids = set(params.stop_token_ids)
     started = time.perf_counter()

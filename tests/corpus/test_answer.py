@@ -141,6 +141,30 @@ def test_the_repeat_guard_bans_completing_a_seen_ngram():
     assert np.isfinite(RepeatGuard(0).mask(logits)).all()
 
 
+def test_the_soft_guard_penalises_carrying_on_a_run_by_its_length():
+    from engine.generate import RUN_PENALTY_FROM, RUN_PENALTY_GROWTH
+
+    assert RUN_PENALTY_FROM == 3
+    guard = RepeatGuard(0, run_penalty=1.0)
+    # 1 2 3 4 was followed by 9; now 1 2 3 4 again (a run of 4), and 3 4 once more
+    # after 8 (a run of 2: free).
+    for token in [1, 2, 3, 4, 9, 8, 3, 4, 5, 1, 2, 3, 4]:
+        guard.push(token)
+    masked = guard.mask(np.zeros(12, dtype=np.float32))
+    assert masked[9] == pytest.approx(-RUN_PENALTY_GROWTH)  # run 4: 1.0 * 1.75 ** (4 - 3)
+    assert masked[5] == 0.0  # followed "3 4" after 8: the run before it is "8 3 4" ≠ "2 3 4", so 2 long
+    assert np.count_nonzero(masked) == 1
+    # Off by default, and a short run costs nothing.
+    plain = RepeatGuard(0)
+    for token in [1, 2, 3, 4, 1, 2, 3, 4]:
+        plain.push(token)
+    assert not np.any(plain.mask(np.zeros(12, dtype=np.float32)))
+    short = RepeatGuard(0, run_penalty=1.0)
+    for token in [1, 2, 7, 1, 2]:
+        short.push(token)
+    assert not np.any(short.mask(np.zeros(12, dtype=np.float32)))
+
+
 class LoopingModel:
     """Always prefers token (last + 1) % 4: greedy decoding loops 0 1 2 3 0 1 2 3 ..."""
 
@@ -173,6 +197,19 @@ def test_generation_with_the_guard_never_repeats_an_ngram():
     guarded = run(4)
     grams = [tuple(guarded[i : i + 4]) for i in range(len(guarded) - 3)]
     assert len(grams) == len(set(grams)) and len(guarded) == 24
+
+
+def test_the_soft_guard_ends_a_loop_that_no_repeat_ngram_alone_lets_through():
+    # LoopingModel's loop is 4 tokens long; a 6-gram ban lets it round once more than
+    # a soft penalty growing from runs of 3 does, and greedy decoding then takes the
+    # runner-up (4..7) instead.
+    def run(**guards):
+        return [t.token_id for t in generate(LoopingModel(), [3], Decoder(), SamplingParams(max_new_tokens=12, **guards))]
+
+    banned_only = run(no_repeat_ngram=6)
+    assert banned_only[:9] == [0, 1, 2, 3, 0, 1, 2, 3, 0]  # the sixth token of the second round is banned
+    # "0 1 2" once more makes a run of 3: "3" loses 1.5 (2.0 → 0.5), the runner-up 7 wins.
+    assert run(run_penalty=1.5)[:8] == [0, 1, 2, 3, 0, 1, 2, 7]
 
 
 @pytest.mark.slow
