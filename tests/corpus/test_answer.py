@@ -56,6 +56,33 @@ def test_a_passage_across_pages_is_cited_by_the_page_with_the_questions_rare_wor
     assert _page_of(CorpusDocument("e", text), 0, 10, asked, index.analyse) == (None, None)
 
 
+def test_a_question_in_two_parts_reads_each_parts_best_passage():
+    from engine.corpus.build import CorpusDocument
+    from engine.corpus.retriever import Retriever, question_parts
+
+    assert question_parts("Who keeps the lighthouse?") == []
+    assert question_parts("Who keeps the lighthouse on Skarvholm, and which boat brings the mail?") == [
+        "Who keeps the lighthouse on Skarvholm", "which boat brings the mail?"]
+    # The first part's words are in six passages, eight times each; the boat's in one
+    # passage, once: BM25 of the whole question ranks the six first.
+    filler = "ferries kept harbour timetables quietly through winter months. "  # 8 words
+    block = "skarvholm lighthouse keeps " * 8 + filler * 20  # 24 + 160 words
+    first = block * 6
+    second = filler * 200 + "a mail boat sails. " + filler * 200
+    documents = [CorpusDocument("a", first, title="Log"), CorpusDocument("b", second, title="Harbour")]
+    question = "Who keeps the lighthouse on Skarvholm, and which boat brings the mail?"
+    plain = Retriever()
+    index = plain.passage_index(documents)
+    top5 = [int(i) for i in np.argsort(-index.bm25(question), kind="stable")[:5]]
+    boat = next(i for i in range(len(index)) if "mail boat" in index.text(i))
+    assert boat not in top5  # BM25 of the whole question alone misses it
+    sources = plain.choose_sources(documents, question)
+    assert len(sources) == 6 and "mail boat" in sources[-1].text and sources[-1].title == "Harbour"
+    assert [s.number for s in sources] == [1, 2, 3, 4, 5, 6]
+    # One part, five passages.
+    assert len(plain.choose_sources(documents, "Who keeps the lighthouse on Skarvholm?")) == 5
+
+
 def test_bm25_meets_a_words_other_forms_and_ignores_the_commonest_words():
     # The answer says "installation", the question "installing": stems meet.
     filler = [f"part {n} of the manual is about the {n} tools of the system. " * 6 for n in range(8)]
