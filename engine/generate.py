@@ -215,7 +215,8 @@ class RepeatGuard:
         if self.n <= 0 and self.run_penalty <= 0:
             return
         self.tokens.append(token)
-        self.places.setdefault(token, []).append(len(self.tokens) - 1)
+        if self.run_penalty > 0:
+            self.places.setdefault(token, []).append(len(self.tokens) - 1)
         if self.n > 0 and len(self.tokens) >= self.n:
             key = tuple(self.tokens[-self.n : -1])
             self.followers.setdefault(key, set()).add(token)

@@ -90,9 +90,9 @@ class Retriever:
     ) -> list[Source]:
         """The `count` passages that BM25 ranks best for `question`, numbered best
         first, then the best passage of each of its `question_parts` not among them
-        (so up to count + the number of parts). Neighbours that overlap stay separate sources (their shared words are
-        read twice): a merged run would cite the page where it starts, not the page of
-        the passage that held the answer. After earlier turns, the first
+        (one that shares a weighted word with its part). Neighbours that overlap stay
+        separate sources (their shared words are read twice): a merged run would cite
+        the page where it starts, not the page of the passage that held the answer. After earlier turns, the first
         FOLLOW_UP_JOINT passages are ranked with the previous question and answer
         (`retrieval_scores`), the rest for the question alone."""
         index = self.passage_index(documents)
@@ -101,8 +101,9 @@ class Retriever:
         if not history:
             chosen = ranked[:count]
             for part in question_parts(question):
-                best = int(np.argmax(index.bm25(part)))
-                if best not in chosen:
+                part_scores = index.bm25(part)
+                best = int(np.argmax(part_scores))
+                if part_scores[best] > 0 and best not in chosen:  # a part of common words finds nothing
                     chosen.append(best)
             return self._numbered(documents, index, chosen, scores, index.weights(question))
         scores = scores + turn_scores(index, history)

@@ -79,8 +79,9 @@ def test_a_question_in_two_parts_reads_each_parts_best_passage():
     sources = plain.choose_sources(documents, question)
     assert len(sources) == 6 and "mail boat" in sources[-1].text and sources[-1].title == "Harbour"
     assert [s.number for s in sources] == [1, 2, 3, 4, 5, 6]
-    # One part, five passages.
+    # One part, five passages; a part whose words no passage weighs adds none.
     assert len(plain.choose_sources(documents, "Who keeps the lighthouse on Skarvholm?")) == 5
+    assert len(plain.choose_sources(documents[::-1], "Who keeps the lighthouse on Skarvholm, and what is the zyzzyva?")) == 5
 
 
 def test_bm25_meets_a_words_other_forms_and_ignores_the_commonest_words():
