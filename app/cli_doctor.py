@@ -194,12 +194,12 @@ def model_checks(home: Path, settings: AppSettings, progress: Progress) -> list[
     """The model the settings choose (missing: FAIL), the other default models
     (missing: WARN, the app does not need them), and every installed model folder
     against its recorded checksum."""
-    from engine.install import DEFAULT_MODELS
+    from engine.install import DEFAULT_MODELS, pinned_models
     from engine.model_store import model_folders
 
     folders = model_folders() if (home / "models").is_dir() else []
     installed = {folder.name for folder in folders}
-    pinned = {model.name: model.sha256 for model in DEFAULT_MODELS}
+    pinned = {model.name: model.sha256 for model in pinned_models()}  # a bigger reader's too
     wanted = settings.model_spec()
     checks: list[Check] = []
     wanted_path = Path(wanted).expanduser()
