@@ -225,6 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     qa.add_argument("--qa-tokens", type=int, default=200, help="answer length")
     _dense_limit(qa, "the longest scope (tokens) the dense method reads whole")
     qa.add_argument("--markdown", help="also write the summary table here")
+    qa.add_argument("--rescore", metavar="RUN.json",
+                    help="score a stored run's answers again with today's scorer (nothing is asked again)")
     qa.add_argument("--retrieval", action="store_true",
                     help="only the evidence hit of the passages Quire and BM25-RAG would read (no answers)")
 

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> dict | None:
 
     firsts = {q.id: q for q in load_questions(RESOURCES / "questions.jsonl")}
     questions = load_questions(args.questions or RESOURCES / "questions.jsonl")
+    if getattr(args, "rescore", None):
+        return rescore(json.loads(Path(args.rescore).read_text()), questions, args.markdown)
     if args.ids:
         questions = [q for q in questions if q.id in set(args.ids) or any(q.id.startswith(i) for i in args.ids)]
     if args.qa_kinds:
@@ -104,6 +106,32 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.markdown:
         Path(args.markdown).write_text(table)
     return result
+
+
+def rescore(run: dict, questions, markdown: str | None = None) -> dict:  # noqa: ANN001 - QAQuestion list
+    """A stored run's answers scored again by today's scorer (bench/qa_data.py), its
+    summary recomputed; nothing is asked again. What changed is said on stderr."""
+    from bench.qa import report, summarise
+    from bench.qa_data import score_answer
+
+    by_id = {q.id: q for q in questions}
+    records, moved = [], 0
+    for record in run["records"]:
+        question = by_id.get(record["id"])
+        if question is None:
+            raise ValueError(f"{record['id']} is not in the question file: give the run's --questions")
+        score = round(score_answer(question, record["answer"]), 3)  # as a run stores it
+        if score != record["score"]:
+            moved += 1
+            print(f"{record['id']:<16} {record['scope']:<7} {record['method']:<5} {record['score']:.2f} -> {score:.2f}",
+                  file=sys.stderr)
+        records.append({**record, "score": score})
+    print(f"{moved} of {len(records)} scores moved", file=sys.stderr)
+    table = report(summarise(records))
+    print(table, file=sys.stderr)
+    if markdown:
+        Path(markdown).write_text(table)
+    return {**run, "records": records, "summary": summarise(records), "rescored": True}
 
 
 def run_tasks(args: argparse.Namespace) -> dict | None:

@@ -12,8 +12,10 @@ A question's kind says how it is scored:
 - "unanswerable": 1 when the answer says the documents do not hold it.
 An answer that says "not found" scores 0 on any other kind, whatever it names.
 
-Matching is by substring after lower-casing and collapsing whitespace: accepted
-answers are written short and distinctive, with their formatting variants.
+Matching is by substring after lower-casing and collapsing whitespace, and with the
+answer's Markdown code ticks dropped ("`m`, `n`, and `k`" names m, n, and k; a
+bigger reader writes them): accepted answers are written short and distinctive,
+with their formatting variants.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def score_answer(question: QAQuestion, answer: str) -> float:
         return 1.0 if not_found else 0.0
     if not_found:
         return 0.0
-    text = normalise(answer)
+    text = normalise(answer.replace("`", ""))
     if question.kind in ("lookup", "table"):
         return 1.0 if _has(text, question.answers) else 0.0
     return sum(_has(text, fact) for fact in question.facts) / len(question.facts)

@@ -83,6 +83,9 @@ def test_scores_by_kind():
     lookup = question("lookup", answers=["--no-psqlrc", "-X"])
     assert score_answer(lookup, "Use  -X  to skip it.") == 1.0
     assert score_answer(lookup, "Use --psqlrc.") == 0.0
+    table = question("table", answers=["m, n, k", "m, n and k"])
+    assert score_answer(table, "They are `m`, `n` and `k`.") == 1.0  # code ticks are formatting
+    assert score_answer(table, "They are `m`, `N`.") == 0.0
     assert score_answer(lookup, "Not found in these documents. Maybe -X?") == 0.0
     spread = question("spread", facts=[["Simpson"], ["Lobatto"], ["Gauss-Kronrod", "Gauss Kronrod"]])
     assert score_answer(spread, "quadv uses simpson's rule, quadgk gauss kronrod") == pytest.approx(2 / 3)
@@ -143,3 +146,26 @@ def test_a_deb_is_read_without_dpkg():
     assert extract(deb, "usr/share/doc/x/policy.txt") == payload
     with pytest.raises(KeyError):
         extract(deb, "usr/share/doc/x/other.txt")
+
+
+def test_a_stored_run_is_scored_again_without_asking(tmp_path, capsys):
+    from bench.cli import main
+
+    lookup = load_questions(QA / "questions.jsonl")[0]
+    accepted = lookup.answers[0]
+    base = {"kind": lookup.kind, "scope": "own", "question": lookup.question, "evidence_hit": 1.0,
+            "evidence_all": True, "loop": False, "ttft": 1.0, "total": 2.0, "prompt_tokens": 900}
+    stored = {"records": [
+        {**base, "id": lookup.id, "method": "quire", "answer": f"It is `{accepted}`.", "score": 0.0},  # old scorer
+        {**base, "id": lookup.id, "method": "bm25", "answer": "I do not know.", "score": 0.0},
+    ], "model": "m", "reader": "r"}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(stored))
+    out = tmp_path / "again.json"
+    assert main(["bench", "qa", "--rescore", str(path), "--out", str(out)]) in (0, None)
+    again = json.loads(out.read_text())
+    assert [r["score"] for r in again["records"]] == [1.0, 0.0]
+    assert again["summary"]["own"]["quire"]["all"]["accuracy"] == 100.0
+    assert again["summary"]["own"]["bm25"]["all"]["accuracy"] == 0.0
+    assert again["rescored"] is True and again["reader"] == "r"
+    assert "1 of 2 scores moved" in capsys.readouterr().err
