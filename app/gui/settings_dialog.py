@@ -144,7 +144,7 @@ class SettingsDialog(QDialog):
         names = [model.name for model in READER_MODELS]
         names += [name for name in (models if models is not None else installed_model_names()) if name not in names]
         completer = QCompleter(names, self.reader)
-        completer.setCompletionMode(QCompleter.CompletionMode.UnfilteredPopupCompletion)
+        completer.setFilterMode(Qt.MatchFlag.MatchContains)
         self.reader.setCompleter(completer)
         self.reader.setToolTip(
             "Who writes the answers from the passages Quire chooses: the model above (empty), a second local "
