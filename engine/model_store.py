@@ -216,7 +216,7 @@ def open_model(spec: str | Path) -> ModelFolder:
         if installed.is_dir():
             return _open_folder(installed)
         names = ", ".join(sorted(p.name for p in _model_folders())) or "none"
-        raise ModelNotInstalledError(f"model '{spec}' is not installed (installed: {names})")
+        raise ModelNotInstalledError(f"model '{spec}' is not installed (installed: {names}){_install_hint(spec)}")
     converted = _converted_from(path)
     if converted is not None:
         # The tool that kept the GGUF removed it (`ollama rm`); its conversion still loads.
@@ -243,6 +243,17 @@ def _outdated(folder: Path) -> bool:
 def model_folders() -> list[Path]:
     """Folders under models_dir() that hold a usable model (converted or HF)."""
     return _model_folders()
+
+
+def _install_hint(name: str) -> str:
+    """How to install `name` where it is a model Quire can fetch, else nothing."""
+    from engine.install import find_default  # engine.install builds on this module
+
+    try:
+        find_default(name)
+    except ModelNotInstalledError:
+        return ""
+    return f": `quire models install {name}` fetches it"
 
 
 def _looks_like_name(spec: str) -> bool:

@@ -336,6 +336,15 @@ def test_reader_models_are_pinned_but_not_defaults() -> None:
         install.find_default("qwen2.5-coder-7b")
 
 
+def test_a_pinned_reader_not_installed_says_how_to_install_it(quire_home: Path) -> None:
+    with pytest.raises(install.ModelNotInstalledError) as caught:
+        open_model("qwen2.5-coder-1.5b-instruct")
+    assert str(caught.value).endswith("`quire models install qwen2.5-coder-1.5b-instruct` fetches it")
+    with pytest.raises(install.ModelNotInstalledError) as caught:
+        open_model("my-own-model")
+    assert "quire models install" not in str(caught.value)
+
+
 def test_models_install_by_name_fetches_only_that_model(
     quire_home: Path, tiny_gguf: tuple[Path, dict[str, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
