@@ -765,6 +765,9 @@ class MainWindow(LibraryActions, QMainWindow):
         for thread in (self.service_thread, self.ingest_thread):
             thread.quit()
             thread.wait(30000)
+        # What the workers said before they stopped is still queued for the inbox;
+        # none of it may reach the window once its library is closed.
+        self._inbox.blockSignals(True)
         self.store.close()
         super().closeEvent(event)
 

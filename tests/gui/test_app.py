@@ -438,6 +438,19 @@ def test_unfinished_adding_and_caching_resume_at_the_next_start(qtbot, home):
     assert json.loads((home / "unfinished-work.json").read_text()) == {"ingest": [], "cache": False}
 
 
+def test_what_the_workers_said_before_closing_does_not_reach_the_closed_window(qtbot, home):
+    from ingest.jobs import IngestSummary
+
+    window = make_window(qtbot, home, ScriptedService(), auto_cache=False)
+    add_and_wait(qtbot, window, [write_book(home, "ledger.txt", SHIPS)])
+    close(window)
+    # A worker's "finished" queued before the threads stopped, delivered after the
+    # library closed (a fresh-clone CI run met it): it must not reach the window.
+    window._inbox.ingest_finished.emit(IngestSummary())
+    window._inbox.cache_finished.emit("")
+    qtbot.wait(50)
+
+
 def test_files_given_at_start_are_added_once_not_resumed(qtbot, home):
     book = write_book(home, "ledger.txt", SHIPS)
     added: list[list[str]] = []
