@@ -281,10 +281,6 @@ def generate(
     stats.prompt_tokens = len(prompt_tokens)
     if cache is None:
         cache = model.new_cache(len(prompt_tokens) + params.max_new_tokens)
-    sampler = Sampler(params)
-    guard = RepeatGuard(params.no_repeat_ngram, params.run_penalty)
-    stop_filter = StopStringFilter(params.stop_strings)
-    stop_ids = set(params.stop_token_ids)
     started = time.perf_counter()
     if logits is None:
         try:
@@ -294,31 +290,138 @@ def generate(
             return
     stats.prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
-    stats.finish_reason = "length"
+    sequence = _Sequence(params, decoder, stats)
     for step in range(params.max_new_tokens):
         if cancel is not None and cancel():
             stats.finish_reason = "cancelled"
             break
-        token = sampler(guard.mask(logits))
-        guard.push(token)
+        token = sequence.step(logits)
         if step == 0:
             stats.time_to_first_token = time.perf_counter() - started
             decode_started = time.perf_counter()
-        if token in stop_ids:
-            stats.finish_reason = "stop"
+        if token is not None:
+            yield token
+        if sequence.done:
             break
-        stats.generated_tokens += 1
-        stats.token_ids.append(token)
-        text = stop_filter.push(decoder.feed(token))
-        if text or not stop_filter.stopped:
-            yield Token(token, text)
-        if stop_filter.stopped:
-            stats.finish_reason = "stop"
-            break
-        if step + 1 < params.max_new_tokens:
-            logits = np.asarray(model.forward([token], cache))[-1]
+        logits = np.asarray(model.forward([sequence.last], cache))[-1]
     stats.decode_seconds = time.perf_counter() - decode_started
-    if stats.finish_reason != "stop":
-        tail = stop_filter.push(decoder.flush()) + stop_filter.flush()
-        if tail:
-            yield Token(-1, tail)
+    tail = sequence.tail()
+    if tail:
+        yield Token(-1, tail)
+
+
+class _Sequence:
+    """One sequence's decoding: sampling, the repetition guards, stop tokens, stop
+    strings and the text; `generate` runs one, `generate_batch` several at once."""
+
+    def __init__(self, params: SamplingParams, decoder: TokenDecoder, stats: GenerationStats) -> None:
+        self.params = params
+        self.decoder = decoder
+        self.stats = stats
+        self.sampler = Sampler(params)
+        self.guard = RepeatGuard(params.no_repeat_ngram, params.run_penalty)
+        self.stop_filter = StopStringFilter(params.stop_strings)
+        self.stop_ids = set(params.stop_token_ids)
+        self.done = params.max_new_tokens <= 0
+        self.last = -1
+        stats.finish_reason = "length"
+
+    def step(self, logits: np.ndarray) -> Token | None:
+        """Choose the next token from `logits`; the Token to give out, if any. Sets
+        `done` at a stop token, a stop string or the length limit."""
+        token = self.sampler(self.guard.mask(logits))
+        self.guard.push(token)
+        self.last = token
+        if token in self.stop_ids:
+            self.stats.finish_reason = "stop"
+            self.done = True
+            return None
+        self.stats.generated_tokens += 1
+        self.stats.token_ids.append(token)
+        text = self.stop_filter.push(self.decoder.feed(token))
+        if self.stop_filter.stopped:
+            self.stats.finish_reason = "stop"
+        self.done = self.stop_filter.stopped or self.stats.generated_tokens >= self.params.max_new_tokens
+        return Token(token, text) if text or not self.stop_filter.stopped else None
+
+    def tail(self) -> str:
+        """The text held back at the end (none after a stop)."""
+        if self.stats.finish_reason == "stop":
+            return ""
+        return self.stop_filter.push(self.decoder.flush()) + self.stop_filter.flush()
+
+
+def generate_batch(
+    model: BackendModel,
+    prompts: Sequence[Sequence[int]],
+    decoders: Sequence[TokenDecoder],
+    params: SamplingParams,
+    *,
+    cancel: CancelCheck | None = None,
+    stats: Sequence[GenerationStats] | None = None,
+) -> list[str]:
+    """The text generated for each prompt, decoded together where the model can
+    (`batch_cache`, the torch backend): each prompt is prefilled on its own, then one
+    forward pass a step takes the next token of every sequence not yet finished.
+    Decode is bound by reading the weights, so this is several times the throughput
+    of one sequence at a time (engine/backends/torch/kv_cache.py `BatchKVCache`).
+    Elsewhere, or for one prompt, the prompts run one after another. Greedy
+    decoding gives each sequence the tokens `generate` gives it, up to the rounding
+    of a batched matmul. Cancelled: the text so far of each, finish_reason
+    "cancelled" on those not finished."""
+    stats = list(stats) if stats is not None else [GenerationStats() for _ in prompts]
+    texts = [""] * len(prompts)
+    if len(prompts) < 2 or not hasattr(model, "batch_cache"):
+        for i, prompt in enumerate(prompts):
+            if cancel is not None and cancel():
+                stats[i].finish_reason = "cancelled"
+                continue
+            texts[i] = "".join(t.text for t in generate(model, prompt, decoders[i], params, cancel=cancel, stats=stats[i]))
+        return texts
+    started = time.perf_counter()
+    caches, logits = [], []
+    for i, prompt in enumerate(prompts):
+        stats[i].prompt_tokens = len(prompt)
+        cache = model.new_cache(len(prompt))
+        try:
+            logits.append(prefill(model, prompt, cache, cancel=cancel))
+        except Cancelled:
+            for s in stats:
+                s.finish_reason = "cancelled"
+            return texts
+        caches.append(cache)
+        stats[i].prefill_seconds = time.perf_counter() - started
+    batch = model.batch_cache(caches, params.max_new_tokens)
+    del caches
+    sequences = [_Sequence(params, decoders[i], stats[i]) for i in range(len(prompts))]
+    active = [i for i in range(len(prompts)) if not sequences[i].done]
+    rows = list(logits)
+    decode_started = time.perf_counter()
+    first = True
+    while active:
+        if cancel is not None and cancel():
+            for i in active:
+                stats[i].finish_reason = "cancelled"
+            break
+        going = []
+        for row, i in enumerate(active):
+            token = sequences[i].step(rows[row])
+            if token is not None:
+                texts[i] += token.text
+            if not sequences[i].done:
+                going.append(row)
+        if first:
+            for i in active:
+                stats[i].time_to_first_token = time.perf_counter() - started
+            first = False
+        if not going:
+            break
+        if len(going) < len(active):
+            batch.keep(going)
+            active = [active[row] for row in going]
+        rows = list(np.asarray(model.forward([sequences[i].last for i in active], batch, last_only=False)))
+    seconds = time.perf_counter() - decode_started
+    for i, sequence in enumerate(sequences):
+        stats[i].decode_seconds = seconds
+        texts[i] += sequence.tail()
+    return texts

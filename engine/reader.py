@@ -48,6 +48,9 @@ class Reader(Protocol):
     def chat(self, messages: list[dict], params: SamplingParams, *, cancel: Callable[[], bool] | None = None,
              stats: GenerationStats | None = None) -> Iterator[Token]: ...
 
+    def chat_batch(self, conversations: list[list[dict]], params: SamplingParams, *,
+                   cancel: Callable[[], bool] | None = None, stats: list[GenerationStats] | None = None) -> list[str]: ...
+
     def count_tokens(self, text: str) -> int: ...
 
 
@@ -74,6 +77,10 @@ class LocalReader:
 
     def chat(self, messages, params, *, cancel=None, stats=None) -> Iterator[Token]:  # noqa: ANN001
         return self.model.chat(messages, params, cancel=cancel, stats=stats)
+
+    def chat_batch(self, conversations, params, *, cancel=None, stats=None) -> list[str]:  # noqa: ANN001
+        """Several replies decoded together (whole-document tasks map over parts)."""
+        return self.model.chat_batch(conversations, params, cancel=cancel, stats=stats)
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer.encode(text))
@@ -143,6 +150,11 @@ class RemoteReader:
         except OSError as error:
             connection.close()
             raise ReaderError(f"the reader server at {self.spec.base_url} failed: {error}") from error
+
+    def chat_batch(self, conversations, params, *, cancel=None, stats=None) -> list[str]:  # noqa: ANN001
+        """The replies one request after another (a server batches its own requests)."""
+        stats = stats if stats is not None else [GenerationStats() for _ in conversations]
+        return ["".join(t.text for t in self.chat(m, params, cancel=cancel, stats=s)) for m, s in zip(conversations, stats)]
 
     def _failure(self, response: http.client.HTTPResponse) -> ReaderError:
         body = response.read(65536).decode("utf-8", errors="replace")

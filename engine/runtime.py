@@ -27,6 +27,7 @@ from engine.generate import (
     SamplingParams,
     Token,
     generate,
+    generate_batch,
 )
 from engine.model_store import ModelFolder, open_model
 from engine.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
@@ -116,6 +117,14 @@ class LoadedModel:
 
     def complete(self, text: str, params: SamplingParams, **kwargs) -> Iterator[Token]:
         return self.stream(self.encode_prompt(text), params, **kwargs)
+
+    def chat_batch(self, conversations: list[list[dict]], params: SamplingParams, *, cancel: CancelCheck | None = None,
+                   stats: list[GenerationStats] | None = None) -> list[str]:
+        """The reply to each conversation, decoded together (`generate_batch`)."""
+        stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
+        params = dataclasses.replace(params, stop_token_ids=stop_ids)
+        return generate_batch(self.model, [self.encode_chat(m) for m in conversations],
+                              [StreamDecoder(self.tokenizer) for _ in conversations], params, cancel=cancel, stats=stats)
 
 
 def load_model(

@@ -197,3 +197,59 @@ def test_cancel_inside_a_chunk_leaves_the_cache_consistent(pair):
     assert cache.length == 10
     resumed = prefill(ours, ids[10:], cache)
     assert abs(resumed - fresh).max() < 1e-4, family
+
+
+def test_sequences_decoded_together_match_each_alone(pair):
+    """Three prompts of different lengths, prefilled apart and decoded as one batch
+    (the rows' own positions; Gemma 3's sliding window of 8 is passed), give each
+    prompt's reference logits; a row dropped midway leaves the others exact."""
+    family, reference, ours = pair
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (5, 19, 11)]
+    steps = 6
+    continuations = [torch.randint(0, 211, (steps,), generator=generator).tolist() for _ in prompts]
+    expected = [reference_logits(reference, p + c)[len(p) - 1 :] for p, c in zip(prompts, continuations)]
+    caches = [ours.new_cache(len(p)) for p in prompts]
+    got = [[ours.forward(p, cache)[-1]] for p, cache in zip(prompts, caches)]
+    batch = ours.batch_cache(caches, steps)
+    rows = [0, 1, 2]
+    for step in range(steps):
+        if step == 3:  # the second sequence is done
+            batch.keep([0, 2])
+            rows = [0, 2]
+        logits = ours.forward([continuations[r][step] for r in rows], batch, last_only=False)
+        assert logits.shape[0] == len(rows)
+        for row, r in enumerate(rows):
+            got[r].append(logits[row])
+    for r in range(3):
+        want = expected[r][: len(got[r])]
+        assert (torch.stack(got[r]) - want).abs().max().item() < TOLERANCE, (family, r)
+    assert batch.lengths.tolist() == [len(prompts[0]) + steps, len(prompts[2]) + steps]
+
+
+def test_generate_batch_gives_each_prompt_what_generate_gives_it(pair):
+    """Greedy, with a stop token that ends some sequences early (rows are dropped)."""
+    from engine.generate import GenerationStats, SamplingParams, generate, generate_batch
+
+    family, _, ours = pair
+
+    class Ids:
+        def feed(self, token_id: int) -> str:
+            return f"{token_id} "
+
+        def flush(self) -> str:
+            return ""
+
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 211, (n,), generator=generator).tolist() for n in (9, 4, 14, 7)]
+    alone = [list(generate(ours, p, Ids(), SamplingParams(max_new_tokens=12))) for p in prompts]
+    # A stop token that the first sequence meets early: the batch must drop its row.
+    stop = alone[0][2].token_id
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(stop,))
+    expected = ["".join(t.text for t in generate(ours, p, Ids(), params)) for p in prompts]
+    stats = [GenerationStats() for _ in prompts]
+    got = generate_batch(ours, prompts, [Ids() for _ in prompts], params, stats=stats)
+    assert got == expected, family
+    assert stats[0].finish_reason == "stop"
+    assert stats[0].generated_tokens == [t.token_id for t in alone[0]].index(stop) <= 2
+    assert [s.generated_tokens for s in stats] == [len(t.split()) for t in expected]

@@ -91,6 +91,12 @@ class ScriptedModel:
             stats.prompt_tokens = len(ids)
         return self.stream(ids, params, cancel=cancel, stats=stats)
 
+    def chat_batch(self, conversations, params, cancel=None, stats=None):
+        """One after another, as a remote reader does; cancel checked before each."""
+        stats = stats or [None] * len(conversations)
+        return ["" if cancel is not None and cancel() else "".join(t.text for t in self.chat(m, params, cancel, s))
+                for m, s in zip(conversations, stats)]
+
     def stream(self, ids, params, cancel=None, stats=None):
         user = self.prompts[-1][-1]["content"]
         if user.startswith("Notes on consecutive"):
@@ -115,8 +121,9 @@ def test_summarise_streams_a_note_per_part_each_citing_its_pages():
     model = ScriptedModel()
     events = list(tasks.summarise(model, long_document(3), SamplingParams(max_new_tokens=50)))
     progress = [e for e in events if isinstance(e, TaskProgress)]
-    assert [(p.stage, p.done) for p in progress] == [("reading", 0), ("reading", 1), ("reading", 2)]
-    assert progress[0].eta_seconds is None and progress[2].eta_seconds is not None
+    # The three parts are read as one batch (TASK_BATCH): progress before and after it.
+    assert [(p.stage, p.done, p.total) for p in progress] == [("reading", 0, 3), ("reading", 3, 3)]
+    assert progress[0].eta_seconds is None and progress[1].eta_seconds is not None
     text = "".join(e.text for e in events if isinstance(e, Token))
     w = tasks.PART_WORDS
     assert text == f"**Book**, pages 1–3, part by part:\n\n- note on w0 [1]\n- note on w{w} [2]\n- note on w{2 * w} [3]"

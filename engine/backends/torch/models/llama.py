@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.backends.torch.kv_cache import DenseKVCache
+from engine.backends.torch.kv_cache import BatchKVCache, DenseKVCache
 from engine.backends.torch.layers import (
     Dense,
     Rotary,
@@ -261,6 +261,10 @@ class DecoderModel:
     def new_cache(self, capacity: int) -> DenseKVCache:
         c = self.config
         return DenseKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity, self.dtype, self.device)
+
+    def batch_cache(self, caches: list[DenseKVCache], room: int) -> BatchKVCache:
+        """Prefilled sequences, decoded together from here (engine.generate.generate_batch)."""
+        return BatchKVCache(caches, room)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed, QuantDense):
