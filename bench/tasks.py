@@ -5,7 +5,8 @@ the snippet-RAG prompt and, where the text fits, a dense prompt in the same run.
 - "summarise" (a page range): coverage = the share of the range's key points the
   summary names (a point counts when any of its accepted strings is in the text,
   lower-cased, whitespace collapsed); citations = the share of the summary's
-  sentences that cite a passage or part.
+  sentences that cite a passage or part. An item with no pages is a whole book,
+  reported apart as "summarise-whole" (its seconds are the book's time).
 - "find-all" (a term): recall = the share of the term's occurrences (its surface
   forms, listed by hand, found by a plain case-insensitive search) that lie inside a
   reported sentence; for RAG, inside its five chunks.
@@ -119,7 +120,9 @@ class TaskRunner:
             row.update(occurrences=total, found=len(spans), recall=inside / total if total else None)
         elif task == "summarise":
             document = docs[0]
-            first, last = item["pages"]
+            first, last = item.get("pages") or (None, None)
+            if first is None and last is None:
+                row["task"] = "summarise-whole"  # a whole book: summarised apart from the page ranges
             if method == "quire":
                 text, _, stats = collect_answer(self.answerer.summarise(document, self.params, first_page=first, last_page=last))
                 row.update(prompt_tokens=stats.prompt_tokens, parts=stats.parts)

@@ -191,7 +191,8 @@ class Answerer:
                   cancel: Callable[[], bool] | None = None):
         """A summary of the document (or of pages first_page..last_page, 1-based), its
         points citing the parts they came from; TaskProgress with an ETA as it reads."""
-        params = replace(params or SamplingParams(max_new_tokens=400), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM)
+        params = replace(params or SamplingParams(max_new_tokens=400), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM,
+                         run_penalty=ANSWER_RUN_PENALTY)
         return tasks.summarise(self.reader, document, params, first_page=first_page, last_page=last_page, cancel=cancel)
 
     def compare(self, documents: list[CorpusDocument], topic: str, params: SamplingParams | None = None, *,

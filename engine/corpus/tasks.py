@@ -135,11 +135,14 @@ def eta(started: float, done: int, total: int) -> float | None:
 
 # Summaries: words per part read at once (about 650 tokens of English prose; 1,000-word
 # parts gave notes with a quarter of the key points, docs/lab/conversations-and-tasks.md), the tokens
-# each part's notes may take, and the notes' tokens one prompt holds before groups of
-# them are combined a level up.
+# each part's notes may take, the most points a summary gives (more notes are combined
+# a level up) and the most notes combined into one. Tom Sawyer whole (141 notes): 4
+# points made of about 35 notes each named 25% of the book's key points, 24 points of
+# 6 notes each 58.3% (docs/lab/conversations-and-tasks.md).
 PART_WORDS = 500
 NOTE_TOKENS = 100
-COMBINE_TOKENS = 2500
+SUMMARY_POINTS = 24
+COMBINE_GROUP = 8
 # Parts (and groups of notes) read together: a local reader decodes them as one batch
 # (engine.generate.generate_batch). On the 2-core box the 0.5B default decoded 40
 # tok/s alone, 96 as 4 sequences, 118 as 8 and 100 as 12
@@ -255,8 +258,9 @@ def _label_span(document: CorpusDocument, start: int, end: int) -> str | None:
 def summarise(reader, document: CorpusDocument, params, *, first_page: int | None = None, last_page: int | None = None,
               cancel: Callable[[], bool] | None = None):
     """Map the page range part by part into notes and give the notes, in order, each
-    citing its part; where they outgrow COMBINE_TOKENS, groups of consecutive notes
-    are combined a level up first (each citing its parts' pages). Notes stream as they
+    citing its part; where there are more than SUMMARY_POINTS, groups of consecutive
+    notes (as few to a group as that allows, at most COMBINE_GROUP) are combined a
+    level up first (each citing its parts' pages). Notes stream as they
     are written when no combining will be needed. Cancelled: the notes so far.
 
     Why notes rather than one combined paragraph: on bench tasks' three page ranges
@@ -275,8 +279,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
     stats = TaskStats("summarise", documents=1, characters_read=hi - lo, parts=len(spans))
     note_params = replace(params, max_new_tokens=NOTE_TOKENS, no_repeat_ngram=params.no_repeat_ngram or 6)
     notes: list[_Note] = []
-    count = reader.count_tokens
-    stream_now = len(spans) * NOTE_TOKENS <= COMBINE_TOKENS  # the notes will be the result as they are
+    stream_now = len(spans) <= SUMMARY_POINTS  # the notes will be the result as they are
     title = f"**{document.title}**" + (f", pages {_label_span(document, lo, hi)}" if document.pages else "")
 
     def generate(conversations: list[list[dict]], sampling) -> list[str]:
@@ -311,19 +314,12 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
             break
         yield TaskProgress("reading", len(notes), len(spans), eta(started, len(notes), len(spans)))
     cancelled = len(notes) < len(spans)
-    # Combine a level up while the notes do not fit one prompt.
+    # Combine a level up while there are more notes than a summary gives points.
     level = notes
     levels = 1
-    while not cancelled and len(level) > 1 and sum(count(n.text) for n in level) > COMBINE_TOKENS:
-        groups, group, used = [], [], 0
-        for note in level:
-            size = count(note.text)
-            if group and used + size > COMBINE_TOKENS:
-                groups.append(group)
-                group, used = [], 0
-            group.append(note)
-            used += size
-        groups.append(group)
+    while not cancelled and len(level) > SUMMARY_POINTS:
+        size = min(COMBINE_GROUP, -(-len(level) // SUMMARY_POINTS))
+        groups = [level[i : i + size] for i in range(0, len(level), size)]
         combined = []
         for first in range(0, len(groups), TASK_BATCH):
             yield TaskProgress("combining", first, len(groups), eta(started, len(notes) + first, len(notes) + len(groups)))

@@ -134,8 +134,7 @@ def test_summarise_streams_a_note_per_part_each_citing_its_pages():
 
 
 def test_summarise_combines_a_level_up_when_the_notes_outgrow_a_prompt(monkeypatch):
-    monkeypatch.setattr(tasks, "COMBINE_TOKENS", 9)  # notes of three words: three to a group
-    monkeypatch.setattr(tasks, "NOTE_TOKENS", 3)
+    monkeypatch.setattr(tasks, "SUMMARY_POINTS", 2)  # five notes: groups of three
     model = ScriptedModel()
     events = list(tasks.summarise(model, long_document(5), SamplingParams(max_new_tokens=50)))
     stats = events[-1]
