@@ -66,9 +66,16 @@ class AskRequest:
 
 
 def _progress_text(progress: TaskProgress) -> str:
-    """"Reading part 3 of 40, about 2 min left" for the status bar."""
-    stage = {"finding": "Finding", "reading": "Reading part", "combining": "Combining notes"}.get(progress.stage, progress.stage)
-    text = f"{stage} {progress.done + 1} of {progress.total}" if progress.total > 1 else stage
+    """"Reading parts 9–16 of 40, about 2 min left" for the status bar."""
+    one, several = {"finding": ("Finding", "Finding"), "reading": ("Reading part", "Reading parts"),
+                    "combining": ("Combining notes", "Combining notes")}.get(progress.stage, (progress.stage, progress.stage))
+    first, last = progress.done + 1, min(progress.done + max(progress.working, 1), progress.total)
+    if progress.total <= 1:
+        text = one
+    elif last > first:
+        text = f"{several} {first}–{last} of {progress.total}"
+    else:
+        text = f"{one} {first} of {progress.total}"
     if progress.eta_seconds is not None:
         minutes = progress.eta_seconds / 60
         text += f", about {minutes:.0f} min left" if minutes >= 1.5 else f", about {progress.eta_seconds:.0f} s left"

@@ -38,6 +38,7 @@ class TaskProgress:
     done: int
     total: int
     eta_seconds: float | None = None
+    working: int = 1  # parts in hand from `done` on (read together, TASK_BATCH)
 
 
 @dataclass
@@ -282,12 +283,14 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
     stream_now = len(spans) <= SUMMARY_POINTS  # the notes will be the result as they are
     title = f"**{document.title}**" + (f", pages {_label_span(document, lo, hi)}" if document.pages else "")
 
-    def generate(conversations: list[list[dict]], sampling) -> list[str]:
+    def generate(conversations: list[list[dict]], sampling) -> list[str | None]:
+        """Each conversation's reply, None for one that a cancel cut short or never began."""
         runs = [GenerationStats() for _ in conversations]
         texts = reader.chat_batch(conversations, sampling, cancel=cancel, stats=runs)
         stats.prompt_tokens += sum(r.prompt_tokens for r in runs)
         stats.generated_tokens += sum(r.generated_tokens for r in runs)
-        return [_whole_sentences(text) for text in texts]
+        return [_whole_sentences(text) if run.finish_reason in ("stop", "length") else None
+                for text, run in zip(texts, runs)]
 
     def part(number: int, start: int, end: int) -> list[dict]:
         where = _label_span(document, start, end)
@@ -297,22 +300,21 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
 
     if stream_now and spans:
         yield Token(-1, f"{title}, part by part:\n")
-    yield TaskProgress("reading", 0, len(spans), None)
     for first in range(0, len(spans), TASK_BATCH):
+        batch = spans[first : first + TASK_BATCH]
+        yield TaskProgress("reading", first, len(spans), eta(started, first, len(spans)), working=len(batch))
         if cancel is not None and cancel():
             break
-        batch = spans[first : first + TASK_BATCH]
         texts = generate([part(first + k + 1, s, e) for k, (s, e) in enumerate(batch)], note_params)
         stopped = cancel is not None and cancel()
         for k, ((s, e), text) in enumerate(zip(batch, texts)):
-            if stopped and not text:  # cancelled before this part was read
+            if text is None:  # cancelled before this part's note was done: the notes so far are whole ones
                 break
             notes.append(_Note(first + k + 1, s, e, text))
             if stream_now:
                 yield Token(-1, f"\n- {text} [{first + k + 1}]")
-        if stopped:
+        if stopped or len(notes) < first + len(batch):
             break
-        yield TaskProgress("reading", len(notes), len(spans), eta(started, len(notes), len(spans)))
     cancelled = len(notes) < len(spans)
     # Combine a level up while there are more notes than a summary gives points.
     level = notes
@@ -322,17 +324,18 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
         groups = [level[i : i + size] for i in range(0, len(level), size)]
         combined = []
         for first in range(0, len(groups), TASK_BATCH):
-            yield TaskProgress("combining", first, len(groups), eta(started, len(notes) + first, len(notes) + len(groups)))
+            batch = groups[first : first + TASK_BATCH]
+            yield TaskProgress("combining", first, len(groups), eta(started, len(notes) + first, len(notes) + len(groups)),
+                               working=len(batch))
             if cancel is not None and cancel():
                 cancelled = True
                 break
-            batch = groups[first : first + TASK_BATCH]
             listings = ["\n\n".join(f"Note {k} ({_where(document, n)}):\n{n.text}" for k, n in enumerate(group, 1))
                         for group in batch]
             texts = generate([[{"role": "system", "content": NOTE_PROMPT},
                                {"role": "user", "content": f"Notes on consecutive parts of “{document.title}”:\n\n{listing}"}]
                               for listing in listings], replace(note_params, max_new_tokens=NOTE_TOKENS * 2))
-            if cancel is not None and cancel():
+            if any(text is None for text in texts):
                 cancelled = True
                 break
             combined += [_Note(len(combined) + k + 1, group[0].start, group[-1].end, text)

@@ -108,6 +108,7 @@ class ScriptedModel:
             yield Token(n, word + " ")
         if stats is not None:
             stats.generated_tokens = len(text.split())
+            stats.finish_reason = "stop"
 
 
 def long_document(parts: int) -> CorpusDocument:
@@ -117,12 +118,13 @@ def long_document(parts: int) -> CorpusDocument:
     return CorpusDocument("book", " ".join(pages), [(s, str(p + 1)) for p, s in enumerate(starts)], "Book")
 
 
-def test_summarise_streams_a_note_per_part_each_citing_its_pages():
+def test_summarise_streams_a_note_per_part_each_citing_its_pages(monkeypatch):
+    monkeypatch.setattr(tasks, "TASK_BATCH", 2)
     model = ScriptedModel()
     events = list(tasks.summarise(model, long_document(3), SamplingParams(max_new_tokens=50)))
     progress = [e for e in events if isinstance(e, TaskProgress)]
-    # The three parts are read as one batch (TASK_BATCH): progress before and after it.
-    assert [(p.stage, p.done, p.total) for p in progress] == [("reading", 0, 3), ("reading", 3, 3)]
+    # Parts are read two at a time: progress before each pair, with the parts in hand.
+    assert [(p.stage, p.done, p.total, p.working) for p in progress] == [("reading", 0, 3, 2), ("reading", 2, 3, 1)]
     assert progress[0].eta_seconds is None and progress[1].eta_seconds is not None
     text = "".join(e.text for e in events if isinstance(e, Token))
     w = tasks.PART_WORDS
@@ -164,3 +166,20 @@ def test_a_cancelled_summary_keeps_the_notes_so_far():
 def test_a_note_cut_by_the_token_limit_loses_its_last_half_sentence():
     assert tasks._whole_sentences("Tom paints. Ben gives an apple. Then the") == "Tom paints. Ben gives an apple."
     assert tasks._whole_sentences("no full stop at all") == "no full stop at all"
+
+
+def test_a_note_cut_short_by_cancel_is_not_kept():
+    """Parts read together are cancelled together: the whole notes are kept, not the
+    halves of the ones still being written."""
+
+    class Cut(ScriptedModel):
+        def chat_batch(self, conversations, params, cancel=None, stats=None):
+            self.prompts += conversations
+            stats[0].finish_reason, stats[1].finish_reason = "stop", "cancelled"
+            return ["note on w0.", "Tom sat on a barrel in the shade, dangled his legs, m"] + [""] * (len(conversations) - 2)
+
+    model = Cut()
+    events = list(tasks.summarise(model, long_document(4), SamplingParams(max_new_tokens=50), cancel=lambda: len(model.prompts) > 0))
+    text = "".join(e.text for e in events if isinstance(e, Token))
+    assert "note on w0. [1]" in text and "barrel" not in text and text.endswith("*Stopped after 1 of 4 parts.*")
+    assert events[-1].cancelled and events[-1].extra["notes"] == ["note on w0."]

@@ -632,3 +632,13 @@ def test_first_run_model_install_shows_progress_then_closes(qtbot, home):
     assert seen == [True] * 5  # a progress dialog was up for every step
     assert window._install_dialog is None  # closed once the service is ready
     close(window)
+
+
+def test_task_progress_says_which_parts_are_being_read():
+    from app.gui.worker import _progress_text
+    from engine.corpus.tasks import TaskProgress
+
+    assert _progress_text(TaskProgress("reading", 8, 141, 250.0, working=8)) == "Reading parts 9–16 of 141, about 4 min left"
+    assert _progress_text(TaskProgress("reading", 140, 141, 2.0, working=1)) == "Reading part 141 of 141, about 2 s left"
+    assert _progress_text(TaskProgress("combining", 16, 18, None, working=8)) == "Combining notes 17–18 of 18"
+    assert _progress_text(TaskProgress("finding", 0, 1)) == "Finding"
