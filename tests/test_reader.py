@@ -83,6 +83,15 @@ def test_quire_model_writes_from_the_messages_as_sent(served) -> None:
     reader.check()
 
 
+def test_a_remote_reader_answers_a_batch_one_request_after_another(served) -> None:
+    server, service = served
+    reader = RemoteReader(f"{server.url}/quire-model", api_key="k3y", timeout=30)
+    conversations = [[{"role": "user", "content": f"Part {n}?"}] for n in (1, 2)]
+    stats = [GenerationStats(), GenerationStats()]
+    assert reader.chat_batch(conversations, SamplingParams(max_new_tokens=16), stats=stats) == ["Elspeth Varga kept it [1]."] * 2
+    assert service.chats == conversations and [s.finish_reason for s in stats] == ["stop", "stop"]
+
+
 def test_a_wrong_model_or_key_is_one_line(served) -> None:
     server, _ = served
     with pytest.raises(ReaderError, match=r"has no model 'qwen2.5:7b' \(it has: quire, quire-model\)"):
