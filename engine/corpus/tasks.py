@@ -289,7 +289,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
         texts = reader.chat_batch(conversations, sampling, cancel=cancel, stats=runs)
         stats.prompt_tokens += sum(r.prompt_tokens for r in runs)
         stats.generated_tokens += sum(r.generated_tokens for r in runs)
-        return [_whole_sentences(text) if run.finish_reason in ("stop", "length") else None
+        return [None if run.finish_reason in ("cancelled", "") else _whole_sentences(text)
                 for text, run in zip(texts, runs)]
 
     def part(number: int, start: int, end: int) -> list[dict]:
