@@ -97,8 +97,7 @@ class LoadedModel:
         """Stream tokens for a prompt; `cache` replaces the fresh dense KV cache
         (cached reading, engine/corpus/answerer.py `_read_cached`, passes one filled
         from the corpus cache, with the `logits` of its last prompt token)."""
-        stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
-        params = dataclasses.replace(params, stop_token_ids=stop_ids)
+        params = self._with_stops(params)
         yield from generate(
             self.model,
             prompt_tokens,
@@ -121,10 +120,14 @@ class LoadedModel:
     def chat_batch(self, conversations: list[list[dict]], params: SamplingParams, *, cancel: CancelCheck | None = None,
                    stats: list[GenerationStats] | None = None) -> list[str]:
         """The reply to each conversation, decoded together (`generate_batch`)."""
-        stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
-        params = dataclasses.replace(params, stop_token_ids=stop_ids)
         return generate_batch(self.model, [self.encode_chat(m) for m in conversations],
-                              [StreamDecoder(self.tokenizer) for _ in conversations], params, cancel=cancel, stats=stats)
+                              [StreamDecoder(self.tokenizer) for _ in conversations], self._with_stops(params),
+                              cancel=cancel, stats=stats)
+
+    def _with_stops(self, params: SamplingParams) -> SamplingParams:
+        """`params` with the tokenizer's end-of-turn ids as stop tokens unless it names its own."""
+        stop_ids = tuple(params.stop_token_ids) or tuple(self.tokenizer.eos_ids)
+        return dataclasses.replace(params, stop_token_ids=stop_ids)
 
 
 def load_model(

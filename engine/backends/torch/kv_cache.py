@@ -124,16 +124,16 @@ class BatchKVCache:
             raise ValueError(f"a batch of {len(self)} sequences got {rows} new tokens")
         kv_heads = k.shape[2]
         positions = self.lengths
-        if int(positions.max()) >= self.capacity:
-            raise ValueError(f"KV cache full: {int(positions.max()) + 1} tokens > capacity {self.capacity}")
-        rotations = rotary.rotations(0, int(positions.max()) + 1)[positions]  # (B, 1, D/2)
+        span = int(positions.max()) + 1  # slots any row reads, its new token's included
+        if span > self.capacity:
+            raise ValueError(f"KV cache full: {span} tokens > capacity {self.capacity}")
+        rotations = rotary.rotations(0, span)[positions]  # (B, 1, D/2)
         q = apply_rope(q.transpose(0, 1), rotations.unsqueeze(1))[:, 0]  # (B, Hq, D)
         k = apply_rope(k.transpose(0, 1), rotations.unsqueeze(1))[:, 0]  # (B, Hkv, D)
         slot = positions.view(rows, 1, 1, 1).expand(rows, kv_heads, 1, dim)
         keys, values = self.keys[layer], self.values[layer]
         keys.scatter_(2, slot, k.unsqueeze(2).to(keys.dtype))
         values.scatter_(2, slot, v[0].unsqueeze(2).to(values.dtype))
-        span = int(positions.max()) + 1
         group = heads // kv_heads
         # As `decode_attention`, per row: the cached keys in their stored layout.
         grouped = q.reshape(rows * kv_heads, group, dim).transpose(1, 2)  # (B·Hkv, D, G)
