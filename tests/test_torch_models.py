@@ -253,3 +253,28 @@ def test_generate_batch_gives_each_prompt_what_generate_gives_it(pair):
     assert stats[0].finish_reason == "stop"
     assert stats[0].generated_tokens == [t.token_id for t in alone[0]].index(stop) <= 2
     assert [s.generated_tokens for s in stats] == [len(t.split()) for t in expected]
+
+
+@pytest.mark.parametrize("past", [0, 70])
+def test_blocked_attention_matches_torchs_fused_kernel(past):
+    """The CPU's attention (query blocks of 64, each over the keys it can see) against
+    torch's fused kernel with an explicit causal mask, over several blocks and a
+    block that ends mid-way, with and without earlier tokens in the cache."""
+    from engine.backends.torch.layers import ATTENTION_BLOCK, attend
+
+    generator = torch.Generator().manual_seed(7)
+    T, H, Hkv, D = 2 * ATTENTION_BLOCK + 23, 6, 2, 16
+    q = torch.randn(1, H, T, D, generator=generator)
+    k = torch.randn(1, Hkv, past + T, D, generator=generator)
+    v = torch.randn(1, Hkv, past + T, D, generator=generator)
+    got = attend(q, k, v, past=past, scale=0.3)
+    allowed = torch.arange(past + T).view(1, -1) <= torch.arange(past, past + T).view(-1, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=allowed, scale=0.3
+    )
+    assert (got - expected).abs().max().item() < 1e-5
+    # A query sees no later key: changing the last key moves only the last query's output.
+    k2 = k.clone()
+    k2[:, :, -1] += 5.0
+    moved = (attend(q, k2, v, past=past, scale=0.3) - got).abs().amax(dim=(0, 1, 3))
+    assert moved[:-1].max().item() == 0.0 and moved[-1].item() > 0.0

@@ -136,14 +136,15 @@ class BatchKVCache:
         values.scatter_(2, slot, v[0].unsqueeze(2).to(values.dtype))
         group = heads // kv_heads
         # As `decode_attention`, per row: the cached keys in their stored layout.
+        # The scores copied to (B·Hkv, G, S) float32, the softmax over contiguous rows.
         grouped = q.reshape(rows * kv_heads, group, dim).transpose(1, 2)  # (B·Hkv, D, G)
-        scores = torch.bmm(keys[:, :, :span].reshape(rows * kv_heads, span, dim), grouped).float() * scale
+        scores = torch.bmm(keys[:, :, :span].reshape(rows * kv_heads, span, dim), grouped).transpose(1, 2).float()
         slots = torch.arange(span, device=positions.device).view(1, span)
         hidden = slots > positions.view(rows, 1)  # (B, S): past the row's own tokens
         if window is not None:
             hidden |= slots <= positions.view(rows, 1) - window
-        scores = scores.view(rows, kv_heads, span, group).masked_fill(hidden.view(rows, 1, span, 1), float("-inf"))
-        weights = torch.softmax(scores, dim=2).to(values.dtype).view(rows * kv_heads, span, group).transpose(1, 2)
+        scores = scores.mul_(scale).view(rows, kv_heads, group, span).masked_fill(hidden.view(rows, 1, 1, span), float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(values.dtype).view(rows * kv_heads, group, span)
         out = torch.bmm(weights, values[:, :, :span].reshape(rows * kv_heads, span, dim))  # (B·Hkv, G, D)
         return out.view(rows, heads, dim).transpose(0, 1).unsqueeze(0)  # (1, Hq, B, D)
 

@@ -120,6 +120,8 @@ def attend(
         if window is not None and S > window:
             k, v = k[:, :, S - window :], v[:, :, S - window :]
         return decode_attention(q, k, v, scale)
+    if q.device.type == "cpu" and (window is None or S <= window):
+        return blocked_attention(q, k, v, past=past, scale=scale)
     if past == 0 and (window is None or T <= window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if window is not None and S > window:
@@ -130,6 +132,40 @@ def attend(
     if window is not None:
         allowed &= query_pos - key_pos < window
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=True)
+
+
+# Query rows per block of `blocked_attention`: 32 and 64 measured alike, 128 and 256
+# slower (their float32 scores outgrow the caches).
+ATTENTION_BLOCK = 64
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, past: int, scale: float) -> torch.Tensor:
+    """Causal GQA attention on the CPU, `ATTENTION_BLOCK` queries at a time, each block
+    over only the keys it can see, as two batched bf16 matmuls around a float32
+    softmax. torch's fused CPU kernel (flash attention) ran at a tenth of the bf16
+    matmul peak here, the same in bf16 and float32; this ran 1.3-2x faster than it at
+    512-8K tokens (docs/lab/quantised-weights.md, session 25). The scores are
+    rounded to the activations' dtype before the softmax, as transformers' eager
+    attention does.
+
+    q: (1, H, T, D); k, v: (1, Hkv, past + T, D). Returns (1, H, T, D).
+    """
+    H, T, D = q.shape[1], q.shape[2], q.shape[3]
+    Hkv = k.shape[1]
+    G = H // Hkv
+    queries = q[0].view(Hkv, G, T, D)
+    keys, values = k[0], v[0]
+    out = torch.empty((Hkv, G, T, D), dtype=q.dtype, device=q.device)
+    future = torch.full((ATTENTION_BLOCK, ATTENTION_BLOCK), float("-inf"), device=q.device).triu_(1)
+    for start in range(0, T, ATTENTION_BLOCK):
+        end = min(start + ATTENTION_BLOCK, T)
+        rows, seen = end - start, past + end  # the block's queries see keys [0, past + end)
+        block = queries[:, :, start:end].reshape(Hkv, G * rows, D)
+        scores = torch.bmm(block, keys[:, :seen].transpose(1, 2)).float().view(Hkv, G, rows, seen)
+        scores[..., past + start : seen] += future[:rows, :rows]  # the block's own keys, causally
+        weights = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype).view(Hkv, G * rows, seen)
+        out[:, :, start:end] = torch.bmm(weights, values[:, :seen]).view(Hkv, G, rows, D)
+    return out.view(1, H, T, D)
 
 
 def _windowed_attention(
@@ -168,9 +204,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Hkv = k.shape[1]
     # Multiply with the cached keys and values in their stored (S, D) layout: a
     # transposed view of the cache made bf16 matmuls copy the whole cache each step.
+    # The scores are then copied to (Hkv, G, S) in float32, so that the softmax runs
+    # over contiguous rows: over the middle dimension it took 60 us a layer at 2K
+    # (a third of the attention), and decode after 2K ran 42.0 -> 46.5 tok/s with the
+    # copy (0.5B, the same tokens; docs/lab/quantised-weights.md, session 25).
     grouped = q.view(Hkv, H // Hkv, D).transpose(1, 2)  # (Hkv, D, G)
-    scores = torch.bmm(k[0], grouped).float() * scale  # (Hkv, S, G)
-    weights = torch.softmax(scores, dim=1).to(v.dtype).transpose(1, 2)  # (Hkv, G, S)
+    scores = torch.bmm(k[0], grouped).transpose(1, 2).float()  # (Hkv, G, S)
+    weights = torch.softmax(scores.mul_(scale), dim=-1).to(v.dtype)
     return torch.bmm(weights, v[0]).reshape(1, H, 1, D)
 
 
