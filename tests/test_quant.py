@@ -96,6 +96,22 @@ def test_quant_dense_matches_float_matmul(kind: str, rows: int) -> None:
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
+def test_int4_repacked_and_dequantised_in_slices_as_whole(monkeypatch) -> None:
+    """A matrix packed and dequantised a slice of rows at a time (as a 7B's are, to
+    bound the transient memory) gives the same layout and product as in one piece."""
+    import engine.backends.torch.qdense as qdense
+
+    weight = _int4(200, 128)  # 200 rows: three whole slices of 64 and one padded
+    whole = QuantDense(weight, None, torch.float32)
+    x = torch.randn(40, 128)
+    monkeypatch.setattr(qdense, "PACK_ROWS", 64)
+    monkeypatch.setattr(qdense, "DEQUANT_VALUES", 64 * 128)  # slices of 64 rows
+    sliced = QuantDense(weight, None, torch.float32)
+    assert torch.equal(sliced.q, whole.q)
+    torch.testing.assert_close(sliced(x), whole(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sliced(x), x @ torch.from_numpy(weight.dequantize()).T, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 def test_quantised_embedding_rows(kind: str) -> None:
     weight = _int4(256, 64) if kind == "int4" else quant.quantise_int8(weights(256, 64))

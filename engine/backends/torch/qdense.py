@@ -35,8 +35,15 @@ from engine.quant import GROUP, Int4, Int8, Quantised
 # Rows of input above which a matrix is dequantised and multiplied in the model's
 # dtype rather than through the weight-only kernel.
 PREFILL_ROWS = 16
-# Output rows dequantised at a time on that path (bounds the transient copy).
-DEQUANT_ROWS = 16384
+# Weights dequantised at a time on that path: a slice of whole rows, a multiple of
+# 64, of about this many values. It bounds the transient copy, which sets the peak
+# memory of a prompt: a 7B's int8 down projection (3,584 x 18,944) dequantised whole
+# took 260 MiB through the cast and scale, a 16,384-row slice of its int4 gate/up
+# about 350 MiB through the unpacking.
+DEQUANT_VALUES = 1 << 24
+# Rows repacked at a time into torch's int4 layout at load, for the same reason: the
+# whole matrix's unpacked values and their packing temporaries took ~400 MB at once.
+PACK_ROWS = 4096
 _BLOCK_N = 64
 
 
@@ -79,13 +86,16 @@ class QuantDense:
             self.kind = "int4"
             N = self.rows
             padded = -N % _BLOCK_N
-            values = np.empty((N + padded, self.columns), dtype=np.uint8)
-            values[:N, 0::2] = weight.q & 0x0F
-            values[:N, 1::2] = weight.q >> 4
-            values[N:] = 8
+            self.q = torch.empty((N + padded, self.columns // 2), dtype=torch.uint8)
+            for start in range(0, N + padded, PACK_ROWS):  # a multiple of 64: blocks pack alone
+                stop = min(start + PACK_ROWS, N + padded)
+                values = np.full((stop - start, self.columns), 8, dtype=np.uint8)  # padding rows: q = 8
+                nibbles = weight.q[start:stop]  # the GGUF's bytes: even column low, odd high
+                values[: len(nibbles), 0::2] = nibbles & 0x0F
+                values[: len(nibbles), 1::2] = nibbles >> 4
+                self.q[start:stop] = _pack_int4(torch.from_numpy(values))
             scale = np.pad(np.asarray(weight.scale, dtype=np.float32), ((0, padded), (0, 0)))
             zero = np.pad(np.asarray(weight.zero, dtype=np.float32), ((0, padded), (0, 0)))
-            self.q = _pack_int4(torch.from_numpy(values))
             # (K/32, N, 2): scale then zero, in the activations' dtype, as the kernel wants.
             self.scales = torch.from_numpy(np.stack([scale.T, zero.T], axis=-1)).to(dtype).contiguous()
         elif isinstance(weight, Int8):
@@ -106,7 +116,7 @@ class QuantDense:
         """
         stop = self.rows if stop is None else stop
         if self.kind == "int8":
-            return self.q[start:stop].to(self.dtype) * self.scales[start:stop, None]
+            return self.q[start:stop].to(self.dtype).mul_(self.scales[start:stop, None])
         block_start = start - start % _BLOCK_N
         block_stop = min(stop + (-stop % _BLOCK_N), self.q.shape[0])
         rows = block_stop - block_start
@@ -128,9 +138,11 @@ class QuantDense:
 
     def _lookup_int4(self, q: torch.Tensor, scales: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        blocks = q.view(-1, self.columns, 32)[flat // _BLOCK_N]  # (T, K, 32)
         lane = (flat % _BLOCK_N) % 32
-        picked = blocks[torch.arange(flat.shape[0]), :, lane]  # (T, K)
+        # Row r's bytes: block r // 64, every column, lane r % 32 (not the whole
+        # (K, 32) blocks, which for a 7B's 512-token prompt were 56 MiB).
+        columns = torch.arange(self.columns, device=q.device)
+        picked = q.view(-1, self.columns, 32)[(flat // _BLOCK_N)[:, None], columns, lane[:, None]]  # (T, K)
         values = torch.where((flat % _BLOCK_N < 32)[:, None], picked & 0x0F, picked >> 4).to(torch.float32) - 8.0
         sz = scales[:, flat].float()  # (K/32, T, 2)
         w = values.view(flat.shape[0], -1, GROUP) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
@@ -162,9 +174,9 @@ class QuantDense:
         if x2.is_cuda:
             y = self._cuda_mm(x2.contiguous())
         elif x2.shape[0] > PREFILL_ROWS:
+            step = max(_BLOCK_N, DEQUANT_VALUES // self.columns // _BLOCK_N * _BLOCK_N)
             parts = [
-                F.linear(x2, self.dequantize(start, min(start + DEQUANT_ROWS, self.rows)))
-                for start in range(0, self.rows, DEQUANT_ROWS)
+                F.linear(x2, self.dequantize(start, min(start + step, self.rows))) for start in range(0, self.rows, step)
             ]
             y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         elif self.kind == "int8":

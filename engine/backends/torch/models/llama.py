@@ -106,6 +106,9 @@ class DecoderModel:
         embed = source.take_matrix("model.embed_tokens.weight")  # (V, hidden)
         # A quantised table stays quantised: rows are dequantised as tokens look them up.
         self.embed = embed if isinstance(embed, torch.Tensor) else QuantDense(embed, None, dtype)
+        # The GGUF's own table, once repacked, must not live on through the layers' load:
+        # a 7B's is 325 MiB, which was most of its peak over the loaded model.
+        del embed
         self.final_norm = self._norm_weight(source.take("model.norm.weight"))
         if config.tie_word_embeddings or not source.has("lm_head.weight"):
             self.lm_head = self.embed if isinstance(self.embed, QuantDense) else Dense(self.embed)
