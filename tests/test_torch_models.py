@@ -255,11 +255,13 @@ def test_generate_batch_gives_each_prompt_what_generate_gives_it(pair):
     assert [s.generated_tokens for s in stats] == [len(t.split()) for t in expected]
 
 
+@pytest.mark.parametrize("window", [None, 50, 300])
 @pytest.mark.parametrize("past", [0, 70])
-def test_blocked_attention_matches_torchs_fused_kernel(past):
+def test_blocked_attention_matches_torchs_fused_kernel(past, window):
     """The CPU's attention (query blocks of 64, each over the keys it can see) against
     torch's fused kernel with an explicit causal mask, over several blocks and a
-    block that ends mid-way, with and without earlier tokens in the cache."""
+    block that ends mid-way, with and without earlier tokens in the cache, and with
+    a sliding window shorter than a block, and longer."""
     from engine.backends.torch.layers import ATTENTION_BLOCK, attend
 
     generator = torch.Generator().manual_seed(7)
@@ -267,8 +269,9 @@ def test_blocked_attention_matches_torchs_fused_kernel(past):
     q = torch.randn(1, H, T, D, generator=generator)
     k = torch.randn(1, Hkv, past + T, D, generator=generator)
     v = torch.randn(1, Hkv, past + T, D, generator=generator)
-    got = attend(q, k, v, past=past, scale=0.3)
-    allowed = torch.arange(past + T).view(1, -1) <= torch.arange(past, past + T).view(-1, 1)
+    got = attend(q, k, v, past=past, scale=0.3, window=window)
+    keys, queries = torch.arange(past + T).view(1, -1), torch.arange(past, past + T).view(-1, 1)
+    allowed = (keys <= queries) & (queries - keys < (window or past + T))
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=allowed, scale=0.3
     )
@@ -276,5 +279,5 @@ def test_blocked_attention_matches_torchs_fused_kernel(past):
     # A query sees no later key: changing the last key moves only the last query's output.
     k2 = k.clone()
     k2[:, :, -1] += 5.0
-    moved = (attend(q, k2, v, past=past, scale=0.3) - got).abs().amax(dim=(0, 1, 3))
+    moved = (attend(q, k2, v, past=past, scale=0.3, window=window) - got).abs().amax(dim=(0, 1, 3))
     assert moved[:-1].max().item() == 0.0 and moved[-1].item() > 0.0
