@@ -331,7 +331,7 @@ def retrieval_study(runner: QARunner, questions: Sequence[QAQuestion], scope: st
         keys = runner.keys(question, scope)
         docs = [runner.documents[k] for k in keys]
         started = time.perf_counter()
-        sources = runner.answerer.choose_sources(docs, question.question)
+        sources = runner.answerer.retriever.choose_sources(docs, question.question)
         row = {"id": question.id, "kind": question.kind, "retrieve_seconds": round(time.perf_counter() - started, 2)}
         found = evidence_found(question, [(keys[s.entry], s.text) for s in sources])
         row["quire"] = sum(found) / len(found)

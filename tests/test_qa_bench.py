@@ -169,3 +169,30 @@ def test_a_stored_run_is_scored_again_without_asking(tmp_path, capsys):
     assert again["summary"]["own"]["bm25"]["all"]["accuracy"] == 0.0
     assert again["rescored"] is True and again["reader"] == "r"
     assert "1 of 2 scores moved" in capsys.readouterr().err
+
+
+def test_the_retrieval_study_scores_the_passages_each_method_would_read():
+    """`quire bench qa --retrieval`: the share of holding sentences in Quire's chosen
+    passages and in BM25-RAG's chunks, without a reader."""
+    from types import SimpleNamespace
+
+    from bench.qa import QARunner, retrieval_study
+    from engine.corpus.build import CorpusDocument
+    from engine.corpus.retriever import Retriever
+
+    filler = " ".join(f"Chapter {n} describes gardens, rivers and the weather of the valley." for n in range(120))
+    held = "The lighthouse keeper trimmed the wick at midnight."
+    docs = {"a": CorpusDocument("a", filler + " " + held + " " + filler, [(0, "1")], "A"),
+            "b": CorpusDocument("b", filler, [(0, "1")], "B")}
+    runner = QARunner.__new__(QARunner)
+    runner.documents, runner._indexes = docs, {}
+    runner.answerer = SimpleNamespace(retriever=Retriever())
+    asked = QAQuestion.from_dict({"id": "q1", "kind": "lookup", "question": "When did the lighthouse keeper trim the wick?",
+                                  "docs": ["a", "b"], "answers": ["midnight"],
+                                  "evidence": [{"doc": "a", "page": 0, "sentence": held}]})
+    missing = QAQuestion.from_dict({"id": "q2", "kind": "lookup", "question": "Who rang the bell?", "docs": ["b"],
+                                    "answers": ["the sexton"], "evidence": [{"doc": "b", "page": 0, "sentence": held}]})
+    unanswerable = QAQuestion.from_dict({"id": "q3", "kind": "unanswerable", "question": "Who?", "docs": ["a"]})
+    study = retrieval_study(runner, [asked, missing, unanswerable], "own")
+    assert [(r["id"], r["quire"], r["bm25_rag"]) for r in study["rows"]] == [("q1", 1.0, 1.0), ("q2", 0.0, 0.0)]
+    assert study["evidence_hit"] == {"quire": 50.0, "bm25_rag": 50.0} and study["n"] == 2
