@@ -79,7 +79,7 @@ class ConversationPanel(QWidget):
         self.view = QTextBrowser()
         self.view.setOpenLinks(False)
         self.view.anchorClicked.connect(self._on_anchor)
-        self.view.setPlaceholderText("Add books and PDFs to the library, then ask a question about them.")
+        self.set_library_size(0)
         self.question = QuestionBox()
         self.question.setPlaceholderText("Ask about your library…  (Enter to ask, Shift+Enter for a new line)")
         self.question.setMaximumHeight(96)
@@ -111,6 +111,15 @@ class ConversationPanel(QWidget):
         self._render_timer = QTimer(self, singleShot=True, interval=50)
         self._render_timer.timeout.connect(self.render)
         self.set_state(answering=False, can_ask=False, can_regenerate=False)
+
+    def set_library_size(self, ready: int) -> None:
+        """What the empty conversation tells a person to do next: add documents while
+        there are none ready, then ask about them."""
+        if ready:
+            hint = f"Ask a question about the {'document' if ready == 1 else f'{ready:,} documents'} in your library."
+        else:
+            hint = "Drop books and PDFs on this window, then ask a question about them."
+        self.view.setPlaceholderText(hint)
 
     # -- scope -------------------------------------------------------------------
 

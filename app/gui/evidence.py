@@ -129,6 +129,13 @@ class EvidencePanel(QWidget):
         else:
             self.summary.setText("Ask a question: the passages the answer drew on appear here.")
 
+    def focus_passages(self) -> None:
+        """Put the keyboard in the passage list (View › Show Evidence), on the first
+        passage where none is current, so that arrows and Enter open them."""
+        self.table.setFocus()
+        if not self.table.currentIndex().isValid() and self.model.rowCount():
+            self.table.setCurrentIndex(self.model.index(0, 0))
+
     def _open_row(self, row: int) -> None:
         if 0 <= row < len(self.model.citations):
             self.table.selectRow(row)

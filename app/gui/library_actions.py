@@ -36,6 +36,7 @@ class LibraryActions:
         ready = [r for r in records if r.status == "ready"]
         tokens = sum(r.tokens or 0 for r in ready)
         self.corpus_label.setText(f"Corpus: {len(ready)} document(s), {tokens:,} tokens")
+        self.conversation.set_library_size(len(ready))
         self.refresh_scopes()
         self.search.library_changed()
 

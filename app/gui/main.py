@@ -248,8 +248,8 @@ class MainWindow(LibraryActions, QMainWindow):
         view = menus.addMenu("&View")
         self._action(view, "Show &Library", lambda: self._show(self.library_dock, self.left_tabs, 0), "Ctrl+1")
         self._action(view, "Show C&onversations", lambda: self._show(self.library_dock, self.left_tabs, 1), "Ctrl+2")
-        self._action(view, "Show &Evidence", lambda: self._show(self.evidence_dock), "Ctrl+3")
-        self._action(view, "Show &Source", lambda: self._show(self.viewer_dock), "Ctrl+4")
+        self._action(view, "Show &Evidence", lambda: (self._show(self.evidence_dock), self.evidence.focus_passages()), "Ctrl+3")
+        self._action(view, "Show &Source", lambda: (self._show(self.viewer_dock), self.viewer.focus_source()), "Ctrl+4")
         view.addSeparator()
         for dock in (self.library_dock, self.evidence_dock, self.viewer_dock):
             view.addAction(dock.toggleViewAction())

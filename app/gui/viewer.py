@@ -492,6 +492,11 @@ class SourceViewer(QWidget):
             return ""
         return selections[0].cursor.selectedText().replace("\u2029", "\n")
 
+    def focus_source(self) -> None:
+        """Put the keyboard on the page or text shown (View › Show Source), where the
+        arrows and Page Up/Down scroll it."""
+        self.stack.currentWidget().setFocus()
+
     def mode(self) -> str:
         """"pdf", "text", or "empty" before the first passage and after `clear`."""
         return self._mode

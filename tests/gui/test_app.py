@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl  # noqa: E402
-from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
+from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication, QFileDialog, QMessageBox  # noqa: E402
 
 from app.gui.main import MainWindow  # noqa: E402
@@ -146,8 +146,11 @@ def test_dropping_files_anywhere_adds_them_and_reports_duplicates(qtbot, home):
     first = write_book(home, "ledger.txt", SHIPS)
     second = write_book(home, "second.md", "# Second\n\nA different book about lighthouses.")
     # Dropped on the question box, a text field that would otherwise take the text.
+    assert window.conversation.view.placeholderText().startswith("Drop books and PDFs")
     drop_files(window, window.conversation.question.viewport(), [first, second])
     qtbot.waitUntil(lambda: len(ready_titles(window)) == 2, timeout=15000)
+    # The empty conversation now asks for a question about what is in.
+    assert window.conversation.view.placeholderText().startswith("Ask a question about the 2 documents")
     assert window.conversation.question.toPlainText() == ""
     # Auto-cache: the service worker cached both once the files were read.
     qtbot.waitUntil(lambda: all(row.cached for row in window.library.model.rows), timeout=10000)
@@ -278,9 +281,14 @@ def test_ask_streams_saves_and_opens_evidence(qtbot, home):
     # Evidence panel and the viewer at the passage.
     assert window.evidence.model.rowCount() == 1
     assert window.evidence.strip.books and window.evidence.strip.books[0].marks[0][:2] == (0, 60)
-    window.evidence._open_row(0)
+    # By keyboard: View › Show Evidence puts the focus on the first passage; Enter opens it.
+    next(a for a in window.findChildren(QAction) if a.text() == "Show &Evidence").trigger()
+    assert window.evidence.table.hasFocus() and window.evidence.table.currentIndex().row() == 0
+    qtbot.keyClick(window.evidence.table, Qt.Key.Key_Return)
     assert window.viewer.mode() == "text"
     assert window.viewer.highlighted_text() == SHIPS[:60]
+    next(a for a in window.findChildren(QAction) if a.text() == "Show &Source").trigger()
+    assert window.viewer.text_view.hasFocus()
     assert "first token 0.25 s" in window.speed_label.text()
     close(window)
 
