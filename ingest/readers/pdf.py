@@ -27,6 +27,7 @@ outline", §7.6 "Encryption"; pypdf documentation, https://pypdf.readthedocs.io/
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import os
 import threading
@@ -248,6 +249,63 @@ def _auto_ocr() -> OcrEngine | None:
     return _AUTO_ENGINE[0]
 
 
+# A line of text that pypdf ends where the next one starts on the same baseline, to
+# its right, is one row: the cells of a table that its writer drew one by one
+# (reportlab draws each cell as a text object of its own, and pypdf ends each with a
+# line break). Further right than this many ems past the line's estimated end it is
+# a column (a tab, which normalisation makes a space), nearer a word of the same line.
+ROW_GAP_EMS = 1.5
+# A baseline within this share of an em of the line's is the same baseline.
+BASELINE_EMS = 0.2
+# The estimated width of a character, in ems (the line's end is estimated from it).
+CHARACTER_EMS = 0.5
+
+
+def _origin(cm: list[float], tm: list[float]) -> tuple[float, float]:
+    """Where a text object starts on the page: the text matrix's origin through the
+    current transformation (PDF's row-vector convention, ISO 32000-2 §8.3.3)."""
+    x, y = tm[4], tm[5]
+    return x * cm[0] + y * cm[2] + cm[4], x * cm[1] + y * cm[3] + cm[5]
+
+
+def _em(cm: list[float], tm: list[float], size: float) -> float:
+    """The font size on the page: `size` through the text and page matrices' vertical scale."""
+    b, d = tm[2] * cm[0] + tm[3] * cm[2], tm[2] * cm[1] + tm[3] * cm[3]
+    return abs(size) * math.hypot(b, d) or abs(size) or 1.0
+
+
+def page_text(page: PageObject) -> str:
+    """pypdf's text of the page, with a table's rows kept on one line each.
+
+    pypdf ends a text object's line with a line break; where a writer drew each cell
+    of a table as an object of its own, a row came out one cell a line ("multiline /
+    for multiline text widget / 1<<12"), and a reader could not tell which value was
+    whose (docs/lab/answers-bench-qa.md, session 27). Here a line break between two
+    lines on the same baseline, the second to the right, becomes a tab (or a space, for
+    a word of the same line). Only those breaks change, one character for one, so the
+    text keeps pypdf's order and length; where pypdf's pieces do not add up to its
+    text, its text is kept as it is."""
+    pieces: list[tuple[str, tuple[float, float], float]] = []
+
+    def visit(text: str, cm: list[float], tm: list[float], font: object, size: float) -> None:
+        if text:
+            pieces.append((text, _origin(cm, tm), _em(cm, tm, size)))
+
+    plain = page.extract_text(visitor_text=visit)
+    if "".join(piece[0] for piece in pieces) != plain:
+        return plain
+    out = [piece[0] for piece in pieces]
+    for i in range(1, len(pieces)):
+        line, (x, y), em = pieces[i - 1]
+        after, (next_x, next_y), _ = pieces[i]
+        one_line = line.endswith("\n") and "\n" not in line[:-1] and line.strip()
+        if not one_line or after.startswith("\n") or abs(next_y - y) > BASELINE_EMS * em or next_x <= x:
+            continue
+        gap = next_x - (x + CHARACTER_EMS * em * len(line.rstrip()))
+        out[i - 1] = line[:-1] + ("\t" if gap > ROW_GAP_EMS * em else " ")
+    return "".join(out)
+
+
 def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: str) -> str:  # noqa: ANN001
     """One page's raw text: pypdf's, else PDFium's; a picture without text is
     listed in `report.needs_ocr`."""
@@ -256,7 +314,7 @@ def _read_page(reader: PdfReader, index: int, pdfium: _Pdfium, report, label: st
     text = ""
     try:
         page = reader.pages[index]
-        text = page.extract_text()
+        text = page_text(page)
         scanned = not text.strip() and _looks_scanned(page)
         _release_contents(page)
         del page

@@ -293,3 +293,36 @@ def test_a_placeholder_title_is_no_title(tmp_path: Path) -> None:
     # reportlab writes "untitled" where it was given no title; the file name is better.
     assert read_pdf(write_pdf(tmp_path / "a.pdf", [["Text."]], title="Untitled"), ocr=None).title is None
     assert read_pdf(write_pdf(tmp_path / "b.pdf", [["Text."]], title="Harbour Ledger"), ocr=None).title == "Harbour Ledger"
+
+
+def test_a_tables_rows_stay_on_one_line(tmp_path: Path) -> None:
+    """reportlab draws each cell of a Table as a text object of its own, and pypdf
+    ends each with a line break: a row read one cell a line. The reader keeps each
+    row on one line, and the prose around it as it was."""
+    from reportlab.lib.pagesizes import A5
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.platypus import Paragraph, SimpleDocTemplate, Table
+
+    rows = [["Token", "Meaning", "Value"], ["multiline", "for multiline text widget", "1<<12"],
+            ["password", "password textfield", "1<<13"], ["fileSelect", "file selection widget", "1<<20"]]
+    path = tmp_path / "table.pdf"
+    style = getSampleStyleSheet()["Normal"]
+    prose = "Field flags are combined with the bitwise or of their values before a widget is drawn."
+    SimpleDocTemplate(str(path), pagesize=A5).build([Paragraph(prose, style), Table(rows), Paragraph("After the table.", style)])
+    from pypdf import PdfReader
+
+    plain = PdfReader(path).pages[0].extract_text()
+    assert "multiline\nfor multiline text widget\n1<<12" in plain  # what pypdf alone gives
+    text = read_pdf(path).pages[0].text
+    lines = text.split("\n")
+    for row in rows:
+        assert " ".join(row) in lines
+    assert prose in text.replace("\n", " ")
+    assert "After the table." in lines
+    assert_offsets_consistent(read_pdf(path))
+
+
+def test_lines_on_different_baselines_are_not_joined(tmp_path: Path) -> None:
+    path = write_pdf(tmp_path / "lines.pdf", [["first line of prose", "second line of prose", "third line"]], header=None,
+                     footer_numbers=False)
+    assert read_pdf(path).pages[0].text == "first line of prose\nsecond line of prose\nthird line"
