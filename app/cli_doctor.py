@@ -237,7 +237,7 @@ def verify_model(folder: Path, pinned_sha256: str | None, progress: Progress) ->
     except (OSError, ValueError) as error:
         return Check(name, FAIL, f"{source_path} unreadable ({error}): delete {folder} and {again}")
     if source.get("layout") != LAYOUT:
-        return Check(name, WARN, f"weights in an older layout (float32, 5x the GGUF): {again} to convert it again")
+        return Check(name, WARN, f"weights in an older, larger layout: {again} to convert it again")
     weights = folder / WEIGHTS_FILE
     if not safetensors_complete(weights):
         return Check(name, FAIL, f"{weights} is truncated or unreadable: delete {folder} and {again}")

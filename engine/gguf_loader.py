@@ -130,8 +130,13 @@ class GGUFContents:
         entries: list[tuple[str, str, tuple[int, ...]]] = []
         for item in self._plan:
             shape = _tensor_shape(item.gguf)
-            kind = quant.kind_of(item.gguf)
-            if kind == "int4":
+            kind = quant.kind_of(item.gguf, table=self._table(item))
+            if kind == "blocks":
+                entries += [
+                    (item.hf_name + ".gguf_blocks", "U8", (shape[0], int(item.gguf.n_bytes) // shape[0])),
+                    (item.hf_name + ".gguf_kind", "I32", (2,)),
+                ]
+            elif kind == "int4":
                 N, K = shape
                 entries += [
                     (item.hf_name + ".q4", "U8", (N, K // 2)),
@@ -154,11 +159,16 @@ class GGUFContents:
             else:
                 yield from quant.to_arrays(item.hf_name, weight).items()
 
+    def _table(self, item: _TensorPlan) -> bool:
+        """Whether `item` is an embedding table that is only looked up: the model has an
+        output head of its own (engine/quant.py `Blocks`)."""
+        return item.hf_name == "model.embed_tokens.weight" and any(p.hf_name == "lm_head.weight" for p in self._plan)
+
     def _read(self, item: _TensorPlan, *, keep_quantised: bool) -> np.ndarray | quant.Quantised:
         """One tensor in HF form: float32, or kept quantised where engine/quant.py can."""
         family = self.config.family
         try:
-            weight = quant.from_gguf(item.gguf) if keep_quantised else None
+            weight = quant.from_gguf(item.gguf, table=self._table(item)) if keep_quantised else None
             values = _dequantize(item.gguf) if weight is None else weight
         except (ValueError, NotImplementedError) as err:
             raise ModelFileError(

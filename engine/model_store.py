@@ -4,7 +4,8 @@ Hugging Face model folders used as they are.
 A converted folder (under `engine.paths.models_dir()`) holds:
 - `model.safetensors` — the weights under Hugging Face transformers names, quantised
   matrices kept quantised (engine/quant.py: NAME.q4/.q4_scale/.q4_zero for GGUF's
-  4-bit types, NAME.q8/.q8_scale for the others) and float32 for everything else;
+  4-bit types, NAME.q8/.q8_scale for the others, an untied embedding table in its
+  GGUF blocks as NAME.gguf_blocks/.gguf_kind) and float32 for everything else;
 - `quire_config.json` — `ModelConfig.to_dict()`;
 - `gguf_tokenizer.json` — every `tokenizer.*` GGUF metadata key, plus
   `general.architecture`, as plain JSON values;
@@ -13,7 +14,8 @@ A converted folder (under `engine.paths.models_dir()`) holds:
 - `source.json` — the GGUF it came from (path, size, mtime, sha256) and the layout of
   the weights (`LAYOUT`). It is written last, so a folder without it is an interrupted
   conversion and is converted again; one of an older layout (session 19 and before:
-  every tensor dequantised to float32, 5x the GGUF) is converted again from its GGUF.
+  every tensor dequantised to float32, 5x the GGUF; session 26 and before: the
+  embedding table requantised to int8) is converted again from its GGUF.
 
 Every file is written to a temporary name in the same folder, fsynced and renamed, so a
 crash never leaves a half-written file under the final name. The safetensors format
@@ -55,8 +57,10 @@ CONFIG_FILE = "quire_config.json"
 TOKENIZER_FILE = "gguf_tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SOURCE_FILE = "source.json"
-# The weights' layout, recorded in source.json: 2 keeps quantised matrices quantised.
-LAYOUT = 2
+# The weights' layout, recorded in source.json: 2 keeps quantised matrices quantised;
+# 3 also keeps an untied model's embedding table in its GGUF blocks (engine/quant.py
+# `Blocks`: Qwen2.5-Coder-0.5B 613 -> 570 MB, 1.25x -> 1.16x its GGUF).
+LAYOUT = 3
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -470,5 +474,13 @@ def _safetensors_numel(path: Path) -> int:
         if key == "__metadata__" or key.endswith(SCALE_SUFFIXES):
             continue  # a quantised matrix's scales are not weights of the model
         count = math.prod(int(dim) for dim in entry["shape"])
+        if key.endswith(".gguf_blocks"):  # rows of GGUF blocks: the row's length is in NAME.gguf_kind
+            kind = header.get(key[: -len(".gguf_blocks")] + ".gguf_kind")
+            if kind is None:
+                raise ModelFileError(f"{path}: {key} has no .gguf_kind beside it")
+            with path.open("rb") as handle:
+                handle.seek(8 + header_len + int(kind["data_offsets"][0]))
+                columns = struct.unpack("<2i", handle.read(8))[1]
+            count = int(entry["shape"][0]) * columns
         total += 2 * count if key.endswith(".q4") else count  # two 4-bit weights a byte
     return total

@@ -13,13 +13,20 @@ Two kinds of quantised matrix W (N rows = outputs, K columns = inputs):
   gguf-py and requantised to it. This is lossy: a row's step becomes max|W| / 127,
   where the GGUF had a step per block of 16 or 32; tests/test_quant.py measures it.
 
-Both use the weight-only kernels that torch ships (`_weight_int4pack_mm_for_cpu`,
+- `Blocks`, an embedding table left in the GGUF's own blocks (any type gguf-py reads),
+  row by row. A table that is only looked up (an untied model's: the output head is a
+  matrix of its own) is never multiplied, so it needs no kernel's layout: each token's
+  row is dequantised as it is looked up, exactly. Qwen2.5-0.5B's Q5_0 table took
+  136 MB as Int8 against its 94 MB here.
+
+Int4 and Int8 use the weight-only kernels that torch ships (`_weight_int4pack_mm_for_cpu`,
 `_weight_int8pack_mm`) on the backend side; this module is numpy only, so the model
 store can write these layouts and any backend can read them back.
 
 On disk (a converted model's safetensors file) a matrix named NAME is stored as
-NAME.q4, NAME.q4_scale, NAME.q4_zero (float16) or NAME.q8, NAME.q8_scale (float32);
-float tensors keep their plain name.
+NAME.q4, NAME.q4_scale, NAME.q4_zero (float16), NAME.q8, NAME.q8_scale (float32), or
+NAME.gguf_blocks (uint8, a row of blocks per row) and NAME.gguf_kind (int32: the GGML
+type and the row's length); float tensors keep their plain name.
 """
 
 from __future__ import annotations
@@ -77,7 +84,30 @@ class Int8:
         return Int8(self.q[index], self.scale[index])
 
 
-Quantised = Int4 | Int8
+@dataclass
+class Blocks:
+    """data: uint8 (N, bytes a row), the GGUF's blocks; kind: its GGMLQuantizationType;
+    columns: K. Looked up by rows (`dequantize(index)`), never multiplied."""
+
+    data: np.ndarray
+    kind: int
+    columns: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.data.shape[0], self.columns
+
+    def dequantize(self, index: np.ndarray | None = None) -> np.ndarray:
+        """float32 (N, K), or the rows `index` (any shape) as (*index.shape, K)."""
+        rows = self.data if index is None else self.data[np.asarray(index).reshape(-1)]
+        values = dequantize(rows, GGMLQuantizationType(self.kind)).reshape(rows.shape[0], self.columns)
+        return values if index is None else values.reshape(*np.shape(index), self.columns)
+
+    def rows(self, index: np.ndarray) -> Blocks:
+        return Blocks(self.data[index], self.kind, self.columns)
+
+
+Quantised = Int4 | Int8 | Blocks
 
 
 def dequantize_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
@@ -106,19 +136,28 @@ def quantise_int8(w: np.ndarray) -> Int8:
     return Int8(q, scale)
 
 
-def kind_of(tensor: ReaderTensor) -> str | None:
-    """"int4", "int8", or None (kept as a float) for a GGUF tensor; see `from_gguf`."""
-    if tensor.tensor_type in FLOAT_TYPES or len(tensor.shape) != 2 or int(tensor.shape[0]) % GROUP:
+def kind_of(tensor: ReaderTensor, *, table: bool = False) -> str | None:
+    """"int4", "int8", "blocks", or None (kept as a float) for a GGUF tensor; see
+    `from_gguf`. `table`: the tensor is an embedding table that is only looked up."""
+    if tensor.tensor_type in FLOAT_TYPES or len(tensor.shape) != 2:
         return None
-    return "int4" if tensor.tensor_type in INT4_TYPES else "int8"
+    if tensor.tensor_type in INT4_TYPES and not int(tensor.shape[0]) % GROUP:
+        return "int4"
+    if table:
+        return "blocks"
+    return None if int(tensor.shape[0]) % GROUP else "int8"
 
 
-def from_gguf(tensor: ReaderTensor) -> Quantised | None:
+def from_gguf(tensor: ReaderTensor, *, table: bool = False) -> Quantised | None:
     """The quantised form of a 2-D GGUF tensor in HF shape (N, K), or None where it
-    stays a float (a float type, a 1-D tensor, or K not a multiple of 32)."""
-    if kind_of(tensor) is None:
+    stays a float (a float type, a 1-D tensor, or K not a multiple of 32). A `table`
+    (an embedding table only looked up) of a type that is not Int4 keeps its blocks."""
+    kind = kind_of(tensor, table=table)
+    if kind is None:
         return None
     K, N = (int(x) for x in tensor.shape)  # GGUF lists the inner dimension first
+    if kind == "blocks":
+        return Blocks(np.asarray(tensor.data).reshape(N, -1), int(tensor.tensor_type), K)
     return from_blocks(tensor.tensor_type, np.asarray(tensor.data), N, K)
 
 
@@ -191,18 +230,27 @@ def to_arrays(name: str, weight: Quantised) -> dict[str, np.ndarray]:
             f"{name}.q4_scale": weight.scale.astype(np.float16),
             f"{name}.q4_zero": weight.zero.astype(np.float16),
         }
+    if isinstance(weight, Blocks):
+        return {f"{name}.gguf_blocks": np.ascontiguousarray(weight.data), f"{name}.gguf_kind": kind_array(weight)}
     return {f"{name}.q8": np.ascontiguousarray(weight.q), f"{name}.q8_scale": weight.scale.astype(np.float32)}
 
 
-# The arrays of a quantised matrix NAME besides NAME.q4 / NAME.q8 themselves.
-SCALE_SUFFIXES = (".q4_scale", ".q4_zero", ".q8_scale")
+def kind_array(weight: Blocks) -> np.ndarray:
+    """NAME.gguf_kind: the GGML type and the row's length."""
+    return np.array([weight.kind, weight.columns], dtype=np.int32)
+
+
+# The arrays of a quantised matrix NAME besides NAME.q4 / NAME.q8 / NAME.gguf_blocks.
+SCALE_SUFFIXES = (".q4_scale", ".q4_zero", ".q8_scale", ".gguf_kind")
+# The array that holds a quantised matrix's values, by its suffix.
+VALUE_SUFFIXES = (".q4", ".q8", ".gguf_blocks")
 # safetensors dtype names of the arrays a converted model holds -> numpy type codes.
-SAFETENSORS_DTYPES = {"F32": "f4", "F16": "f2", "U8": "u1", "I8": "i1"}
+SAFETENSORS_DTYPES = {"F32": "f4", "F16": "f2", "U8": "u1", "I8": "i1", "I32": "i4"}
 
 
 def base_name(name: str) -> str:
     """The matrix an array belongs to: NAME for NAME.q4_scale and the like."""
-    for suffix in (".q4", ".q8", *SCALE_SUFFIXES):
+    for suffix in (*VALUE_SUFFIXES, *SCALE_SUFFIXES):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -219,6 +267,10 @@ def from_arrays(arrays: dict) -> dict:
         elif key.endswith(".q8"):
             name = key[:-3]
             out[name] = Int8(value, arrays[name + ".q8_scale"])
+        elif key.endswith(".gguf_blocks"):
+            name = key[: -len(".gguf_blocks")]
+            kind, columns = (int(x) for x in np.asarray(arrays[name + ".gguf_kind"]).reshape(-1))
+            out[name] = Blocks(np.asarray(value), kind, columns)
         elif not key.endswith(SCALE_SUFFIXES):
             out[key] = value
     return out
@@ -228,7 +280,7 @@ def dequantize_state(arrays: dict) -> dict[str, np.ndarray]:
     """A loaded state dict with every quantised matrix turned back into float32 (for
     backends or settings that run float weights)."""
     return {
-        name: value.dequantize() if isinstance(value, Int4 | Int8) else value
+        name: value.dequantize() if isinstance(value, Int4 | Int8 | Blocks) else value
         for name, value in from_arrays(arrays).items()
     }
 
@@ -260,9 +312,18 @@ class LazyState:
         """Weights left to pop (a quantised matrix counts its values, not its bytes)."""
         total = 0
         for key, (_, _, shape, _) in self._where.items():
-            if not key.endswith(SCALE_SUFFIXES):
+            if key.endswith(".gguf_blocks"):
+                total += shape[0] * int(self._peek(key[: -len(".gguf_blocks")] + ".gguf_kind")[1])
+            elif not key.endswith(SCALE_SUFFIXES):
                 total += math.prod(shape) * (2 if key.endswith(".q4") else 1)
         return total
+
+    def _peek(self, key: str) -> np.ndarray:
+        """An array, read without taking it."""
+        where = self._where[key]
+        value = self._read(key)
+        self._where[key] = where
+        return value
 
     def _read(self, key: str) -> np.ndarray:
         path, dtype, shape, start = self._where.pop(key)
@@ -281,8 +342,11 @@ class LazyState:
             return Int4(self._read(name + ".q4"), self._read(name + ".q4_scale"), self._read(name + ".q4_zero"))
         if name + ".q8" in self._where:
             return Int8(self._read(name + ".q8"), self._read(name + ".q8_scale"))
+        if name + ".gguf_blocks" in self._where:
+            kind, columns = (int(x) for x in self._read(name + ".gguf_kind"))
+            return Blocks(self._read(name + ".gguf_blocks"), kind, columns)
         return self._read(name)
 
 
 def is_quantised_state(names) -> bool:
-    return any(n.endswith((".q4", ".q8")) for n in names)
+    return any(n.endswith(VALUE_SUFFIXES) for n in names)

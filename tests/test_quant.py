@@ -169,9 +169,11 @@ def test_concat_rows_mixed_kinds_become_int8() -> None:
     assert isinstance(quant.concat_rows([four, _int4(32, 64)]), quant.Int4)
 
 
-def _write_quantised_tiny(path) -> None:
+def _write_quantised_tiny(path, *, output_head: bool = False) -> None:
     """The tiny llama of tests/test_gguf_loader.py with its matrices stored as a
-    mixed GGUF would: Q4_0 attention and gate/up, Q8_0 ffn_down and embeddings."""
+    mixed GGUF would: Q4_0 attention and gate/up, Q8_0 ffn_down and embeddings. With
+    `output_head`, an output matrix of its own (Q8_0) and a Q5_0 embedding table, as
+    Qwen2.5-Coder-0.5B's Q4_K_M file has."""
     from tests.test_gguf_loader import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, llama_cpp_permute, tiny_llama_tensors, tiny_writer
 
     t = tiny_llama_tensors(3)
@@ -184,7 +186,9 @@ def _write_quantised_tiny(path) -> None:
             raw = quantize(values, kind)
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
 
-    add("token_embd.weight", t["model.embed_tokens.weight"], T.Q8_0)
+    add("token_embd.weight", t["model.embed_tokens.weight"], T.Q5_0 if output_head else T.Q8_0)
+    if output_head:
+        add("output.weight", weights(*t["model.embed_tokens.weight"].shape), T.Q8_0)
     add("output_norm.weight", t["model.norm.weight"])
     for i in range(LAYERS):
         p = f"model.layers.{i}."
@@ -235,6 +239,63 @@ def test_quantised_model_against_its_weights_dequantised(tmp_path, monkeypatch) 
     exact = torch_backend.load(folder.config, [folder.source_gguf], dtype="float32", device="cpu")
     assert not exact.quantised
     torch.testing.assert_close(exact.layers[1].gate_up.weight, reference.layers[1].gate_up.weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", [T.Q5_0, T.Q5_1, T.Q8_0])
+def test_a_table_keeps_its_blocks_and_looks_rows_up_exactly(kind: T) -> None:
+    n, k = 96, 256
+    raw = quantize(weights(n, k), kind)
+    reference = dequantize(raw, kind).reshape(n, k)
+    assert quant.kind_of(_tensor(raw, kind, n, k)) == "int8"  # a matrix to multiply
+    table = quant.from_gguf(_tensor(raw, kind, n, k), table=True)
+    assert isinstance(table, quant.Blocks) and table.shape == (n, k) and table.data.nbytes == raw.nbytes
+    ids = np.array([[5, 0], [95, 5]])
+    np.testing.assert_array_equal(table.dequantize(ids), reference[ids])
+    np.testing.assert_array_equal(table.dequantize(), reference)
+    arrays = quant.to_arrays("model.embed_tokens.weight", table)
+    assert set(arrays) == {"model.embed_tokens.weight.gguf_blocks", "model.embed_tokens.weight.gguf_kind"}
+    back = quant.from_arrays(arrays)["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(back.dequantize(np.array([7])), reference[[7]])
+    # A four-bit table maps onto Int4 as any matrix does.
+    assert quant.kind_of(_tensor(quantize(weights(n, k), T.Q4_0), T.Q4_0, n, k), table=True) == "int4"
+
+
+def _tensor(raw: np.ndarray, kind: T, n: int, k: int):
+    """The parts of a gguf ReaderTensor that engine/quant.py reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tensor_type=kind, shape=np.array([k, n]), data=raw, n_bytes=raw.nbytes)
+
+
+def test_an_untied_models_table_stays_in_its_gguf_blocks(tmp_path, monkeypatch) -> None:
+    """With an output head of its own, the embedding table is only looked up: it is
+    stored in the GGUF's Q5_0 blocks (not requantised to int8, which is larger and
+    rounds), its rows dequantised exactly as tokens look them up."""
+    import engine.backends.torch as torch_backend
+    from engine.backends.torch.qdense import BlockTable, QuantDense
+    from engine.model_store import open_model
+    from gguf import GGUFReader
+
+    monkeypatch.setenv("QUIRE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(torch_backend, "_measured_dtype", "float32")
+    path = tmp_path / "tiny-untied.gguf"
+    _write_quantised_tiny(path, output_head=True)
+    folder = open_model(path)
+    state = quant.LazyState(folder.weight_files)
+    assert state.parameter_count() == folder.parameter_count()
+    assert "model.embed_tokens.weight" in state and state.quantised
+    model = torch_backend.load(folder.config, folder.weight_files, device="cpu")
+    reference = torch_backend.load(folder.config, folder.weight_files, dtype="float32", device="cpu")
+    assert isinstance(model.embed, BlockTable) and isinstance(model.lm_head, QuantDense) and model.quantised
+    table = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    exact = dequantize(np.asarray(table.data), T.Q5_0).reshape(-1, int(table.shape[0]))
+    ids = torch.tensor([[3, 9, 3]])
+    np.testing.assert_array_equal(model.embed_tokens(ids).numpy(), exact[[[3, 9, 3]]])
+    np.testing.assert_array_equal(reference.embed_tokens(ids).numpy(), exact[[[3, 9, 3]]])
+    rows = list(range(3, 40))
+    got = model.forward(rows, model.new_cache(64), last_only=False)
+    expected = reference.forward(rows, reference.new_cache(64), last_only=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3 * expected.abs().max().item())
 
 
 @needs_cuda

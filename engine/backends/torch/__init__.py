@@ -214,6 +214,8 @@ RELEASE_EVERY = 16 << 20
 def _nbytes(value) -> int:
     if isinstance(value, quant.Int4 | quant.Int8):
         return sum(getattr(value, f).nbytes for f in ("q", "scale", "zero") if hasattr(value, f))
+    if isinstance(value, quant.Blocks):
+        return value.data.nbytes
     return int(getattr(value, "nbytes", 0))
 
 
@@ -240,7 +242,7 @@ class _QuantisedSource:
             self._read_since_release = 0
         value = self.state.pop(name)
         self._read_since_release += _nbytes(value)
-        if isinstance(value, quant.Int4 | quant.Int8):
+        if isinstance(value, quant.Int4 | quant.Int8 | quant.Blocks):
             return torch.from_numpy(value.dequantize()) if self.dequantise else value
         return torch.from_numpy(value)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.quant import GROUP, Int4, Int8, Quantised
+from engine.quant import GROUP, Blocks, Int4, Int8, Quantised
 
 # Rows of input above which a matrix is dequantised and multiplied in the model's
 # dtype rather than through the weight-only kernel.
@@ -198,3 +198,32 @@ class QuantDense:
     def nbytes(self) -> int:
         total = self.q.numel() * self.q.element_size() + self.scales.numel() * self.scales.element_size()
         return total + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+
+class BlockTable:
+    """An embedding table left in its GGUF's blocks (engine/quant.py `Blocks`): only
+    looked up, never multiplied, so each token's row is dequantised by gguf-py as it
+    is asked for, exactly. The blocks stay on the CPU; the rows go to `device`."""
+
+    __slots__ = ("blocks", "dtype", "device")
+
+    def __init__(self, blocks: Blocks, dtype: torch.dtype) -> None:
+        self.blocks = blocks
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.shape
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the table, in the model's dtype, on its device."""
+        values = self.blocks.dequantize(ids.cpu().numpy())
+        return torch.from_numpy(values).to(self.dtype).to(self.device)
+
+    def to(self, device: torch.device | str, *, table: bool = True) -> BlockTable:
+        self.device = torch.device(device)
+        return self
+
+    def nbytes(self) -> int:
+        return self.blocks.data.nbytes

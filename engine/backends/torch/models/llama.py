@@ -26,10 +26,10 @@ from engine.backends.torch.layers import (
     rms_norm,
     rotary_row_order,
 )
-from engine.backends.torch.qdense import QuantDense
+from engine.backends.torch.qdense import BlockTable, QuantDense
 from engine.config import ModelConfig
 from engine.errors import ModelFileError
-from engine.quant import Int4, Int8, Quantised, concat_rows
+from engine.quant import Blocks, Int4, Int8, Quantised, concat_rows, quantise_int8
 
 Linear = Dense | QuantDense
 
@@ -71,7 +71,7 @@ class WeightSource:
             tensor = self.tensors.pop(name)
         except KeyError:
             raise ModelFileError(f"model weights lack tensor '{name}'") from None
-        if isinstance(tensor, Int4 | Int8):
+        if isinstance(tensor, Int4 | Int8 | Blocks):
             return tensor
         return tensor.to(self.dtype).contiguous()
 
@@ -79,7 +79,7 @@ class WeightSource:
         return self.as_float(self.take_matrix(name))
 
     def as_float(self, tensor: torch.Tensor | Quantised) -> torch.Tensor:
-        if isinstance(tensor, Int4 | Int8):
+        if isinstance(tensor, Int4 | Int8 | Blocks):
             return torch.from_numpy(tensor.dequantize()).to(self.dtype)
         return tensor
 
@@ -104,13 +104,19 @@ class DecoderModel:
         self.dtype = dtype
         source = WeightSource(tensors, dtype)
         embed = source.take_matrix("model.embed_tokens.weight")  # (V, hidden)
+        tied = config.tie_word_embeddings or not source.has("lm_head.weight")
+        if isinstance(embed, Blocks) and tied:  # the table is the output head too: it must multiply
+            embed = quantise_int8(embed.dequantize())
         # A quantised table stays quantised: rows are dequantised as tokens look them up.
-        self.embed = embed if isinstance(embed, torch.Tensor) else QuantDense(embed, None, dtype)
+        if isinstance(embed, Blocks):
+            self.embed = BlockTable(embed, dtype)
+        else:
+            self.embed = embed if isinstance(embed, torch.Tensor) else QuantDense(embed, None, dtype)
         # The GGUF's own table, once repacked, must not live on through the layers' load:
         # a 7B's is 325 MiB, which was most of its peak over the loaded model.
         del embed
         self.final_norm = self._norm_weight(source.take("model.norm.weight"))
-        if config.tie_word_embeddings or not source.has("lm_head.weight"):
+        if tied:
             self.lm_head = self.embed if isinstance(self.embed, QuantDense) else Dense(self.embed)
         else:
             self.lm_head = self._linear(source.take_matrix("lm_head.weight"))
@@ -130,7 +136,7 @@ class DecoderModel:
     def quantised(self) -> bool:
         """Whether any matrix is held quantised (such a model is never prepared)."""
         heads = (self.embed, self.lm_head)
-        return any(isinstance(m, QuantDense) for m in heads) or any(
+        return any(isinstance(m, QuantDense | BlockTable) for m in heads) or any(
             isinstance(getattr(layer, name), QuantDense) for layer in self.layers for name in DENSE_FIELDS
         )
 
@@ -238,7 +244,7 @@ class DecoderModel:
         def move(value: object) -> object:
             if isinstance(value, torch.Tensor):
                 return value.to(device)
-            if isinstance(value, QuantDense) and value is self.embed:
+            if isinstance(value, QuantDense | BlockTable) and value is self.embed:
                 return value.to(device, table=True)
             if isinstance(value, (Dense, Rotary, QuantDense)):
                 return value.to(device)
@@ -270,7 +276,7 @@ class DecoderModel:
         return BatchKVCache(caches, room)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed, QuantDense):
+        if isinstance(self.embed, QuantDense | BlockTable):
             return self.embed.embedding(ids)
         return F.embedding(ids, self.embed)
 
