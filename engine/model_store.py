@@ -48,7 +48,7 @@ from engine.config import ModelConfig
 from engine.errors import Cancelled, ModelFileError, ModelNotInstalledError
 from engine.gguf_loader import GGUF_MAGIC, read_gguf
 from engine.paths import models_dir, write_atomic
-from engine.quant import SAFETENSORS_DTYPES, SCALE_SUFFIXES, base_name
+from engine.quant import SAFETENSORS_DTYPES, LazyState, base_name
 
 log = logging.getLogger(__name__)
 
@@ -463,24 +463,9 @@ def _write_safetensors_header(out: BinaryIO, entries: list[tuple[str, str, tuple
 
 
 def _safetensors_numel(path: Path) -> int:
+    """Weights in one safetensors file, from its header (engine/quant.py `LazyState`
+    counts them: a quantised matrix's values, not its scales or bytes)."""
     try:
-        with path.open("rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_len))
-    except (OSError, struct.error, ValueError) as err:
+        return LazyState([path]).parameter_count()
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelFileError(f"{path}: not a readable safetensors file ({' '.join(str(err).split())})") from None
-    total = 0
-    for key, entry in header.items():
-        if key == "__metadata__" or key.endswith(SCALE_SUFFIXES):
-            continue  # a quantised matrix's scales are not weights of the model
-        count = math.prod(int(dim) for dim in entry["shape"])
-        if key.endswith(".gguf_blocks"):  # rows of GGUF blocks: the row's length is in NAME.gguf_kind
-            kind = header.get(key[: -len(".gguf_blocks")] + ".gguf_kind")
-            if kind is None:
-                raise ModelFileError(f"{path}: {key} has no .gguf_kind beside it")
-            with path.open("rb") as handle:
-                handle.seek(8 + header_len + int(kind["data_offsets"][0]))
-                columns = struct.unpack("<2i", handle.read(8))[1]
-            count = int(entry["shape"][0]) * columns
-        total += 2 * count if key.endswith(".q4") else count  # two 4-bit weights a byte
-    return total

@@ -283,6 +283,7 @@ def test_an_untied_models_table_stays_in_its_gguf_blocks(tmp_path, monkeypatch) 
     folder = open_model(path)
     state = quant.LazyState(folder.weight_files)
     assert state.parameter_count() == folder.parameter_count()
+    assert folder.parameter_count() == sum(int(t.n_elements) for t in GGUFReader(path).tensors)  # the GGUF's own count
     assert "model.embed_tokens.weight" in state and state.quantised
     model = torch_backend.load(folder.config, folder.weight_files, device="cpu")
     reference = torch_backend.load(folder.config, folder.weight_files, dtype="float32", device="cpu")
