@@ -214,9 +214,13 @@ def missing_names(question: str, texts: Sequence[str]) -> list[str]:
     return missing
 
 
-def not_mentioned(names: Sequence[str]) -> str:
-    """The answer to a question about names the documents never mention."""
+def not_mentioned(names: Sequence[str], titles: Sequence[str] | None = None) -> str:
+    """The answer to a question about names the documents never mention; `titles`:
+    the documents that were asked, where they are not all of the scope's."""
     quoted = ", ".join(f"“{n}”" for n in names)
+    if titles:
+        return (f"{NOT_FOUND} The ones that match the question ({'; '.join(titles)}) never mention {quoted}. "
+                "The closest passages are listed as evidence.")
     return f"{NOT_FOUND} They never mention {quoted}. The closest passages are listed as evidence."
 
 
