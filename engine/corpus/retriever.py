@@ -64,7 +64,7 @@ def question_parts(question: str) -> list[str]:
 class Retriever:
     def __init__(self) -> None:
         # The documents last asked: their passage index and their text in lowercase
-        # (for names the scope never mentions).
+        # (for names the documents asked never mention).
         self._scope: tuple[tuple[str, ...], PassageIndex, list[str]] | None = None
 
     def passage_index(self, documents: list[CorpusDocument]) -> PassageIndex:
