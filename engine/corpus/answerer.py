@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.corpus.answer import (
     HISTORY_TOKENS,
+    RESTATED,
     Source,
     Turn,
     attribute,
@@ -41,7 +42,9 @@ from engine.corpus.answer import (
     not_mentioned,
     reading_order,
     recent_turns,
+    restates_question,
     says_not_found,
+    without_citations,
 )
 from engine.corpus.build import CorpusDocument, Manifest
 from engine.corpus import tasks
@@ -267,9 +270,16 @@ class Answerer:
         for token in tokens:
             answer += token.text
             yield token
-        # Inline [n] where the model wrote them, else the passages the answer's
-        # sentences share their key words with.
-        cited = citations(answer, sources) or attribute(answer, sources)
+        if restates_question(without_citations(answer), question):
+            # Nothing drawn from the passages: none is marked as cited.
+            note = f"\n\n{RESTATED}"
+            answer += note
+            yield Token(-1, note)
+            cited = []
+        else:
+            # Inline [n] where the model wrote them, else the passages the answer's
+            # sentences share their key words with.
+            cited = citations(answer, sources) or attribute(answer, sources)
         yield from self._passage_evidence(sources, documents, cited)
         yield AskStats(
             prompt_tokens=generation.prompt_tokens,

@@ -159,6 +159,24 @@ def test_not_found_is_recognised():
     assert not says_not_found("Use --no-psqlrc [1].")
 
 
+def test_an_answer_that_only_restates_the_question_is_recognised():
+    from engine.corpus.answer import RESTATED, restates_question
+
+    question = "Which psql meta-command lists the server configuration parameters set to non-default values?"
+    # bench qa's answer, in the question's own words.
+    assert restates_question("The psql meta-command lists the server configuration parameters that are set to "
+                             "non-default values.", question)
+    assert restates_question("", question) is False
+    # A command, a number, a name with punctuation, a new word of four letters: an answer.
+    assert not restates_question("The psql meta-command \\dconfig lists them.", question)
+    assert not restates_question("It lists 12 parameters.", question)
+    assert not restates_question("Use the server's configuration file.", question)
+    assert not restates_question("No.", question)
+    # A question that offers a choice is answered with one of its own words.
+    assert not restates_question("1000", "Is the default 1000 or 2000?")
+    assert says_not_found(RESTATED)
+
+
 def test_the_repeat_guard_bans_completing_a_seen_ngram():
     guard = RepeatGuard(3)
     for token in [5, 6, 7, 5, 6]:
@@ -446,4 +464,25 @@ def test_a_name_mentioned_only_in_a_document_the_question_does_not_match_is_stil
     assert stats.not_found and stats.generated_tokens == 0
     # Asked of the almanac as well, the name is there and the reader answers.
     answer, _, stats = collect_answer(answerer.ask("Who printed charts in London for the Admiralty?", documents))
-    assert not stats.not_found and stats.generated_tokens > 0
+    assert stats.finish_reason != "not_mentioned" and stats.generated_tokens > 0
+    assert "never mention" not in answer
+
+
+@pytest.mark.slow
+def test_an_answer_that_restates_the_question_says_not_found_and_cites_nothing(tmp_path, monkeypatch):
+    from bench.niah import collect_answer
+    from engine.corpus.answerer import Answerer
+    from engine.corpus.answer import RESTATED
+    from engine.generate import Token
+    from tests.corpus.test_cache import QUESTION, island_document
+
+    answerer = Answerer(_load_small(), cache_root=tmp_path)
+    echo = "The lighthouse keeper on Marrow Island was the keeper."
+
+    def restating(messages, params, cancel=None, stats=None):
+        yield from (Token(0, piece) for piece in echo.replace(" ", "\n ").split("\n"))
+
+    monkeypatch.setattr(answerer.reader, "chat", restating)
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
+    assert answer.endswith(RESTATED) and stats.not_found
+    assert evidence and not any(e.cited for e in evidence)
