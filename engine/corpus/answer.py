@@ -100,8 +100,10 @@ HISTORY_TOKENS = 1024
 
 
 def without_citations(text: str) -> str:
-    """`text` with its [n] markers removed (they number another answer's passages)."""
-    return re.sub(r"\s*" + _CITATION.pattern, "", text).strip()
+    """An earlier answer as the reader wrote it: its [n] markers removed (they number
+    another answer's passages), and RESTATED, which the answerer added (left in, it
+    turned a follow-up's right answer into one more restatement)."""
+    return re.sub(r"\s*" + _CITATION.pattern, "", text.replace(RESTATED, "")).strip()
 
 
 def recent_turns(history: Sequence[Turn], budget: int, count_tokens) -> list[Turn]:
@@ -234,6 +236,11 @@ RESTATED = (f"{NOT_FOUND} The answer above only restates the question: the passa
             "hold it. The closest passages are listed as evidence.")
 _ANSWER_TERM = re.compile(r"[a-z0-9][a-z0-9_.\-/:\\]*[a-z0-9]|[a-z0-9]")
 _ANSWERING = frozenset("yes no not never none".split())
+# Short words that say nothing new (the longer ones are _STOP).
+_FUNCTION_WORDS = frozenset(
+    """a an and are as at be but by can did do for had has he her his i if in is it its me my of on or our
+    she so the to us was we who why you""".split()
+)
 _CHOICE = re.compile(r"\b(or|whether)\b", re.IGNORECASE)
 
 
@@ -244,16 +251,13 @@ def _answer_terms(text: str) -> set[str]:
 def restates_question(answer: str, question: str) -> bool:
     """Whether `answer` says nothing that `question` did not: none of its terms (runs
     of letters and digits, with _ . - / : \\ inside, lowercase) is new, leaving out
-    common words and plain words under four letters; yes, no, not, never and none
-    count as new, and a number or a name with _ . - always does. A question that
-    offers a choice ("… or …", "whether") is never restated: its answer is one of its
-    own words."""
+    common words (_STOP, _FUNCTION_WORDS); yes, no, not, never and none count as new.
+    A question that offers a choice ("… or …", "whether") is never restated: its
+    answer is one of its own words."""
     if not answer.strip() or _CHOICE.search(question):
         return False
     new = _answer_terms(answer) - _answer_terms(question)
-    return not any(
-        term in _ANSWERING or (term not in _STOP and (len(term) >= 4 or not term.isalpha())) for term in new
-    )
+    return not any(term in _ANSWERING or (term not in _STOP and term not in _FUNCTION_WORDS) for term in new)
 
 
 def says_not_found(answer: str) -> bool:

@@ -172,9 +172,13 @@ def test_an_answer_that_only_restates_the_question_is_recognised():
     assert not restates_question("It lists 12 parameters.", question)
     assert not restates_question("Use the server's configuration file.", question)
     assert not restates_question("No.", question)
+    assert not restates_question("The arguments are `k` and `n`.", "Which arguments does it take?")
     # A question that offers a choice is answered with one of its own words.
     assert not restates_question("1000", "Is the default 1000 or 2000?")
     assert says_not_found(RESTATED)
+    # A later turn sees the reader's words, not the note.
+    from engine.corpus.answer import without_citations
+    assert without_citations(f"Aunt Polly [1]\n\n{RESTATED}") == "Aunt Polly"
 
 
 def test_the_repeat_guard_bans_completing_a_seen_ngram():
