@@ -270,8 +270,9 @@ class Answerer:
         for token in tokens:
             answer += token.text
             yield token
-        if restates_question(without_citations(answer), question):
-            # Nothing drawn from the passages: none is marked as cited.
+        if generation.finish_reason != "cancelled" and restates_question(without_citations(answer), question):
+            # Nothing drawn from the passages: none is marked as cited. (An answer
+            # stopped by the user is left as it was stopped.)
             note = f"\n\n{RESTATED}"
             answer += note
             yield Token(-1, note)

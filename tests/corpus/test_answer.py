@@ -483,10 +483,17 @@ def test_an_answer_that_restates_the_question_says_not_found_and_cites_nothing(t
     answerer = Answerer(_load_small(), cache_root=tmp_path)
     echo = "The lighthouse keeper on Marrow Island was the keeper."
 
+    stopped = []
+
     def restating(messages, params, cancel=None, stats=None):
         yield from (Token(0, piece) for piece in echo.replace(" ", "\n ").split("\n"))
+        stats.finish_reason = "cancelled" if stopped else "stop"
 
     monkeypatch.setattr(answerer.reader, "chat", restating)
     answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
     assert answer.endswith(RESTATED) and stats.not_found
     assert evidence and not any(e.cited for e in evidence)
+    # Stopped by the user part way: left as it was stopped.
+    stopped.append(True)
+    answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
+    assert answer == echo and not stats.not_found
