@@ -231,7 +231,9 @@ def not_mentioned(names: Sequence[str], titles: Sequence[str] | None = None) -> 
 # qa 7 of the default reader's 138 answers did (each question's own documents), every
 # one scored 0, and 2 of them were to questions the documents cannot answer; no answer
 # that scored was caught (docs/lab/answers-bench-qa.md). Such an answer is kept and
-# followed by RESTATED, so it counts as "not found".
+# followed by RESTATED, so it counts as "not found". Its terms keep a name whole
+# ("octave-workspace"): `key_words` splits it, and the right answer "octave-workspace"
+# to a question about Octave's workspace file would have said nothing new.
 RESTATED = (f"{NOT_FOUND} The answer above only restates the question: the passages read do not seem to "
             "hold it. The closest passages are listed as evidence.")
 _ANSWER_TERM = re.compile(r"[a-z0-9][a-z0-9_.\-/:\\]*[a-z0-9]|[a-z0-9]")
