@@ -281,3 +281,30 @@ def test_blocked_attention_matches_torchs_fused_kernel(past, window):
     k2[:, :, -1] += 5.0
     moved = (attend(q, k2, v, past=past, scale=0.3, window=window) - got).abs().amax(dim=(0, 1, 3))
     assert moved[:-1].max().item() == 0.0 and moved[-1].item() > 0.0
+
+
+@pytest.mark.parametrize("past", [0, 70])
+def test_bf16_attention_stays_within_bf16_rounding_of_float32(past):
+    """Prefill and decode attention in bf16 (scores scaled and the softmax written in
+    bf16, summed in float32 inside) against torch's float32 kernel on the same
+    inputs: within what bf16 inputs and outputs round to, for a prefill over several
+    query blocks and for one decoded token over the whole cache."""
+    from engine.backends.torch.layers import ATTENTION_BLOCK, attend
+
+    generator = torch.Generator().manual_seed(11)
+    T, H, Hkv, D = 2 * ATTENTION_BLOCK + 9, 8, 2, 64
+    q = torch.randn(1, H, T, D, generator=generator).to(torch.bfloat16)
+    k = torch.randn(1, Hkv, past + T, D, generator=generator).to(torch.bfloat16)
+    v = torch.randn(1, Hkv, past + T, D, generator=generator).to(torch.bfloat16)
+    scale = D**-0.5
+    keys, queries = torch.arange(past + T).view(1, -1), torch.arange(past, past + T).view(-1, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(H // Hkv, 1), v.float().repeat_interleave(H // Hkv, 1),
+        attn_mask=keys <= queries, scale=scale,
+    )
+    got = attend(q, k, v, past=past, scale=scale)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max().item() < 0.02
+    last = attend(q[:, :, -1:], k, v, past=past + T - 1, scale=scale)  # one decoded token
+    assert last.dtype == torch.bfloat16
+    assert (last.float() - expected[:, :, -1:]).abs().max().item() < 0.02

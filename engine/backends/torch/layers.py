@@ -147,9 +147,11 @@ def blocked_attention(
     softmax. torch's fused CPU kernel (flash attention) ran at a tenth of the bf16
     matmul peak here, the same in bf16 and float32; this ran 1.3-2x faster than it at
     512-8K tokens (docs/lab/quantised-weights.md, session 25). The scores are
-    rounded to the activations' dtype before the softmax, as transformers' eager
-    attention does. With a sliding `window` each block reads only the keys its
-    queries can see (query i sees key j when i - j < window).
+    scaled in the activations' dtype, as transformers' eager attention does, and
+    the softmax reads and writes that dtype, summing in float32 inside (a float32
+    copy of the scores and back took 40% of this function's time at 1.8K tokens:
+    docs/lab/answers-bench-qa.md, session 29). With a sliding `window` each block
+    reads only the keys its queries can see (query i sees key j when i - j < window).
 
     q: (1, H, T, D); k, v: (1, Hkv, past + T, D). Returns (1, H, T, D).
     """
@@ -159,20 +161,20 @@ def blocked_attention(
     queries = q[0].view(Hkv, G, T, D)
     keys, values = k[0], v[0]
     out = torch.empty((Hkv, G, T, D), dtype=q.dtype, device=q.device)
-    future = torch.full((ATTENTION_BLOCK, ATTENTION_BLOCK), float("-inf"), device=q.device).triu_(1)
+    future = torch.full((ATTENTION_BLOCK, ATTENTION_BLOCK), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     for start in range(0, T, ATTENTION_BLOCK):
         end = min(start + ATTENTION_BLOCK, T)
         rows, seen = end - start, past + end  # the block's queries see keys [first, past + end)
         first = 0 if window is None else max(0, past + start - window + 1)
         block = queries[:, :, start:end].reshape(Hkv, G * rows, D)
-        scores = torch.bmm(block, keys[:, first:seen].transpose(1, 2)).float().view(Hkv, G, rows, seen - first)
+        scores = torch.bmm(block, keys[:, first:seen].transpose(1, 2)).mul_(scale).view(Hkv, G, rows, seen - first)
         if window is None or past + end - window <= first:  # no query of the block loses a key to the window
             scores[..., past + start - first :] += future[:rows, :rows]  # the block's own keys, causally
         else:
             query_pos = torch.arange(past + start, past + end, device=q.device).view(rows, 1)
             key_pos = torch.arange(first, seen, device=q.device).view(1, seen - first)
             scores.masked_fill_((key_pos > query_pos) | (query_pos - key_pos >= window), float("-inf"))
-        weights = torch.softmax(scores.mul_(scale), dim=-1).to(q.dtype).view(Hkv, G * rows, seen - first)
+        weights = torch.softmax(scores, dim=-1).view(Hkv, G * rows, seen - first)
         out[:, :, start:end] = torch.bmm(weights, values[:, first:seen]).view(Hkv, G, rows, D)
     return out.view(1, H, T, D)
 
@@ -213,14 +215,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Hkv = k.shape[1]
     # Multiply with the cached keys and values in their stored (S, D) layout: a
     # transposed view of the cache made bf16 matmuls copy the whole cache each step.
-    # The scores are then copied to (Hkv, G, S) in float32, so that the softmax runs
-    # over contiguous rows: over the middle dimension it took 60 us a layer at 2K
-    # (a third of the attention), and decode after 2K ran 42.0 -> 46.5 tok/s with the
-    # copy (0.5B, the same tokens; docs/lab/quantised-weights.md, session 25).
+    # The scores are then copied to (Hkv, G, S), so that the softmax runs over
+    # contiguous rows: over the middle dimension it took 60 us a layer at 2K (a third
+    # of the attention), and decode after 2K ran 42.0 -> 46.5 tok/s with the copy
+    # (0.5B, the same tokens; docs/lab/quantised-weights.md, session 25). The softmax
+    # reads and writes the activations' dtype (it sums in float32 inside, as
+    # `blocked_attention`'s does): 13-15% less time a layer at 2K than a float32 copy.
     grouped = q.view(Hkv, H // Hkv, D).transpose(1, 2)  # (Hkv, D, G)
-    scores = torch.bmm(k[0], grouped).transpose(1, 2).float()  # (Hkv, G, S)
-    weights = torch.softmax(scores.mul_(scale), dim=-1).to(v.dtype)
-    return torch.bmm(weights, v[0]).reshape(1, H, 1, D)
+    scores = torch.bmm(k[0], grouped).transpose(1, 2).contiguous().mul_(scale)  # (Hkv, G, S)
+    return torch.bmm(torch.softmax(scores, dim=-1), v[0]).reshape(1, H, 1, D)
 
 
 class Dense:
