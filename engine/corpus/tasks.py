@@ -168,6 +168,22 @@ def _whole_sentences(text: str) -> str:
     return text
 
 
+_NOTE_PREAMBLE = re.compile(
+    r"^(?:here are )?(?:the )?(?:key|main) points(?: of| from| in)?[^:]{0,80}?(?: are| is)?:\s*", re.IGNORECASE)
+_NOTE_MARKER = re.compile(r"(?:^|(?<=\s))(?:\d{1,2}\.|[-*•])\s+(?=[A-Z`\"“'(])")
+
+
+def _clean_note(text: str) -> str:
+    """A note as prose: without the reader's "The key points of this part of the
+    document are:" and its list markers ("1. … 2. …", "- …"), which a summary made of
+    notes repeated at every part, and without a marker left alone at the end by the
+    token limit. A note that is nothing but that preamble stays as it was."""
+    cleaned = _NOTE_PREAMBLE.sub("", text.strip())
+    cleaned = _NOTE_MARKER.sub("", cleaned)
+    cleaned = re.sub(r"\s+(?:\d{1,2}\.|[-*•])$", "", cleaned).strip()
+    return cleaned or text
+
+
 def _quote(text: str, limit: int = 300) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
@@ -289,12 +305,16 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
         texts = reader.chat_batch(conversations, sampling, cancel=cancel, stats=runs)
         stats.prompt_tokens += sum(r.prompt_tokens for r in runs)
         stats.generated_tokens += sum(r.generated_tokens for r in runs)
-        return [None if run.finish_reason in ("cancelled", "") else _whole_sentences(text)
+        return [None if run.finish_reason in ("cancelled", "") else _clean_note(_whole_sentences(text))
                 for text, run in zip(texts, runs)]
 
     def part(number: int, start: int, end: int) -> list[dict]:
+        # The part's number and pages, not the document's title: given "Part 4 of “The
+        # Adventures of Tom Sawyer”", the 0.5B default wrote what it knew of the title
+        # ("Tom Sawyer is a retired artist who works in the sun"); without it, notes on
+        # the same parts kept to their text, with the same key points covered.
         where = _label_span(document, start, end)
-        heading = f"Part {number} of “{document.title}”" + (f" (pages {where})" if where else "")
+        heading = f"Part {number}" + (f" (pages {where})" if where else "")
         return [{"role": "system", "content": NOTE_PROMPT},
                 {"role": "user", "content": f"{heading}:\n\n{document.text[start:end].strip()}"}]
 
@@ -333,7 +353,7 @@ def summarise(reader, document: CorpusDocument, params, *, first_page: int | Non
             listings = ["\n\n".join(f"Note {k} ({_where(document, n)}):\n{n.text}" for k, n in enumerate(group, 1))
                         for group in batch]
             texts = generate([[{"role": "system", "content": NOTE_PROMPT},
-                               {"role": "user", "content": f"Notes on consecutive parts of “{document.title}”:\n\n{listing}"}]
+                               {"role": "user", "content": f"Notes on consecutive parts:\n\n{listing}"}]
                               for listing in listings], replace(note_params, max_new_tokens=NOTE_TOKENS * 2))
             if any(text is None for text in texts):
                 cancelled = True

@@ -183,3 +183,23 @@ def test_a_note_cut_short_by_cancel_is_not_kept():
     text = "".join(e.text for e in events if isinstance(e, Token))
     assert "note on w0. [1]" in text and "barrel" not in text and text.endswith("*Stopped after 1 of 4 parts.*")
     assert events[-1].cancelled and events[-1].extra["notes"] == ["note on w0."]
+
+
+def test_a_part_is_headed_by_its_number_and_pages_not_the_title():
+    """The title made the 0.5B reader write what it knew of the book instead of the part."""
+    model = ScriptedModel()
+    list(tasks.summarise(model, long_document(2), SamplingParams(max_new_tokens=50)))
+    firsts = [conversation[-1]["content"].split(":\n\n", 1)[0] for conversation in model.prompts]
+    assert firsts == ["Part 1 (pages 1)", "Part 2 (pages 2)"]
+
+
+def test_a_note_loses_the_readers_preamble_and_list_markers():
+    clean = tasks._clean_note
+    assert clean("The key points of this part of the document are: 1. R works on vectors. 2. Assignment "
+                 "uses <-. 3.") == "R works on vectors. Assignment uses <-."
+    assert clean("The key points of Part 6 are: - Lists hold anything. - Data frames are tables.") == (
+        "Lists hold anything. Data frames are tables.")
+    assert clean("Here are the main points: “Tom” paints.") == "“Tom” paints."
+    # Numbers, options and dashes inside a sentence stay; a note that is only the preamble is kept.
+    assert clean("Pi is 3.14 - roughly. Use -v or 2. as the step.") == "Pi is 3.14 - roughly. Use -v or 2. as the step."
+    assert clean("The key points of this part are:") == "The key points of this part are:"
