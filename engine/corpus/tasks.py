@@ -170,17 +170,27 @@ def _whole_sentences(text: str) -> str:
 
 _NOTE_PREAMBLE = re.compile(
     r"^(?:here are )?(?:the )?(?:key|main) points(?: of| from| in)?[^:]{0,80}?(?: are| is)?:\s*", re.IGNORECASE)
-_NOTE_MARKER = re.compile(r"(?:^|(?<=\s))(?:\d{1,2}\.|[-*•])\s+(?=[A-Z`\"“'(])")
+_NOTE_BULLET = re.compile(r"(?:^|(?<=\s))[-*•]\s+(?=[A-Z`\"“'(])")
+_NOTE_NUMBER = re.compile(r"(?:^|(?<=\s))(\d{1,2})\.(?:\s+(?=[A-Z`\"“'(])|$)")
 
 
 def _clean_note(text: str) -> str:
     """A note as prose: without the reader's "The key points of this part of the
     document are:" and its list markers ("1. … 2. …", "- …"), which a summary made of
     notes repeated at every part, and without a marker left alone at the end by the
-    token limit. A note that is nothing but that preamble stays as it was."""
-    cleaned = _NOTE_PREAMBLE.sub("", text.strip())
-    cleaned = _NOTE_MARKER.sub("", cleaned)
-    cleaned = re.sub(r"\s+(?:\d{1,2}\.|[-*•])$", "", cleaned).strip()
+    token limit. Numbers are markers only as a run 1., 2., 3. … that starts the note
+    or follows a colon, so "The default is 2. The maximum …" keeps its 2. A note that
+    is nothing but the preamble stays."""
+    cleaned = _NOTE_BULLET.sub("", _NOTE_PREAMBLE.sub("", text.strip()))
+    pieces, last, expected = [], 0, 1
+    for match in _NOTE_NUMBER.finditer(cleaned):
+        # The run starts at the note's start or after a colon: "Set it in 1. First …" is no list.
+        starts = expected > 1 or not cleaned[: match.start()].strip() or cleaned[: match.start()].rstrip().endswith(":")
+        if int(match.group(1)) == expected and starts:
+            pieces.append(cleaned[last : match.start()])
+            last, expected = match.end(), expected + 1
+    cleaned = " ".join("".join(pieces + [cleaned[last:]]).split())
+    cleaned = re.sub(r"\s+[-*•]$", "", cleaned).strip()
     return cleaned or text
 
 

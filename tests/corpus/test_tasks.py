@@ -202,4 +202,9 @@ def test_a_note_loses_the_readers_preamble_and_list_markers():
     assert clean("Here are the main points: “Tom” paints.") == "“Tom” paints."
     # Numbers, options and dashes inside a sentence stay; a note that is only the preamble is kept.
     assert clean("Pi is 3.14 - roughly. Use -v or 2. as the step.") == "Pi is 3.14 - roughly. Use -v or 2. as the step."
+    # A number ending a sentence is not a marker: markers run 1., 2., 3.
+    assert clean("The default is 2. The maximum is 12. Set it in 1. First open the file.") == (
+        "The default is 2. The maximum is 12. Set it in 1. First open the file.")
+    assert clean("Steps: 1. Open it. 2. Save it.") == "Steps: Open it. Save it."
+    assert clean("1. Tom paints. 2. Ben pays 4. Then he paints. 3.") == "Tom paints. Ben pays 4. Then he paints."
     assert clean("The key points of this part are:") == "The key points of this part are:"
