@@ -185,8 +185,8 @@ def _clean_note(text: str) -> str:
     pieces, last, expected = [], 0, 1
     for match in _NOTE_NUMBER.finditer(cleaned):
         # The run starts at the note's start or after a colon: "Set it in 1. First …" is no list.
-        starts = expected > 1 or not cleaned[: match.start()].strip() or cleaned[: match.start()].rstrip().endswith(":")
-        if int(match.group(1)) == expected and starts:
+        before = cleaned[: match.start()].rstrip()
+        if int(match.group(1)) == expected and (expected > 1 or not before or before.endswith(":")):
             pieces.append(cleaned[last : match.start()])
             last, expected = match.end(), expected + 1
     cleaned = " ".join("".join(pieces + [cleaned[last:]]).split())
