@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from engine.corpus.answer import key_words
 from engine.corpus.build import CorpusDocument
 from engine.corpus.passages import stems, terms
 
@@ -190,8 +191,39 @@ def _clean_note(text: str) -> str:
             pieces.append(cleaned[last : match.start()])
             last, expected = match.end(), expected + 1
     cleaned = " ".join("".join(pieces + [cleaned[last:]]).split())
-    cleaned = re.sub(r"\s+[-*•]$", "", cleaned).strip()
+    cleaned = _without_repeats(re.sub(r"\s+[-*•]$", "", cleaned).strip())
     return cleaned or text
+
+
+# A sentence of a note repeats an earlier one when it has at least REPEAT_WORDS key
+# words (answer.key_words: words of four letters or more and numbers, less common
+# words) and REPEAT_SHARE of them are in that earlier sentence: it adds nothing to it.
+REPEAT_WORDS = 3
+REPEAT_SHARE = 0.8
+# A sentence: up to a full stop, "!" or "?" (and closing quotes) before a space, or the end.
+_SENTENCE = re.compile(r".+?(?:(?<=[.!?])[\"'”’)]*(?=\s|$)|$)")
+
+
+def _without_repeats(text: str) -> str:
+    """`text` without the sentences that say again what an earlier sentence said:
+    the 0.5B reader's notes loop by rounds that change a word or two ("He is trying to
+    buy the boys because he is feeling very sad and tired. … Jim is trying to buy the
+    Boys because he is feeling very sad."), which the repetition guards let through,
+    and a summary's combined points carried them on. Sentences that share a frame but
+    not their facts ("The vector of positive integral quantities …", "The vector of
+    character strings …") stay."""
+    kept: list[set[str]] = []
+    out = []
+    for match in _SENTENCE.finditer(text):
+        sentence = match.group(0).strip()
+        if not sentence:
+            continue
+        words = key_words(sentence)
+        if len(words) >= REPEAT_WORDS and any(len(words & seen) >= REPEAT_SHARE * len(words) for seen in kept):
+            continue
+        kept.append(words)
+        out.append(sentence)
+    return " ".join(out)
 
 
 def _quote(text: str, limit: int = 300) -> str:

@@ -208,3 +208,19 @@ def test_a_note_loses_the_readers_preamble_and_list_markers():
     assert clean("Steps: 1. Open it. 2. Save it.") == "Steps: Open it. Save it."
     assert clean("1. Tom paints. 2. Ben pays 4. Then he paints. 3.") == "Tom paints. Ben pays 4. Then he paints."
     assert clean("The key points of this part are:") == "The key points of this part are:"
+
+
+def test_a_note_drops_the_sentences_that_say_again_what_one_before_said():
+    clean = tasks._clean_note
+    # From a note on Tom Sawyer's chapter II: the round that adds nothing goes, in place.
+    assert clean("He is trying to buy the boys because he is feeling very sad and tired. Ben eats an apple. "
+                 "Jim is trying to buy the Boys because he is feeling very sad.") == (
+        "He is trying to buy the boys because he is feeling very sad and tired. Ben eats an apple.")
+    assert clean("Amy Lawrence was proud and glad. Tom would not look. Amy Lawrence was proud and glad.") == (
+        "Amy Lawrence was proud and glad. Tom would not look.")
+    # Sentences that share a frame but not their facts stay, and so do short ones,
+    # abbreviations and numbers.
+    note = ("The vector of positive integral quantities is created and placed in z. The vector of character "
+            "strings is created and placed in z. It returns the number of rows. It returns the number of columns. "
+            "Who? Who? Mr. Walters shakes hands. Pi is 3.14 here.")
+    assert clean(note) == note
