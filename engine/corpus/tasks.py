@@ -200,6 +200,11 @@ def _clean_note(text: str) -> str:
 # words) and REPEAT_SHARE of them are in that earlier sentence: it adds nothing to it.
 REPEAT_WORDS = 3
 REPEAT_SHARE = 0.8
+# A note's loop that changes the end of each round ("The circus that comes along is
+# going to …", "The circus that comes along will …") keeps two sentences that begin
+# with the same FRAME_WORDS words, not a third.
+FRAME_WORDS = 5
+FRAME_TIMES = 2
 # A sentence: up to a full stop, "!" or "?" (and closing quotes) before a space, or the end.
 _SENTENCE = re.compile(r".+?(?:(?<=[.!?])[\"'”’)]*(?=\s|$)|$)")
 
@@ -213,6 +218,7 @@ def _without_repeats(text: str) -> str:
     not their facts ("The vector of positive integral quantities …", "The vector of
     character strings …") stay."""
     kept: list[set[str]] = []
+    frames: dict[tuple[str, ...], int] = {}
     out = []
     for match in _SENTENCE.finditer(text):
         sentence = match.group(0).strip()
@@ -221,6 +227,11 @@ def _without_repeats(text: str) -> str:
         words = key_words(sentence)
         if len(words) >= REPEAT_WORDS and any(len(words & seen) >= REPEAT_SHARE * len(words) for seen in kept):
             continue
+        opening = tuple(re.findall(r"\w+", sentence.lower())[:FRAME_WORDS])
+        if len(opening) == FRAME_WORDS:
+            if frames.get(opening, 0) >= FRAME_TIMES:
+                continue
+            frames[opening] = frames.get(opening, 0) + 1
         kept.append(words)
         out.append(sentence)
     return " ".join(out)

@@ -218,6 +218,11 @@ def test_a_note_drops_the_sentences_that_say_again_what_one_before_said():
         "He is trying to buy the boys because he is feeling very sad and tired. Ben eats an apple.")
     assert clean("Amy Lawrence was proud and glad. Tom would not look. Amy Lawrence was proud and glad.") == (
         "Amy Lawrence was proud and glad. Tom would not look.")
+    # A loop that changes each round's end: two sentences on one five-word opening, not a third.
+    assert clean("The circus that comes along is a circus. The circus that comes along will save it. "
+                 "The circus that comes along will marry. Then the boys sat in the shadow.") == (
+        "The circus that comes along is a circus. The circus that comes along will save it. "
+        "Then the boys sat in the shadow.")
     # Sentences that share a frame but not their facts stay, and so do short ones,
     # abbreviations and numbers.
     note = ("The vector of positive integral quantities is created and placed in z. The vector of character "
