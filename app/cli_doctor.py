@@ -163,7 +163,7 @@ def device_check(settings: AppSettings) -> Check:
     try:
         module = importlib.import_module(f"engine.backends.{backend}")
         if backend == "mlx":
-            dtype = f"{module.fastest_dtype()} (MLX dequantises a converted GGUF at load)"
+            dtype = f"{module.fastest_dtype()} activations, quantised weights (mx.quantized_matmul)"
         elif device == "cpu":
             # The dtype of activations, measured once per machine; a converted GGUF's
             # matrices stay quantised on the CPU (engine.backends.torch.load).

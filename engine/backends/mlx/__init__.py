@@ -72,7 +72,7 @@ def load(
     dtype "auto" is `fastest_dtype()`. `threads` is accepted for the backend
     interface and ignored: MLX sizes its own CPU pool (and its BLAS its own).
     """
-    if dtype in ("auto", "quantised"):  # MLX dequantises a quantised folder at load
+    if dtype in ("auto", "quantised"):  # a quantised folder's matrices stay quantised either way
         dtype = fastest_dtype()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (choose from: auto, {', '.join(DTYPES)})")
@@ -98,10 +98,15 @@ def load(
         except (OSError, RuntimeError, ValueError) as error:
             raise ModelFileError(f"cannot read weights {path.name}: {error}") from None
     if quant.is_quantised_state(tensors):
-        # Quantised matrices (engine/quant.py) run dequantised here for now: mx.quantize's
-        # layout was not measured on a Mac in this change.
-        arrays = quant.dequantize_state({name: np.array(value) for name, value in tensors.items()})
-        tensors = {name: mx.array(value) for name, value in arrays.items()}
+        # Quantised matrices (engine/quant.py) stay quantised: the model multiplies them
+        # with mx.quantized_matmul (layers.QuantDense); a table kept in its GGUF blocks
+        # (read by rows, never multiplied) is dequantised.
+        state = quant.from_arrays({name: np.array(value) for name, value in tensors.items()})
+        tensors = {
+            name: value if isinstance(value, quant.Int4 | quant.Int8)
+            else mx.array(value.dequantize() if isinstance(value, quant.Blocks) else value)
+            for name, value in state.items()
+        }
     model = family(config, tensors, DTYPES[dtype], transposed=not on_gpu())
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s, MLX %s) in %.2f s", config.name or config.family, dtype, mx.default_device(), seconds)

@@ -51,6 +51,13 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
     return inv_freq.astype(np.float32)
 
 
+def rotary_row_order(rows: int, head_dim: int) -> np.ndarray:
+    """The row index `interleave_rotary_rows` selects (also for quantised weights)."""
+    half = head_dim // 2
+    order = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)  # (D,)
+    return (np.arange(rows // head_dim)[:, None] * head_dim + order).reshape(-1)  # (H*D,)
+
+
 def interleave_rotary_rows(weight: mx.array, head_dim: int) -> mx.array:
     """Reorder each head's rows from the split-halves RoPE layout of Hugging Face
     checkpoints (pairs (i, i + D/2)) to the interleaved layout (pairs (2i, 2i + 1)).
@@ -59,11 +66,7 @@ def interleave_rotary_rows(weight: mx.array, head_dim: int) -> mx.array:
     a segment written by one backend reads the same in the other.
     Works for weights (H*D, in), biases (H*D,) and per-dimension norms (D,).
     """
-    half = head_dim // 2
-    order = np.stack([np.arange(half), np.arange(half) + half], axis=1).reshape(-1)  # (D,)
-    heads = weight.shape[0] // head_dim
-    index = (np.arange(heads)[:, None] * head_dim + order).reshape(-1)  # (H*D,)
-    return mx.take(weight, mx.array(index), axis=0)
+    return mx.take(weight, mx.array(rotary_row_order(weight.shape[0], head_dim)), axis=0)
 
 
 class Rotary:
@@ -157,6 +160,57 @@ class Dense:
 
     def arrays(self) -> list[mx.array]:
         return [self.weight] + ([] if self.bias is None else [self.bias])
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+
+class QuantDense:
+    """y = x Wᵀ + b with W kept quantised (engine/quant.py), multiplied by
+    `mx.quantized_matmul` (MLX's affine groups: w = scale · code + bias, codes
+    packed eight 4-bit or four 8-bit to a uint32, the first in the low bits).
+
+    Both of Quire's layouts map onto MLX's without a rounding of the codes:
+    - Int4 (per 32 columns: w = (code − 8) · scale + zero, two codes a byte, the
+      even column low): the bytes are MLX's words as they are; bias = zero − 8 · scale;
+    - Int8 (per row: w = q · scale, q signed): code = q + 128, bias = −128 · scale,
+      the row's scale repeated for each group.
+    The scales and biases are held in the model's dtype, as mlx-lm holds them, so
+    in bf16 they round to 8 bits of mantissa, as the float weights do.
+    """
+
+    __slots__ = ("weight", "scales", "biases", "bias", "group_size", "bits")
+
+    def __init__(self, weight, bias: mx.array | None, dtype: mx.Dtype) -> None:  # noqa: ANN001 - quant.Int4 | quant.Int8
+        from engine import quant
+
+        if isinstance(weight, quant.Int4):
+            n, k = weight.shape
+            self.bits, self.group_size = 4, quant.GROUP
+            codes = np.ascontiguousarray(weight.q).view(np.uint32)  # (N, K/8)
+            scale = weight.scale.astype(np.float32)
+            offset = weight.zero.astype(np.float32) - 8.0 * scale
+        elif isinstance(weight, quant.Int8):
+            n, k = weight.shape
+            self.bits = 8
+            self.group_size = next(g for g in (128, 64, 32) if k % g == 0)
+            codes = np.ascontiguousarray((weight.q.astype(np.int16) + 128).astype(np.uint8)).view(np.uint32)  # (N, K/4)
+            scale = np.repeat(weight.scale.astype(np.float32)[:, None], k // self.group_size, axis=1)
+            offset = -128.0 * scale
+        else:
+            raise TypeError(f"no quantised matmul for {type(weight).__name__}")
+        self.weight = mx.array(codes)
+        self.scales = mx.array(scale).astype(dtype)
+        self.biases = mx.array(offset).astype(dtype)
+        self.bias = bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=True,
+                                group_size=self.group_size, bits=self.bits)
+        return y if self.bias is None else y + self.bias
+
+    def arrays(self) -> list[mx.array]:
+        return [self.weight, self.scales, self.biases] + ([] if self.bias is None else [self.bias])
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())

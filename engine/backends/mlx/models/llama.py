@@ -19,19 +19,28 @@ import mlx.core as mx
 import numpy as np
 
 from engine.backends.mlx.kv_cache import DenseKVCache
-from engine.backends.mlx.layers import Dense, Rotary, gated_mlp, interleave_rotary_rows, rms_norm
+from engine.backends.mlx.layers import (
+    Dense,
+    QuantDense,
+    Rotary,
+    gated_mlp,
+    interleave_rotary_rows,
+    rms_norm,
+    rotary_row_order,
+)
 from engine.config import ModelConfig
 from engine.errors import ModelFileError
+from engine.quant import Int4, Int8, concat_rows
 
 
 @dataclass
 class LayerWeights:
     input_norm: mx.array
-    qkv: Dense  # hidden → Hq*D + 2*Hkv*D: q, k, v projections fused
-    out: Dense  # Hq*D → hidden
+    qkv: Dense | QuantDense  # hidden → Hq*D + 2*Hkv*D: q, k, v projections fused
+    out: Dense | QuantDense  # Hq*D → hidden
     post_attention_norm: mx.array
-    gate_up: Dense  # hidden → 2*I: gate and up fused
-    down: Dense  # I → hidden
+    gate_up: Dense | QuantDense  # hidden → 2*I: gate and up fused
+    down: Dense | QuantDense  # I → hidden
     q_norm: mx.array | None = None
     k_norm: mx.array | None = None
     pre_feedforward_norm: mx.array | None = None
@@ -41,7 +50,7 @@ class LayerWeights:
         out: list[mx.array] = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Dense):
+            if isinstance(value, Dense | QuantDense):
                 out += value.arrays()
             elif value is not None:
                 out.append(value)
@@ -58,12 +67,21 @@ class WeightSource:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str) -> mx.array:
+    def take_matrix(self, name: str) -> mx.array | Int4 | Int8:
+        """The named matrix: a quantised one (engine/quant.py) as it is, else in the dtype."""
         try:
             tensor = self.tensors.pop(name)
         except KeyError:
             raise ModelFileError(f"model weights lack tensor '{name}'") from None
-        return tensor.astype(self.dtype)
+        return tensor if isinstance(tensor, Int4 | Int8) else tensor.astype(self.dtype)
+
+    def take(self, name: str) -> mx.array:
+        return self.as_float(self.take_matrix(name))
+
+    def as_float(self, tensor: mx.array | Int4 | Int8) -> mx.array:
+        if isinstance(tensor, Int4 | Int8):
+            return mx.array(tensor.dequantize()).astype(self.dtype)
+        return tensor
 
     def take_optional(self, name: str) -> mx.array | None:
         return self.take(name) if name in self.tensors else None
@@ -90,7 +108,7 @@ class DecoderModel:
         if config.tie_word_embeddings or not source.has("lm_head.weight"):
             self.lm_head = Dense(self.embed, transposed=transposed)
         else:
-            self.lm_head = Dense(source.take("lm_head.weight"), transposed=transposed)
+            self.lm_head = self._linear(source.take_matrix("lm_head.weight"))
         self.layers = [self._load_layer(source, i) for i in range(config.num_hidden_layers)]
         self._setup()
         # Materialise every weight now: MLX is lazy, and a model that finished
@@ -123,20 +141,35 @@ class DecoderModel:
     def _dense(self, weight: mx.array, bias: mx.array | None = None) -> Dense:
         return Dense(weight, bias, transposed=self.transposed)
 
+    def _linear(self, weight: mx.array | Int4 | Int8, bias: mx.array | None = None) -> Dense | QuantDense:
+        """A quantised matrix multiplied as it is (QuantDense), a float one as Dense."""
+        if isinstance(weight, Int4 | Int8):
+            return QuantDense(weight, bias, self.dtype)
+        return self._dense(weight, bias)
+
+    def _fused(self, source: WeightSource, parts: list, bias: mx.array | None = None) -> Dense | QuantDense:
+        """One matrix of `parts` stacked by rows; quantised when they all are."""
+        if all(isinstance(part, Int4 | Int8) for part in parts):
+            return QuantDense(concat_rows(parts), bias, self.dtype)
+        return self._dense(mx.concatenate([source.as_float(p) for p in parts], axis=0), bias)
+
     def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
         D = self.config.head_dim
-        q, k, v = (source.take(attn + f"{n}_proj.weight") for n in "qkv")
+        q, k, v = (source.take_matrix(attn + f"{n}_proj.weight") for n in "qkv")
         # Queries and keys move to the interleaved RoPE layout once, here (see layers).
-        qkv = mx.concatenate([interleave_rotary_rows(q, D), interleave_rotary_rows(k, D), v], axis=0)
+        q, k = (
+            w.rows(rotary_row_order(w.shape[0], D)) if isinstance(w, Int4 | Int8) else interleave_rotary_rows(w, D)
+            for w in (q, k)
+        )
         biases = [source.take_optional(attn + f"{n}_proj.bias") for n in "qkv"]
         qkv_bias = None
         if all(b is not None for b in biases):
             qkv_bias = mx.concatenate(
                 [interleave_rotary_rows(biases[0], D), interleave_rotary_rows(biases[1], D), biases[2]]
             )
-        gate_up = mx.concatenate([source.take(p + "mlp.gate_proj.weight"), source.take(p + "mlp.up_proj.weight")], axis=0)
+        gate_up = [source.take_matrix(p + "mlp.gate_proj.weight"), source.take_matrix(p + "mlp.up_proj.weight")]
         optional = {
             "q_norm": source.take_optional(attn + "q_norm.weight"),
             "k_norm": source.take_optional(attn + "k_norm.weight"),
@@ -149,11 +182,11 @@ class DecoderModel:
         optional = {k: (self._norm_weight(v) if v is not None else None) for k, v in optional.items()}
         return LayerWeights(
             input_norm=self._norm_weight(source.take(p + "input_layernorm.weight")),
-            qkv=self._dense(qkv, qkv_bias),
-            out=self._dense(source.take(attn + "o_proj.weight")),
+            qkv=self._fused(source, [q, k, v], qkv_bias),
+            out=self._linear(source.take_matrix(attn + "o_proj.weight")),
             post_attention_norm=self._norm_weight(source.take(p + "post_attention_layernorm.weight")),
-            gate_up=self._dense(gate_up),
-            down=self._dense(source.take(p + "mlp.down_proj.weight")),
+            gate_up=self._fused(source, gate_up),
+            down=self._linear(source.take_matrix(p + "mlp.down_proj.weight")),
             **optional,
         )
 
