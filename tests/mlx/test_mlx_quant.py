@@ -79,3 +79,8 @@ def test_a_converted_model_loads_quantised_with_the_dequantised_logits():
     # The layers' weights in a fifth of float32's bytes (4- and 8-bit codes, scales, biases).
     layer_bytes = sum(a.nbytes for layer in model.layers for a in layer.arrays())
     assert layer_bytes < 0.25 * sum(a.nbytes for layer in reference.layers for a in layer.arrays())
+    # In bf16 the logits stay as near float32's as the dequantised model's in bf16 do
+    # (0.69 here): the scales stay float32 (with bf16 scales and biases they moved by 5.2).
+    half = backend.load(folder.config, folder.weight_files, dtype="bfloat16")
+    bf16 = np.asarray(half.forward(prompt, half.new_cache(len(prompt)), last_only=False))
+    assert np.abs(bf16 - want).max() < 1.5
