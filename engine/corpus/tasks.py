@@ -181,7 +181,8 @@ def _clean_note(text: str) -> str:
     notes repeated at every part, and without a marker left alone at the end by the
     token limit. Numbers are markers only as a run 1., 2., 3. … that starts the note
     or follows a colon, so "The default is 2. The maximum …" keeps its 2. A note that
-    is nothing but the preamble stays."""
+    is nothing but the preamble stays. Sentences that repeat an earlier one go
+    (`_without_repeats`)."""
     cleaned = _NOTE_BULLET.sub("", _NOTE_PREAMBLE.sub("", text.strip()))
     pieces, last, expected = [], 0, 1
     for match in _NOTE_NUMBER.finditer(cleaned):

@@ -29,7 +29,7 @@ def test_quantised_matmul_equals_the_dequantised_matrix(kind):
     rng = np.random.default_rng(1)
     weight = random_int4(96, 256) if kind == "int4" else quant.quantise_int8(rng.normal(0, 0.1, size=(96, 192)))
     bias = mx.array(rng.normal(0, 1, size=96).astype(np.float32))
-    dense = QuantDense(weight, bias, mx.float32)
+    dense = QuantDense(weight, bias)
     assert dense.bits == (4 if kind == "int4" else 8)
     x = rng.normal(0, 1, size=(5, weight.shape[1])).astype(np.float32)
     expected = x @ weight.dequantize().T + np.asarray(bias)
@@ -45,7 +45,7 @@ def test_rows_permuted_before_quantising_match_permuted_float_rows():
     from engine.backends.mlx.layers import interleave_rotary_rows, rotary_row_order
 
     weight = random_int4(64, 64, seed=2)
-    permuted = QuantDense(weight.rows(rotary_row_order(64, 16)), None, mx.float32)
+    permuted = QuantDense(weight.rows(rotary_row_order(64, 16)))
     expected = interleave_rotary_rows(mx.array(weight.dequantize()), 16)
     x = np.eye(64, dtype=np.float32)
     assert np.abs(np.asarray(permuted(mx.array(x))) - np.asarray(expected).T).max() < 1e-6

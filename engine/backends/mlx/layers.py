@@ -19,6 +19,8 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from engine import quant
+
 
 def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     """x / rms(x) * weight over the last dimension (MLX's fused kernel)."""
@@ -184,17 +186,14 @@ class QuantDense:
 
     __slots__ = ("weight", "scales", "biases", "bias", "group_size", "bits")
 
-    def __init__(self, weight, bias: mx.array | None, dtype: mx.Dtype) -> None:  # noqa: ANN001 - quant.Int4 | quant.Int8
-        from engine import quant
-
+    def __init__(self, weight: quant.Int4 | quant.Int8, bias: mx.array | None = None) -> None:
         if isinstance(weight, quant.Int4):
-            n, k = weight.shape
             self.bits, self.group_size = 4, quant.GROUP
             codes = np.ascontiguousarray(weight.q).view(np.uint32)  # (N, K/8)
             scale = weight.scale.astype(np.float32)
             offset = weight.zero.astype(np.float32) - 8.0 * scale
         elif isinstance(weight, quant.Int8):
-            n, k = weight.shape
+            k = weight.shape[1]
             self.bits = 8
             self.group_size = next(g for g in (128, 64, 32) if k % g == 0)
             codes = np.ascontiguousarray((weight.q.astype(np.int16) + 128).astype(np.uint8)).view(np.uint32)  # (N, K/4)

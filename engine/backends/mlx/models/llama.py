@@ -144,13 +144,13 @@ class DecoderModel:
     def _linear(self, weight: mx.array | Int4 | Int8, bias: mx.array | None = None) -> Dense | QuantDense:
         """A quantised matrix multiplied as it is (QuantDense), a float one as Dense."""
         if isinstance(weight, Int4 | Int8):
-            return QuantDense(weight, bias, self.dtype)
+            return QuantDense(weight, bias)
         return self._dense(weight, bias)
 
     def _fused(self, source: WeightSource, parts: list, bias: mx.array | None = None) -> Dense | QuantDense:
         """One matrix of `parts` stacked by rows; quantised when they all are."""
         if all(isinstance(part, Int4 | Int8) for part in parts):
-            return QuantDense(concat_rows(parts), bias, self.dtype)
+            return QuantDense(concat_rows(parts), bias)
         return self._dense(mx.concatenate([source.as_float(p) for p in parts], axis=0), bias)
 
     def _load_layer(self, source: WeightSource, i: int) -> LayerWeights:
