@@ -46,7 +46,7 @@ from bench.niah import collect_answer
 from bench.qa_data import KINDS, QAQuestion, evidence_found, has_loop, score_answer
 from engine.corpus.answer import Turn, says_not_found
 from engine.corpus.build import CorpusDocument
-from engine.corpus.answerer import ANSWER_NO_REPEAT_NGRAM, ANSWER_RUN_PENALTY, Answerer
+from engine.corpus.answerer import ANSWER_LOOP_WORDS, ANSWER_NO_REPEAT_NGRAM, ANSWER_RUN_PENALTY, Answerer
 from engine.corpus.passages import PassageIndex
 from engine.generate import GenerationStats, SamplingParams
 
@@ -102,8 +102,9 @@ class QARunner:
         self.answerer = answerer
         self.model = answerer.model
         self.documents = documents
+        # The baselines decode as Quire's answers do: the same guards and loop stop.
         self.params = SamplingParams(max_new_tokens=max_tokens, no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM,
-                                     run_penalty=ANSWER_RUN_PENALTY)
+                                     run_penalty=ANSWER_RUN_PENALTY, loop_words=ANSWER_LOOP_WORDS)
         self.embedder = embedder
         self.dense_limit = dense_limit
         self._indexes: dict[tuple, PassageIndex] = {}

@@ -8,6 +8,7 @@ tokens, stop strings, cancel and timing all live here, once.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ class SamplingParams:
     # text-generation-webui and llama.cpp works this way. Local models only: a remote
     # reader's server decodes with its own settings.
     run_penalty: float = 0.0
+    # The loop stop (0: off): the text ends where it would say the same run of this
+    # many words a LOOP_TIMES-th time (`LoopStop`). The guards above make a loop less
+    # likely; a 0.5B reader still wrote a run a third time with a word changed around
+    # it ("rounds ... to the nearest integer", three times), and banning the run's
+    # last token made it misspell its way round the ban. Stopping ends the answer
+    # where it would start over.
+    loop_words: int = 0
 
 
 @dataclass
@@ -78,7 +86,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
-    finish_reason: str = ""  # "stop", "length", "cancelled"
+    finish_reason: str = ""  # "stop", "length", "repeat" (LoopStop), "cancelled"
     token_ids: list[int] = field(default_factory=list)
 
     @property
@@ -223,6 +231,94 @@ class RepeatGuard:
             self.followers.setdefault(key, set()).add(token)
 
 
+# A run of SamplingParams.loop_words words may be said this many times less one.
+LOOP_TIMES = 3
+_WORD = re.compile(r"\w+")
+
+
+class LoopStop:
+    """Streams text until it would say the same run of `words` words (lowercased,
+    `\\w+`) a `times`-th time, and ends it before that run's first word.
+
+    As StopStringFilter holds back a possible stop string, this holds back the words
+    that could begin a run already said `times` - 1 times, so nothing of the run's
+    last round is given out; other text passes at once. `stopped` says it ended.
+    """
+
+    def __init__(self, words: int, times: int = LOOP_TIMES) -> None:
+        self.n = words
+        self.times = times
+        self.text = ""
+        self.given = 0  # characters of `text` given out
+        self.words: list[tuple[str, int, int]] = []  # complete words: (lowercase, start, end)
+        self.counts: dict[tuple[str, ...], int] = {}
+        # For each beginning of a run said times - 1 times, the words that carry it on.
+        self.next_words: dict[tuple[str, ...], set[str]] = {}
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if self.n <= 0:
+            return text
+        if self.stopped:
+            return ""
+        self.text += text
+        partial = None
+        for match in _WORD.finditer(self.text, self.words[-1][2] if self.words else 0):
+            if match.end() == len(self.text):  # the word may go on in the next piece
+                partial = match
+                break
+            self.words.append((match.group().lower(), match.start(), match.end()))
+            cut = self._count()
+            if cut is not None:
+                self.stopped = True
+                out = self.text[self.given : max(cut, self.given)].rstrip()
+                self.given = len(self.text)
+                return out
+        hold = self._hold(partial)
+        out = self.text[self.given : hold]
+        self.given = max(self.given, hold)
+        return out
+
+    def flush(self) -> str:
+        """The text held back: the end of a text that stopped for another reason."""
+        if self.stopped:
+            return ""
+        out = self.text[self.given :]
+        self.given = len(self.text)
+        return out
+
+    def _count(self) -> int | None:
+        """Counts the run the newest word ends; where the text must end, if it must."""
+        if len(self.words) < self.n:
+            return None
+        run = tuple(w for w, _, _ in self.words[-self.n :])
+        count = self.counts[run] = self.counts.get(run, 0) + 1
+        if count >= self.times:
+            return self.words[-self.n][1]
+        if count == self.times - 1:
+            for k in range(self.n):
+                self.next_words.setdefault(run[:k], set()).add(run[k])
+        return None
+
+    def _hold(self, partial: re.Match | None) -> int:
+        """Where the text that may be given out ends: before the longest tail of
+        words (and the word in progress) that could begin a run's last round."""
+        if not self.next_words:
+            return len(self.text)
+        said = [w for w, _, _ in self.words]
+        ahead = partial.group().lower() if partial is not None else None
+        for k in range(min(self.n - 1, len(said)), -1, -1):
+            following = self.next_words.get(tuple(said[len(said) - k :]))
+            if not following:
+                continue
+            if ahead is None:
+                if k:
+                    return self.words[len(said) - k][1]
+            elif any(w.startswith(ahead) for w in following):
+                return self.words[len(said) - k][1] if k else partial.start()
+        return len(self.text)
+
+
 class StopStringFilter:
     """Streams text but holds back any tail that could be the start of a stop string."""
 
@@ -322,6 +418,7 @@ class _Sequence:
         self.sampler = Sampler(params)
         self.guard = RepeatGuard(params.no_repeat_ngram, params.run_penalty)
         self.stop_filter = StopStringFilter(params.stop_strings)
+        self.loop_stop = LoopStop(params.loop_words)
         self.stop_ids = set(params.stop_token_ids)
         self.done = params.max_new_tokens <= 0
         self.last = -1
@@ -336,20 +433,26 @@ class _Sequence:
         if token in self.stop_ids:
             self.stats.finish_reason = "stop"
             self.done = True
-            return None
+            held = self.loop_stop.flush()  # words held back for a run that did not come
+            return Token(-1, held) if held else None
         self.stats.generated_tokens += 1
         self.stats.token_ids.append(token)
-        text = self.stop_filter.push(self.decoder.feed(token))
-        if self.stop_filter.stopped:
+        text = self.loop_stop.push(self.stop_filter.push(self.decoder.feed(token)))
+        if self.loop_stop.stopped:
+            self.stats.finish_reason = "repeat"
+        elif self.stop_filter.stopped:
             self.stats.finish_reason = "stop"
-        self.done = self.stop_filter.stopped or self.stats.generated_tokens >= self.params.max_new_tokens
-        return Token(token, text) if text or not self.stop_filter.stopped else None
+            text += self.loop_stop.flush()
+        stopped = self.stop_filter.stopped or self.loop_stop.stopped
+        self.done = stopped or self.stats.generated_tokens >= self.params.max_new_tokens
+        return Token(token, text) if text or not stopped else None
 
     def tail(self) -> str:
         """The text held back at the end (none after a stop)."""
-        if self.stats.finish_reason == "stop":
+        if self.stats.finish_reason in ("stop", "repeat"):
             return ""
-        return self.stop_filter.push(self.decoder.flush()) + self.stop_filter.flush()
+        text = self.loop_stop.push(self.stop_filter.push(self.decoder.flush()) + self.stop_filter.flush())
+        return text if self.loop_stop.stopped else text + self.loop_stop.flush()
 
 
 def generate_batch(

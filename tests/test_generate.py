@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from engine.errors import Cancelled
 from engine.generate import (
     GenerationStats,
+    LoopStop,
     Sampler,
     SamplingParams,
     StopStringFilter,
@@ -127,3 +130,74 @@ def test_sampling_is_reproducible_with_a_seed():
     a = Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=7))
     b = Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=7))
     assert [a(logits) for _ in range(20)] == [b(logits) for _ in range(20)]
+
+
+def _loop_stop(pieces, words=6):
+    stop = LoopStop(words)
+    given = [stop.push(piece) for piece in pieces]
+    return given, stop
+
+
+def _runs(text, n=6):
+    words = re.findall(r"\w+", text.lower())
+    counts = {}
+    for i in range(len(words) - n + 1):
+        counts[tuple(words[i : i + n])] = counts.get(tuple(words[i : i + n]), 0) + 1
+    return max(counts.values(), default=0)
+
+
+LOOPING = ("Octave rounds the result to the nearest integer. Python rounds the result to the nearest "
+           "integer too. Then it rounds the result to the nearest integer again, and so on.")
+
+
+def test_loop_stop_ends_before_a_runs_third_round():
+    # Fed three characters at a time, as tokens come: the text given out is the text
+    # up to the third "rounds the result to the nearest integer", never past it.
+    given, stop = _loop_stop([LOOPING[i : i + 3] for i in range(0, len(LOOPING), 3)])
+    text = "".join(given)
+    assert stop.stopped
+    assert text.rstrip() == "Octave rounds the result to the nearest integer. Python rounds the result to the nearest integer too. Then it"
+    assert LOOPING.startswith(text)
+    assert _runs(text) == 2
+    assert stop.push("more") == "" and stop.flush() == ""
+
+
+def test_loop_stop_passes_a_run_said_twice_and_releases_what_it_held():
+    text = "a b c d e f. a b c d e f. a b c d e g. done"
+    pieces = [text[i : i + 2] for i in range(0, len(text), 2)]
+    given, stop = _loop_stop(pieces)
+    assert not stop.stopped
+    assert "".join(given) + stop.flush() == text
+    # "a b c d e" could have begun the third round: held until "g" broke the run.
+    before_g = next(i for i, piece in enumerate(pieces) if "g" in piece)
+    assert "".join(given[:before_g]) == "a b c d e f. a b c d e f. "
+    assert given[before_g] == "a b c d e g."
+
+
+def test_loop_stop_holds_nothing_back_without_a_repeated_run():
+    # Text with no run said twice streams as it comes (the answer's first token is not delayed).
+    pieces = ["One", " two", " three", " four", " five", " six", " seven."]
+    given, stop = _loop_stop(pieces)
+    assert given == pieces and stop.flush() == ""
+    assert LoopStop(0).push("a a a a a a a a a a a a a a a a a a a a") == "a a a a a a a a a a a a a a a a a a a a"
+
+
+def test_generate_ends_a_loop_with_finish_reason_repeat():
+    # "a b c" over and over as single-letter words with spaces: a run of 6 words said a
+    # third time ends the answer; the guards are off, so only the loop stop ends it.
+    script = [1, 5, 2, 5, 3, 5] * 10
+    text, stats, _ = run(script, SamplingParams(max_new_tokens=60, loop_words=6))
+    assert stats.finish_reason == "repeat"
+    assert _runs(text) == 2
+    assert text.rstrip() == "a b c a b c a b c"[: len(text.rstrip())] and len(text.split()) < 20
+    plain, plain_stats, _ = run(script, SamplingParams(max_new_tokens=60))
+    assert plain_stats.finish_reason == "length" and _runs(plain) > 3
+
+
+def test_generate_releases_held_words_at_the_stop_token():
+    # "a b c a b c a b c a b" then the end: the held "a b" (the start of a possible
+    # third round of "a b c a b c") is the answer's end, not lost.
+    script = [1, 5, 2, 5, 3, 5] * 3 + [1, 5, 2, 0]
+    text, stats, _ = run(script, SamplingParams(max_new_tokens=60, loop_words=6, stop_token_ids=(0,)))
+    assert stats.finish_reason == "stop"
+    assert text == "a b c a b c a b c a b"

@@ -69,6 +69,14 @@ ANSWER_NO_REPEAT_NGRAM = 12
 # word each round. On bench qa's 138 questions: answers flagged as loops (a 6-word run
 # three times) 6 → 2, accuracy 57.8% both, 2 scores moved (docs/lab/answers-bench-qa.md).
 ANSWER_RUN_PENALTY = 0.8
+# The answer's loop stop (SamplingParams.loop_words): an answer ends where it would
+# say the same 6-word run a third time, before that run, and is marked " …". On bench
+# qa's 138 questions the guards above still left 2 answers with such a run (an
+# explanation that says "rounds the result to the nearest integer" three times);
+# none now, with the same scores (docs/lab/answers-bench-qa.md, session 32).
+ANSWER_LOOP_WORDS = 6
+# What ends an answer that the loop stop ended.
+CUT_SHORT = " …"
 
 
 @dataclass
@@ -220,7 +228,7 @@ class Answerer:
 
     def _answer(self, question, documents, params, cancel, history: list[Turn], per_document: int = 0):
         params = replace(params or SamplingParams(), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM,
-                         run_penalty=ANSWER_RUN_PENALTY)
+                         run_penalty=ANSWER_RUN_PENALTY, loop_words=ANSWER_LOOP_WORDS)
         started = time.perf_counter()
         generation = GenerationStats()
         if per_document:
@@ -270,6 +278,9 @@ class Answerer:
         for token in tokens:
             answer += token.text
             yield token
+        if generation.finish_reason == "repeat":
+            answer += CUT_SHORT
+            yield Token(-1, CUT_SHORT)
         if generation.finish_reason != "cancelled" and restates_question(without_citations(answer), question):
             # Nothing drawn from the passages: none is marked as cited. (An answer
             # stopped by the user is left as it was stopped.)

@@ -497,3 +497,35 @@ def test_an_answer_that_restates_the_question_says_not_found_and_cites_nothing(t
     stopped.append(True)
     answer, evidence, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
     assert answer == echo and not stats.not_found
+
+
+@pytest.mark.slow
+def test_an_answer_ended_by_the_loop_stop_is_marked_cut_short(tmp_path, monkeypatch):
+    from bench.niah import collect_answer
+    from engine.corpus.answerer import ANSWER_LOOP_WORDS, CUT_SHORT, Answerer
+    from engine.generate import LoopStop, Token
+    from tests.corpus.test_cache import QUESTION, island_document
+
+    answerer = Answerer(_load_small(), cache_root=tmp_path)
+    looping = ("The keeper of the Marrow Island light was Hale. The keeper of the Marrow Island light kept the log. "
+               "The keeper of the Marrow Island light ")
+    asked = []
+
+    def reader(messages, params, cancel=None, stats=None):
+        # The reader decodes with the loop stop on: what it gives is what LoopStop lets through.
+        asked.append(params.loop_words)
+        stop = LoopStop(params.loop_words)
+        for word in looping.split(" "):
+            text = stop.push(word + " ")
+            if text:
+                yield Token(0, text)
+            if stop.stopped:
+                break
+        stats.finish_reason = "repeat" if stop.stopped else "stop"
+
+    monkeypatch.setattr(answerer.reader, "chat", reader)
+    answer, _, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
+    assert asked == [ANSWER_LOOP_WORDS]
+    assert stats.finish_reason == "repeat"
+    assert answer.endswith(CUT_SHORT)
+    assert answer.count("The keeper of the Marrow Island light") == 2
