@@ -196,3 +196,15 @@ def test_the_retrieval_study_scores_the_passages_each_method_would_read():
     study = retrieval_study(runner, [asked, missing, unanswerable], "own")
     assert [(r["id"], r["quire"], r["bm25_rag"]) for r in study["rows"]] == [("q1", 1.0, 1.0), ("q2", 0.0, 0.0)]
     assert study["evidence_hit"] == {"quire": 50.0, "bm25_rag": 50.0} and study["n"] == 2
+
+
+def test_each_follow_up_has_its_standalone_form():
+    """followups-standalone.jsonl: each follow-up with what it refers to written out
+    (asked without the conversation, it measures what the reader can answer at all)."""
+    follow_ups = {q.id: q for q in load_questions(QA / "followups.jsonl")}
+    standalone = load_questions(QA / "followups-standalone.jsonl")
+    assert sorted(q.id for q in standalone) == sorted(follow_ups)
+    for q in standalone:
+        f = follow_ups[q.id]
+        assert q.after is None and q.question != f.question, q.id
+        assert (q.kind, q.answers, q.docs, q.evidence) == (f.kind, f.answers, f.docs, f.evidence), q.id
