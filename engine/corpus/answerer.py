@@ -203,7 +203,7 @@ class Answerer:
         """A summary of the document (or of pages first_page..last_page, 1-based), its
         points citing the parts they came from; TaskProgress with an ETA as it reads."""
         params = replace(params or SamplingParams(max_new_tokens=400), no_repeat_ngram=ANSWER_NO_REPEAT_NGRAM,
-                         run_penalty=ANSWER_RUN_PENALTY)
+                         run_penalty=ANSWER_RUN_PENALTY, loop_words=ANSWER_LOOP_WORDS)
         return tasks.summarise(self.reader, document, params, first_page=first_page, last_page=last_page, cancel=cancel)
 
     def compare(self, documents: list[CorpusDocument], topic: str, params: SamplingParams | None = None, *,
@@ -279,8 +279,9 @@ class Answerer:
             answer += token.text
             yield token
         if generation.finish_reason == "repeat":
-            answer += CUT_SHORT
-            yield Token(-1, CUT_SHORT)
+            mark = CUT_SHORT.lstrip() if answer[-1:].isspace() else CUT_SHORT
+            answer += mark
+            yield Token(-1, mark)
         if generation.finish_reason != "cancelled" and restates_question(without_citations(answer), question):
             # Nothing drawn from the passages: none is marked as cited. (An answer
             # stopped by the user is left as it was stopped.)

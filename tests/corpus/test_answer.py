@@ -527,5 +527,6 @@ def test_an_answer_ended_by_the_loop_stop_is_marked_cut_short(tmp_path, monkeypa
     answer, _, stats = collect_answer(answerer.ask(QUESTION, [island_document(sentences=40)]))
     assert asked == [ANSWER_LOOP_WORDS]
     assert stats.finish_reason == "repeat"
-    assert answer.endswith(CUT_SHORT)
+    # After the words given out (the last ends with a space), "…" with no second space.
+    assert answer.endswith(" " + CUT_SHORT.lstrip()) and not answer.endswith("  " + CUT_SHORT.lstrip())
     assert answer.count("The keeper of the Marrow Island light") == 2
