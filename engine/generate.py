@@ -67,7 +67,7 @@ class SamplingParams:
     # likely; a 0.5B reader still wrote a run a third time with a word changed around
     # it ("rounds ... to the nearest integer", three times), and banning the run's
     # last token made it misspell its way round the ban. Stopping ends the answer
-    # where it would start over.
+    # where it would start over. A remote reader's text is stopped alike (engine/reader.py).
     loop_words: int = 0
 
 

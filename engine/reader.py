@@ -32,7 +32,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from engine.errors import QuireEngineError
-from engine.generate import GenerationStats, SamplingParams, Token
+from engine.generate import GenerationStats, LoopStop, SamplingParams, Token
 
 DEFAULT_TIMEOUT_S = 120.0  # first token of a large model on a busy server can take a while
 CHARS_PER_TOKEN = 4  # the estimate of a remote model's token count (its tokenizer is not here)
@@ -209,6 +209,10 @@ class RemoteReader:
             if response.status != 200:
                 raise self._failure(response)
             stats.finish_reason = "stop"
+            # The server decodes with its own settings, but its text ends where it would
+            # say a run a third time as a local reader's does (closing the connection
+            # stops the server).
+            loop_stop = LoopStop(params.loop_words)
             for event in _events(response, self.spec.base_url, self.timeout):
                 if cancel is not None and cancel():
                     stats.finish_reason = "cancelled"
@@ -222,9 +226,18 @@ class RemoteReader:
                             stats.time_to_first_token = time.perf_counter() - started
                             stats.prefill_seconds = stats.time_to_first_token
                         stats.generated_tokens += 1
-                        yield Token(-1, text)
+                        text = loop_stop.push(text)
+                        if text:
+                            yield Token(-1, text)
+                        if loop_stop.stopped:
+                            stats.finish_reason = "repeat"
+                            stats.decode_seconds = time.perf_counter() - started - stats.prefill_seconds
+                            return
                     if choice.get("finish_reason"):
                         stats.finish_reason = choice["finish_reason"]
+            held = loop_stop.flush()
+            if held:
+                yield Token(-1, held)
             stats.decode_seconds = time.perf_counter() - started - stats.prefill_seconds
         finally:
             connection.close()

@@ -183,3 +183,31 @@ def test_a_second_local_model_can_be_the_reader(tmp_path) -> None:
                                                         SamplingParams(max_new_tokens=12)))
     assert answer.strip() and evidence and stats.generated_tokens > 0
     assert stats.prompt_tokens == stats.context_tokens > 100
+
+
+def test_a_remote_readers_loop_ends_as_a_local_readers_does(monkeypatch) -> None:
+    """The server decodes with its own settings; its text still ends before a 6-word
+    run's third round, and the connection is closed there."""
+    import engine.reader as reader_module
+
+    reader = RemoteReader("http://127.0.0.1:9/v1/some-model")
+    closed = []
+
+    class Connection:
+        def close(self) -> None:
+            closed.append(True)
+
+    class Response:
+        status = 200
+
+    words = ("Octave rounds the result to the nearest integer. " * 4).split(" ")
+    monkeypatch.setattr(reader, "_request", lambda *args: (Connection(), Response()))
+    monkeypatch.setattr(reader_module, "_events",
+                        lambda *args: iter([{"choices": [{"delta": {"content": w + " "}}]} for w in words]))
+    stats = GenerationStats()
+    text = "".join(t.text for t in reader.chat([], SamplingParams(max_new_tokens=100, loop_words=6), stats=stats))
+    assert stats.finish_reason == "repeat" and closed
+    assert text.strip() == "Octave rounds the result to the nearest integer. Octave rounds the result to the nearest integer."
+    # Off (loop_words 0), the server's text comes through whole.
+    text = "".join(t.text for t in reader.chat([], SamplingParams(max_new_tokens=100), stats=GenerationStats()))
+    assert text.count("nearest integer") == 4
