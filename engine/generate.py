@@ -305,17 +305,17 @@ class LoopStop:
         words (and the word in progress) that could begin a run's last round."""
         if not self.next_words:
             return len(self.text)
-        said = [w for w, _, _ in self.words]
         ahead = partial.group().lower() if partial is not None else None
-        for k in range(min(self.n - 1, len(said)), -1, -1):
-            following = self.next_words.get(tuple(said[len(said) - k :]))
+        for k in range(min(self.n - 1, len(self.words)), -1, -1):
+            tail = self.words[len(self.words) - k :]  # only the last k words, not all said
+            following = self.next_words.get(tuple(w for w, _, _ in tail))
             if not following:
                 continue
             if ahead is None:
                 if k:
-                    return self.words[len(said) - k][1]
+                    return tail[0][1]
             elif any(w.startswith(ahead) for w in following):
-                return self.words[len(said) - k][1] if k else partial.start()
+                return tail[0][1] if k else partial.start()
         return len(self.text)
 
 
